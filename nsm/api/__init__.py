@@ -1,0 +1,4 @@
+"""Generated protobuf/gRPC code for the networkservicemesh.io v1 API.
+
+Regenerate with ``python -m nsm.api.generate`` after editing ``api/*.proto``.
+"""

@@ -1,0 +1,1 @@
+"""Chain elements shared by several roles; one feature per module."""

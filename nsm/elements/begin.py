@@ -1,0 +1,78 @@
+"""begin: serializes events per connection id and owns per-connection metadata.
+
+- Requests and Closes for one connection id run one at a time; different ids run concurrently.
+- A first Request that fails leaves no metadata behind.
+- Close uses the last good connection this hop returned (not whatever the caller sent), and an
+  unknown id closes successfully (Close is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from nsm.api.connection_pb2 import Connection
+from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.chain import Ctx, Element, Meta, NextClose, NextRequest, new_id
+
+
+@dataclass
+class _Entry:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    meta: Meta = field(default_factory=Meta)
+    last: Connection | None = None
+    closed: bool = False
+
+
+class Begin(Element):
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def ids(self) -> list[str]:
+        return list(self._entries)
+
+    def last(self, conn_id: str) -> Connection | None:
+        entry = self._entries.get(conn_id)
+        return entry.last if entry else None
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        if not request.connection.id:
+            request.connection.id = new_id()
+        conn_id = request.connection.id
+        while True:
+            entry = self._entries.setdefault(conn_id, _Entry())
+            async with entry.lock:
+                if entry.closed:  # closed while we waited: start afresh
+                    continue
+                ctx.conn_id, ctx.meta = conn_id, entry.meta
+                ctx.log = ctx.log.bind(conn=conn_id)
+                try:
+                    conn = await next(ctx, request)
+                except BaseException:
+                    if entry.last is None:
+                        entry.closed = True
+                        self._entries.pop(conn_id, None)
+                    raise
+                entry.last = Connection()
+                entry.last.CopyFrom(conn)
+                return conn
+
+    async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
+        entry = self._entries.get(conn.id)
+        if entry is None:
+            return
+        async with entry.lock:
+            if entry.closed or entry.last is None:
+                return
+            ctx.conn_id, ctx.meta = conn.id, entry.meta
+            ctx.log = ctx.log.bind(conn=conn.id)
+            last = Connection()
+            last.CopyFrom(entry.last)
+            try:
+                await next(ctx, last)
+            finally:
+                entry.closed = True
+                self._entries.pop(conn.id, None)

@@ -1,0 +1,1 @@
+"""The network service manager (nsmgr): one per node."""

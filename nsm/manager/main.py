@@ -1,0 +1,45 @@
+"""``nsm manager``: the per-node network service manager."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from nsm import log as nsmlog
+from nsm.config import duration, flag
+from nsm.daemon import serve_until_signal
+from nsm.manager.manager import Manager
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flag(parser, "--name", help="manager (node) name", required=True)
+    flag(parser, "--listen", help="listen URL(s): unix:///path or tcp://host:port", many=True,
+         required=True)
+    flag(parser, "--registry", help="registry URL", required=True)
+    flag(parser, "--advertise", help="other URL(s) this manager is reached by", many=True,
+         default=[])
+    flag(parser, "--lifetime", help="max lifetime of this hop's path segment", type=duration,
+         default=600.0)
+    flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
+         default=15.0)
+    flag(parser, "--log-level", help="log level", default="info")
+    flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
+
+
+async def run(args: argparse.Namespace) -> int:
+    nsmlog.setup(args.log_level, args.log_json)
+    mgr = Manager(name=args.name, listen=args.listen, registry_url=args.registry,
+                  advertise=args.advertise, lifetime=args.lifetime,
+                  request_timeout=args.request_timeout)
+    await serve_until_signal(mgr.start, mgr.stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nsm manager", description=__doc__)
+    add_arguments(parser)
+    return asyncio.run(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""The manager's selection elements: discover endpoints, pick a forwarder, round-robin over
+endpoints with fallback, and resolve the next hop the forwarder must dial.
+
+Order in the chain: Discover → SelectForwarder → RoundRobin → Connect (to the forwarder).
+A failure that may be the chosen peer's fault (unreachable, exhausted, internal) moves on to the
+next candidate; a failure that is the caller's fault (bad argument, missing namespace, existing
+interface) returns at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+
+from nsm.api.connection_pb2 import Connection
+from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.api.registry_pb2 import NetworkServiceEndpoint
+from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
+from nsm.elements.connect import NEXT_HEADERS, NEXT_URL
+from nsm.errors import (
+    DeadlineExceeded,
+    Internal,
+    NotFound,
+    NsmError,
+    ResourceExhausted,
+    Unavailable,
+    Unsupported,
+)
+from nsm.manager.cache import RegistryCache
+from nsm.mechanisms import PAYLOAD_IP
+from nsm.registry.matching import select_endpoints, service_labels
+from nsm.transport import parse_url
+from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NEXT_HOP_HEADER, NODE_LABEL
+
+_CANDIDATES: Key[list[NetworkServiceEndpoint]] = Key("select.candidates")
+_FORWARDER: Key[str] = Key("select.forwarder")
+_ENDPOINT: Key[str] = Key("select.endpoint")
+
+RETRYABLE: tuple[type[NsmError], ...] = (Unavailable, DeadlineExceeded, Internal, Unsupported,
+                                         ResourceExhausted)
+
+
+class Discover(Element):
+    """Finds the NetworkService and the endpoints this client may use (its ``matches``)."""
+
+    def __init__(self, cache: RegistryCache, *, node: str) -> None:
+        self.cache = cache
+        self.node = node
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        conn = request.connection
+        if NODE_LABEL not in conn.labels:
+            conn.labels[NODE_LABEL] = self.node
+        ns = await self.cache.network_service(conn.network_service)
+        if ns is None:
+            raise NotFound(f"network service {conn.network_service!r} not found")
+        conn.payload = conn.payload or ns.payload or PAYLOAD_IP
+        candidates: list[NetworkServiceEndpoint] = []
+        if conn.network_service_endpoint_name:
+            chosen = await self.cache.endpoint(conn.network_service_endpoint_name)
+            if chosen is not None and conn.network_service in chosen.network_service_names:
+                candidates = [chosen]
+        if not candidates:
+            nses = await self.cache.endpoints(conn.network_service)
+            candidates = select_endpoints(ns, nses, dict(conn.labels))
+            if not candidates:
+                what = "matching the client's labels " if ns.matches and nses else ""
+                raise NotFound(f"no endpoint {what}for network service {conn.network_service!r}")
+        ctx.meta.set(_CANDIDATES, candidates)
+        return await next(ctx, request)
+
+
+class SelectForwarder(Element):
+    """Picks a forwarder registered for this manager; the one on the path first (restore)."""
+
+    def __init__(self, cache: RegistryCache, *, manager_urls: Callable[[], Iterable[str]]) -> None:
+        self.cache = cache
+        self.manager_urls = manager_urls
+
+    async def forwarders(self) -> list[NetworkServiceEndpoint]:
+        mine = {normalize_url(u) for u in self.manager_urls()}
+        return [f for f in await self.cache.endpoints(FORWARDER_SERVICE)
+                if normalize_url(service_labels(f, FORWARDER_SERVICE).get(MANAGER_URL_LABEL, ""))
+                in mine]
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        forwarders = await self.forwarders()
+        if not forwarders:
+            raise Unavailable("no forwarder is registered for this manager")
+        previous = ctx.meta.get(_FORWARDER)
+        path = request.connection.path
+        on_path = {s.name for s in path.path_segments[path.index + 1:]}
+        forwarders.sort(key=lambda f: 0 if f.name == previous or f.name in on_path else 1)
+        error: NsmError | None = None
+        for fwd in forwarders:
+            ctx.meta.set(_FORWARDER, fwd.name)
+            ctx.meta.set(NEXT_URL, fwd.url)
+            try:
+                return await next(ctx, request)
+            except RETRYABLE as exc:
+                ctx.log.warning("forwarder failed; trying the next", forwarder=fwd.name,
+                                error=exc.message)
+                error = exc
+        assert error is not None
+        raise error
+
+
+class RoundRobin(Element):
+    """Tries the candidate endpoints in turn, starting after the last one used for the
+    service, and tells the forwarder the next hop of the chosen one."""
+
+    def __init__(self, *, resolve: Callable[[NetworkServiceEndpoint], str]) -> None:
+        self.resolve = resolve
+        self._counters: dict[str, itertools.count[int]] = {}
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        candidates = ctx.meta.get(_CANDIDATES) or []
+        conn = request.connection
+        if len(candidates) > 1 and not conn.network_service_endpoint_name:
+            start = next_index(self._counters, conn.network_service) % len(candidates)
+            candidates = candidates[start:] + candidates[:start]
+        error: NsmError | None = None
+        for nse in candidates:
+            conn.network_service_endpoint_name = nse.name
+            ctx.meta.set(_ENDPOINT, nse.name)
+            headers = dict(ctx.meta.get(NEXT_HEADERS) or {})
+            headers[NEXT_HOP_HEADER] = self.resolve(nse)
+            ctx.meta.set(NEXT_HEADERS, headers)
+            try:
+                return await next(ctx, request)
+            except RETRYABLE as exc:
+                ctx.log.warning("endpoint failed; trying the next", endpoint=nse.name,
+                                error=exc.message)
+                error = exc
+        conn.network_service_endpoint_name = ""
+        if error is None:
+            raise NotFound(f"no endpoint for network service {conn.network_service!r}")
+        raise error
+
+    async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
+        await next(ctx, conn)
+
+
+def normalize_url(url: str) -> str:
+    try:
+        return str(parse_url(url))
+    except NsmError:
+        return url
+
+
+def next_index(counters: dict[str, itertools.count[int]], key: str) -> int:
+    counter = counters.get(key)
+    if counter is None:
+        counter = counters[key] = itertools.count()
+    return next(counter)

@@ -1,0 +1,118 @@
+"""Mechanism classes, types, parameter keys and payloads (string constants of the
+networkservicemesh.io API, defined upstream in Go rather than in the protos)."""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import unquote, urlsplit
+
+from nsm.api.connection_pb2 import Mechanism
+from nsm.errors import InvalidArgument, NotFound
+
+LOCAL = "LOCAL"
+REMOTE = "REMOTE"
+CLASSES = (LOCAL, REMOTE)
+
+KERNEL = "KERNEL"
+VXLAN = "VXLAN"
+WIREGUARD = "WIREGUARD"
+IPSEC = "IPSEC"
+VLAN = "VLAN"
+MEMIF = "MEMIF"
+NOOP = "NOOP"
+
+# Parameter keys.
+NAME = "name"
+NETNS_INODE_URL = "inodeURL"
+SRC_IP = "src_ip"
+DST_IP = "dst_ip"
+SRC_PORT = "src_port"
+DST_PORT = "dst_port"
+VNI = "vni"
+MTU = "MTU"
+
+# Payloads.
+PAYLOAD_IP = "IP"
+PAYLOAD_ETHERNET = "ETHERNET"
+PAYLOADS = (PAYLOAD_IP, PAYLOAD_ETHERNET)
+
+#: Linux limit on interface names (IFNAMSIZ - 1).
+IFNAME_MAX = 15
+_IFNAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+#: The VXLAN port we always set explicitly (Linux defaults to 8472).
+VXLAN_PORT = 4789
+
+
+def kernel(name: str = "", netns_url: str = "") -> Mechanism:
+    """A KERNEL/LOCAL mechanism preference."""
+    params = {}
+    if name:
+        params[NAME] = name
+    if netns_url:
+        params[NETNS_INODE_URL] = netns_url
+    return Mechanism(cls=LOCAL, type=KERNEL, parameters=params)
+
+
+def validate_ifname(name: str, what: str = "interface name") -> str:
+    if not name:
+        raise InvalidArgument(f"{what} is empty")
+    if len(name) > IFNAME_MAX:
+        raise InvalidArgument(
+            f"{what} {name!r} is {len(name)} characters; Linux allows at most {IFNAME_MAX}")
+    if not _IFNAME.match(name) or name in (".", ".."):
+        raise InvalidArgument(f"{what} {name!r} has characters Linux does not allow")
+    return name
+
+
+def validate_mechanism(m: Mechanism) -> None:
+    """Reject mechanisms that are malformed (not merely unsupported)."""
+    if m.cls not in CLASSES:
+        raise InvalidArgument(f"mechanism class {m.cls!r} is not one of {', '.join(CLASSES)}")
+    if not m.type:
+        raise InvalidArgument("mechanism type is empty")
+    if m.type == KERNEL:
+        if NAME in m.parameters:
+            validate_ifname(m.parameters[NAME])
+        if NETNS_INODE_URL in m.parameters:
+            netns_path(m.parameters[NETNS_INODE_URL])
+    if MTU in m.parameters:
+        try:
+            mtu = int(m.parameters[MTU])
+        except ValueError as exc:
+            raise InvalidArgument(f"mechanism MTU {m.parameters[MTU]!r} is not a number") from exc
+        if not 68 <= mtu <= 65535:
+            raise InvalidArgument(f"mechanism MTU {mtu} is out of range 68..65535")
+
+
+def netns_path(url: str) -> str:
+    """The filesystem path of a network namespace named by an ``inodeURL`` parameter.
+
+    Accepts ``file:///var/run/netns/x``, ``file:///proc/PID/ns/net`` and a bare absolute path.
+    Does not check that it exists (see :func:`existing_netns_path`).
+    """
+    if not url:
+        raise InvalidArgument("network namespace URL is empty")
+    if url.startswith("/"):
+        path = url
+    else:
+        parts = urlsplit(url)
+        if parts.scheme != "file":
+            raise InvalidArgument(
+                f"network namespace URL {url!r} must be file:///path (e.g. file:///var/run/netns/x)")
+        path = unquote(parts.path)
+    if not path.startswith("/") or "\x00" in path:
+        raise InvalidArgument(f"network namespace URL {url!r} has no absolute path")
+    return os.path.normpath(path)
+
+
+def existing_netns_path(url: str) -> str:
+    path = netns_path(url)
+    if not os.path.exists(path):
+        raise NotFound(f"network namespace {path} does not exist")
+    return path
+
+
+def netns_url(path: str) -> str:
+    return f"file://{path}"

@@ -1,0 +1,183 @@
+"""gRPC listening and dialing: the one place where sockets, credentials and channel options
+are decided (so mTLS with SPIFFE identities can be added here and nowhere else).
+
+URLs are ``unix:///absolute/path`` or ``tcp://host:port`` (port 0 picks a free port).
+Every server also serves ``grpc.health.v1.Health`` (for every registered service name and
+the empty name) and server reflection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nsm.errors import InvalidArgument
+
+#: Channel options shared by every dialed connection.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)
+
+
+@dataclass(frozen=True)
+class Url:
+    """A parsed listen/dial URL."""
+
+    scheme: str  # "unix" or "tcp"
+    path: str = ""  # unix socket path
+    host: str = ""
+    port: int = 0
+
+    @property
+    def is_unix(self) -> bool:
+        return self.scheme == "unix"
+
+    def target(self) -> str:
+        """The gRPC target string."""
+        if self.is_unix:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def with_port(self, port: int) -> Url:
+        return Url(self.scheme, self.path, self.host, port)
+
+    def __str__(self) -> str:
+        if self.is_unix:
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+def parse_url(text: str) -> Url:
+    """Parse ``unix:///path`` or ``tcp://host:port``; raise InvalidArgument otherwise."""
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument("empty URL")
+    parts = urlsplit(text)
+    if parts.scheme == "unix":
+        path = parts.path if not parts.netloc else f"/{parts.netloc}{parts.path}"
+        if not path.startswith("/"):
+            raise InvalidArgument(f"unix URL needs an absolute path: {text!r}")
+        return Url("unix", path=path)
+    if parts.scheme == "tcp":
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise InvalidArgument(f"bad port in URL {text!r}") from exc
+        if not parts.hostname or port is None:
+            raise InvalidArgument(f"tcp URL needs host and port: {text!r}")
+        return Url("tcp", host=parts.hostname, port=port)
+    raise InvalidArgument(f"unsupported URL {text!r}: use unix:///path or tcp://host:port")
+
+
+def _prepare_unix_socket(path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # stale socket of a previous run
+        else:
+            raise InvalidArgument(f"{path} exists and is not a socket")
+
+
+class Server:
+    """An asyncio gRPC server bound to one or more URLs, with health and reflection.
+
+    Usage::
+
+        server = Server(["unix:///run/nsm/x.sock"])
+        registry_pb2_grpc.add_..._to_server(servicer, server.grpc)
+        server.add_service_names(["registry.NetworkServiceRegistry"])
+        await server.start()
+        ...
+        await server.stop()
+    """
+
+    def __init__(self, urls: Iterable[str | Url]) -> None:
+        self.grpc: grpc.aio.Server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._requested = [u if isinstance(u, Url) else parse_url(u) for u in urls]
+        if not self._requested:
+            raise InvalidArgument("a server needs at least one listen URL")
+        self.urls: list[Url] = []
+        self._names: list[str] = []
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc)
+
+    def add_service_names(self, names: Iterable[str]) -> None:
+        self._names.extend(names)
+
+    async def start(self) -> None:
+        for url in self._requested:
+            if url.is_unix:
+                _prepare_unix_socket(url.path)
+                self.grpc.add_insecure_port(url.target())
+                self.urls.append(url)
+            else:
+                port = self.grpc.add_insecure_port(url.target())
+                if port == 0:
+                    raise InvalidArgument(f"cannot listen on {url}")
+                self.urls.append(url.with_port(port))
+        names = [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.grpc)
+        await self.grpc.start()
+        for name in ["", *self._names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        for url in self.urls:
+            if url.is_unix:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(url.path)
+
+
+def dial(url: str | Url) -> grpc.aio.Channel:
+    """Open a channel to a URL (insecure today; credentials are decided here)."""
+    parsed = url if isinstance(url, Url) else parse_url(url)
+    return grpc.aio.insecure_channel(parsed.target(), options=CHANNEL_OPTIONS)
+
+
+class Channels:
+    """A per-daemon cache of channels by URL, so hot paths don't reconnect per call."""
+
+    def __init__(self, factory: Callable[[str], grpc.aio.Channel] | None = None) -> None:
+        self._factory = factory or dial
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, url: str) -> grpc.aio.Channel:
+        channel = self._channels.get(url)
+        if channel is None:
+            channel = self._factory(url)
+            self._channels[url] = channel
+        return channel
+
+    async def drop(self, url: str) -> None:
+        channel = self._channels.pop(url, None)
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
