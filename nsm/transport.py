@@ -76,8 +76,8 @@ def parse_url(text: str) -> Url:
         raise InvalidArgument("empty URL")
     parts = urlsplit(text)
     if parts.scheme == "unix":
-        path = parts.path if not parts.netloc else f"/{parts.netloc}{parts.path}"
-        if not path.startswith("/"):
+        path = parts.path
+        if parts.netloc or not path.startswith("/"):
             raise InvalidArgument(f"unix URL needs an absolute path: {text!r}")
         return Url("unix", path=path)
     if parts.scheme == "tcp":

@@ -1,0 +1,115 @@
+"""Generated code freshness, URL parsing, flags/env, and error mapping."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+
+from nsm.api import generate
+from nsm.config import duration, env_name, flag, label
+from nsm.errors import InvalidArgument, NotFound, from_rpc_error, status_of
+from nsm.transport import Server, dial, parse_url
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_code_is_fresh() -> None:
+    assert generate.main(["--check"]) == 0, "run: python -m nsm.api.generate"
+
+
+def test_generated_code_check_detects_a_stale_proto(tmp_path: Path) -> None:
+    api = tmp_path / "api"
+    shutil.copytree(ROOT / "api", api)
+    text = (api / "registry.proto").read_text()
+    (api / "registry.proto").write_text(text.replace("bool deleted = 2;", "bool deleted = 3;", 1))
+    rc = generate.main(["--check", "--api-dir", str(api)])
+    assert rc == 1
+
+
+def test_wire_names_match_upstream() -> None:
+    from nsm.api import connection_pb2, networkservice_pb2_grpc, registry_pb2
+
+    assert connection_pb2.Connection.DESCRIPTOR.full_name == "connection.Connection"
+    f = registry_pb2.NetworkServiceEndpoint.DESCRIPTOR.fields_by_name
+    assert (f["url"].number, f["expiration_time"].number) == (4, 5)
+    assert "/networkservice.NetworkService/Request" in Path(networkservice_pb2_grpc.__file__).read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [("unix:///run/x.sock", "unix:/run/x.sock"), ("tcp://127.0.0.1:5000", "127.0.0.1:5000"),
+     ("tcp://[::1]:7", "[::1]:7"), ("tcp://node-1:0", "node-1:0")],
+)
+def test_parse_url(text: str, target: str) -> None:
+    assert parse_url(text).target() == target
+    assert str(parse_url(str(parse_url(text)))) == str(parse_url(text))
+
+
+@pytest.mark.parametrize("bad", ["", "unix://relative", "http://x:1", "tcp://host", "tcp://h:99999",
+                                 "/tmp/x"])
+def test_parse_url_rejects(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_url(bad)
+
+
+async def test_server_serves_health_on_unix_and_tcp_and_removes_its_socket(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sock = tmp_path / "s.sock"
+    server = Server([f"unix://{sock}", "tcp://127.0.0.1:0"])
+    server.add_service_names(["x.Y"])
+    await server.start()
+    try:
+        assert server.urls[1].port != 0
+        for url in server.urls:
+            ch = dial(url)
+            resp = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="x.Y"), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            await ch.close()
+    finally:
+        await server.stop()
+    assert not sock.exists()
+
+
+def test_flags_read_nsm_environment() -> None:
+    p = argparse.ArgumentParser()
+    env = {"NSM_LISTEN": "unix:///a,unix:///b", "NSM_EXPIRY": "2m", "NSM_LOG_JSON": "true"}
+    flag(p, "--listen", help="x", many=True, required=True, env=env)
+    flag(p, "--expiry", help="x", type=duration, default=60.0, env=env)
+    flag(p, "--log-json", help="x", switch=True, default=False, env=env)
+    args = p.parse_args([])
+    assert args.listen == ["unix:///a", "unix:///b"]
+    assert args.expiry == 120.0 and args.log_json is True
+    assert p.parse_args(["--expiry", "5s"]).expiry == 5.0  # the command line wins
+    assert env_name("--request-timeout") == "NSM_REQUEST_TIMEOUT"
+
+
+@pytest.mark.parametrize("bad", ["x", "-1s", "0"])
+def test_duration_rejects(bad: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        duration(bad)
+
+
+def test_label() -> None:
+    assert label("a=b=c") == ("a", "b=c")
+    with pytest.raises(argparse.ArgumentTypeError):
+        label("novalue")
+
+
+def test_error_mapping_round_trips() -> None:
+    assert status_of(NotFound("x")) == (grpc.StatusCode.NOT_FOUND, "x")
+    assert status_of(ValueError("boom"))[0] == grpc.StatusCode.INTERNAL
+
+    class FakeRpcError(grpc.aio.AioRpcError):
+        def __init__(self) -> None:
+            super().__init__(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                             details="gone")
+
+    err = from_rpc_error(FakeRpcError(), "peer")
+    assert isinstance(err, NotFound) and err.message == "peer: gone"
