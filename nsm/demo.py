@@ -85,7 +85,7 @@ async def run(args: argparse.Namespace) -> int:
         link = await netlink.link(nsc_ns, "nsm-1")
         addrs = await netlink.addresses(nsc_ns, "nsm-1")
         if link is not None:
-            state = "up" if link.up else "down"
+            state = "up" if link.oper_up else "down"
             say(f"\nclient pod link: {link.name} mtu {link.mtu} {state} mac {link.mac}")
         say(f"  addresses: {', '.join(addrs)}   endpoint: {', '.join(ip.dst_ip_addrs)}")
         dst = ip.dst_ip_addrs[0].split("/")[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from types import TracebackType
 
-from nsm.api import connection_pb2_grpc, networkservice_pb2_grpc
+from nsm.api import connection_pb2_grpc, networkservice_pb2_grpc, registry_pb2_grpc
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.chain import Chain
 from nsm.elements.begin import Begin
@@ -18,9 +18,11 @@ from nsm.elements.monitor import Monitor
 from nsm.elements.timeout import Timeout
 from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
 from nsm.elements.validate import Validate
+from nsm.errors import Unavailable
 from nsm.log import get_logger
 from nsm.manager.cache import RegistryCache
-from nsm.manager.select import Discover, RoundRobin, SelectForwarder
+from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy
+from nsm.manager.select import Discover, RoundRobin, SelectForwarder, normalize_url
 from nsm.servicer import NetworkServiceServicer
 from nsm.transport import Channels, Server, Url, dial
 
@@ -36,7 +38,8 @@ class Manager:
         self.name = name
         self.server = Server(listen)
         self.registry_url = registry_url
-        self.advertise = list(advertise)
+        self.advertise = [normalize_url(u) for u in advertise]
+        self.local = LocalEndpoints()
         self.channels = Channels()
         self._registry_channel = dial(registry_url)
         self.cache = RegistryCache(self._registry_channel)
@@ -58,22 +61,48 @@ class Manager:
     def urls(self) -> list[str]:
         return [str(u) for u in self.server.urls] + self.advertise
 
+    def public_url(self) -> str | None:
+        """The URL other nodes reach this manager by: the first advertised URL, else the first
+        tcp listen URL with a concrete host."""
+        if self.advertise:
+            return self.advertise[0]
+        for u in self.server.urls:
+            if not u.is_unix and u.host not in ("0.0.0.0", "::", ""):
+                return str(u)
+        return None
+
     @property
     def bound(self) -> list[Url]:
         return self.server.urls
 
     def resolve(self, nse: NetworkServiceEndpoint) -> str:
-        """The URL a forwarder dials to reach an endpoint."""
+        """The URL a forwarder dials to reach an endpoint: its own URL when it registered
+        through this manager, the URL it registered with otherwise (for an endpoint on another
+        node, that is its manager's)."""
+        if normalize_url(nse.url) in self.urls():
+            real = self.local.get(nse.name)
+            if real is None:
+                raise Unavailable(f"endpoint {nse.name} is registered through this manager, "
+                                  "which does not know it (yet): waiting for its refresh")
+            return real
         return nse.url
 
     async def start(self) -> None:
         networkservice_pb2_grpc.add_NetworkServiceServicer_to_server(
             NetworkServiceServicer(self.chain), self.server.grpc)
         connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
+        registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
+            NsProxy(self._registry_channel), self.server.grpc)
+        self._nse_proxy = NseProxy(self._registry_channel, local=self.local, advertise=None)
+        registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server(
+            self._nse_proxy, self.server.grpc)
         self.server.add_service_names(["networkservice.NetworkService",
-                                       "connection.MonitorConnection"])
+                                       "connection.MonitorConnection",
+                                       "registry.NetworkServiceRegistry",
+                                       "registry.NetworkServiceEndpointRegistry"])
         await self.cache.start()
         await self.server.start()
+        self._nse_proxy.advertise = self.public_url()
         log.info("manager serving", name=self.name, urls=",".join(self.urls()),
                  registry=self.registry_url)
 

@@ -123,10 +123,10 @@ class RoundRobin(Element):
         for nse in candidates:
             conn.network_service_endpoint_name = nse.name
             ctx.meta.set(_ENDPOINT, nse.name)
-            headers = dict(ctx.meta.get(NEXT_HEADERS) or {})
-            headers[NEXT_HOP_HEADER] = self.resolve(nse)
-            ctx.meta.set(NEXT_HEADERS, headers)
             try:
+                headers = dict(ctx.meta.get(NEXT_HEADERS) or {})
+                headers[NEXT_HOP_HEADER] = self.resolve(nse)
+                ctx.meta.set(NEXT_HEADERS, headers)
                 return await next(ctx, request)
             except RETRYABLE as exc:
                 ctx.log.warning("endpoint failed; trying the next", endpoint=nse.name,

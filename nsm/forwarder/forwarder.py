@@ -1,0 +1,109 @@
+"""The forwarder daemon: its chain, composed in one place, its registration and lifecycle.
+
+Chain: Begin → Validate → UpdatePath → Timeout → Monitor → SelectMechanism → KernelLocal →
+Connect (to the next hop named by the manager: an endpoint, or a remote manager).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+
+from nsm.api import connection_pb2_grpc, networkservice_pb2_grpc
+from nsm.api.connection_pb2 import Mechanism
+from nsm.api.registry_pb2 import NetworkServiceEndpoint, NetworkServiceLabels
+from nsm.chain import Chain, Ctx
+from nsm.elements.begin import Begin
+from nsm.elements.connect import Connect
+from nsm.elements.monitor import Monitor
+from nsm.elements.timeout import Timeout
+from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
+from nsm.elements.validate import Validate
+from nsm.errors import Unsupported
+from nsm.forwarder.kernel import KernelLocal
+from nsm.forwarder.mechanism import SelectMechanism
+from nsm.forwarder.netlink import Netlink
+from nsm.log import get_logger
+from nsm.mechanisms import KERNEL, LOCAL, kernel
+from nsm.registry.client import NseRefresher, RegistryClient
+from nsm.servicer import NetworkServiceServicer
+from nsm.transport import Channels, Server, Url, dial
+from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
+
+log = get_logger("nsm.forwarder")
+
+
+class Forwarder:
+    """``async with Forwarder(name=..., listen=[...], manager_url=..., registry_url=...):``"""
+
+    def __init__(self, *, name: str, listen: Sequence[str], manager_url: str, registry_url: str,
+                 node: str = "", lifetime: float = DEFAULT_LIFETIME, request_timeout: float = 15.0,
+                 expiry: float | None = None) -> None:
+        self.name = name
+        self.node = node or name
+        self.manager_url = manager_url
+        self.registry_url = registry_url
+        self.expiry = expiry
+        self.server = Server(listen)
+        self.channels = Channels()
+        self.netlink = Netlink()
+        self.monitor = Monitor()
+        self.begin = Begin()
+        self._registry_channel = dial(registry_url)
+        self._refresher: NseRefresher | None = None
+        self.chain = Chain([
+            self.begin,
+            Validate(),
+            UpdatePath(name, lifetime=lifetime),
+            Timeout(),
+            self.monitor,
+            SelectMechanism(supported=[(LOCAL, KERNEL)], downstream=self._downstream),
+            KernelLocal(self.netlink),
+            Connect(self.channels, timeout=request_timeout),
+        ], name="forwarder")
+
+    def _downstream(self, ctx: Ctx, url: Url) -> list[Mechanism]:
+        if url.is_unix:
+            return [kernel()]
+        raise Unsupported(f"next hop {url} is remote; this forwarder has no REMOTE mechanism")
+
+    @property
+    def bound(self) -> list[Url]:
+        return self.server.urls
+
+    def registration(self) -> NetworkServiceEndpoint:
+        labels = {MANAGER_URL_LABEL: self.manager_url, NODE_LABEL: self.node, "p2p": "true"}
+        return NetworkServiceEndpoint(
+            name=self.name, network_service_names=[FORWARDER_SERVICE],
+            network_service_labels={FORWARDER_SERVICE: NetworkServiceLabels(labels=labels)},
+            url=str(self.server.urls[0]))
+
+    async def start(self) -> None:
+        networkservice_pb2_grpc.add_NetworkServiceServicer_to_server(
+            NetworkServiceServicer(self.chain), self.server.grpc)
+        connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
+        self.server.add_service_names(["networkservice.NetworkService",
+                                       "connection.MonitorConnection"])
+        await self.server.start()
+        self._refresher = NseRefresher(RegistryClient(self._registry_channel), self.registration(),
+                                       expiry=self.expiry)
+        await self._refresher.start()
+        log.info("forwarder serving", name=self.name, urls=",".join(map(str, self.server.urls)),
+                 manager=self.manager_url)
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            await self._refresher.stop()
+        await self.server.stop(grace=1.0)
+        await self.chain.shutdown()
+        await self.channels.close()
+        await self._registry_channel.close()
+        await self.netlink.close()
+
+    async def __aenter__(self) -> Forwarder:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()

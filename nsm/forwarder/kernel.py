@@ -1,0 +1,168 @@
+"""The KERNEL/LOCAL datapath: one veth pair, one end in the client's namespace and one in the
+endpoint's, named by each side's mechanism, with MTU, addresses and routes from the IP context.
+
+- Checked before anything downstream is built: the client's namespace exists, its interface
+  name is valid and free.
+- A refresh with the same parameters changes nothing in the kernel.
+- If programming fails, the pair is deleted and the downstream connection closed before the
+  error returns: nothing half-built remains.
+- Close deletes the pair (one end takes the other with it) while the Close travels on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+
+from nsm.api.connection_pb2 import Connection, Mechanism
+from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
+from nsm.errors import AlreadyExists, InvalidArgument, NsmError
+from nsm.forwarder.mechanism import UPSTREAM
+from nsm.forwarder.netlink import Netlink
+from nsm.mechanisms import (
+    KERNEL,
+    LOCAL,
+    NAME,
+    NETNS_INODE_URL,
+    existing_netns_path,
+    validate_ifname,
+)
+
+DEFAULT_MTU = 1500
+
+
+@dataclass(frozen=True)
+class _Side:
+    netns: str
+    ifname: str
+    addresses: tuple[str, ...]
+    routes: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class _Programmed:
+    client: _Side
+    endpoint: _Side
+    mtu: int
+
+
+_STATE: Key[_Programmed] = Key("kernel.programmed")
+
+
+def alias_for(role: str, conn_id: str) -> str:
+    return f"nsm-{role}-{conn_id}"
+
+
+def default_ifname(conn_id: str) -> str:
+    return "nsm" + hashlib.sha256(conn_id.encode()).hexdigest()[:12]
+
+
+def is_kernel_local(m: Mechanism | None) -> bool:
+    return m is not None and m.cls == LOCAL and m.type == KERNEL
+
+
+class KernelLocal(Element):
+    def __init__(self, netlink: Netlink, *, default_mtu: int = DEFAULT_MTU) -> None:
+        self.netlink = netlink
+        self.default_mtu = default_mtu
+
+    def _client_side(self, ctx: Ctx, up: Mechanism) -> tuple[str, str]:
+        url = up.parameters.get(NETNS_INODE_URL, "")
+        if not url:
+            raise InvalidArgument(f"KERNEL mechanism has no {NETNS_INODE_URL} parameter")
+        netns = existing_netns_path(url)
+        ifname = validate_ifname(up.parameters.get(NAME) or default_ifname(ctx.conn_id),
+                                 "client interface name")
+        return netns, ifname
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        up = ctx.meta.get(UPSTREAM)
+        if not is_kernel_local(up):
+            return await next(ctx, request)
+        assert up is not None
+        client_ns, client_if = self._client_side(ctx, up)
+        state = ctx.meta.get(_STATE)
+        client_alias = alias_for("client", ctx.conn_id)
+        if state is None:
+            existing = await self.netlink.link(client_ns, client_if)
+            if existing is not None and existing.alias != client_alias:
+                raise AlreadyExists(f"interface {client_if} already exists in {client_ns}")
+
+        conn = await next(ctx, request)
+        try:
+            down = conn.mechanism
+            if not is_kernel_local(down):
+                raise InvalidArgument(
+                    f"endpoint answered with {down.type}/{down.cls}, not KERNEL/LOCAL")
+            nse_ns = existing_netns_path(down.parameters.get(NETNS_INODE_URL, ""))
+            nse_if = validate_ifname(down.parameters.get(NAME, ""), "endpoint interface name")
+            ip = conn.context.ip_context
+            mtu = conn.context.MTU or self.default_mtu
+            want = _Programmed(
+                client=_Side(client_ns, client_if, tuple(ip.src_ip_addrs),
+                             tuple((r.prefix, r.nextHop or None) for r in ip.src_routes)),
+                endpoint=_Side(nse_ns, nse_if, tuple(ip.dst_ip_addrs),
+                               tuple((r.prefix, r.nextHop or None) for r in ip.dst_routes)),
+                mtu=mtu,
+            )
+            if state == want:
+                return conn  # refresh: the kernel already has exactly this
+            if state is not None:
+                await self._delete(state)
+                ctx.meta.pop(_STATE)
+            await self._program(ctx, want)
+            ctx.meta.set(_STATE, want)
+            return conn
+        except BaseException as exc:
+            if state is None:  # a failed first request leaves nothing behind anywhere
+                await self._undo_downstream(ctx, conn, exc)
+            raise
+
+    async def _undo_downstream(self, ctx: Ctx, conn: Connection, exc: BaseException) -> None:
+        ctx.log.warning("datapath failed; closing downstream", error=str(exc))
+        try:
+            await asyncio.shield(ctx.chain.close_after(self, ctx, conn))
+        except (NsmError, OSError) as close_exc:
+            ctx.log.warning("downstream close after failure failed", error=str(close_exc))
+
+    async def _program(self, ctx: Ctx, want: _Programmed) -> None:
+        c, e = want.client, want.endpoint
+        try:
+            await self.netlink.create_veth(
+                c.ifname, c.netns, e.ifname, e.netns, mtu=want.mtu,
+                alias=alias_for("client", ctx.conn_id), peer_alias=alias_for("server", ctx.conn_id))
+        except AlreadyExists:
+            # Ours from before a restart (same aliases on both ends): adopt it.
+            mine = await self.netlink.link(c.netns, c.ifname)
+            peer = await self.netlink.link(e.netns, e.ifname)
+            if not (mine and peer and mine.alias == alias_for("client", ctx.conn_id)
+                    and peer.alias == alias_for("server", ctx.conn_id)):
+                raise
+        try:
+            await asyncio.gather(
+                self.netlink.setup_interface(c.netns, c.ifname, addresses=list(c.addresses),
+                                             routes=list(c.routes), mtu=want.mtu),
+                self.netlink.setup_interface(e.netns, e.ifname, addresses=list(e.addresses),
+                                             routes=list(e.routes), mtu=want.mtu),
+            )
+        except BaseException:
+            await asyncio.shield(self._delete(want))
+            raise
+
+    async def _delete(self, state: _Programmed) -> None:
+        # Deleting one end removes both; the endpoint's end if the client's namespace is gone.
+        if not await self.netlink.delete_link(state.client.netns, state.client.ifname):
+            await self.netlink.delete_link(state.endpoint.netns, state.endpoint.ifname)
+
+    async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
+        state = ctx.meta.pop(_STATE)
+        if state is None:
+            await next(ctx, conn)
+            return
+        results = await asyncio.gather(next(ctx, conn), self._delete(state),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result

@@ -1,0 +1,45 @@
+"""``nsm forwarder``: programs the kernel for the connections of one node."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from nsm import log as nsmlog
+from nsm.config import duration, flag
+from nsm.daemon import serve_until_signal
+from nsm.forwarder.forwarder import Forwarder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flag(parser, "--name", help="forwarder name", required=True)
+    flag(parser, "--listen", help="listen URL(s)", many=True, required=True)
+    flag(parser, "--manager", help="URL of the manager this forwarder serves", required=True)
+    flag(parser, "--registry", help="registry URL to register at", required=True)
+    flag(parser, "--node", help="node name (default: the forwarder name)", default="")
+    flag(parser, "--lifetime", help="max lifetime of this hop's path segment", type=duration,
+         default=600.0)
+    flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
+         default=15.0)
+    flag(parser, "--expiry", help="registration expiry to ask for", type=duration, default=None)
+    flag(parser, "--log-level", help="log level", default="info")
+    flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
+
+
+async def run(args: argparse.Namespace) -> int:
+    nsmlog.setup(args.log_level, args.log_json)
+    fwd = Forwarder(name=args.name, listen=args.listen, manager_url=args.manager,
+                    registry_url=args.registry, node=args.node, lifetime=args.lifetime,
+                    request_timeout=args.request_timeout, expiry=args.expiry)
+    await serve_until_signal(fwd.start, fwd.stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nsm forwarder", description=__doc__)
+    add_arguments(parser)
+    return asyncio.run(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

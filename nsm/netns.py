@@ -1,0 +1,291 @@
+"""Named network namespaces without the ``ip`` command and without forking.
+
+For tests, the demo and the lab (emulated nodes and pods); the forwarder's hot path only uses the
+two small primitives :func:`setns` and :func:`entered_netns` (through :mod:`nsm.forwarder.netlink`).
+
+A named namespace is what ``ip netns add`` makes: an empty file ``/var/run/netns/<name>`` with the
+namespace bind-mounted on it, inside a directory that is a shared mount point (so that mounts made in
+other mount namespaces are seen). :func:`create_netns` makes it from a short-lived thread that
+``unshare(CLONE_NEWNET)``s: unsharing the network namespace affects only the calling thread, never
+the rest of the process. Python 3.11 has no ``os.setns``/``os.unshare``: libc's are used via ctypes.
+
+Threads and namespaces: a thread that ``setns``'d somewhere keeps seeing its *own* namespace under
+``/proc/thread-self`` and ``/proc/sys/net``, but ``/proc/net`` (= ``/proc/self/net``) and ``/sys/class/net``
+still show the main thread's. Sockets (netlink included) belong to the namespace of the thread that
+created them, for their whole life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import re
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from nsm.errors import AlreadyExists, Internal, InvalidArgument, NotFound
+
+T = TypeVar("T")
+
+#: Where iproute2 keeps named namespaces (a symlink to /run/netns on most systems).
+NETNS_RUN_DIR = "/var/run/netns"
+
+CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SHARED = 1 << 20
+MNT_DETACH = 0x2
+_NSFS_MAGIC = 0x6E736673
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+
+def _oserror(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """Move the *calling thread* into the namespace open at ``fd`` (libc ``setns``)."""
+    if _libc.setns(fd, nstype) != 0:
+        raise _oserror("setns")
+
+
+def unshare(flags: int) -> None:
+    """libc ``unshare`` for the calling thread."""
+    if _libc.unshare(flags) != 0:
+        raise _oserror("unshare")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    if _libc.mount(source.encode() if source else None, target.encode(),
+                   fstype.encode() if fstype else None, flags, None) != 0:
+        raise _oserror(f"mount {target}")
+
+
+def _umount2(target: str, flags: int) -> None:
+    if _libc.umount2(target.encode(), flags) != 0:
+        raise _oserror(f"umount {target}")
+
+
+def netns_path(name_or_path: str) -> str:
+    """``/var/run/netns/<name>`` for a name; an absolute path is returned unchanged."""
+    if name_or_path.startswith("/"):
+        return name_or_path
+    if not _NAME.match(name_or_path) or name_or_path in (".", ".."):
+        raise InvalidArgument(f"network namespace name {name_or_path!r} is not valid")
+    return os.path.join(NETNS_RUN_DIR, name_or_path)
+
+
+def open_netns(path: str) -> int:
+    """Open a network namespace file (``O_RDONLY|O_CLOEXEC``, never ``O_CREAT``) and check that it
+    really is a network namespace. Raises NotFound or InvalidArgument."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"network namespace {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{path} is a directory, not a network namespace") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot open network namespace {path}: {exc.strerror}") from None
+    try:
+        _check_netns_fd(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_netns_fd(fd: int, path: str) -> None:
+    # NS_GET_NSTYPE (_IO(0xb7, 0x3)) answers CLONE_NEWNET for a network namespace; other files
+    # (an unmounted leftover under /var/run/netns, a regular file) fail with ENOTTY.
+    try:
+        nstype = fcntl.ioctl(fd, 0xB703)
+    except OSError:
+        nstype = -1
+    if nstype != CLONE_NEWNET:
+        raise InvalidArgument(f"{path} is not a network namespace")
+
+
+def netns_id(path: str) -> tuple[int, int]:
+    """(device, inode) identifying the namespace at ``path`` (NotFound if missing)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotFound(f"network namespace {path} does not exist") from None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def entered_netns(fd: int) -> Iterator[None]:
+    """Run a *synchronous* block with the calling thread inside the namespace open at ``fd``, then
+    return to the thread's original namespace. Never ``await`` inside: another coroutine would run
+    in the wrong namespace."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(fd)
+        try:
+            yield
+        finally:
+            try:
+                setns(own)
+            except OSError as exc:  # pragma: no cover - the thread would be stranded
+                raise SystemExit(f"FATAL: cannot return to own network namespace: {exc}") from exc
+    finally:
+        os.close(own)
+
+
+def _ensure_run_dir() -> None:
+    """Create NETNS_RUN_DIR and make it a shared mount point, as iproute2 does."""
+    os.makedirs(NETNS_RUN_DIR, mode=0o755, exist_ok=True)
+    dfd = os.open(NETNS_RUN_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)  # concurrent creators (xdist workers) bind only once
+        try:
+            _mount(None, NETNS_RUN_DIR, "none", MS_SHARED | MS_REC)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Not a mount point yet: bind it onto itself, then make it shared.
+            _mount(NETNS_RUN_DIR, NETNS_RUN_DIR, "none", MS_BIND | MS_REC)
+            _mount(None, NETNS_RUN_DIR, "none", MS_SHARED | MS_REC)
+    finally:
+        os.close(dfd)
+
+
+def _run_in_thread(fn: Callable[[], T]) -> T:
+    result: list[Any] = []
+
+    def target() -> None:
+        try:
+            result.append((True, fn()))
+        except BaseException as exc:  # handed to the caller
+            result.append((False, exc))
+
+    thread = threading.Thread(target=target, name="nsm-netns", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
+
+
+def _set_lo_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+
+
+def create_netns(name: str, *, lo_up: bool = True) -> str:
+    """Create the named network namespace and return its path (``/var/run/netns/<name>``).
+
+    AlreadyExists if the name is taken. ``lo_up`` brings the loopback up (``ip netns add`` leaves
+    it down). Nothing is left behind on failure."""
+    path = netns_path(name)
+    if not path.startswith(NETNS_RUN_DIR + "/"):
+        raise InvalidArgument(f"create_netns takes a name, not the path {name!r}")
+    _ensure_run_dir()
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    except FileExistsError:
+        raise AlreadyExists(f"network namespace {path} already exists") from None
+
+    def make() -> None:
+        unshare(CLONE_NEWNET)  # this thread only; it exits right after
+        _mount("/proc/thread-self/ns/net", path, "none", MS_BIND)
+        if lo_up:
+            _set_lo_up()
+
+    try:
+        _run_in_thread(make)
+    except BaseException as exc:
+        _remove(path)
+        if isinstance(exc, OSError):
+            raise Internal(f"cannot create network namespace {path}: {exc}") from exc
+        raise
+    return path
+
+
+def _remove(path: str) -> bool:
+    mounted = True
+    try:
+        _umount2(path, MNT_DETACH)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):
+            raise Internal(f"cannot unmount network namespace {path}: {exc}") from exc
+        mounted = False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return mounted
+    return True
+
+
+def delete_netns(name: str) -> bool:
+    """Delete a named namespace (unmount + unlink). Idempotent: False when it did not exist.
+
+    The kernel destroys the namespace (and its interfaces) in the background once nothing else
+    holds it: no process inside, no open fd, no socket created in it."""
+    path = netns_path(name)
+    if not path.startswith(NETNS_RUN_DIR + "/"):
+        raise InvalidArgument(f"delete_netns takes a name, not the path {name!r}")
+    return _remove(path)
+
+
+def list_netns() -> list[str]:
+    """Names of the named namespaces (sorted)."""
+    try:
+        return sorted(n for n in os.listdir(NETNS_RUN_DIR) if not n.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def netns_exists(name: str) -> bool:
+    """Whether ``name`` (or a path) is a mounted network namespace."""
+    try:
+        fd = open_netns(netns_path(name))
+    except (NotFound, InvalidArgument):
+        return False
+    os.close(fd)
+    return True
+
+
+def run_in_netns(path: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run the synchronous ``fn(*args, **kwargs)`` in a fresh thread that has entered the network
+    namespace ``path`` (a path or a name); return its result or raise its exception. Sockets it
+    creates belong to that namespace."""
+    fd = open_netns(netns_path(path))
+
+    def call() -> T:
+        try:
+            setns(fd)
+        finally:
+            os.close(fd)
+        return fn(*args, **kwargs)
+
+    return _run_in_thread(call)
+
+
+async def arun_in_netns(path: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """:func:`run_in_netns` without blocking the event loop."""
+    return await asyncio.to_thread(run_in_netns, path, fn, *args, **kwargs)

@@ -1,0 +1,409 @@
+"""The registry: validation, NSE expiry and Find/watch over a :class:`Store`, and the two gRPC
+servicers (``registry.NetworkServiceRegistry`` and ``registry.NetworkServiceEndpointRegistry``)
+that expose it.
+
+:class:`Registry` holds the logic and is usable without gRPC; the servicers only translate
+messages and leave error mapping to :func:`nsm.errors.grpc_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import time
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+from google.protobuf.empty_pb2 import Empty
+
+from nsm.api import registry_pb2_grpc
+from nsm.api.registry_pb2 import (
+    NetworkService,
+    NetworkServiceEndpoint,
+    NetworkServiceEndpointQuery,
+    NetworkServiceEndpointResponse,
+    NetworkServiceQuery,
+    NetworkServiceResponse,
+)
+from nsm.errors import InvalidArgument, Unavailable, grpc_errors
+from nsm.log import get_logger
+from nsm.registry.matching import expiration, is_expired, match_ns, match_nse
+from nsm.registry.memory import MemoryStore
+from nsm.registry.store import DEFAULT_WATCH_QUEUE, R, Store
+from nsm.transport import Server, parse_url
+
+log = get_logger(__name__)
+
+#: Full gRPC service names served by the registry.
+SERVICE_NAMES: tuple[str, ...] = (
+    "registry.NetworkServiceRegistry",
+    "registry.NetworkServiceEndpointRegistry",
+)
+PAYLOADS: frozenset[str] = frozenset({"IP", "ETHERNET"})
+DEFAULT_PAYLOAD = "IP"
+DEFAULT_EXPIRY = 60.0
+MAX_NAME_LENGTH = 253
+MAX_LABEL_VALUE_LENGTH = 1024
+MAX_URL_LENGTH = 4096
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _has_control_chars(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
+def check_name(what: str, name: str, *, required: bool = True) -> None:
+    """Raise InvalidArgument unless ``name`` is a usable record name."""
+    if not name:
+        if required:
+            raise InvalidArgument(f"{what} is required")
+        return
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"{what} is longer than {MAX_NAME_LENGTH} characters")
+    if _has_control_chars(name):
+        raise InvalidArgument(f"{what} {name!r} contains control characters")
+
+
+def _check_labels(what: str, labels: Mapping[str, str]) -> None:
+    for key, value in labels.items():
+        check_name(f"{what} label key", key)
+        if len(value) > MAX_LABEL_VALUE_LENGTH:
+            raise InvalidArgument(
+                f"{what} label {key!r} is longer than {MAX_LABEL_VALUE_LENGTH} characters"
+            )
+        if _has_control_chars(value):
+            raise InvalidArgument(f"{what} label {key!r} contains control characters")
+
+
+def _check_url(url: str) -> None:
+    if not url:
+        raise InvalidArgument("network service endpoint url is required")
+    if len(url) > MAX_URL_LENGTH or _has_control_chars(url):
+        raise InvalidArgument("network service endpoint url is too long or malformed")
+    try:
+        parse_url(url)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"network service endpoint url: {exc.message}") from exc
+
+
+def validate_ns(ns: NetworkService) -> None:
+    check_name("network service name", ns.name)
+    if ns.payload and ns.payload not in PAYLOADS:
+        raise InvalidArgument(
+            f"network service payload {ns.payload!r} is not one of {sorted(PAYLOADS)}"
+        )
+    for match in ns.matches:
+        _check_labels("source selector", match.source_selector)
+        for route in match.routes:
+            _check_labels("destination selector", route.destination_selector)
+
+
+def validate_nse(nse: NetworkServiceEndpoint) -> None:
+    check_name("network service endpoint name", nse.name, required=False)
+    _check_url(nse.url)
+    for service in nse.network_service_names:
+        check_name("network service name", service)
+    for service, labels in nse.network_service_labels.items():
+        check_name("network service name", service)
+        _check_labels(f"service {service!r}", labels.labels)
+
+
+def new_nse_name() -> str:
+    """A fresh, unique NSE name."""
+    return f"nse-{uuid.uuid4().hex[:12]}"
+
+
+def _set_timestamp(ts: Any, seconds: float) -> None:
+    whole = math.floor(seconds)
+    ts.seconds = whole
+    ts.nanos = min(int((seconds - whole) * 1e9), 999_999_999)
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+class Registry:
+    """Network services and endpoints over two stores, with NSE expiry and watches.
+
+    Use as ``async with Registry(expiry=60.0) as registry:`` (or ``start()``/``stop()``); the
+    expiry task runs in between. ``expiry`` is both the default lifetime of an NSE registered
+    without ``expiration_time`` and the longest lifetime granted (a later requested time is
+    shortened to it, as the reference does), so a vanished endpoint never lingers longer.
+    """
+
+    def __init__(
+        self,
+        *,
+        expiry: float = DEFAULT_EXPIRY,
+        ns_store: Store[NetworkService] | None = None,
+        nse_store: Store[NetworkServiceEndpoint] | None = None,
+        watch_queue: int = DEFAULT_WATCH_QUEUE,
+    ) -> None:
+        if not expiry > 0:
+            raise ValueError("expiry must be positive")
+        self.expiry = expiry
+        self.ns_store: Store[NetworkService] = ns_store or MemoryStore()
+        self.nse_store: Store[NetworkServiceEndpoint] = nse_store or MemoryStore()
+        self.watch_queue = watch_queue
+        self._lock = asyncio.Lock()  # read-modify-write of NSE records (register vs expire)
+        self._deadlines: list[tuple[float, str]] = []  # heap of (expiration, NSE name)
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # lifecycle
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._closed = False
+        for nse in await self.nse_store.list():
+            exp = expiration(nse)
+            if exp is not None:
+                heapq.heappush(self._deadlines, (exp, nse.name))
+        self._task = asyncio.create_task(self._expire_loop(), name="registry-expiry")
+
+    async def stop(self) -> None:
+        """Stop expiring and end every watch stream (they complete normally)."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self.ns_store.close()
+        await self.nse_store.close()
+
+    async def __aenter__(self) -> Registry:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # network services
+
+    async def register_ns(self, ns: NetworkService) -> NetworkService:
+        validate_ns(ns)
+        record = NetworkService()
+        record.CopyFrom(ns)
+        if not record.payload:
+            record.payload = DEFAULT_PAYLOAD
+        stored = await self.ns_store.put(record)
+        log.info("network service registered", name=stored.name, payload=stored.payload)
+        return stored
+
+    async def unregister_ns(self, name: str) -> None:
+        check_name("network service name", name)
+        if await self.ns_store.delete(name) is not None:
+            log.info("network service unregistered", name=name)
+
+    def find_ns(
+        self, query: NetworkService, *, watch: bool = False
+    ) -> AsyncIterator[tuple[NetworkService, bool]]:
+        """Matching services as ``(record, deleted)``; with ``watch``, then live changes until
+        the consumer stops iterating."""
+        q = NetworkService()
+        q.CopyFrom(query)
+        return self._find(self.ns_store, lambda ns: match_ns(q, ns), watch)
+
+    # network service endpoints
+
+    async def register_nse(self, nse: NetworkServiceEndpoint) -> NetworkServiceEndpoint:
+        """Register or refresh an NSE; returns the stored record (name, expiration and initial
+        registration time filled in)."""
+        validate_nse(nse)
+        record = NetworkServiceEndpoint()
+        record.CopyFrom(nse)
+        if not record.name:
+            record.name = new_nse_name()
+        now = time.time()
+        requested = expiration(record)
+        if requested is not None and requested <= now:
+            raise InvalidArgument(
+                f"network service endpoint {record.name!r}: expiration_time is in the past"
+            )
+        longest = now + self.expiry
+        if requested is None or requested > longest:
+            _set_timestamp(record.expiration_time, longest)
+        elif not 0 <= record.expiration_time.nanos < 1_000_000_000:
+            _set_timestamp(record.expiration_time, requested)  # normalize a malformed Timestamp
+        exp = expiration(record)
+        assert exp is not None
+        async with self._lock:
+            existing = await self.nse_store.get(record.name)
+            if existing is not None and existing.HasField("initial_registration_time"):
+                record.initial_registration_time.CopyFrom(existing.initial_registration_time)
+            else:
+                _set_timestamp(record.initial_registration_time, now)
+            stored = await self.nse_store.put(record)
+        self._schedule(exp, stored.name)
+        if existing is None:
+            log.info("endpoint registered", name=stored.name, url=stored.url,
+                     services=",".join(stored.network_service_names))
+        else:
+            log.debug("endpoint refreshed", name=stored.name, expires_in=round(exp - now, 3))
+        return stored
+
+    async def unregister_nse(self, name: str) -> None:
+        check_name("network service endpoint name", name)
+        async with self._lock:
+            removed = await self.nse_store.delete(name)
+        if removed is not None:
+            log.info("endpoint unregistered", name=name)
+
+    def find_nse(
+        self, query: NetworkServiceEndpoint, *, watch: bool = False
+    ) -> AsyncIterator[tuple[NetworkServiceEndpoint, bool]]:
+        """Matching unexpired endpoints as ``(record, deleted)``; with ``watch``, then live
+        changes (register/refresh, unregister/expiry) until the consumer stops iterating."""
+        q = NetworkServiceEndpoint()
+        q.CopyFrom(query)
+        return self._find(self.nse_store, lambda nse: match_nse(q, nse, now=time.time()), watch)
+
+    # internals
+
+    async def _find(
+        self, store: Store[R], matches: Callable[[R], bool], watch: bool
+    ) -> AsyncIterator[tuple[R, bool]]:
+        if not watch:
+            for record in await store.list():
+                if matches(record):
+                    yield record, False
+            return
+        if self._closed:
+            raise Unavailable("registry is shutting down")
+        # The watcher hears of deletions (and of updates that stop matching) only for records
+        # it was told about; ``sent`` holds their names.
+        sent: set[str] = set()
+        async with await store.watch(maxsize=self.watch_queue) as sub:
+            for record in sub.snapshot:
+                if matches(record):
+                    sent.add(record.name)  # type: ignore[attr-defined]
+                    yield record, False
+            async for event in sub:
+                name: str = event.record.name  # type: ignore[attr-defined]
+                if not event.deleted and matches(event.record):
+                    sent.add(name)
+                    yield event.record, False
+                elif name in sent:
+                    sent.discard(name)
+                    yield event.record, True
+        if self._closed:  # the store ended the subscription because the registry stops
+            raise Unavailable("registry is shutting down")
+
+    def _schedule(self, exp: float, name: str) -> None:
+        heapq.heappush(self._deadlines, (exp, name))
+        if self._deadlines[0] == (exp, name):
+            self._wakeup.set()  # the nearest deadline moved earlier
+
+    async def _expire_loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            now = time.time()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, name = heapq.heappop(self._deadlines)
+                try:
+                    await self._expire(name, now)
+                except Exception as exc:  # keep expiring the others
+                    log.error("expiring endpoint failed", exc_info=True, name=name, error=exc)
+            timeout = self._deadlines[0][0] - now if self._deadlines else None
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _expire(self, name: str, now: float) -> None:
+        async with self._lock:
+            nse = await self.nse_store.get(name)
+            # A refresh since this deadline was scheduled left a later one in the heap.
+            if nse is None or not is_expired(nse, now):
+                return
+            await self.nse_store.delete(name)
+        log.info("endpoint expired", name=name, url=nse.url)
+
+
+# --- gRPC servicers --------------------------------------------------------------------------
+
+
+class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistryServicer):
+    """``registry.NetworkServiceRegistry`` over a :class:`Registry`."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    @grpc_errors
+    async def Register(
+        self, request: NetworkService, context: grpc.aio.ServicerContext
+    ) -> NetworkService:
+        return await self._registry.register_ns(request)
+
+    @grpc_errors
+    async def Find(
+        self, request: NetworkServiceQuery, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[NetworkServiceResponse]:
+        async for ns, deleted in self._registry.find_ns(
+            request.network_service, watch=request.watch
+        ):
+            yield NetworkServiceResponse(network_service=ns, deleted=deleted)
+
+    @grpc_errors
+    async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
+        await self._registry.unregister_ns(request.name)
+        return Empty()
+
+
+class NetworkServiceEndpointRegistryServicer(
+    registry_pb2_grpc.NetworkServiceEndpointRegistryServicer
+):
+    """``registry.NetworkServiceEndpointRegistry`` over a :class:`Registry`."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    @grpc_errors
+    async def Register(
+        self, request: NetworkServiceEndpoint, context: grpc.aio.ServicerContext
+    ) -> NetworkServiceEndpoint:
+        return await self._registry.register_nse(request)
+
+    @grpc_errors
+    async def Find(
+        self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[NetworkServiceEndpointResponse]:
+        async for nse, deleted in self._registry.find_nse(
+            request.network_service_endpoint, watch=request.watch
+        ):
+            yield NetworkServiceEndpointResponse(network_service_endpoint=nse, deleted=deleted)
+
+    @grpc_errors
+    async def Unregister(
+        self, request: NetworkServiceEndpoint, context: grpc.aio.ServicerContext
+    ) -> Empty:
+        await self._registry.unregister_nse(request.name)
+        return Empty()
+
+
+def add_to_server(registry: Registry, server: Server) -> None:
+    """Serve both registry services of ``registry`` on ``server`` (before it starts)."""
+    registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
+        NetworkServiceRegistryServicer(registry), server.grpc
+    )
+    registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server(
+        NetworkServiceEndpointRegistryServicer(registry), server.grpc
+    )
+    server.add_service_names(SERVICE_NAMES)

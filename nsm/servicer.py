@@ -1,0 +1,65 @@
+"""The ``networkservice.NetworkService`` gRPC servicer of any role: Request and Close go
+down a :class:`~nsm.chain.Chain`.
+
+The gRPC invocation metadata becomes ``ctx.headers`` (text values only; keys lower-case as gRPC
+delivers them). Domain errors become gRPC statuses through :func:`~nsm.errors.grpc_errors`; an
+unexpected exception is logged with its traceback and answered as INTERNAL, a timeout as
+DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.empty_pb2 import Empty
+
+from nsm.api import networkservice_pb2_grpc
+from nsm.api.connection_pb2 import Connection
+from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.chain import Chain
+from nsm.errors import DeadlineExceeded, Internal, NsmError, grpc_errors
+
+SERVICE_NAME = "networkservice.NetworkService"
+
+
+def headers_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    metadata = context.invocation_metadata() or ()
+    return {key: value for key, value in metadata if isinstance(value, str)}
+
+
+class NetworkServiceServicer(networkservice_pb2_grpc.NetworkServiceServicer):
+    """Serves Request/Close by running them through ``chain``."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        networkservice_pb2_grpc.add_NetworkServiceServicer_to_server(self, server)
+
+    @grpc_errors
+    async def Request(
+        self, request: NetworkServiceRequest, context: grpc.aio.ServicerContext
+    ) -> Connection:
+        ctx = self.chain.context(headers_of(context))
+        try:
+            return await self.chain.request(request, ctx)
+        except (NsmError, grpc.aio.AioRpcError):
+            raise
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"request timed out: {exc}" if str(exc) else "request timed out") from exc
+        except Exception as exc:
+            ctx.log.error("request failed unexpectedly", exc_info=True, error=repr(exc))
+            raise Internal(f"internal error: {type(exc).__name__}: {exc}") from exc
+
+    @grpc_errors
+    async def Close(self, request: Connection, context: grpc.aio.ServicerContext) -> Empty:
+        ctx = self.chain.context(headers_of(context))
+        try:
+            await self.chain.close(request, ctx)
+        except (NsmError, grpc.aio.AioRpcError):
+            raise
+        except TimeoutError as exc:
+            raise DeadlineExceeded("close timed out") from exc
+        except Exception as exc:
+            ctx.log.error("close failed unexpectedly", exc_info=True, error=repr(exc))
+            raise Internal(f"internal error: {type(exc).__name__}: {exc}") from exc
+        return Empty()
