@@ -13,6 +13,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
+class _Extend(argparse.Action):
+    """Like ``action="extend"``, except that the first use on the command line replaces the
+    default (which may come from the environment) instead of adding to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        seen = f"_{self.dest}_seen"
+        current = [] if not getattr(namespace, seen, False) else list(getattr(namespace, self.dest))
+        setattr(namespace, seen, True)
+        current.extend(values)
+        setattr(namespace, self.dest, current)
+
+
 def env_name(flag: str) -> str:
     return "NSM_" + flag.lstrip("-").replace("-", "_").upper()
 
@@ -49,7 +62,7 @@ def flag(
     if choices:
         kwargs["choices"] = choices
     if many:
-        kwargs["action"] = "extend"
+        kwargs["action"] = _Extend
         kwargs["nargs"] = "+"
     parser.add_argument(name, required=required, **kwargs)
 

@@ -8,26 +8,37 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from nsm.log import get_logger
 
-async def wait_for_signal(*signals: signal.Signals) -> signal.Signals:
-    """Wait until one of ``signals`` (default SIGTERM, SIGINT) arrives."""
-    sigs = signals or (signal.SIGTERM, signal.SIGINT)
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[signal.Signals] = loop.create_future()
-    for sig in sigs:
-        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s))
-    try:
-        return await got
-    finally:
-        for sig in sigs:
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
+log = get_logger("nsm.daemon")
 
 
 async def serve_until_signal(start: Callable[[], Awaitable[Any]],
                              stop: Callable[[], Awaitable[Any]]) -> None:
-    await start()
+    """Start, serve until SIGTERM/SIGINT, stop. A signal during start (e.g. while waiting for
+    the registry) cancels the start and still stops cleanly."""
+    loop = asyncio.get_running_loop()
+    got = asyncio.Event()
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    for sig in sigs:
+        loop.add_signal_handler(sig, got.set)
     try:
-        await wait_for_signal()
+        starting = asyncio.ensure_future(start())
+        waiting = asyncio.ensure_future(got.wait())
+        await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("signal during start: stopping")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        else:
+            starting.result()  # a failed start raises here
+            await waiting
+        waiting.cancel()
     finally:
-        await stop()
+        try:
+            await stop()
+        finally:
+            for sig in sigs:
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)

@@ -116,3 +116,18 @@ def existing_netns_path(url: str) -> str:
 
 def netns_url(path: str) -> str:
     return f"file://{path}"
+
+# VXLAN parameters of ours beside the upstream keys: the MAC of each side's tunnel device, so
+# that routed (IP) connections need no ARP across the tunnel.
+SRC_MAC = "src_mac"
+DST_MAC = "dst_mac"
+
+
+def vxlan(src_ip: str, vni: int | None = None, src_mac: str = "") -> Mechanism:
+    """A VXLAN/REMOTE mechanism preference."""
+    params = {SRC_IP: src_ip, DST_PORT: str(VXLAN_PORT)}
+    if vni is not None:
+        params[VNI] = str(vni)
+    if src_mac:
+        params[SRC_MAC] = src_mac
+    return Mechanism(cls=REMOTE, type=VXLAN, parameters=params)

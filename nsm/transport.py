@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nsm.errors import InvalidArgument
+from nsm.errors import FailedPrecondition, InvalidArgument
 
 #: Channel options shared by every dialed connection.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -130,13 +130,13 @@ class Server:
         for url in self._requested:
             if url.is_unix:
                 _prepare_unix_socket(url.path)
-                self.grpc.add_insecure_port(url.target())
-                self.urls.append(url)
-            else:
+            try:
                 port = self.grpc.add_insecure_port(url.target())
-                if port == 0:
-                    raise InvalidArgument(f"cannot listen on {url}")
-                self.urls.append(url.with_port(port))
+            except RuntimeError as exc:
+                raise FailedPrecondition(f"cannot listen on {url}: {exc}") from exc
+            if port == 0 and not url.is_unix:
+                raise FailedPrecondition(f"cannot listen on {url} (address in use?)")
+            self.urls.append(url if url.is_unix else url.with_port(port))
         names = [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.grpc)
         await self.grpc.start()

@@ -123,6 +123,8 @@ class Client:
         self.netns = self._check_netns(netns)
         self.labels = dict(labels or {})
         self.name = name or f"nsc-{uuid.uuid4().hex[:8]}"
+        if len(self.name) > 253 or not self.name.isprintable() or any(c.isspace() for c in self.name):
+            raise InvalidArgument(f"client name {self.name[:40]!r} is too long or has spaces")
         if not lifetime > 0:
             raise InvalidArgument(f"lifetime must be positive, not {lifetime}")
         if not request_timeout > 0:

@@ -33,7 +33,7 @@ from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
 from nsm.elements.validate import Validate
 from nsm.endpoint.ipam import PointToPointIPAM, parse_cidr
 from nsm.endpoint.kernel import KernelServer
-from nsm.errors import InvalidArgument, NsmError
+from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
 from nsm.log import get_logger
 from nsm.mechanisms import PAYLOAD_IP
 from nsm.netns import netns_path, open_netns
@@ -143,6 +143,7 @@ class Endpoint:
         self.refresher: NseRefresher | None = None
         self._registry_channel: grpc.aio.Channel | None = None
         self._started = False
+        self._keeper: asyncio.Task[None] | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -172,7 +173,10 @@ class Endpoint:
             return
         self._started = True
         try:
-            await self.server.start()
+            try:
+                await self.server.start()
+            except RuntimeError as exc:  # grpc's bind failure (address in use, not local)
+                raise FailedPrecondition(f"cannot listen on {', '.join(self.listen)}: {exc}") from exc
             log.info("endpoint serving", name=self.name, urls=",".join(self.urls),
                      services=",".join(self.services), cidr=str(self.network), netns=self.netns)
             if self.registry_url is not None:
@@ -181,6 +185,8 @@ class Endpoint:
                 await self._register_services(client)
                 self.refresher = NseRefresher(client, self.nse(), expiry=self.expiry)
                 await self.refresher.start()
+                self._keeper = asyncio.get_running_loop().create_task(
+                    self._keep_services(client), name=f"nse-services:{self.name}")
         except BaseException:
             await self.stop()
             raise
@@ -200,11 +206,29 @@ class Endpoint:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
 
+    async def _keep_services(self, client: RegistryClient) -> None:
+        """Re-register a service record that disappeared (an in-memory registry restarted):
+        the refresher brings the NSE back, and clients need the service too."""
+        while True:
+            await asyncio.sleep(max(self.expiry / 3, 0.05))
+            try:
+                for service in self.services:
+                    if await client.get_ns(service) is None:
+                        await client.register_ns(NetworkService(name=service, payload=PAYLOAD_IP))
+                        log.info("network service registered again", service=service)
+            except NsmError as exc:
+                log.debug("checking network services failed", error=exc.message)
+
     async def stop(self) -> None:
         """Unregister, stop serving, close every connection's timer. Idempotent."""
         if not self._started:
             return
         self._started = False
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         refresher, self.refresher = self.refresher, None
         if refresher is not None:
             with contextlib.suppress(NsmError, RuntimeError):

@@ -4,9 +4,10 @@ The endpoint programs nothing itself: the forwarder creates the veth pair and mo
 the endpoint's network namespace. This element only answers *where* that end goes: it selects the
 first KERNEL/LOCAL preference and returns it with
 
-- ``name``: the interface name in the endpoint's namespace: the one the request asks for when it
-  is valid, else ``nsm`` + 12 hex digits of sha256(connection id) (15 characters, so a refresh
-  yields the same name and no state is needed to find it again);
+- ``name``: the interface name in the endpoint's namespace: the one the request asks for when
+  valid (in the preference, or on a refresh in the connection's current mechanism), else ``nsm``
+  + 12 hex digits of sha256(connection id) (15 characters, so a refresh yields the same name and
+  no state is needed to find it again);
 - ``inodeURL``: ``file://<the endpoint's netns path>``.
 
 It also sets the payload to ``IP`` when the request leaves it empty.
@@ -70,6 +71,8 @@ class KernelServer(Element):
             raise Unsupported(
                 f"no supported mechanism: the request offers {what}; this endpoint supports {LOCAL}/{KERNEL}")
         asked = chosen.parameters.get(NAME, "")
+        if not asked and conn.HasField("mechanism") and next_kernel([conn.mechanism]) is not None:
+            asked = conn.mechanism.parameters.get(NAME, "")  # a refresh keeps the name it was given
         mechanism = Mechanism(cls=LOCAL, type=KERNEL)
         for key, value in chosen.parameters.items():
             mechanism.parameters[key] = value

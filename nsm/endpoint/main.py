@@ -82,9 +82,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
-            exc = starting.exception()
-            if exc is not None:
-                raise exc
+            starting.result()  # raises what start raised
             await waiting
         log.info("endpoint stopping", name=endpoint.name)
     except NsmError as exc:

@@ -1,11 +1,17 @@
 """The forwarder daemon: its chain, composed in one place, its registration and lifecycle.
 
 Chain: Begin → Validate → UpdatePath → Timeout → Monitor → SelectMechanism → KernelLocal →
-Connect (to the next hop named by the manager: an endpoint, or a remote manager).
+VxlanClient → VxlanServer → Connect (to the next hop named by the manager: an endpoint, or a
+remote manager). Each datapath element acts only on its own pair of mechanisms:
+
+- KERNEL upstream, KERNEL downstream: KernelLocal (one veth between two pods of this node);
+- KERNEL upstream, VXLAN downstream: VxlanClient (the client's half of a cross-node link);
+- VXLAN upstream, KERNEL downstream: VxlanServer (the endpoint's half).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -19,12 +25,13 @@ from nsm.elements.monitor import Monitor
 from nsm.elements.timeout import Timeout
 from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
 from nsm.elements.validate import Validate
-from nsm.errors import Unsupported
+from nsm.errors import FailedPrecondition, Unsupported
 from nsm.forwarder.kernel import KernelLocal
 from nsm.forwarder.mechanism import SelectMechanism
 from nsm.forwarder.netlink import Netlink
+from nsm.forwarder.vxlan import TablePool, Tunnel, VniPool, VxlanClient, VxlanServer
 from nsm.log import get_logger
-from nsm.mechanisms import KERNEL, LOCAL, kernel
+from nsm.mechanisms import KERNEL, LOCAL, REMOTE, VXLAN, kernel, vxlan
 from nsm.registry.client import NseRefresher, RegistryClient
 from nsm.servicer import NetworkServiceServicer
 from nsm.transport import Channels, Server, Url, dial
@@ -38,7 +45,7 @@ class Forwarder:
 
     def __init__(self, *, name: str, listen: Sequence[str], manager_url: str, registry_url: str,
                  node: str = "", lifetime: float = DEFAULT_LIFETIME, request_timeout: float = 15.0,
-                 expiry: float | None = None) -> None:
+                 expiry: float | None = None, tunnel_ip: str | None = None) -> None:
         self.name = name
         self.node = node or name
         self.manager_url = manager_url
@@ -51,21 +58,53 @@ class Forwarder:
         self.begin = Begin()
         self._registry_channel = dial(registry_url)
         self._refresher: NseRefresher | None = None
+        self.tunnel_ip = tunnel_ip
+        self.tunnel: Tunnel | None = None
+        self.vnis = VniPool()
+        tables = TablePool()
         self.chain = Chain([
             self.begin,
             Validate(),
             UpdatePath(name, lifetime=lifetime),
             Timeout(),
             self.monitor,
-            SelectMechanism(supported=[(LOCAL, KERNEL)], downstream=self._downstream),
+            SelectMechanism(supported=[(LOCAL, KERNEL), (REMOTE, VXLAN)],
+                            downstream=self._downstream),
             KernelLocal(self.netlink),
+            VxlanClient(self.netlink, self._tunnel_proxy, self.vnis, tables),
+            VxlanServer(self.netlink, self._tunnel_proxy, self.vnis, tables),
             Connect(self.channels, timeout=request_timeout),
         ], name="forwarder")
+
+    @property
+    def _tunnel_proxy(self) -> _TunnelRef:
+        return _TunnelRef(self)
 
     def _downstream(self, ctx: Ctx, url: Url) -> list[Mechanism]:
         if url.is_unix:
             return [kernel()]
-        raise Unsupported(f"next hop {url} is remote; this forwarder has no REMOTE mechanism")
+        if self.tunnel is None:
+            raise Unsupported(f"next hop {url} is on another node, but this forwarder has no "
+                              "tunnel address (set --tunnel-ip)")
+        return [vxlan(self.tunnel.ip)]
+
+    async def _detect_tunnel(self) -> Tunnel | None:
+        """This node's tunnel endpoint: --tunnel-ip, else the first global address of an up,
+        non-loopback interface; the MTU of connections is the underlay's minus VXLAN overhead."""
+        for link in await self.netlink.links(None):
+            if link.name == "lo" or not link.admin_up:
+                continue
+            for cidr in await self.netlink.addresses(None, link.name):
+                ip = ipaddress.ip_interface(cidr).ip
+                if ip.is_link_local or ip.is_loopback:
+                    continue
+                if self.tunnel_ip is None or str(ip) == self.tunnel_ip:
+                    overhead = 50 if ip.version == 4 else 70
+                    return Tunnel(ip=str(ip), dev=link.name, mtu=link.mtu - overhead)
+        if self.tunnel_ip is not None:
+            raise FailedPrecondition(f"tunnel address {self.tunnel_ip} is not on any interface "
+                                     "of the forwarder's namespace")
+        return None
 
     @property
     def bound(self) -> list[Url]:
@@ -84,12 +123,15 @@ class Forwarder:
         connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
         self.server.add_service_names(["networkservice.NetworkService",
                                        "connection.MonitorConnection"])
+        self.tunnel = await self._detect_tunnel()
         await self.server.start()
         self._refresher = NseRefresher(RegistryClient(self._registry_channel), self.registration(),
                                        expiry=self.expiry)
         await self._refresher.start()
         log.info("forwarder serving", name=self.name, urls=",".join(map(str, self.server.urls)),
-                 manager=self.manager_url)
+                 manager=self.manager_url,
+                 tunnel=f"{self.tunnel.ip} dev {self.tunnel.dev} mtu {self.tunnel.mtu}"
+                 if self.tunnel else "none")
 
     async def stop(self) -> None:
         if self._refresher is not None:
@@ -107,3 +149,27 @@ class Forwarder:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+
+class _TunnelRef:
+    """The forwarder's tunnel as found at start (the datapath elements are built before)."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self._forwarder = forwarder
+
+    def _get(self) -> Tunnel:
+        if self._forwarder.tunnel is None:
+            raise Unsupported("this forwarder has no tunnel address (set --tunnel-ip)")
+        return self._forwarder.tunnel
+
+    @property
+    def ip(self) -> str:
+        return self._get().ip
+
+    @property
+    def dev(self) -> str | None:
+        return self._get().dev
+
+    @property
+    def mtu(self) -> int:
+        return self._get().mtu

@@ -79,8 +79,9 @@ class KernelLocal(Element):
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         up = ctx.meta.get(UPSTREAM)
-        if not is_kernel_local(up):
-            return await next(ctx, request)
+        if not is_kernel_local(up) or not any(is_kernel_local(m)
+                                              for m in request.mechanism_preferences):
+            return await next(ctx, request)  # not a local connection (see vxlan.py)
         assert up is not None
         client_ns, client_if = self._client_side(ctx, up)
         state = ctx.meta.get(_STATE)

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
          default=15.0)
     flag(parser, "--expiry", help="registration expiry to ask for", type=duration, default=None)
+    flag(parser, "--tunnel-ip", help="this node's VXLAN tunnel address (default: the first "
+         "global address of an up interface)", default=None)
     flag(parser, "--log-level", help="log level", default="info")
     flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
 
@@ -30,7 +32,8 @@ async def run(args: argparse.Namespace) -> int:
     nsmlog.setup(args.log_level, args.log_json)
     fwd = Forwarder(name=args.name, listen=args.listen, manager_url=args.manager,
                     registry_url=args.registry, node=args.node, lifetime=args.lifetime,
-                    request_timeout=args.request_timeout, expiry=args.expiry)
+                    request_timeout=args.request_timeout, expiry=args.expiry,
+                    tunnel_ip=args.tunnel_ip)
     await serve_until_signal(fwd.start, fwd.stop)
     return 0
 

@@ -83,6 +83,7 @@ from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
     RTM_DELLINK,
     RTM_DELROUTE,
+    RTM_DELRULE,
     RTM_GETADDR,
     RTM_GETLINK,
     RTM_GETROUTE,
@@ -90,7 +91,9 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWLINK,
     RTM_NEWNEIGH,
     RTM_NEWROUTE,
+    RTM_NEWRULE,
 )
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
@@ -668,7 +671,8 @@ class Netlink:
 
     async def create_vxlan(self, name: str, netns: str | None, *, vni: int, local: str,
                            remote: str | None, port: int = 4789, underlay: str | None = None,
-                           mtu: int | None = None, learning: bool = True) -> None:
+                           mtu: int | None = None, learning: bool = True,
+                           mac: str | None = None) -> None:
         """Create a VXLAN device (down). ``remote=None`` makes it FDB-driven (see
         :meth:`fdb_append`). ``underlay`` is the device the tunnel runs over."""
         validate_ifname(name)
@@ -695,6 +699,8 @@ class Netlink:
             if underlay is not None:
                 data.append(("IFLA_VXLAN_LINK", self._need_index(h, underlay)))
             msg = _link_msg(name=name, mtu=None if mtu is None else _mtu(mtu))
+            if mac is not None:
+                msg["attrs"].append(("IFLA_ADDRESS", _mac(mac)))
             msg["attrs"].append(("IFLA_LINKINFO", {"attrs": [
                 ("IFLA_INFO_KIND", "vxlan"), ("IFLA_INFO_DATA", {"attrs": data})]}))
             await self._one(h, msg, RTM_NEWLINK, _CREATE, what)
@@ -906,6 +912,39 @@ class Netlink:
                 if isinstance(r, NetlinkError):
                     raise _domain_error(r, f"set up {name} in {_where(h.key)}: "
                                            f"{_describe(item[0], item[1])}")
+
+    # ------------------------------------------------------------------ policy rules
+
+    @staticmethod
+    def _rule_msg(iif: str, table: int, priority: int, family: int) -> Any:
+        if family not in (4, 6):
+            raise InvalidArgument(f"rule family must be 4 or 6, not {family}")
+        if not 0 < table < 1 << 32:
+            raise InvalidArgument(f"routing table {table} is out of range")
+        msg = fibmsg()
+        msg["family"] = socket.AF_INET if family == 4 else socket.AF_INET6
+        msg["action"] = 1  # FR_ACT_TO_TBL
+        msg["table"] = table if table < 256 else 252  # RT_TABLE_COMPAT; FRA_TABLE has the id
+        msg["attrs"] = [("FRA_IIFNAME", validate_ifname(iif)), ("FRA_TABLE", table),
+                        ("FRA_PRIORITY", priority)]
+        return msg
+
+    async def add_rule(self, netns: str | None, *, iif: str, table: int, priority: int,
+                       family: int = 4) -> None:
+        """``ip rule add iif <iif> lookup <table> priority <priority>``. Idempotent."""
+        async with self._use(netns) as h:
+            await self._one(h, self._rule_msg(iif, table, priority, family), RTM_NEWRULE,
+                            _CREATE, f"add rule iif {iif} table {table} in {_where(h.key)}",
+                            ok=(errno.EEXIST,))
+
+    async def del_rule(self, netns: str | None, *, iif: str, table: int, priority: int,
+                       family: int = 4) -> bool:
+        """Delete such a rule. Idempotent: False if there was none."""
+        async with self._use(netns) as h:
+            res = await self._one(h, self._rule_msg(iif, table, priority, family), RTM_DELRULE,
+                                  _REQ_ACK, f"delete rule iif {iif} table {table} in "
+                                  f"{_where(h.key)}", ok=(errno.ENOENT, errno.ESRCH))
+            return res is not None
 
     # ------------------------------------------------------------------ L2 (multi-node)
 

@@ -171,7 +171,8 @@ class Registry:
         self._task = asyncio.create_task(self._expire_loop(), name="registry-expiry")
 
     async def stop(self) -> None:
-        """Stop expiring and end every watch stream (they complete normally)."""
+        """Stop expiring and end every watch stream (with UNAVAILABLE, so watchers know to
+        watch again elsewhere or later). Idempotent."""
         self._closed = True
         task, self._task = self._task, None
         if task is not None:

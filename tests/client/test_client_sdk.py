@@ -210,6 +210,7 @@ async def test_unreachable_manager_is_unavailable(tmp_path: Path) -> None:
     ({"service": ""}, "network service name is empty"),
     ({"manager_url": "http://x"}, "unsupported URL"),
     ({"lifetime": 0}, "lifetime"),
+    ({"name": "a b"}, "client name"),
     ({"labels": {"": "x"}}, "label"),
 ])
 def test_invalid_input_is_rejected_before_sending(kwargs: dict[str, object], message: str) -> None:

@@ -279,3 +279,25 @@ async def test_cancelling_a_start_that_waits_for_the_registry_cleans_up(tmp_path
     with pytest.raises(asyncio.CancelledError):
         await starting
     assert not (tmp_path / "nse.sock").exists()
+
+
+async def test_registry_restart_brings_back_the_endpoint_and_its_service(tmp_path: Path) -> None:
+    sock = tmp_path / "reg.sock"
+    endpoint = Endpoint(name="nse-x", services=["blue"], cidr="10.1.0.0/24",
+                        listen=[f"unix://{tmp_path}/nse.sock"], registry_url=f"unix://{sock}",
+                        expiry=0.6, grace=0.1)
+    async with registry_at(sock):
+        await endpoint.start()
+    try:
+        async with registry_at(sock) as reg:  # a new, empty registry at the same address
+            async def back() -> bool:
+                return bool(await reg.find_nse(NetworkServiceEndpoint(name="nse-x"))) and (
+                    await reg.get_ns("blue") is not None)
+
+            deadline = time.monotonic() + 10
+            while not await back():
+                assert time.monotonic() < deadline, "not registered again"
+                await asyncio.sleep(0.05)
+            await endpoint.stop()
+    finally:
+        await endpoint.stop()

@@ -78,3 +78,12 @@ async def test_unsupported_mechanism() -> None:
 def test_netns_url_is_checked() -> None:
     with pytest.raises(InvalidArgument):
         KernelServer("http://x")
+
+
+async def test_refresh_keeps_a_name_given_before() -> None:
+    c = chain()
+    first = await c.request(req("c1", kernel("eth-blue")))
+    again = NetworkServiceRequest(connection=first)
+    again.mechanism_preferences.append(kernel())  # the preference no longer names it
+    second = await c.request(again)
+    assert second.mechanism.parameters[NAME] == "eth-blue"

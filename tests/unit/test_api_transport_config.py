@@ -113,3 +113,11 @@ def test_error_mapping_round_trips() -> None:
 
     err = from_rpc_error(FakeRpcError(), "peer")
     assert isinstance(err, NotFound) and err.message == "peer: gone"
+
+
+def test_list_flag_on_command_line_replaces_environment() -> None:
+    p = argparse.ArgumentParser()
+    flag(p, "--listen", help="x", many=True, required=True, env={"NSM_LISTEN": "unix:///env"})
+    assert p.parse_args([]).listen == ["unix:///env"]
+    args = p.parse_args(["--listen", "unix:///a", "--listen", "unix:///b"])
+    assert args.listen == ["unix:///a", "unix:///b"]

@@ -1,0 +1,117 @@
+"""Run the benchmarks: one JSON document on stdout, human tables and progress on stderr.
+
+    python -m bench.run [--quick] [--json out.json] [--only NAME ...] [--n N] [--concurrency C]
+                        [--set key=value ...] [--keep-logs] [--strict] [--list]
+
+``./dev bench`` runs ``python -m bench.run``. ``--quick`` uses small sizes (CI smoke).
+Exit status: 0 when every benchmark ran with zero failures; 1 when one failed or had failures;
+3 with ``--strict`` when a bar was missed; 130 when interrupted (everything is cleaned up).
+
+To add a benchmark: a module with ``BENCH = Bench(name, doc, run, table)`` (see
+:mod:`bench.common`), listed in :data:`BENCHES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from bench import local_setup
+from bench.common import Bench, Options, machine, say, sigterm_cancels
+
+#: Every benchmark, in the order they run.
+BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH,)}
+
+
+async def _run_all(benches: Sequence[Bench], options: Options) -> dict[str, Any]:
+    task = asyncio.current_task()
+    assert task is not None
+    doc: dict[str, Any] = {"machine": machine(), "quick": options.quick, "results": {}}
+    with sigterm_cancels(task):
+        for bench in benches:
+            say(f"== {bench.name}: {bench.doc}")
+            try:
+                result = await bench.run(options)
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                result = {"name": bench.name, "failures": 1, "error": repr(exc), "bars": []}
+            doc["results"][bench.name] = result
+            say(bench.table(result) if "error" not in result else f"{bench.name}: {result['error']}")
+            say()
+    failures = sum(int(r.get("failures") or 0) for r in doc["results"].values())
+    bars = [b for r in doc["results"].values() for b in r.get("bars", [])]
+    doc["failures"] = failures
+    doc["bars_missed"] = [b["name"] for b in bars if not b["ok"]]
+    return doc
+
+
+def run_benches(benches: Sequence[Bench], options: Options, *, json_path: str | None = None,
+                strict: bool = False) -> int:
+    """Run ``benches``, print the JSON document (stdout) and tables (stderr); exit status."""
+    if os.geteuid() != 0:
+        say("bench: needs root (network namespaces, veth)")
+        return 2
+    try:
+        doc = asyncio.run(_run_all(benches, options))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        say("bench: interrupted; everything it created was removed")
+        return 130
+    text = json.dumps(doc, indent=2, default=str)
+    print(text, flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(text + "\n")
+        say(f"JSON written to {json_path}")
+    if doc["failures"]:
+        say(f"bench: {doc['failures']} failures")
+        return 1
+    if doc["bars_missed"]:
+        say(f"bench: bars missed: {', '.join(doc['bars_missed'])}")
+        if strict:
+            return 3
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, not {text!r}")
+    return key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a CI smoke run")
+    parser.add_argument("--json", metavar="FILE", help="also write the JSON document to FILE")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
+    parser.add_argument("--n", type=int, help="connections per phase (each bench's default)")
+    parser.add_argument("--concurrency", type=int, help="in flight in concurrent phases")
+    parser.add_argument("--set", dest="extra", type=_key_value, action="append", default=[],
+                        metavar="KEY=VALUE", help="bench option, e.g. floor=0, breakdown=0")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds of pause between phases (default 1)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs")
+    parser.add_argument("--strict", action="store_true", help="exit 3 when a bar is missed")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for bench in BENCHES.values():
+            print(f"{bench.name:16} {bench.doc}")
+        return 0
+    for value, what in ((args.n, "--n"), (args.concurrency, "--concurrency")):
+        if value is not None and value < 1:
+            parser.error(f"{what} must be positive")
+    options = Options(quick=args.quick, n=args.n, concurrency=args.concurrency,
+                      keep_logs=args.keep_logs, settle=args.settle, extra=dict(args.extra))
+    chosen = [BENCHES[name] for name in (args.only or BENCHES)]
+    return run_benches(chosen, options, json_path=args.json, strict=args.strict)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

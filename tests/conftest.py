@@ -1,0 +1,78 @@
+"""Suite-wide: a name prefix unique to this test run (and xdist worker), and a hard check at the
+end of the session that nothing carrying it is left behind.
+
+Tests that create network namespaces, temporary directories or processes put
+:func:`nsm_run_prefix` in their names (namespace names, socket paths, daemon names), so
+the check below finds exactly what *this* run made — never another run's or another worker's.
+At session end, a named namespace whose name starts with the prefix, or a live process whose
+command line contains it, fails the session with the list (then it is removed, so one broken
+run does not leave the machine dirty for the next).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from nsm import netns as nsns
+
+#: ``nsmt-<worker>-<random>``: short (it goes into unix socket paths, 107 bytes at most).
+RUN_PREFIX = f"nsmt-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="session")
+def nsm_run_prefix() -> str:
+    """The prefix for every namespace, directory and process this run creates."""
+    return RUN_PREFIX
+
+
+def leftovers(prefix: str) -> tuple[list[str], list[tuple[int, str]]]:
+    """Named namespaces starting with ``prefix`` and live processes whose command line contains it."""
+    namespaces = [n for n in nsns.list_netns() if n.startswith(prefix)]
+    procs: list[tuple[int, str]] = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        if prefix in cmd:  # a zombie has an empty cmdline: only live processes count
+            procs.append((int(entry.name), cmd))
+    return namespaces, procs
+
+
+def _remove(namespaces: list[str], procs: list[tuple[int, str]]) -> None:
+    for pid, _ in procs:  # ours: their command lines carry this run's unique prefix
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for name in namespaces:
+        with contextlib.suppress(Exception):
+            nsns.delete_netns(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_behind() -> Iterator[None]:
+    """Session end: fail hard if a namespace or process of this run's prefix remains."""
+    yield
+    deadline = time.monotonic() + 3.0  # let processes being stopped finish exiting
+    while True:
+        namespaces, procs = leftovers(RUN_PREFIX)
+        if (not namespaces and not procs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if namespaces or procs:
+        _remove(namespaces, procs)
+        lines = [f"test run {RUN_PREFIX!r} left things behind (now removed):"]
+        lines += [f"  network namespace {n}" for n in namespaces]
+        lines += [f"  process {pid}: {cmd[:200]}" for pid, cmd in procs]
+        pytest.fail("\n".join(lines), pytrace=False)
