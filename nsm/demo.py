@@ -1,9 +1,11 @@
-"""``nsm demo``: a throwaway mesh on this machine, shown working, then torn down.
+"""``nsm demo``: a throwaway two-node mesh on this machine, shown working, then torn down.
 
-It creates namespaces for a client pod and an endpoint pod, starts the registry, a manager, a
-forwarder and an endpoint as real processes, requests the service from the client's namespace,
-prints the path, the link and its addresses, pings through the link, and removes everything,
-also on Ctrl-C or failure.
+It builds an emulated cluster (nodes and pods are network namespaces, joined by a bridged
+underlay; the registry, and per node a manager and a forwarder, run as real processes inside the
+node namespaces), runs an endpoint in a pod on node2, requests its service from a pod on node1,
+and shows the path, the VXLAN tunnel, the link with its addresses, and pings across it. Then it
+removes everything, also on Ctrl-C or failure. ``--local`` puts the endpoint on node1 instead
+(a veth between the two pods of one node).
 """
 
 from __future__ import annotations
@@ -11,105 +13,100 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-from nsm import netns as nsns
 from nsm.client.sdk import Client
 from nsm.config import flag
 from nsm.forwarder.netlink import Netlink
+from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
+from nsm.mechanisms import PAYLOADS
 from nsm.ping import ping
-from nsm.procs import Daemon
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    flag(parser, "--service", help="name of the demo network service", default="demo-ip")
+    flag(parser, "--service", help="name of the demo network service", default="demo")
+    flag(parser, "--payload", help="payload of the service", default="IP", choices=list(PAYLOADS))
     flag(parser, "--cidr", help="endpoint address pool", default="172.31.250.0/24")
     flag(parser, "--pings", help="number of pings", type=int, default=5)
-    flag(parser, "--keep-logs", help="keep the daemons' logs", switch=True, default=False)
+    flag(parser, "--local", help="endpoint on the client's node", switch=True, default=False)
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+def topology(args: argparse.Namespace) -> Topology:
+    nse_node = "node1" if args.local else "node2"
+    return Topology(
+        nodes=(NodeSpec("node1"), NodeSpec("node2")),
+        pods=(PodSpec("client", "node1"), PodSpec("server", nse_node)),
+        endpoints=(EndpointSpec("demo-nse", nse_node, (args.service,), args.cidr, pod="server"),),
+        services=(ServiceSpec(args.service, payload=args.payload),),
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         say("nsm demo: needs root (it creates network namespaces and links)")
         return 1
-    tag = f"nsmdemo{os.getpid()}"
-    work = Path(tempfile.mkdtemp(prefix=f"{tag}-"))
-    namespaces: list[str] = []
-    daemons: list[Daemon] = []
-    netlink = Netlink()
-    client: Client | None = None
     started = time.perf_counter()
+    topo = topology(args)
+    netlink = Netlink()
+    ok = False
     try:
-        nsc_ns = nsns.create_netns(f"{tag}-nsc")
-        namespaces.append(f"{tag}-nsc")
-        nse_ns = nsns.create_netns(f"{tag}-nse")
-        namespaces.append(f"{tag}-nse")
-        say(f"namespaces: client pod {nsc_ns}, endpoint pod {nse_ns}")
+        async with Lab(topo, prefix=f"nsmdemo{os.getpid()}") as lab:
+            say(f"cluster up in {lab.build_seconds:.1f} s:")
+            for spec in topo.nodes:
+                node = lab.node(spec.name)
+                say(f"  {node.name}: namespace {node.netns}, underlay {node.ip}, "
+                    f"manager {node.manager_tcp_url}")
+            client_pod = lab.pod("client")
+            say(f"  endpoint demo-nse in pod 'server' on {lab.endpoint('demo-nse').node}; "
+                f"client pod 'client' on node1")
+            ok = await show(args, lab, netlink, client_pod.netns)
+    finally:
+        await netlink.close()
+        say(f"torn down: processes stopped, namespaces removed "
+            f"({time.perf_counter() - started:.1f} s in all)")
+    return 0 if ok else 1
 
-        reg_url = f"unix://{work}/registry.sock"
-        mgr_url = f"unix://{work}/manager.sock"
-        fwd_url = f"unix://{work}/forwarder.sock"
-        nse_url = f"unix://{work}/nse.sock"
-        specs = [
-            ("registry", ["registry", "--listen", reg_url], reg_url),
-            ("manager", ["manager", "--name", "node1", "--listen", mgr_url,
-                         "--registry", reg_url], mgr_url),
-            ("forwarder", ["forwarder", "--name", "node1-fwd", "--node", "node1", "--listen",
-                           fwd_url, "--manager", mgr_url, "--registry", reg_url], fwd_url),
-            ("nse", ["nse", "--name", "demo-nse", "--service", args.service, "--cidr", args.cidr,
-                     "--netns", nse_ns, "--listen", nse_url, "--registry", reg_url], nse_url),
-        ]
-        for name, argv, url in specs:
-            d = Daemon(name, argv, url=url, log_path=work / f"{name}.log")
-            daemons.append(d)
-            await d.start()
-            say(f"started {name:9} pid {d.pid:<7} {url}")
 
-        client = Client(manager_url=mgr_url, service=args.service, netns=nsc_ns, ifname="nsm-1",
-                        labels={"app": "demo"})
-        t0 = time.perf_counter()
-        conn = await client.request()
+async def show(args: argparse.Namespace, lab: Lab, netlink: Netlink, client_ns: str) -> bool:
+    node1 = lab.node("node1")
+    client = Client(manager_url=node1.manager_url, service=args.service, netns=client_ns,
+                    ifname="nsm-1", labels={"app": "demo"})
+    t0 = time.perf_counter()
+    conn = await client.request()
+    try:
         setup_ms = (time.perf_counter() - t0) * 1000
-        say(f"\nconnection {conn.id} to {conn.network_service!r} in {setup_ms:.1f} ms")
-        say("path:")
+        say(f"\nconnection to {conn.network_service!r} ({conn.payload}) in {setup_ms:.1f} ms; "
+            f"path of {len(conn.path.path_segments)} segments:")
         for i, seg in enumerate(conn.path.path_segments):
-            say(f"  {i}. {seg.name:12} id {seg.id}")
+            say(f"  {i}. {seg.name}")
+        for link in await netlink.links(node1.netns):
+            if link.kind == "vxlan":
+                vni = getattr(link, "vxlan_id", None)
+                detail = f" vni {vni}" if vni is not None else ""
+                say(f"tunnel on node1: {link.name} (vxlan{detail}, udp 4789) mtu {link.mtu}")
+        link = await netlink.link(client_ns, "nsm-1")
+        addrs = [a for a in await netlink.addresses(client_ns, "nsm-1") if ":" not in a]
         ip = conn.context.ip_context
-        link = await netlink.link(nsc_ns, "nsm-1")
-        addrs = await netlink.addresses(nsc_ns, "nsm-1")
         if link is not None:
-            state = "up" if link.oper_up else "down"
-            say(f"\nclient pod link: {link.name} mtu {link.mtu} {state} mac {link.mac}")
-        say(f"  addresses: {', '.join(addrs)}   endpoint: {', '.join(ip.dst_ip_addrs)}")
+            say(f"client pod link: {link.name} mtu {link.mtu} "
+                f"{'up' if link.oper_up else 'down'}, address {', '.join(addrs)}; "
+                f"endpoint {', '.join(ip.dst_ip_addrs)}")
         dst = ip.dst_ip_addrs[0].split("/")[0]
-        result = await asyncio.to_thread(ping, nsc_ns, dst, count=args.pings, interval=0.2)
+        result = await asyncio.to_thread(ping, client_ns, dst, count=args.pings, interval=0.2)
         for i, rtt in enumerate(result.rtts_ms, 1):
             say(f"  ping {dst}: seq={i} time={rtt:.3f} ms")
         say(f"  {result.sent} sent, {result.received} received, {result.loss:.0%} loss")
-        ok = result.received == result.sent
-        await client.close()
-        client = None
-        gone = await netlink.link(nsc_ns, "nsm-1") is None
-        say(f"\nclosed: client interface {'removed' if gone else 'STILL PRESENT'}")
-        return 0 if ok and gone else 1
+        mtu = conn.context.MTU or (link.mtu if link else 1500)
+        full = await asyncio.to_thread(ping, client_ns, dst, count=1, size=mtu - 28,
+                                       dont_fragment=True)
+        say(f"  {mtu}-byte packet with don't-fragment: "
+            f"{'passes' if full.received else 'FAILS ' + ', '.join(full.errors)}")
+        return result.received == result.sent and full.received == 1
     finally:
-        if client is not None:
-            await asyncio.shield(client.close())
-        for d in reversed(daemons):
-            await asyncio.shield(d.stop())
-        await netlink.close()
-        for name in namespaces:
-            nsns.delete_netns(name)
-        if args.keep_logs:
-            say(f"logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        say(f"torn down: {len(daemons)} processes, {len(namespaces)} namespaces "
-            f"({time.perf_counter() - started:.1f} s in all)")
+        await client.close()
+        gone = await netlink.link(client_ns, "nsm-1") is None
+        say(f"\nclosed: client interface {'removed' if gone else 'STILL PRESENT'}")

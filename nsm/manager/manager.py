@@ -93,7 +93,8 @@ class Manager:
         connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
         registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
             NsProxy(self._registry_channel), self.server.grpc)
-        self._nse_proxy = NseProxy(self._registry_channel, local=self.local, advertise=None)
+        self._nse_proxy = NseProxy(self._registry_channel, local=self.local, advertise=None,
+                                  node=self.name)
         registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server(
             self._nse_proxy, self.server.grpc)
         self.server.add_service_names(["networkservice.NetworkService",

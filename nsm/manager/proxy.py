@@ -2,7 +2,8 @@
 
 An endpoint's registration is forwarded to the registry with the URL replaced by this manager's
 advertised (tcp) URL, so that managers on other nodes reach the endpoint through this one; the
-endpoint's own URL is remembered here to dial it locally. Forwarder registrations, services,
+endpoint's own URL is remembered here to dial it locally. The endpoint is also labelled
+``nodeName=<this node>`` for each of its services (for selectors). Forwarder registrations, services,
 finds and unregistrations pass through unchanged.
 """
 
@@ -25,7 +26,7 @@ from nsm.api.registry_pb2 import (
 from nsm.errors import call, from_rpc_error, grpc_errors
 from nsm.log import get_logger
 from nsm.transport import parse_url
-from nsm.wellknown import FORWARDER_SERVICE
+from nsm.wellknown import FORWARDER_SERVICE, NODE_LABEL
 
 log = get_logger("nsm.manager.proxy")
 
@@ -75,10 +76,11 @@ class NsProxy(registry_pb2_grpc.NetworkServiceRegistryServicer):
 
 class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
     def __init__(self, channel: grpc.aio.Channel, *, local: LocalEndpoints,
-                 advertise: str | None) -> None:
+                 advertise: str | None, node: str = "") -> None:
         self.stub = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(channel)
         self.local = local
         self.advertise = advertise
+        self.node = node
 
     @grpc_errors
     async def Register(self, request: NetworkServiceEndpoint,
@@ -91,6 +93,10 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
         out = NetworkServiceEndpoint()
         out.CopyFrom(request)
         out.url = self.advertise
+        if self.node:  # endpoints are labelled with their node, for selectors
+            for service in out.network_service_names:
+                labels = out.network_service_labels[service].labels
+                labels.setdefault(NODE_LABEL, self.node)
         result = await call(self.stub.Register(out, timeout=10), "registry")
         self.local.set(result.name, real)
         result.url = request.url  # the endpoint sees its own URL back

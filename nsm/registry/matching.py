@@ -6,6 +6,7 @@ Nothing here does I/O or keeps state; times are seconds since the epoch (``time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -84,6 +85,17 @@ def match_nse(
     )
 
 
+_TEMPLATE = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
+
+
+def fill_templates(selector: Mapping[str, str], source_labels: Mapping[str, str]) -> dict[str, str]:
+    """Replace ``{{.key}}`` in selector values by the client's label ``key`` (empty when the
+    client has no such label), as the reference does with Go templates — e.g.
+    ``{"nodeName": "{{.nodeName}}"}`` selects endpoints on the client's own node."""
+    return {k: _TEMPLATE.sub(lambda m: source_labels.get(m.group(1), ""), v)
+            for k, v in selector.items()}
+
+
 def select_endpoints(
     ns: NetworkService,
     nses: Iterable[NetworkServiceEndpoint],
@@ -123,7 +135,8 @@ def select_endpoints(
             for index, nse in enumerate(offered):
                 if index in seen:
                     continue
-                if is_subset(route.destination_selector, service_labels(nse, ns.name)):
+                wanted = fill_templates(route.destination_selector, source_labels)
+                if is_subset(wanted, service_labels(nse, ns.name)):
                     seen.add(index)
                     candidates.append(nse)
         if candidates:

@@ -294,3 +294,31 @@ def test_inputs_are_not_modified() -> None:
     before = [e.SerializeToString() for e in ALL], ns.SerializeToString()
     select_endpoints(ns, ALL, {"app": "a"})
     assert ([e.SerializeToString() for e in ALL], ns.SerializeToString()) == before
+
+
+def test_destination_selector_templates_use_the_clients_labels() -> None:
+    from nsm.api.registry_pb2 import (
+        Destination,
+        Match,
+        NetworkService,
+        NetworkServiceEndpoint,
+        NetworkServiceLabels,
+    )
+    from nsm.registry.matching import fill_templates, select_endpoints
+
+    assert fill_templates({"n": "{{ .nodeName }}-x", "k": "v"}, {"nodeName": "a"}) == {
+        "n": "a-x", "k": "v"}
+
+    def nse(name: str, node: str) -> NetworkServiceEndpoint:
+        return NetworkServiceEndpoint(
+            name=name, network_service_names=["s"],
+            network_service_labels={"s": NetworkServiceLabels(labels={"nodeName": node})})
+
+    ns = NetworkService(name="s", matches=[
+        Match(routes=[Destination(destination_selector={"nodeName": "{{.nodeName}}"})],
+              fallthrough=True),
+        Match(routes=[Destination()]),
+    ])
+    nses = [nse("e1", "node1"), nse("e2", "node2")]
+    assert [n.name for n in select_endpoints(ns, nses, {"nodeName": "node2"})] == ["e2"]
+    assert [n.name for n in select_endpoints(ns, nses, {"nodeName": "node3"})] == ["e1", "e2"]
