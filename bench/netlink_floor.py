@@ -33,7 +33,7 @@ def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": 0.0, "p95": 0.0, "mean": 0.0, "max": 0.0}
     ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     return {"p50": round(statistics.median(ordered), 3), "p95": round(p95, 3),
             "mean": round(statistics.fmean(ordered), 3), "max": round(ordered[-1], 3)}
 

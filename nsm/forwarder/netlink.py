@@ -87,6 +87,7 @@ from pyroute2.netlink.rtnl import (
     RTM_GETADDR,
     RTM_GETLINK,
     RTM_GETROUTE,
+    RTM_GETRULE,
     RTM_NEWADDR,
     RTM_NEWLINK,
     RTM_NEWNEIGH,
@@ -116,7 +117,7 @@ from nsm.mechanisms import validate_ifname
 
 log = get_logger(__name__)
 
-__all__ = ["MAIN_TABLE", "LinkInfo", "Netlink", "Route", "RouteInfo"]
+__all__ = ["MAIN_TABLE", "LinkInfo", "Netlink", "Route", "RouteInfo", "RuleInfo"]
 
 #: A route for :meth:`Netlink.setup_interface`: (destination prefix, on-link next hop or None).
 Route = tuple[str, str | None]
@@ -175,6 +176,14 @@ class RouteInfo:
     table: int
     scope: int
     onlink: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RuleInfo:
+    family: int  # 4 or 6
+    table: int
+    priority: int
+    iif: str | None
 
 
 @dataclass(eq=False)
@@ -945,6 +954,22 @@ class Netlink:
                                   _REQ_ACK, f"delete rule iif {iif} table {table} in "
                                   f"{_where(h.key)}", ok=(errno.ENOENT, errno.ESRCH))
             return res is not None
+
+    async def rules(self, netns: str | None) -> list[RuleInfo]:
+        """The policy rules of both families."""
+        out: list[RuleInfo] = []
+        async with self._use(netns) as h:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                msg = fibmsg()
+                msg["family"] = family
+                for m in await self._dump(h, msg, RTM_GETRULE, f"list rules in {_where(h.key)}"):
+                    if m.get("event") != "RTM_NEWRULE":
+                        continue
+                    out.append(RuleInfo(family=4 if m["family"] == socket.AF_INET else 6,
+                                        table=m.get("FRA_TABLE") or m["table"],
+                                        priority=m.get("FRA_PRIORITY") or 0,
+                                        iif=m.get("FRA_IIFNAME")))
+        return out
 
     # ------------------------------------------------------------------ L2 (multi-node)
 
