@@ -17,7 +17,9 @@ What gets built (``P`` is the prefix, names are predictable):
   namespace only;
 - processes running *inside* the node namespaces: the registry (on ``registry_node``) on
   ``tcp://<ip>:5000`` and a unix socket; on every node a manager (unix socket and
-  ``tcp://<ip>:5001``) and a forwarder (unix socket); the topology's endpoints;
+  ``tcp://<ip>:5001``, its registry proxy advertising that tcp URL for the node's endpoints) and
+  a forwarder (unix socket); the topology's endpoints. Forwarders and endpoints register through
+  their node's manager (unix socket); managers talk to the registry over the fabric;
 - ``P-<pod>`` per pod and per endpoint (an endpoint's interfaces go into its own pod namespace).
 
 Nothing is created in the root namespace: veth ends are created directly in their namespaces.
@@ -134,7 +136,7 @@ class EndpointSpec:
 
     name: str
     node: str
-    services: tuple[str, ...]
+    services: Sequence[str]
     cidr: str
     labels: tuple[tuple[str, str], ...] = ()
     pod: str = ""
@@ -182,7 +184,7 @@ class ServiceSpec:
 
     name: str
     payload: str = "IP"
-    matches: tuple[MatchSpec, ...] = ()
+    matches: Sequence[MatchSpec] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -200,12 +202,13 @@ class ServiceSpec:
 
 @dataclass(frozen=True)
 class Topology:
-    """A whole cluster, described apart from building it (see :class:`Lab`)."""
+    """A whole cluster, described apart from building it (see :class:`Lab`). Sequences given
+    as lists are stored as tuples (a topology is hashable)."""
 
-    nodes: tuple[NodeSpec, ...]
-    pods: tuple[PodSpec, ...] = ()
-    endpoints: tuple[EndpointSpec, ...] = ()
-    services: tuple[ServiceSpec, ...] = ()
+    nodes: Sequence[NodeSpec]
+    pods: Sequence[PodSpec] = ()
+    endpoints: Sequence[EndpointSpec] = ()
+    services: Sequence[ServiceSpec] = ()
     #: The node running the registry (default: the first node).
     registry_node: str = ""
     #: The underlay subnet; node i (from 1) gets its i-th address.
@@ -410,6 +413,7 @@ class Lab:
         self.pods: dict[str, LabPod] = {}
         self.endpoints: dict[str, LabEndpoint] = {}
         self._state = "new"
+        self._wrote_state = False
         self.build_seconds = 0.0
         self.teardown_seconds = 0.0
         self._log = log.bind(lab=self.prefix)
@@ -593,8 +597,9 @@ class Lab:
             raise FailedPrecondition(f"lab work directory {path} is not empty")
         return path
 
-    async def _create_netns(self, name: str) -> str:
-        path = await asyncio.to_thread(nsns.create_netns, name)
+    def _create_netns(self, name: str) -> str:
+        # Synchronous (about a millisecond): a cancelled thread would leave an unrecorded one.
+        path = nsns.create_netns(name)
         self._namespaces.append(name)
         return path
 
@@ -602,12 +607,12 @@ class Lab:
         t = self.topology
         netlink = Netlink(prune_interval=0)
         try:
-            fabric = await self._create_netns(self.ns_name(FABRIC))
+            fabric = self._create_netns(self.ns_name(FABRIC))
             await netlink.create_bridge(BRIDGE, fabric, mtu=t.mtu)
             await netlink.set_up(fabric, BRIDGE)
             node_ns = self._node_ns
             for n in t.nodes:
-                node_ns[n.name] = await self._create_netns(self.ns_name(n.name))
+                node_ns[n.name] = self._create_netns(self.ns_name(n.name))
 
             async def wire(node: str) -> None:
                 ns = node_ns[node]
@@ -624,11 +629,11 @@ class Lab:
             await asyncio.gather(*(wire(n.name) for n in t.nodes))
             for pod in t.pods:
                 self.pods[pod.name] = LabPod(pod.name, pod.node,
-                                             await self._create_netns(self.ns_name(pod.name)))
+                                             self._create_netns(self.ns_name(pod.name)))
             for ep in t.endpoints:
                 if not ep.pod:
                     self.pods[ep.name] = LabPod(ep.name, ep.node,
-                                                await self._create_netns(self.ns_name(ep.name)))
+                                                self._create_netns(self.ns_name(ep.name)))
         finally:
             await netlink.close()  # its sockets would pin the namespaces
 
@@ -660,15 +665,16 @@ class Lab:
             ], mgr_url, self._node_ns[n.name])
             fwd = self._new_daemon(f"forwarder.{n.name}", [
                 "forwarder", "--name", fwd_name, "--node", n.name, "--listen", fwd_url,
-                "--manager", mgr_url, "--registry", self.registry_tcp_url,
+                "--manager", mgr_url, "--registry", mgr_url,
             ], fwd_url, self._node_ns[n.name])
             self.nodes[n.name] = LabNode(n.name, self._node_ns[n.name], ip, mgr_url, mgr_tcp,
                                          fwd_url, fwd_name, mgr, fwd)
         for ep in t.endpoints:
             url = self._url(ep.node, f"{ep.name}.sock")
             pod = self.pods[ep.pod_name]
+            # Registered through its node's manager, which advertises its own tcp URL for it.
             args = ["nse", "--name", ep.name, "--cidr", ep.cidr, "--netns", pod.netns,
-                    "--listen", url, "--registry", self.registry_tcp_url]
+                    "--listen", url, "--registry", self.nodes[ep.node].manager_url]
             for s in ep.services:
                 args += ["--service", s]
             for k, v in ep.labels:
@@ -759,7 +765,7 @@ class Lab:
         self._namespaces.clear()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        if self.state_file is not None:
+        if self.state_file is not None and self._wrote_state:
             with contextlib.suppress(FileNotFoundError):
                 self.state_file.unlink()
         self.teardown_seconds = time.perf_counter() - t0
@@ -803,6 +809,7 @@ class Lab:
         if self.state_file is None or self._state in ("stopping", "stopped"):
             return
         write_json(self.state_file, self.describe())
+        self._wrote_state = True
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -1008,10 +1015,13 @@ def _topology(args: argparse.Namespace) -> Topology:
 
 def _spawn_supervisor(nsm_args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``nsm <nsm_args>`` in a session of its own, output to ``log_path``. A plain Popen
-    (asyncio's would kill the process when its transport is collected): it outlives us."""
+    (asyncio's would kill the process when its transport is collected): it outlives us. Its
+    environment has no ``NSM_*`` variables: every setting is in ``nsm_args``, and the daemons it
+    starts must not pick up ours (``NSM_SERVICE`` would add a service to every endpoint)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSM_")}
     with open(log_path, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "nsm.cli", *nsm_args],
+        return subprocess.Popen([sys.executable, "-m", "nsm.cli", *nsm_args], env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True)
 
@@ -1033,23 +1043,46 @@ async def _up(args: argparse.Namespace) -> int:
          "--service", args.service, "--log-level", args.log_level, "--timeout", str(args.timeout)],
         log_path)
     t0 = time.monotonic()
+    try:
+        state = await _wait_ready(args, sup, log_path, t0)
+    except BaseException:  # Ctrl-C while waiting: the supervisor tears down what it built
+        _stop_supervisor(sup)
+        raise
+    if state is None:
+        return 1
+    _print_summary(state, state_path(args.prefix, state_dir), time.monotonic() - t0)
+    return 0
+
+
+def _stop_supervisor(sup: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    if sup.poll() is None:
+        sup.terminate()
+        try:
+            sup.wait(timeout)
+        except subprocess.TimeoutExpired:
+            sup.kill()
+            sup.wait()
+
+
+async def _wait_ready(args: argparse.Namespace, sup: subprocess.Popen[bytes], log_path: Path,
+                      t0: float) -> dict[str, Any] | None:
+    """The state once the supervisor reports the lab ready; None (reported, cleaned up) if it
+    failed or took too long."""
+    state_dir = Path(args.state_dir)
     while True:
         state = read_state(args.prefix, state_dir)
         if state and state.get("ready") and state["supervisor"]["pid"] == sup.pid:
-            break
+            return state
         if sup.poll() is not None:
             print(f"nsm lab: building the lab failed (exit {sup.returncode}); its output:\n"
                   f"{_tail(log_path, 40)}", file=sys.stderr)
-            await asyncio.to_thread(cleanup, args.prefix, state_dir=state_dir)
-            return 1
+            return None  # it tore down what it had built
         if time.monotonic() - t0 > args.timeout:
             print(f"nsm lab: the lab is not ready after {args.timeout:.0f}s; tearing down",
                   file=sys.stderr)
-            await asyncio.to_thread(cleanup, args.prefix, state_dir=state_dir)
-            return 1
+            await asyncio.to_thread(_stop_supervisor, sup)
+            return None
         await asyncio.sleep(0.1)
-    _print_summary(state, state_path(args.prefix, state_dir), time.monotonic() - t0)
-    return 0
 
 
 def _print_summary(state: Mapping[str, Any], path: Path, seconds: float) -> None:
@@ -1093,9 +1126,11 @@ async def _up_foreground(args: argparse.Namespace) -> int:
             waiting.cancel()
             print("nsm lab: interrupted while building; torn down", file=sys.stderr, flush=True)
             return 130
-        except NsmError as exc:
+        except Exception as exc:
             waiting.cancel()
-            print(f"nsm lab: {exc.message}", file=sys.stderr, flush=True)
+            text = exc.message if isinstance(exc, NsmError) else f"{type(exc).__name__}: {exc}"
+            print(f"nsm lab: building the lab failed (torn down): {text}", file=sys.stderr,
+                  flush=True)
             return 1
         _print_summary(lab.describe(), state_path(args.prefix, state_dir), lab.build_seconds)
         sys.stdout.flush()

@@ -1,2 +1,2 @@
 """The kernel forwarder: its chain elements and :mod:`nsm.forwarder.netlink`, the only module of
-the product that talks to the kernel (and the only one that imports pyroute2)."""
+the product that talks to the kernel's rtnetlink (and the only one allowed to import pyroute2)."""

@@ -148,6 +148,11 @@ class KernelLocal(Element):
                 self.netlink.setup_interface(e.netns, e.ifname, addresses=list(e.addresses),
                                              routes=list(e.routes), mtu=want.mtu),
             )
+            ready = await asyncio.gather(self.netlink.wait_ready(c.netns, c.ifname),
+                                         self.netlink.wait_ready(e.netns, e.ifname))
+            if not all(ready):
+                ctx.log.warning("link not reported up by the kernel yet", client=c.ifname,
+                                endpoint=e.ifname)
         except BaseException:
             await asyncio.shield(self._delete(want))
             raise

@@ -166,6 +166,11 @@ class LinkInfo:
     master: int | None
     #: Index of the parent/peer link (a veth's peer, in the peer's namespace).
     link: int | None
+    #: RFC 2863 state set by the kernel's linkwatch ("UP", "DOWN", ...); only once it is up
+    #: has the device its real queueing discipline (before, packets are dropped).
+    operstate: str = ""
+    #: VXLAN network identifier, for a VXLAN device.
+    vxlan_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +278,8 @@ def _link_info(msg: Any) -> LinkInfo:
         kind=msg.get(("linkinfo", "kind")),
         master=msg.get("master") or None,
         link=msg.get("link") or None,
+        operstate=str(msg.get("operstate") or ""),
+        vxlan_id=msg.get(("linkinfo", "data", "vxlan_id")),
     )
 
 
@@ -733,6 +740,20 @@ class Netlink:
             res = await self._one(h, msg, RTM_GETLINK, NLM_F_REQUEST,
                                   f"get {name} in {_where(h.key)}", ok=(errno.ENODEV,))
             return _link_info(res[0]) if res else None
+
+    async def wait_ready(self, netns: str | None, name: str, timeout: float = 1.0) -> bool:
+        """Wait until the kernel's linkwatch has brought the link up (operstate UP), so that
+        the first packets are not dropped; False if it did not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            info = await self.link(netns, name)
+            if info is not None and info.operstate in ("UP", "UNKNOWN"):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
 
     async def links(self, netns: str | None) -> list[LinkInfo]:
         async with self._use(netns) as h:

@@ -210,6 +210,13 @@ class _Datapath:
                                      nl.set_up(None, half.vxlan))
             else:
                 await self._route(half, pod_mac, veth_mac)
+            # Answer only once linkwatch has the devices up: earlier packets would be dropped.
+            ready = await asyncio.gather(nl.wait_ready(half.pod_ns, half.pod_if),
+                                         nl.wait_ready(None, half.veth),
+                                         nl.wait_ready(None, half.vxlan))
+            if not all(ready):
+                ctx.log.warning("tunnel devices not reported up by the kernel yet",
+                                pod_if=half.pod_if, vxlan=half.vxlan)
         except BaseException:
             await asyncio.shield(self.remove(half))
             raise

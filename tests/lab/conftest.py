@@ -1,14 +1,17 @@
-"""Fixtures for the emulated-cluster tests: unique lab prefixes per xdist worker, cleanup of
-leftovers of a crashed earlier run, and the daemons' logs printed when a test fails."""
+"""Fixtures for the emulated-cluster tests: lab prefixes unique to each test, cleanup of labs left
+by a test process that died, and the daemons' logs printed when a test fails."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,15 +19,10 @@ import pytest
 from nsm import netns as nsns
 from nsm.lab import Lab, Topology, cleanup
 
-NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
-
-
-def _worker() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER", "main")
-
-
-def _prefix_pattern() -> re.Pattern[str]:
-    return re.compile(rf"^(lt{re.escape(_worker())}x[0-9a-f]{{6}})-")
+#: ``lt<pid>x<hex>-``: the pid of the pytest process that made the lab. Other runs of the suite
+#: may go on at the same time on this machine (with the same xdist worker names): a sweep only
+#: touches labs whose process is gone.
+_PREFIX = re.compile(r"^(lt(\d+)x[0-9a-f]{6})-")
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -36,24 +34,42 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_leftovers() -> Iterator[None]:
-    """Labs of this worker left by a crashed earlier run (before), or by this run (after)."""
+    """Before: labs left by test processes that died (crashed, killed). After: this process's
+    own leftovers (the tests check that there are none)."""
 
-    def sweep() -> None:
-        pattern = _prefix_pattern()
-        for prefix in sorted({m.group(1) for n in nsns.list_netns() if (m := pattern.match(n))}):
+    def sweep(dead_only: bool) -> None:
+        me = os.getpid()
+        prefixes = set()
+        for name in nsns.list_netns():
+            m = _PREFIX.match(name)
+            if m is None:
+                continue
+            pid = int(m.group(2))
+            if (pid != me and not os.path.exists(f"/proc/{pid}")) or (pid == me and not dead_only):
+                prefixes.add(m.group(1))
+        for prefix in sorted(prefixes):
             cleanup(prefix, state_dir=None)
 
     if os.geteuid() == 0:
-        sweep()
+        sweep(dead_only=True)
     yield
     if os.geteuid() == 0:
-        sweep()
+        sweep(dead_only=False)
 
 
 @pytest.fixture
 def prefix() -> str:
-    """A lab prefix unique to this test and worker (``lt<worker>x<hex>``)."""
-    return f"lt{_worker()}x{uuid.uuid4().hex[:6]}"
+    """A lab prefix unique to this test (``lt<pid>x<hex>``)."""
+    return f"lt{os.getpid()}x{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def short_tmp(prefix: str) -> Iterator[Path]:
+    """A fresh directory under /tmp with a short path (unix socket paths are limited to 107
+    bytes), removed after the test."""
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
