@@ -18,6 +18,7 @@ import platform
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -82,6 +83,22 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def code_state() -> dict[str, Any]:
+    """The commit measured and the product/bench files modified on top of it (read-only git)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=5, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    status = git("status", "--porcelain", "--", "nsm", "bench").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "modified": [line[3:] for line in status if len(line) > 3]}
+
+
 def machine() -> dict[str, Any]:
     """Facts about this machine and run, for the JSON document and the docs."""
     load = os.getloadavg()
@@ -95,6 +112,7 @@ def machine() -> dict[str, Any]:
         "pyroute2": _version("pyroute2"),
         "protobuf": _version("protobuf"),
         "loadavg_1m_at_start": round(load[0], 2),
+        "code": code_state(),
         "argv": sys.argv,
     }
 
@@ -216,13 +234,18 @@ class Scratch:
                         lines.append(f"{d.name}: {line[:300]}")
         return {"count": count, "first": lines}
 
-    async def aclose(self) -> None:
-        """Stop the daemons (SIGTERM, then SIGKILL), delete the namespaces, remove the work
-        directory (unless ``keep_logs``). Safe to call twice."""
-        daemons, self.daemons = self.daemons, []
-        for d in reversed(daemons):
+    async def stop_daemons(self) -> None:
+        """Stop the daemons (SIGTERM, then SIGKILL after 5 s), last started first; their logs
+        stay readable until :meth:`aclose`. Idempotent."""
+        for d in reversed(self.daemons):
             with contextlib.suppress(Exception):
                 await asyncio.shield(d.stop())
+
+    async def aclose(self) -> None:
+        """Stop the daemons, delete the namespaces, remove the work directory (unless
+        ``keep_logs``). Safe to call twice."""
+        await self.stop_daemons()
+        self.daemons = []
         names, self.namespaces = self.namespaces, []
         for name in names:
             with contextlib.suppress(Exception):
@@ -282,12 +305,46 @@ class Bar:
 
 @dataclass(frozen=True)
 class Bench:
-    """A registered benchmark: ``run(options) -> result dict``, ``table(result) -> text``."""
+    """A registered benchmark: ``run(options) -> result dict``, ``table(result) -> text``, and
+    ``headline(result) -> {figure: value}``: the few figures compared across repeated runs
+    (best-of and spread); lower is better unless the name ends with ``/s``."""
 
     name: str
     doc: str
     run: Callable[[Options], Awaitable[dict[str, Any]]]
     table: Callable[[dict[str, Any]], str]
+    headline: Callable[[dict[str, Any]], dict[str, float | None]] | None = None
+
+
+def higher_is_better(figure: str) -> bool:
+    """The naming convention of headline figures: rates (``.../s``) are better higher."""
+    return figure.endswith("/s")
+
+
+def spread(runs: Sequence[dict[str, float | None]]) -> dict[str, dict[str, Any]]:
+    """Per headline figure over repeated runs: best, median, worst and every value."""
+    out: dict[str, dict[str, Any]] = {}
+    names = [k for run in runs for k in run]
+    for name in dict.fromkeys(names):
+        values = [v for run in runs if (v := run.get(name)) is not None and not math.isnan(v)]
+        if not values:
+            continue
+        ordered = sorted(values, reverse=higher_is_better(name))
+        out[name] = {"best": ordered[0], "median": round(statistics.median(ordered), 3),
+                     "worst": ordered[-1], "values": values}
+    return out
+
+
+def spread_table(name: str, summary: dict[str, dict[str, Any]]) -> str:
+    """The :func:`spread` of one benchmark as a human table."""
+    runs = max((len(s["values"]) for s in summary.values()), default=0)
+    width = max((len(f) for f in summary), default=10)
+    head = f"{f'{name}: best-of-{runs} and spread':<{width + 2}} {'best':>9} {'median':>9} {'worst':>9}"
+    lines = [head, "-" * len(head)]
+    for figure, s in summary.items():
+        lines.append(f"  {figure:<{width}} {fmt(s['best'], 9)} {fmt(s['median'], 9)} "
+                     f"{fmt(s['worst'], 9)}")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

@@ -22,16 +22,23 @@ does the same kernel work with the same ``n`` and concurrency, and the ratio
 p50(ours) / p50(floor) is compared with the bar (3x). A short **breakdown** then times the
 hops separately over warm channels: an empty gRPC call (health check), a Request straight to
 the NSE, straight to the forwarder (with the next-hop header the manager would send), and
-through the manager.
+through the manager. Last, a **timeline**: a fresh mesh whose daemons timestamp each hop (an
+instrumentation loaded as ``sitecustomize`` into that mesh only, see :data:`_TIMELINE_SITE`)
+splits one Request into its gRPC legs, chains and netlink work.
 
-    python -m bench.local_setup [--n 200] [--concurrency 20] [--quick] [--no-floor] [--json F]
+    python -m bench.local_setup [--n 200] [--concurrency 20] [--quick] [--repeat K]
+                                [--no-floor] [--no-breakdown] [--no-timeline] [--json F]
+
+(``python -m bench.run --only local_setup --set floor=0 ...`` is the same.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -111,16 +118,16 @@ def _ms(t0: float, t1: float) -> float:
     return (t1 - t0) * 1e3
 
 
-async def _start_mesh(scratch: Scratch) -> _Mesh:
+async def _start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> _Mesh:
     nse_ns = scratch.netns("nse")
     reg, mgr, fwd, nse = (scratch.url(n) for n in ("registry", "manager", "forwarder", "nse"))
-    await scratch.daemon("registry", ["registry", "--listen", reg], reg)
+    await scratch.daemon("registry", ["registry", "--listen", reg], reg, env)
     await scratch.daemon("manager", ["manager", "--name", "bench-node", "--listen", mgr,
-                                     "--registry", reg], mgr)
+                                     "--registry", reg], mgr, env)
     await scratch.daemon("forwarder", ["forwarder", "--name", "bench-fwd", "--node", "bench-node",
-                                       "--listen", fwd, "--manager", mgr, "--registry", reg], fwd)
+                                       "--listen", fwd, "--manager", mgr, "--registry", reg], fwd, env)
     await scratch.daemon("nse", ["nse", "--name", "bench-nse", "--service", SERVICE, "--cidr", CIDR,
-                                 "--netns", nse_ns, "--listen", nse, "--registry", reg], nse)
+                                 "--netns", nse_ns, "--listen", nse, "--registry", reg], nse, env)
     pids = {d.name: d.pid for d in scratch.daemons}
     return _Mesh(scratch, reg, mgr, fwd, nse, nse_ns, pids)
 
@@ -336,12 +343,148 @@ async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: _Failures) 
     return out
 
 
+#: Loaded by the daemons of the timeline phase only (``sitecustomize`` on their PYTHONPATH):
+#: records, with the system-wide monotonic clock, when each Request enters and leaves a daemon's
+#: servicer and when its Connect element sends to / hears from the next hop, keyed by the
+#: client's connection id (path segment 0), and dumps them at exit. Product files are not
+#: touched; if the product's names change, the timeline is reported as unavailable.
+_TIMELINE_SITE = """
+import os
+if os.environ.get("NSM_BENCH_TIMELINE_DIR"):
+    try:
+        import atexit, json, sys, time
+        import nsm.elements.connect as _cn
+        import nsm.servicer as _sv
+
+        _events = []
+        _clock = time.perf_counter
+
+        def _key(request):
+            segments = request.connection.path.path_segments
+            return segments[0].id if segments else ""
+
+        _request = _sv.NetworkServiceServicer.Request
+
+        async def _timed_request(self, request, context):
+            key = _key(request)
+            _events.append((key, self.chain.name + ".in", _clock()))
+            try:
+                return await _request(self, request, context)
+            finally:
+                _events.append((key, self.chain.name + ".out", _clock()))
+
+        _sv.NetworkServiceServicer.Request = _timed_request
+        _connect = _cn.Connect.request
+
+        async def _timed_connect(self, ctx, request, next):
+            key = _key(request)
+            _events.append((key, ctx.chain.name + ".send", _clock()))
+            try:
+                return await _connect(self, ctx, request, next)
+            finally:
+                _events.append((key, ctx.chain.name + ".recv", _clock()))
+
+        _cn.Connect.request = _timed_connect
+
+        def _dump():
+            path = os.path.join(os.environ["NSM_BENCH_TIMELINE_DIR"], str(os.getpid()) + ".json")
+            with open(path, "w") as f:
+                json.dump({"argv": sys.argv, "events": _events}, f)
+
+        atexit.register(_dump)
+    except Exception as exc:  # never break a daemon for a measurement
+        print("bench timeline disabled:", repr(exc), file=sys.stderr)
+"""
+
+#: The legs of one Request, in order (``client.*`` are taken in this process).
+_LEGS = [
+    ("client.t0", "manager.in", "gRPC client -> manager (incl. the new channel)"),
+    ("manager.in", "manager.send", "manager chain, before forwarding"),
+    ("manager.send", "forwarder.in", "gRPC manager -> forwarder"),
+    ("forwarder.in", "forwarder.send", "forwarder chain, before the NSE (interface check)"),
+    ("forwarder.send", "endpoint.in", "gRPC forwarder -> NSE"),
+    ("endpoint.in", "endpoint.out", "NSE chain (mechanism, IPAM)"),
+    ("endpoint.out", "forwarder.recv", "gRPC reply NSE -> forwarder"),
+    ("forwarder.recv", "forwarder.out", "forwarder after the NSE (netlink: veth, addresses)"),
+    ("forwarder.out", "manager.recv", "gRPC reply forwarder -> manager"),
+    ("manager.recv", "manager.out", "manager chain, after"),
+    ("manager.out", "client.t1", "gRPC reply manager -> client"),
+]
+
+
+async def _timeline(count: int, failures: _Failures, keep_logs: bool) -> dict[str, Any]:
+    """A fresh mesh whose daemons timestamp each hop (see :data:`_TIMELINE_SITE`); ``count``
+    sequential requests; the p50 of each leg. Its own mesh, so the instrumentation never
+    touches the main measurements."""
+    scratch = Scratch("timeline", keep_logs=keep_logs)
+    nl = Netlink()
+    stamps: list[tuple[str, float, float]] = []
+    try:
+        site = scratch.work / "site"
+        events_dir = scratch.work / "events"
+        site.mkdir()
+        events_dir.mkdir()
+        (site / "sitecustomize.py").write_text(_TIMELINE_SITE)
+        path = os.environ.get("PYTHONPATH")
+        env = {"NSM_BENCH_TIMELINE_DIR": str(events_dir),
+               "PYTHONPATH": f"{site}:{path}" if path else str(site)}
+        namespaces = scratch.netns_many("t", count)
+        mesh = await _start_mesh(scratch, env)
+        await _warmup(mesh, nl, WARMUP, failures)
+        clients = []
+        try:
+            for i, ns in enumerate(namespaces):
+                client = Client(manager_url=mesh.manager_url, service=SERVICE, netns=ns,
+                                ifname=IFNAME, name=f"bench-tl-{i}")
+                clients.append(client)
+                t0 = time.perf_counter()
+                try:
+                    await client.request()
+                except NsmError as exc:
+                    failures.add(f"timeline request {i}", exc)
+                    continue
+                stamps.append((client.conn_id, t0, time.perf_counter()))
+        finally:
+            await asyncio.shield(asyncio.gather(*(c.close() for c in clients)))
+        await scratch.stop_daemons()  # they write their events at exit
+        problems = scratch.log_problems()
+        events: dict[str, dict[str, float]] = {}
+        for f in events_dir.glob("*.json"):
+            for key, what, t in json.loads(f.read_text())["events"]:
+                events.setdefault(key, {})[what] = t
+    finally:
+        await nl.close()
+        await scratch.aclose()
+    legs: dict[str, list[float]] = {name: [] for _, _, name in _LEGS}
+    total: list[float] = []
+    for conn_id, t0, t1 in stamps:
+        e = {**events.get(conn_id, {}), "client.t0": t0, "client.t1": t1}
+        if not all(a in e and b in e for a, b, _ in _LEGS):
+            continue
+        for a, b, name in _LEGS:
+            legs[name].append(_ms(e[a], e[b]))
+        total.append(_ms(t0, t1))
+    if not total:
+        return {"n": count, "error": "no timeline events (instrumentation out of date?)",
+                "daemon_log_problems": problems}
+    p50 = {name: round(statistics.median(v), 3) for name, v in legs.items()}
+    grpc_legs = sum(v for k, v in p50.items() if k.startswith("gRPC"))
+    netlink = p50["forwarder after the NSE (netlink: veth, addresses)"]
+    chains = sum(v for k, v in p50.items() if not k.startswith("gRPC")) - netlink
+    return {"n": len(total), "total_ms": summarize(total), "legs_p50_ms": p50,
+            "groups_p50_ms": {"gRPC (6 one-way legs)": round(grpc_legs, 3),
+                              "netlink programming (forwarder)": round(netlink, 3),
+                              "chains (3 daemons)": round(chains, 3)},
+            "daemon_log_problems": problems}
+
+
 async def run(options: Options) -> dict[str, Any]:
     """The whole benchmark (see the module docstring); one result dict."""
     n = options.n or (QUICK_N if options.quick else DEFAULT_N)
     concurrency = options.concurrency or (QUICK_CONCURRENCY if options.quick else DEFAULT_CONCURRENCY)
     with_floor = options.extra.get("floor", "1") not in ("0", "false", "no")
     with_breakdown = options.extra.get("breakdown", "1") not in ("0", "false", "no")
+    with_timeline = options.extra.get("timeline", "1") not in ("0", "false", "no")
     if os.geteuid() != 0:
         raise PermissionError("local_setup needs root (network namespaces, veth)")
     stale = sweep_stale()
@@ -382,7 +525,13 @@ async def run(options: Options) -> dict[str, Any]:
             count = min(n, BREAKDOWN_N)
             say(f"  breakdown: {count} sequential requests per hop, warm channels")
             result["breakdown"] = await _breakdown(mesh, nl, count, failures)
+        await scratch.stop_daemons()
         result["daemon_log_problems"] = scratch.log_problems()
+        await scratch.aclose()
+        if with_timeline:
+            count = min(n, BREAKDOWN_N)
+            say(f"  timeline: {count} sequential requests, daemons timestamping each hop")
+            result["timeline"] = await _timeline(count, failures, options.keep_logs)
     except BaseException as exc:
         failures.add("benchmark aborted", exc)
         raise
@@ -457,6 +606,15 @@ def table(result: dict[str, Any]) -> str:
             f"Close: NSE {fmt(p.get('nse_close_ms'), 0)}, "
             f"forwarder {fmt(p.get('forwarder_close_ms'), 0)}, "
             f"manager {fmt(p.get('manager_close_ms'), 0)}")
+    tl = result.get("timeline")
+    if tl and "legs_p50_ms" in tl:
+        lines.append(f"timeline of one Request, sequential, p50 per leg (ms; {tl['n']} requests, "
+                     f"total p50 {fmt(tl['total_ms'].get('p50'), 0)}):")
+        for leg, value in tl["legs_p50_ms"].items():
+            lines.append(f"  {leg:<52} {fmt(value, 7, 3)}")
+        lines.append("  = " + ", ".join(f"{k} {fmt(v, 0)}" for k, v in tl["groups_p50_ms"].items()))
+    elif tl:
+        lines.append(f"timeline: {tl.get('error')}")
     if result.get("warmup_ms"):
         lines.append(f"warm-up (first requests, not counted): {result['warmup_ms']} ms")
     for b in result.get("bars", []):
@@ -470,7 +628,28 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-BENCH = Bench(name=NAME, doc=__doc__.split("\n\n")[0], run=run, table=table)
+def headline(result: dict[str, Any]) -> dict[str, float | None]:
+    """The figures compared across repeated runs (see :class:`bench.common.Bench`)."""
+    out: dict[str, float | None] = {}
+    for mode, short in (("sequential", "seq"), ("concurrent", "conc")):
+        ours, floor = result.get(mode), result.get(f"floor_{mode}")
+        r = (result.get("ratios") or {}).get(mode) or {}
+        if ours:
+            out[f"{short} request p50 ms"] = ours["request_ms"].get("p50")
+            out[f"{short} request+verified p50 ms"] = ours["request_verified_ms"].get("p50")
+            out[f"{short} close p50 ms"] = ours["close_ms"].get("p50")
+            out[f"{short} setups/s"] = ours["setups_per_s"]
+        if floor:
+            out[f"{short} floor setup p50 ms"] = floor["setup_ms"]["p50"]
+            out[f"{short} floor setups/s"] = floor["setups_per_s"]
+        if r:
+            out[f"{short} ratio request p50 (bar {BAR:g})"] = r.get("request_p50")
+    for group, value in ((result.get("timeline") or {}).get("groups_p50_ms") or {}).items():
+        out[f"timeline {group} ms"] = value
+    return out
+
+
+BENCH = Bench(name=NAME, doc=__doc__.split("\n\n")[0], run=run, table=table, headline=headline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,15 +660,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"n={QUICK_N}, concurrency={QUICK_CONCURRENCY}")
     parser.add_argument("--no-floor", action="store_true", help="skip the raw netlink floor")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-hop breakdown")
+    parser.add_argument("--no-timeline", action="store_true", help="skip the per-leg timeline")
     parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs")
     parser.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+    parser.add_argument("--repeat", type=int, default=1, metavar="K", help="runs (best-of, spread)")
     args = parser.parse_args(argv)
-    extra = {"floor": "0" if args.no_floor else "1", "breakdown": "0" if args.no_breakdown else "1"}
+    extra = {"floor": "0" if args.no_floor else "1", "breakdown": "0" if args.no_breakdown else "1",
+             "timeline": "0" if args.no_timeline else "1"}
     options = Options(quick=args.quick, n=args.n, concurrency=args.concurrency,
                       keep_logs=args.keep_logs, extra=extra)
     from bench.run import run_benches  # the same signal handling and output as bench.run
 
-    return run_benches([BENCH], options, json_path=args.json)
+    return run_benches([BENCH], options, json_path=args.json, repeat=max(1, args.repeat))
 
 
 if __name__ == "__main__":

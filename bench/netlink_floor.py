@@ -1,8 +1,8 @@
 """The floor for the kernel work of one local connection, through :mod:`nsm.forwarder.netlink`.
 
 One connection = what the forwarder does for a KERNEL/LOCAL connection: a veth with one end in the
-client's namespace and one in the endpoint's (created directly there, with aliases and MTU), then
-on each end MTU + up + a /32 address + a /32 route to the other side; later the veth is deleted.
+client's namespace and one in the endpoint's (created directly there, with MTU), then
+on each end MTU + alias + up + a /32 address + a /32 route to the other side; later the veth is deleted.
 Every connection has its own client namespace (a pod) and all share one endpoint namespace; the
 namespaces exist before the clock starts (making and destroying them is not the forwarder's work),
 but their netlink sockets are opened inside the timed part, as the forwarder must for a new pod.
@@ -62,13 +62,14 @@ async def measure_floor(n: int, concurrency: int) -> dict[str, Any]:
             nse_ip, nsc_ip = net[2 * i + 1], net[2 * i + 2]
             async with sem:
                 t0 = time.perf_counter()
-                await nl.create_veth("nsm-1", clients[i], f"nse-{i}", nse, mtu=1500,
-                                     alias=f"client-{i}", peer_alias=f"server-{i}")
+                await nl.create_veth("nsm-1", clients[i], f"nse-{i}", nse, mtu=1500)
                 await asyncio.gather(
                     nl.setup_interface(clients[i], "nsm-1", addresses=[f"{nsc_ip}/32"],
-                                       routes=[(f"{nse_ip}/32", None)], mtu=1500),
+                                       routes=[(f"{nse_ip}/32", None)], mtu=1500,
+                                       alias=f"client-{i}"),
                     nl.setup_interface(nse, f"nse-{i}", addresses=[f"{nse_ip}/32"],
-                                       routes=[(f"{nsc_ip}/32", None)], mtu=1500))
+                                       routes=[(f"{nsc_ip}/32", None)], mtu=1500,
+                                       alias=f"server-{i}"))
                 setup_ms.append((time.perf_counter() - t0) * 1e3)
 
         async def delete(i: int) -> None:

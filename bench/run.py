@@ -1,13 +1,19 @@
 """Run the benchmarks: one JSON document on stdout, human tables and progress on stderr.
 
-    python -m bench.run [--quick] [--json out.json] [--only NAME ...] [--n N] [--concurrency C]
-                        [--set key=value ...] [--keep-logs] [--strict] [--list]
+    python -m bench.run [--quick] [--json out.json] [--repeat K] [--only NAME ...] [--n N]
+                        [--concurrency C] [--set key=value ...] [--keep-logs] [--strict] [--list]
 
 ``./dev bench`` runs ``python -m bench.run``. ``--quick`` uses small sizes (CI smoke).
-Exit status: 0 when every benchmark ran with zero failures; 1 when one failed or had failures;
-3 with ``--strict`` when a bar was missed; 130 when interrupted (everything is cleaned up).
+``--repeat K`` runs each benchmark K times (fresh daemons each time) and adds best-of/median/worst
+of its headline figures: the machine is shared, so one run is one sample of the noise.
 
-To add a benchmark: a module with ``BENCH = Bench(name, doc, run, table)`` (see
+The document: ``{"machine", "quick", "repeat", "results": {name: [one result per run]},
+"summary": {name: {figure: {best, median, worst, values}}}, "failures", "bars"}``.
+
+Exit status: 0 when every run had zero failures; 1 when a run failed or had failures; 3 with
+``--strict`` when a bar was missed in every run; 130 when interrupted (all cleaned up first).
+
+To add a benchmark: a module with ``BENCH = Bench(name, doc, run, table, headline)`` (see
 :mod:`bench.common`), listed in :data:`BENCHES`.
 """
 
@@ -23,42 +29,57 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import local_setup
-from bench.common import Bench, Options, machine, say, sigterm_cancels
+from bench.common import Bench, Options, machine, say, sigterm_cancels, spread, spread_table
 
 #: Every benchmark, in the order they run.
 BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH,)}
 
 
-async def _run_all(benches: Sequence[Bench], options: Options) -> dict[str, Any]:
+async def _run_all(benches: Sequence[Bench], options: Options, repeat: int) -> dict[str, Any]:
     task = asyncio.current_task()
     assert task is not None
-    doc: dict[str, Any] = {"machine": machine(), "quick": options.quick, "results": {}}
+    doc: dict[str, Any] = {"machine": machine(), "quick": options.quick, "repeat": repeat,
+                           "results": {}, "summary": {}}
     with sigterm_cancels(task):
         for bench in benches:
-            say(f"== {bench.name}: {bench.doc}")
-            try:
-                result = await bench.run(options)
-            except Exception as exc:
-                traceback.print_exc(file=sys.stderr)
-                result = {"name": bench.name, "failures": 1, "error": repr(exc), "bars": []}
-            doc["results"][bench.name] = result
-            say(bench.table(result) if "error" not in result else f"{bench.name}: {result['error']}")
-            say()
-    failures = sum(int(r.get("failures") or 0) for r in doc["results"].values())
-    bars = [b for r in doc["results"].values() for b in r.get("bars", [])]
-    doc["failures"] = failures
-    doc["bars_missed"] = [b["name"] for b in bars if not b["ok"]]
+            runs: list[dict[str, Any]] = doc["results"].setdefault(bench.name, [])
+            for i in range(repeat):
+                say(f"== {bench.name} (run {i + 1}/{repeat}): {bench.doc}")
+                try:
+                    result = await bench.run(options)
+                except Exception as exc:
+                    traceback.print_exc(file=sys.stderr)
+                    result = {"name": bench.name, "failures": 1, "error": repr(exc), "bars": []}
+                runs.append(result)
+                say(bench.table(result) if "error" not in result
+                    else f"{bench.name}: {result['error']}")
+                say()
+            if bench.headline is not None and repeat > 1:
+                ok_runs = [r for r in runs if "error" not in r]
+                doc["summary"][bench.name] = spread([bench.headline(r) for r in ok_runs])
+                say(spread_table(bench.name, doc["summary"][bench.name]))
+                say()
+    results = [r for runs in doc["results"].values() for r in runs]
+    doc["failures"] = sum(int(r.get("failures") or 0) for r in results)
+    bars: dict[str, dict[str, Any]] = {}
+    for r in results:
+        for b in r.get("bars", []):
+            entry = bars.setdefault(f"{r['name']}: {b['name']}",
+                                    {"limit": b["limit"], "values": [], "met": 0})
+            entry["values"].append(b["value"])
+            entry["met"] += int(bool(b["ok"]))
+    doc["bars"] = bars
     return doc
 
 
 def run_benches(benches: Sequence[Bench], options: Options, *, json_path: str | None = None,
-                strict: bool = False) -> int:
+                strict: bool = False, repeat: int = 1) -> int:
     """Run ``benches``, print the JSON document (stdout) and tables (stderr); exit status."""
     if os.geteuid() != 0:
         say("bench: needs root (network namespaces, veth)")
         return 2
     try:
-        doc = asyncio.run(_run_all(benches, options))
+        doc = asyncio.run(_run_all(benches, options, repeat))
     except (KeyboardInterrupt, asyncio.CancelledError):
         say("bench: interrupted; everything it created was removed")
         return 130
@@ -68,13 +89,15 @@ def run_benches(benches: Sequence[Bench], options: Options, *, json_path: str | 
         with open(json_path, "w") as f:
             f.write(text + "\n")
         say(f"JSON written to {json_path}")
+    for name, bar in doc["bars"].items():
+        values = ", ".join("-" if v is None else f"{v:g}" for v in bar["values"])
+        say(f"bar {name} <= {bar['limit']:g}: met in {bar['met']} of {len(bar['values'])} "
+            f"run(s) ({values})")
     if doc["failures"]:
         say(f"bench: {doc['failures']} failures")
         return 1
-    if doc["bars_missed"]:
-        say(f"bench: bars missed: {', '.join(doc['bars_missed'])}")
-        if strict:
-            return 3
+    if strict and any(bar["met"] == 0 for bar in doc["bars"].values()):
+        return 3
     return 0
 
 
@@ -89,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a CI smoke run")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON document to FILE")
+    parser.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="run each benchmark K times; report best-of and spread")
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
     parser.add_argument("--n", type=int, help="connections per phase (each bench's default)")
     parser.add_argument("--concurrency", type=int, help="in flight in concurrent phases")
@@ -97,20 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds of pause between phases (default 1)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs")
-    parser.add_argument("--strict", action="store_true", help="exit 3 when a bar is missed")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 3 when a bar is missed in every run")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
     if args.list:
         for bench in BENCHES.values():
             print(f"{bench.name:16} {bench.doc}")
         return 0
-    for value, what in ((args.n, "--n"), (args.concurrency, "--concurrency")):
+    for value, what in ((args.n, "--n"), (args.concurrency, "--concurrency"),
+                        (args.repeat, "--repeat")):
         if value is not None and value < 1:
             parser.error(f"{what} must be positive")
     options = Options(quick=args.quick, n=args.n, concurrency=args.concurrency,
                       keep_logs=args.keep_logs, settle=args.settle, extra=dict(args.extra))
     chosen = [BENCHES[name] for name in (args.only or BENCHES)]
-    return run_benches(chosen, options, json_path=args.json, strict=args.strict)
+    return run_benches(chosen, options, json_path=args.json, strict=args.strict,
+                       repeat=args.repeat)
 
 
 if __name__ == "__main__":

@@ -131,9 +131,7 @@ class KernelLocal(Element):
     async def _program(self, ctx: Ctx, want: _Programmed) -> None:
         c, e = want.client, want.endpoint
         try:
-            await self.netlink.create_veth(
-                c.ifname, c.netns, e.ifname, e.netns, mtu=want.mtu,
-                alias=alias_for("client", ctx.conn_id), peer_alias=alias_for("server", ctx.conn_id))
+            await self.netlink.create_veth(c.ifname, c.netns, e.ifname, e.netns, mtu=want.mtu)
         except AlreadyExists:
             # Ours from before a restart (same aliases on both ends): adopt it.
             mine = await self.netlink.link(c.netns, c.ifname)
@@ -144,9 +142,11 @@ class KernelLocal(Element):
         try:
             await asyncio.gather(
                 self.netlink.setup_interface(c.netns, c.ifname, addresses=list(c.addresses),
-                                             routes=list(c.routes), mtu=want.mtu),
+                                             routes=list(c.routes), mtu=want.mtu,
+                                             alias=alias_for("client", ctx.conn_id)),
                 self.netlink.setup_interface(e.netns, e.ifname, addresses=list(e.addresses),
-                                             routes=list(e.routes), mtu=want.mtu),
+                                             routes=list(e.routes), mtu=want.mtu,
+                                             alias=alias_for("server", ctx.conn_id)),
             )
             ready = await asyncio.gather(self.netlink.wait_ready(c.netns, c.ifname),
                                          self.netlink.wait_ready(e.netns, e.ifname))

@@ -127,6 +127,8 @@ MAIN_TABLE = 254
 _SOL_NETLINK = 270
 _NETLINK_EXT_ACK = 11
 _SIOCGIFINDEX = 0x8933
+_SIOCGIFFLAGS = 0x8913
+_IFF_RUNNING = 0x40  # set by the kernel exactly when operstate is UP or UNKNOWN
 _IFF_UP = 0x1
 _IFF_LOWER_UP = 0x10000
 _IFA_F_NODAD = 0x02
@@ -284,7 +286,7 @@ def _link_info(msg: Any) -> LinkInfo:
 
 
 def _link_msg(index: int = 0, name: str | None = None, *, up: bool | None = None,
-              mtu: int | None = None) -> Any:
+              mtu: int | None = None, alias: str | None = None) -> Any:
     msg = ifinfmsg()
     msg["index"] = index
     if up is not None:
@@ -295,6 +297,8 @@ def _link_msg(index: int = 0, name: str | None = None, *, up: bool | None = None
         attrs.append(("IFLA_IFNAME", name))
     if mtu is not None:
         attrs.append(("IFLA_MTU", mtu))
+    if alias is not None:
+        attrs.append(("IFLA_IFALIAS", alias))
     msg["attrs"] = attrs
     return msg
 
@@ -623,6 +627,16 @@ class Netlink:
                 return None
             raise Internal(f"cannot look up interface {name} in {_where(h.key)}: {exc}") from exc
 
+    @staticmethod
+    def _flags(h: _Handle, name: str) -> int | None:
+        try:
+            req = struct.pack("16sH14x", name.encode(), 0)
+            return int(struct.unpack_from("16sH", fcntl.ioctl(h.nl_fd, _SIOCGIFFLAGS, req))[1])
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise Internal(f"cannot read flags of {name} in {_where(h.key)}: {exc}") from exc
+
     def _need_index(self, h: _Handle, name: str) -> int:
         idx = self._index(h, validate_ifname(name))
         if idx is None:
@@ -735,6 +749,8 @@ class Netlink:
         """The link, or None if there is no such interface (NotFound if no such namespace)."""
         validate_ifname(name)
         async with self._use(netns) as h:
+            if self._index(h, name) is None:  # an ioctl: no round trip for a missing link
+                return None
             msg = _link_msg(name=name)
             msg["attrs"].append(("IFLA_EXT_MASK", _RTEXT_FILTER_SKIP_STATS))
             res = await self._one(h, msg, RTM_GETLINK, NLM_F_REQUEST,
@@ -742,13 +758,16 @@ class Netlink:
             return _link_info(res[0]) if res else None
 
     async def wait_ready(self, netns: str | None, name: str, timeout: float = 1.0) -> bool:
-        """Wait until the kernel's linkwatch has brought the link up (operstate UP), so that
-        the first packets are not dropped; False if it did not within ``timeout``."""
+        """Wait until the kernel's linkwatch has brought the link up (IFF_RUNNING: operstate UP
+        or UNKNOWN), so that the first packets are not dropped by the not-yet-attached queueing
+        discipline; False if it did not within ``timeout``. An ioctl, no netlink round trip."""
+        validate_ifname(name)
         deadline = time.monotonic() + timeout
         delay = 0.0005
         while True:
-            info = await self.link(netns, name)
-            if info is not None and info.operstate in ("UP", "UNKNOWN"):
+            async with self._use(netns) as h:
+                flags = self._flags(h, name)
+            if flags is not None and flags & _IFF_RUNNING:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -919,9 +938,10 @@ class Netlink:
     # ------------------------------------------------------------------ one interface at once
 
     async def setup_interface(self, netns: str | None, name: str, *, addresses: Sequence[str],
-                              routes: Sequence[Route], mtu: int | None, up: bool = True) -> None:
-        """Set MTU and up, add ``addresses`` and ``routes`` ((prefix, on-link next hop or None))
-        on one interface, in one datagram to the kernel. Idempotent (replace semantics)."""
+                              routes: Sequence[Route], mtu: int | None, up: bool = True,
+                              alias: str | None = None) -> None:
+        """Set MTU, alias and up, add ``addresses`` and ``routes`` ((prefix, on-link next hop or
+        None)) on one interface, in one datagram to the kernel. Idempotent (replace semantics)."""
         ifaces = [_interface(a) for a in addresses]
         nets = [(_network(dst), nh) for dst, nh in routes]
         if mtu is not None:
@@ -929,9 +949,9 @@ class Netlink:
         async with self._use(netns) as h:
             idx = self._need_index(h, name)
             items: list[tuple[Any, int, int]] = []
-            if mtu is not None or up:
-                items.append((_link_msg(idx, up=True if up else None, mtu=mtu), RTM_NEWLINK,
-                              _REQ_ACK))
+            if mtu is not None or up or alias is not None:
+                items.append((_link_msg(idx, up=True if up else None, mtu=mtu, alias=alias),
+                              RTM_NEWLINK, _REQ_ACK))
             items += [(_addr_msg(idx, i), RTM_NEWADDR, _REPLACE) for i in ifaces]
             items += [(_route_msg(dst, idx, nh, nh is not None, None), RTM_NEWROUTE, _REPLACE)
                       for dst, nh in nets]
