@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -57,52 +59,41 @@ class RegistryCache:
         self._tasks = []
 
     async def _watch_ns(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                stream = self._ns_stub.Find(NetworkServiceQuery(network_service=NetworkService(),
-                                                                watch=True))
-                self._ns_live = False
-                async for resp in stream:
-                    ns = resp.network_service
-                    if resp.deleted:
-                        self._ns.pop(ns.name, None)
-                    else:
-                        self._ns[ns.name] = ns
-                    self._ns_live = True
-                    backoff = 0.1
-                    self.changed.set()
-                    self.changed.clear()
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError as exc:
-                log.warning("registry watch (services) broke; retrying", code=exc.code().name)
-            self._ns_live = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+        await self._watch(
+            "services",
+            lambda: self._ns_stub.Find(NetworkServiceQuery(network_service=NetworkService(),
+                                                           watch=True)),
+            lambda resp: resp.network_service, self._ns, "_ns_live")
 
     async def _watch_nse(self) -> None:
+        await self._watch(
+            "endpoints",
+            lambda: self._nse_stub.Find(NetworkServiceEndpointQuery(
+                network_service_endpoint=NetworkServiceEndpoint(), watch=True)),
+            lambda resp: resp.network_service_endpoint, self._nse, "_nse_live")
+
+    async def _watch(self, what: str, open_stream: Callable[[], Any],
+                     record_of: Callable[[Any], Any], view: dict[str, Any], live_attr: str) -> None:
+        """Keep ``view`` in step with a Find(watch=true) stream, reconnecting with backoff."""
         backoff = 0.1
         while True:
             try:
-                stream = self._nse_stub.Find(NetworkServiceEndpointQuery(
-                    network_service_endpoint=NetworkServiceEndpoint(), watch=True))
-                self._nse_live = False
-                async for resp in stream:
-                    nse = resp.network_service_endpoint
+                setattr(self, live_attr, False)
+                async for resp in open_stream():
+                    record = record_of(resp)
                     if resp.deleted:
-                        self._nse.pop(nse.name, None)
+                        view.pop(record.name, None)
                     else:
-                        self._nse[nse.name] = nse
-                    self._nse_live = True
+                        view[record.name] = record
+                    setattr(self, live_attr, True)
                     backoff = 0.1
                     self.changed.set()
                     self.changed.clear()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
-                log.warning("registry watch (endpoints) broke; retrying", code=exc.code().name)
-            self._nse_live = False
+                log.warning(f"registry watch ({what}) broke; retrying", code=exc.code().name)
+            setattr(self, live_attr, False)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
