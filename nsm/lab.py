@@ -624,7 +624,9 @@ class Lab:
                 await netlink.setup_interface(
                     ns, NODE_IFNAME, addresses=[f"{t.node_ip(node)}/{t.prefixlen}"], routes=[],
                     mtu=t.mtu)
+                # A node routes its pods' traffic (routed VXLAN payloads), both families.
                 await netlink.set_sysctl_in_netns(ns, "net.ipv4.ip_forward", 1)
+                await netlink.set_sysctl_in_netns(ns, "net.ipv6.conf.all.forwarding", 1)
 
             await asyncio.gather(*(wire(n.name) for n in t.nodes))
             for pod in t.pods:

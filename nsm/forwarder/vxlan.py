@@ -59,6 +59,7 @@ VNI_CONFLICT = "VNI conflict"
 RULE_PRIORITY = 1000
 GATEWAY_V4 = "169.254.0.1"
 GATEWAY_V6 = "fe80::1"
+FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 
 
 def is_vxlan(m: Mechanism | None) -> bool:
@@ -226,6 +227,12 @@ class _Datapath:
         assert half.table is not None
         await asyncio.gather(nl.set_up(None, half.veth), nl.set_up(None, half.vxlan))
         families = {ipaddress.ip_interface(a).version for a in (*half.pod_addrs, *half.peer_addrs)}
+        for version in sorted(families):
+            # Without forwarding the kernel drops routed packets silently: refuse instead.
+            key = FORWARDING_SYSCTL[version]
+            if await nl.sysctl_in_netns(None, key) == "0":
+                raise FailedPrecondition(f"IPv{version} forwarding is disabled on this node ({key}=0);"
+                                         " routed IP payloads need it")
         for addr in half.pod_addrs:
             ip = _ip_of(addr)
             bits = 32 if ipaddress.ip_address(ip).version == 4 else 128
