@@ -28,11 +28,12 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from bench import local_setup
+from bench import local_setup, remote_scale, remote_setup, throughput
 from bench.common import Bench, Options, machine, say, sigterm_cancels, spread, spread_table
 
 #: Every benchmark, in the order they run.
-BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH,)}
+BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH, remote_setup.BENCH,
+                                                  throughput.BENCH, remote_scale.BENCH)}
 
 
 async def _run_all(benches: Sequence[Bench], options: Options, repeat: int) -> dict[str, Any]:
@@ -65,7 +66,8 @@ async def _run_all(benches: Sequence[Bench], options: Options, repeat: int) -> d
     for r in results:
         for b in r.get("bars", []):
             entry = bars.setdefault(f"{r['name']}: {b['name']}",
-                                    {"limit": b["limit"], "values": [], "met": 0})
+                                    {"limit": b["limit"], "op": b.get("op", "<="), "values": [],
+                                     "met": 0})
             entry["values"].append(b["value"])
             entry["met"] += int(bool(b["ok"]))
     doc["bars"] = bars
@@ -91,7 +93,7 @@ def run_benches(benches: Sequence[Bench], options: Options, *, json_path: str | 
         say(f"JSON written to {json_path}")
     for name, bar in doc["bars"].items():
         values = ", ".join("-" if v is None else f"{v:g}" for v in bar["values"])
-        say(f"bar {name} <= {bar['limit']:g}: met in {bar['met']} of {len(bar['values'])} "
+        say(f"bar {name} {bar['op']} {bar['limit']:g}: met in {bar['met']} of {len(bar['values'])} "
             f"run(s) ({values})")
     if doc["failures"]:
         say(f"bench: {doc['failures']} failures")

@@ -1,0 +1,373 @@
+"""Many cross-node connections at once: 500 set up 20 at a time across two nodes, with the total
+time, the failures, the kernel state and the memory of every daemon before, at the peak and after.
+
+The cluster is the demo's (:class:`nsm.lab.Lab`, real daemons): two nodes, each with a manager
+and a forwarder (the registry on node1) and an endpoint (NSE) of its own. Half of the client pods
+live on node1 and request the service of node2's endpoint; the other half live on node2 and
+request node1's, so both forwarders build client halves and server halves at the same time. Every
+client is a new SDK ``Client`` in its own pod namespace (created with the lab, not timed), sending
+its Request to its own node's manager: a 6-segment path, veth + VXLAN + policy table on each node.
+
+Phases:
+
+1. warm-up (2 connections each way, not counted), then memory "before";
+2. ``n`` connections, ``concurrency`` in flight: each Request must return, and the client's
+   interface must be up with the tunnel MTU and its address (checked after, not timed);
+3. at the peak (all ``n`` open): memory of every daemon, our links and rules on each node, the
+   connections each manager monitors, and a ping through a sample of the connections;
+4. close them all the same way; the interface must be gone; memory "after"; nothing of ours
+   may be left on either node.
+
+Reported: the wall time of the setup and close phases, setups/s, per-connection latencies
+(p50/p95/max), failures (any Request, check, ping or Close that went wrong: the target is zero)
+and VmRSS/VmHWM of each daemon with the growth per open connection.
+
+    python -m bench.remote_scale [--quick] [--n 500] [--concurrency 20] [--sample 20] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from bench.common import Bench, CpuMeter, Options, fmt, machine, say, summarize
+from bench.remote_floor import sweep
+from bench.remote_setup import (
+    IFNAME,
+    CheckFailed,
+    Failures,
+    daemon_pids,
+    for_each,
+    lab_prefix,
+    leftovers,
+    log_problems,
+    memory,
+    ms,
+    verify_up,
+)
+from nsm.api.connection_pb2 import Connection, MonitorScopeSelector
+from nsm.api.connection_pb2_grpc import MonitorConnectionStub
+from nsm.client.sdk import Client
+from nsm.errors import NotFound, Unavailable
+from nsm.forwarder.netlink import Netlink
+from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
+from nsm.ping import ping
+from nsm.transport import dial
+
+NAME = "remote_scale"
+DEFAULT_N, QUICK_N = 500, 40
+DEFAULT_CONCURRENCY, QUICK_CONCURRENCY = 20, 10
+DEFAULT_SAMPLE, QUICK_SAMPLE = 20, 5
+WARMUP = 2
+#: Node → (its endpoint, the service it offers, that endpoint's CIDR).
+ENDPOINTS = {"node1": ("sc-nse1", "scale-1", "172.22.0.0/16"),
+             "node2": ("sc-nse2", "scale-2", "172.23.0.0/16")}
+#: Clients on one node request the other node's service.
+OTHER = {"node1": "node2", "node2": "node1"}
+
+
+def topology(n: int, warm: int = WARMUP) -> Topology:
+    pods = []
+    for node in ("node1", "node2"):
+        pods += [PodSpec(f"w{node[-1]}x{i}", node) for i in range(warm)]
+    for i in range(n):
+        node = "node1" if i % 2 == 0 else "node2"
+        pods.append(PodSpec(f"p{i}", node))
+    return Topology(
+        nodes=(NodeSpec("node1"), NodeSpec("node2")),
+        pods=tuple(pods),
+        endpoints=tuple(EndpointSpec(name, node, (svc,), cidr)
+                        for node, (name, svc, cidr) in ENDPOINTS.items()),
+        services=tuple(ServiceSpec(svc, payload="IP") for _, svc, _ in ENDPOINTS.values()),
+    )
+
+
+def _client(lab: Lab, pod: str, name: str) -> Client:
+    p = lab.pod(pod)
+    service = ENDPOINTS[OTHER[p.node]][1]
+    return Client(manager_url=lab.node(p.node).manager_url, service=service, netns=p.netns,
+                  ifname=IFNAME, name=name)
+
+
+async def warmup(lab: Lab, nl: Netlink, failures: Failures) -> list[float]:
+    """One connection at a time from each warm-up pod (channels connect, caches fill); the first
+    of each node waits (up to 20 s) until the other node's endpoint is known there."""
+    out = []
+    for node in ("node1", "node2"):
+        for i in range(WARMUP):
+            pod = f"w{node[-1]}x{i}"
+            deadline = time.monotonic() + 20.0
+            while True:
+                client = _client(lab, pod, f"scale-warm-{node}-{i}")
+                t0 = time.perf_counter()
+                try:
+                    conn = await client.request()
+                except (NotFound, Unavailable) as exc:
+                    await client.close()
+                    if time.monotonic() > deadline:
+                        failures.add(f"warm-up {pod}", exc)
+                        raise
+                    await asyncio.sleep(0.1)
+                    continue
+                out.append(round(ms(t0, time.perf_counter()), 2))
+                try:
+                    await verify_up(nl, lab.pod(pod).netns, conn)
+                finally:
+                    await client.close(raise_errors=True)
+                    nl.forget(lab.pod(pod).netns)
+                break
+    return out
+
+
+async def monitored(lab: Lab) -> dict[str, int]:
+    """How many connections each manager's MonitorConnections reports right now."""
+    out: dict[str, int] = {}
+    for name, node in lab.nodes.items():
+        channel = dial(node.manager_url)
+        try:
+            stream = MonitorConnectionStub(channel).MonitorConnections(MonitorScopeSelector(),
+                                                                       timeout=10)
+            try:
+                first = await stream.read()
+            finally:
+                stream.cancel()
+            out[name] = -1 if first is grpc.aio.EOF else len(first.connections)
+        finally:
+            await channel.close()
+    return out
+
+
+async def ping_sample(lab: Lab, pods: Sequence[str], conns: dict[str, Connection],
+                      failures: Failures) -> dict[str, Any]:
+    """2 echo requests through each sampled connection, from the client pod to its endpoint."""
+    ok, rtts = 0, []
+    for pod in pods:
+        dst = conns[pod].context.ip_context.dst_ip_addrs[0].split("/")[0]
+        result = await asyncio.to_thread(ping, lab.pod(pod).netns, dst, count=2, timeout=1.0)
+        if result.received == result.sent:
+            ok += 1
+            rtts += result.rtts_ms
+        else:
+            failures.add(f"ping {pod} -> {dst}",
+                         CheckFailed(f"{result.received}/{result.sent} replies {result.errors}"))
+    return {"pinged": len(pods), "ok": ok, "rtt_ms": summarize(rtts)}
+
+
+async def run(quick: bool = False, *, n: int | None = None, concurrency: int | None = None,
+              sample: int | None = None, settle: float = 1.0) -> dict[str, Any]:
+    """The whole benchmark (see the module docstring); one JSON-able dict."""
+    n = n or (QUICK_N if quick else DEFAULT_N)
+    concurrency = concurrency or (QUICK_CONCURRENCY if quick else DEFAULT_CONCURRENCY)
+    sample = min(n, sample or (QUICK_SAMPLE if quick else DEFAULT_SAMPLE))
+    if os.geteuid() != 0:
+        raise PermissionError("remote_scale needs root (network namespaces, veth, vxlan)")
+    stale = sweep()
+    if stale:
+        say(f"removed {len(stale)} namespaces left by a killed benchmark")
+    failures = Failures()
+    result: dict[str, Any] = {"name": NAME, "n": n, "concurrency": concurrency, "sample": sample,
+                              "machine": machine(), "bars": []}
+    started = time.perf_counter()
+    nl = Netlink()
+    clients: dict[str, Client] = {}
+    try:
+        lab = Lab(topology(n), prefix=lab_prefix(), start_timeout=60.0)
+        async with lab:
+            say(f"remote_scale: lab with {n + 2 * WARMUP} client pods up in "
+                f"{lab.build_seconds:.1f} s")
+            pids = daemon_pids(lab)
+            result["pids"] = pids
+            result["warmup_ms"] = await warmup(lab, nl, failures)
+            await asyncio.sleep(settle)
+            result["memory_before_kb"] = memory(lab)
+            pods = [f"p{i}" for i in range(n)]
+            conns: dict[str, Connection] = {}
+            request_ms: list[float] = []
+            close_ms: list[float] = []
+            cpu = CpuMeter({**pids, "bench (client SDK + checks)": None})
+
+            async def setup(i: int) -> None:
+                pod = pods[i]
+                client = clients[pod] = _client(lab, pod, f"scale-nsc-{i}")
+                t0 = time.perf_counter()
+                try:
+                    conn = await client.request()
+                except Exception as exc:
+                    failures.add(f"request {pod}", exc)
+                    return
+                request_ms.append(ms(t0, time.perf_counter()))
+                try:
+                    await verify_up(nl, lab.pod(pod).netns, conn)
+                except Exception as exc:
+                    failures.add(f"verify {pod}", exc)
+                    return
+                conns[pod] = conn
+
+            async def close(i: int) -> None:
+                pod = pods[i]
+                client = clients.get(pod)
+                if client is None or client.connection is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    await client.close(raise_errors=True)
+                except Exception as exc:
+                    failures.add(f"close {pod}", exc)
+                    return
+                close_ms.append(ms(t0, time.perf_counter()))
+                try:
+                    if await nl.link(lab.pod(pod).netns, IFNAME) is not None:
+                        raise CheckFailed(f"{IFNAME} is still in pod {pod} after Close")
+                except Exception as exc:
+                    failures.add(f"verify close {pod}", exc)
+                finally:
+                    nl.forget(lab.pod(pod).netns)
+
+            say(f"  {n} cross-node connections (half each way), {concurrency} at a time")
+            cpu.start()
+            setup_wall = await for_each(n, concurrency, setup)
+            cpu_setup = cpu.stop(n)
+            say(f"  set up in {setup_wall:.1f} s ({len(conns)} verified); measuring the peak")
+            peak: dict[str, Any] = {"open": len(conns)}
+            peak["memory_kb"] = memory(lab)
+            peak["nodes"] = await leftovers(nl, lab)
+            peak["monitored"] = await monitored(lab)
+            picked = random.Random(n).sample(sorted(conns), min(sample, len(conns)))
+            peak["ping"] = await ping_sample(lab, picked, conns, failures)
+            result["peak"] = peak
+            for node, state in peak["nodes"].items():  # every connection has a half on each
+                if state.get("nsx") != len(conns):
+                    failures.add(f"peak {node}", CheckFailed(
+                        f"{state.get('nsx')} VXLAN devices for {len(conns)} connections"))
+            say(f"  closing {n}, {concurrency} at a time")
+            cpu.start()
+            close_wall = await for_each(n, concurrency, close)
+            cpu_close = cpu.stop(n)
+            await asyncio.sleep(settle)
+            result["memory_after_kb"] = memory(lab)
+            result["leftovers"] = await leftovers(nl, lab)
+            if any(v for node in result["leftovers"].values() for v in node.values()):
+                failures.add("leftovers", CheckFailed(f"left on the nodes: {result['leftovers']}"))
+            result.update({
+                "request_ms": summarize(request_ms),
+                "close_ms": summarize(close_ms),
+                "setup_wall_s": round(setup_wall, 2),
+                "setups_per_s": round(n / setup_wall, 1),
+                "close_wall_s": round(close_wall, 2),
+                "closes_per_s": round(n / close_wall, 1),
+                "cpu_ms_per_setup": cpu_setup,
+                "cpu_ms_per_close": cpu_close,
+                "verified": len(conns),
+            })
+            result["memory_growth_kb_per_conn"] = {
+                key: (round((peak["memory_kb"][key]["rss_kb"] - before["rss_kb"]) / max(1, len(conns)),
+                            2)
+                      if before.get("rss_kb") and peak["memory_kb"][key].get("rss_kb") else None)
+                for key, before in result["memory_before_kb"].items()}
+            await nl.close()
+            result["daemon_log_problems"] = log_problems(lab)
+    except BaseException as exc:
+        failures.add("benchmark aborted", exc)
+        raise
+    finally:
+        for c in clients.values():  # whatever is still open (failure, Ctrl-C)
+            await asyncio.shield(c.close())
+        await nl.close()
+        result["failures"] = failures.count
+        result["failure_examples"] = failures.first
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+    result["bars"] = [{"name": f"failures among {n} connections", "value": result["failures"],
+                       "limit": 0, "unit": "", "op": "<=", "ok": result["failures"] == 0}]
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result as a human table."""
+    n, c = result.get("n"), result.get("concurrency")
+    lines = [f"remote_scale: {n} cross-node connections (IP over VXLAN, half each way), {c} at a "
+             f"time; {result.get('verified')} verified"]
+    lines.append(f"setup: {result.get('setup_wall_s')} s in all, {result.get('setups_per_s')}/s; "
+                 f"request ms p50 {fmt(result['request_ms'].get('p50'), 0)} "
+                 f"p95 {fmt(result['request_ms'].get('p95'), 0)} "
+                 f"max {fmt(result['request_ms'].get('max'), 0)}")
+    lines.append(f"close: {result.get('close_wall_s')} s in all, {result.get('closes_per_s')}/s; "
+                 f"close ms p50 {fmt(result['close_ms'].get('p50'), 0)} "
+                 f"p95 {fmt(result['close_ms'].get('p95'), 0)} "
+                 f"max {fmt(result['close_ms'].get('max'), 0)}")
+    peak = result.get("peak") or {}
+    lines.append(f"at the peak: {peak.get('open')} open; per node {peak.get('nodes')}; "
+                 f"monitored by the managers {peak.get('monitored')}")
+    p = peak.get("ping") or {}
+    lines.append(f"ping through {p.get('pinged')} sampled connections: {p.get('ok')} ok, rtt p50 "
+                 f"{fmt((p.get('rtt_ms') or {}).get('p50'), 0, 3)} ms")
+    head = f"{'daemon':<18} {'RSS before':>11} {'at peak':>9} {'after':>9} {'peak HWM':>9} {'KiB/conn':>9}"
+    lines += ["memory (KiB):", head, "-" * len(head)]
+    before, after = result.get("memory_before_kb") or {}, result.get("memory_after_kb") or {}
+    at_peak = peak.get("memory_kb") or {}
+    growth = result.get("memory_growth_kb_per_conn") or {}
+    for key in before:
+        lines.append(f"{key:<18} {fmt(before[key].get('rss_kb'), 11, 0)} "
+                     f"{fmt(at_peak.get(key, {}).get('rss_kb'), 9, 0)} "
+                     f"{fmt(after.get(key, {}).get('rss_kb'), 9, 0)} "
+                     f"{fmt(after.get(key, {}).get('hwm_kb'), 9, 0)} {fmt(growth.get(key), 9, 1)}")
+    cpu = ", ".join(f"{k} {v['total']:.2f}" for k, v in (result.get("cpu_ms_per_setup") or {}).items())
+    lines.append(f"CPU ms per setup: {cpu}")
+    lines.append(f"left on the nodes after close: {result.get('leftovers')}")
+    problems = result.get("daemon_log_problems") or {}
+    lines.append(f"failures: {result.get('failures')} (bar: 0); daemon log warnings/errors: "
+                 f"{problems.get('count', '-')}")
+    for text in result.get("failure_examples", []) + problems.get("first", []):
+        lines.append(f"  {text}")
+    return "\n".join(lines)
+
+
+def headline(result: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {
+        "setup wall s": result.get("setup_wall_s"),
+        "setups/s": result.get("setups_per_s"),
+        "request p50 ms": (result.get("request_ms") or {}).get("p50"),
+        "request p95 ms": (result.get("request_ms") or {}).get("p95"),
+        "close wall s": result.get("close_wall_s"),
+        "failures": result.get("failures"),
+    }
+    for key, v in (result.get("memory_growth_kb_per_conn") or {}).items():
+        out[f"{key} KiB/conn"] = v
+    return out
+
+
+async def run_options(options: Options) -> dict[str, Any]:
+    """:func:`run` for ``bench.run`` (``--set sample=K`` pings K connections at the peak)."""
+    sample = options.extra.get("sample")
+    return await run(options.quick, n=options.n, concurrency=options.concurrency,
+                     sample=int(sample) if sample else None, settle=options.settle)
+
+
+BENCH = Bench(name=NAME, doc=__doc__.split("\n\n")[0].replace("\n", " "), run=run_options,
+              table=table, headline=headline)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.remote_setup import cli
+
+    def extra(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n", type=int, default=None, help=f"connections ({DEFAULT_N})")
+        p.add_argument("--concurrency", type=int, default=None,
+                       help=f"in flight ({DEFAULT_CONCURRENCY})")
+        p.add_argument("--sample", type=int, default=None,
+                       help=f"connections pinged at the peak ({DEFAULT_SAMPLE})")
+
+    return cli(__doc__, run, table, argv, extra)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
