@@ -29,7 +29,7 @@ from nsm.errors import FailedPrecondition, Unsupported
 from nsm.forwarder.kernel import KernelLocal
 from nsm.forwarder.mechanism import SelectMechanism
 from nsm.forwarder.netlink import Netlink
-from nsm.forwarder.vxlan import TablePool, Tunnel, VniPool, VxlanClient, VxlanServer
+from nsm.forwarder.vxlan import TablePool, Tunnel, VniPool, VxlanClient, VxlanServer, sweep_leftovers
 from nsm.log import get_logger
 from nsm.mechanisms import KERNEL, LOCAL, REMOTE, VXLAN, kernel, vxlan
 from nsm.registry.client import NseRefresher, RegistryClient
@@ -61,7 +61,7 @@ class Forwarder:
         self.tunnel_ip = tunnel_ip
         self.tunnel: Tunnel | None = None
         self.vnis = VniPool()
-        tables = TablePool()
+        self.tables = tables = TablePool()
         self.chain = Chain([
             self.begin,
             Validate(),
@@ -71,8 +71,8 @@ class Forwarder:
             SelectMechanism(supported=[(LOCAL, KERNEL), (REMOTE, VXLAN)],
                             downstream=self._downstream),
             KernelLocal(self.netlink),
-            VxlanClient(self.netlink, self._tunnel_proxy, self.vnis, tables),
-            VxlanServer(self.netlink, self._tunnel_proxy, self.vnis, tables),
+            VxlanClient(self.netlink, self._tunnel_proxy, self.vnis, tables, name),
+            VxlanServer(self.netlink, self._tunnel_proxy, self.vnis, tables, name),
             Connect(self.channels, timeout=request_timeout),
         ], name="forwarder")
 
@@ -124,6 +124,10 @@ class Forwarder:
         self.server.add_service_names(["networkservice.NetworkService",
                                        "connection.MonitorConnection"])
         self.tunnel = await self._detect_tunnel()
+        swept = await sweep_leftovers(self.netlink, self.name, self.tables)
+        if swept:
+            log.warning("removed links left by an earlier run of this forwarder",
+                        count=len(swept), links=",".join(sorted(swept)))
         await self.server.start()
         self._refresher = NseRefresher(RegistryClient(self._registry_channel), self.registration(),
                                        expiry=self.expiry)

@@ -59,6 +59,7 @@ VNI_CONFLICT = "VNI conflict"
 RULE_PRIORITY = 1000
 GATEWAY_V4 = "169.254.0.1"
 GATEWAY_V6 = "fe80::1"
+NODE_ALIAS_PREFIX = "nsm-node:"
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 
 
@@ -71,6 +72,12 @@ def mac_for(role: str, conn_id: str) -> str:
     raw = bytearray(hashlib.sha256(f"{role}:{conn_id}".encode()).digest()[:6])
     raw[0] = (raw[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in raw)
+
+
+def node_alias(owner: str, conn_id: str) -> str:
+    """The alias of a connection's veth end on the node: names the forwarder that built it, so
+    that a restarted forwarder finds what it left (:func:`sweep_leftovers`)."""
+    return f"{NODE_ALIAS_PREFIX}{owner}:{conn_id}"
 
 
 def names_for(conn_id: str) -> tuple[str, str, str]:
@@ -113,18 +120,33 @@ class TablePool:
     def __init__(self, first: int = 0x4E530000, size: int = 1 << 16) -> None:
         self._first, self._size = first, size
         self._free: list[int] = []
+        self._used: set[int] = set()
         self._next = 0
 
     def allocate(self) -> int:
         if self._free:
-            return self._free.pop()
-        if self._next >= self._size:
+            table = self._free.pop()
+        elif self._next >= self._size:
             raise ResourceExhausted("no free routing table")
-        self._next += 1
-        return self._first + self._next - 1
+        else:
+            self._next += 1
+            table = self._first + self._next - 1
+        self._used.add(table)
+        return table
 
     def release(self, table: int) -> None:
-        self._free.append(table)
+        """Give ``table`` back; a second release of the same table is a no-op (two connections
+        must never share a table)."""
+        if table in self._used:
+            self._used.remove(table)
+            self._free.append(table)
+
+    def __len__(self) -> int:
+        return len(self._used)
+
+    def owns(self, table: int) -> bool:
+        """Whether ``table`` is in this pool's range."""
+        return self._first <= table < self._first + self._size
 
 
 @dataclass(frozen=True)
@@ -184,10 +206,11 @@ def _check_vni(value: str) -> int:
 class _Datapath:
     """Builds and removes one half; shared by the client and the server side."""
 
-    def __init__(self, netlink: Netlink, tunnel: Tunnel, tables: TablePool) -> None:
+    def __init__(self, netlink: Netlink, tunnel: Tunnel, tables: TablePool, owner: str) -> None:
         self.netlink = netlink
         self.tunnel = tunnel
         self.tables = tables
+        self.owner = owner
 
     async def build(self, ctx: Ctx, half: _Half) -> None:
         nl, conn_id = self.netlink, ctx.conn_id
@@ -195,7 +218,7 @@ class _Datapath:
                                      mac_for("vxlan", conn_id))
         await nl.create_veth(half.pod_if, half.pod_ns, half.veth, None, mtu=half.mtu,
                              mac=pod_mac, peer_mac=veth_mac,
-                             alias=alias_for("pod", conn_id), peer_alias=alias_for("node", conn_id))
+                             alias=alias_for("pod", conn_id), peer_alias=node_alias(self.owner, conn_id))
         try:
             await nl.create_vxlan(half.vxlan, None, vni=half.vni, local=self.tunnel.ip,
                                   remote=half.remote, port=VXLAN_PORT, underlay=self.tunnel.dev,
@@ -268,12 +291,13 @@ class _Datapath:
 
 
 class _Side(Element):
-    def __init__(self, netlink: Netlink, tunnel: Tunnel, vnis: VniPool, tables: TablePool) -> None:
+    def __init__(self, netlink: Netlink, tunnel: Tunnel, vnis: VniPool, tables: TablePool,
+                 owner: str) -> None:
         self.netlink = netlink
         self.tunnel = tunnel
         self.vnis = vnis
         self.tables = tables
-        self.datapath = _Datapath(netlink, tunnel, tables)
+        self.datapath = _Datapath(netlink, tunnel, tables, owner)
 
     def _half(self, ctx: Ctx, conn: Connection, *, pod_ns: str, pod_if: str, vni: int,
               remote: str, remote_mac: str, mtu: int, client: bool) -> _Half:
@@ -453,6 +477,29 @@ class VxlanServer(_Side):
                 ctx.meta.pop(_VNI)
                 self.vnis.release(vni, ctx.conn_id)
             raise
+
+
+async def sweep_leftovers(netlink: Netlink, owner: str, tables: TablePool) -> list[str]:
+    """Remove what forwarder ``owner`` built in its own namespace before it restarted (its
+    connection state is gone, so nobody else will): the veth node ends whose alias names it, the
+    VXLAN device and bridge of the same connection (same name suffix) and the policy rules from
+    them toward connection tables (their routes go with the devices). A live connection is
+    rebuilt at its next refresh. Returns the names of the links removed."""
+    prefix = f"{NODE_ALIAS_PREFIX}{owner}:"
+    links = await netlink.links(None)
+    suffixes = {link.name[3:] for link in links
+                if link.name.startswith("nsv") and (link.alias or "").startswith(prefix)}
+    doomed = [link.name for link in links
+              if link.name[:3] in ("nsv", "nsx", "nsb") and link.name[3:] in suffixes]
+    for rule in await netlink.rules(None):
+        if rule.iif in doomed and tables.owns(rule.table):
+            await netlink.del_rule(None, iif=rule.iif, table=rule.table, priority=rule.priority,
+                                   family=rule.family)
+    # veth and VXLAN devices first: a bridge goes once its ports have.
+    for group in ([n for n in doomed if not n.startswith("nsb")],
+                  [n for n in doomed if n.startswith("nsb")]):
+        await asyncio.gather(*(netlink.delete_link(None, name) for name in group))
+    return doomed
 
 
 def _same(a: _Half, b: _Half) -> bool:

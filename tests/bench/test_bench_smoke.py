@@ -1,0 +1,70 @@
+"""The benchmarks run as a user runs them (``python -m bench.run``), at tiny sizes, so that they
+keep working: one JSON document on stdout, zero failures, bars computed, nothing left behind.
+Figures are not judged here (see docs/performance.md); a smoke run is too small for that."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nsm import netns as nsns
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, links)")]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _namespaces(pid: int) -> list[str]:
+    return [n for n in nsns.list_netns() if n.startswith(f"nsmb{pid}-")]
+
+
+def _run(*args: str, timeout: float = 150) -> tuple[dict, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--quick", "--settle", "0.2", *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    deadline = time.monotonic() + 10
+    while _namespaces(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _namespaces(proc.pid) == [], "the benchmark left namespaces behind"
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out), err
+
+
+@pytest.mark.timeout(180)
+def test_remote_scale_smoke() -> None:
+    doc, err = _run("--only", "remote_scale", "--n", "8", "--concurrency", "4",
+                    "--set", "sample=3")
+    (result,) = doc["results"]["remote_scale"]
+    assert result["failures"] == 0, result["failure_examples"]
+    assert result["verified"] == 8
+    peak = result["peak"]
+    assert peak["open"] == 8 and peak["ping"]["ok"] == 3
+    assert peak["monitored"] == {"node1": 8, "node2": 8}
+    assert all(node["nsx"] == 8 for node in peak["nodes"].values())
+    assert all(v == 0 for node in result["leftovers"].values() for v in node.values())
+    assert set(result["memory_before_kb"]) >= {"registry", "manager.node1", "forwarder.node2"}
+    assert "remote_scale: 8 cross-node connections" in err
+
+
+@pytest.mark.timeout(180)
+def test_remote_setup_smoke() -> None:
+    doc, err = _run("--only", "remote_setup", "--n", "5", "--concurrency", "2")
+    (result,) = doc["results"]["remote_setup"]
+    assert result["failures"] == 0, result["failure_examples"]
+    assert result["sequential"]["request_ms"]["n"] == 5
+    assert result["floor_concurrent"]["setup_ms"]["n"] == 5
+    assert {b["name"] for b in result["bars"]} == {
+        "remote sequential request p50 / floor p50", "remote concurrent request p50 / floor p50"}
+    assert "bar remote_setup: remote sequential request p50 / floor p50 <= 3" in err
