@@ -188,3 +188,33 @@ async def test_forwarder_killed_and_restarted_leaves_nothing_after_close(new_lab
         await again.request()
         await again.close(raise_errors=True)
         await cluster.assert_clean()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("node", ["node1", "node2"])
+async def test_forwarder_killed_under_a_refreshing_client_is_healed_by_the_refresh(
+        new_lab, node: str) -> None:
+    """The client keeps refreshing while a forwarder is SIGKILLed and restarted: the restarted
+    forwarder sweeps its old half, the next refresh builds the connection again (same addresses),
+    and traffic flows; Close then leaves nothing."""
+    async with new_lab(FORWARDER_KILL, tag="h") as cluster:
+        client, conn, pod = await cluster.connect("node1", "svc-f", lifetime=3.0)
+        dst = ip_of(conn.context.ip_context.dst_ip_addrs[0])
+        await cluster.assert_ping(pod, dst)
+        await cluster.lab.kill(f"forwarder.{node}")
+        await cluster.lab.start_daemon(f"forwarder.{node}")
+        assert "removed links left by an earlier run" in cluster.lab.logs()[f"forwarder.{node}"]
+
+        async def healed() -> bool:
+            return (await cluster.ping(pod, dst, count=1, timeout=0.3)).received == 1
+
+        await cluster.eventually(healed, timeout=15, what="traffic through the healed connection")
+        healed_conn = client.connection
+        assert healed_conn is not None
+        assert list(healed_conn.context.ip_context.src_ip_addrs) == list(
+            conn.context.ip_context.src_ip_addrs)
+        assert len(healed_conn.path.path_segments) == 6
+        await cluster.assert_ping(pod, dst)
+        await client.close(raise_errors=True)
+        await cluster.assert_clean()
+        assert await cluster.link_names(pod) == []
