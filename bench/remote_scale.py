@@ -53,11 +53,11 @@ from bench.remote_setup import (
     memory,
     ms,
     verify_up,
+    warm_one,
 )
 from nsm.api.connection_pb2 import Connection, MonitorScopeSelector
 from nsm.api.connection_pb2_grpc import MonitorConnectionStub
 from nsm.client.sdk import Client
-from nsm.errors import NotFound, Unavailable
 from nsm.forwarder.netlink import Netlink
 from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
 from nsm.ping import ping
@@ -99,32 +99,16 @@ def _client(lab: Lab, pod: str, name: str) -> Client:
 
 
 async def warmup(lab: Lab, nl: Netlink, failures: Failures) -> list[float]:
-    """One connection at a time from each warm-up pod (channels connect, caches fill); the first
-    of each node waits (up to 20 s) until the other node's endpoint is known there."""
+    """Connections one at a time from each warm-up pod (channels connect, caches fill)."""
     out = []
     for node in ("node1", "node2"):
         for i in range(WARMUP):
             pod = f"w{node[-1]}x{i}"
-            deadline = time.monotonic() + 20.0
-            while True:
-                client = _client(lab, pod, f"scale-warm-{node}-{i}")
-                t0 = time.perf_counter()
-                try:
-                    conn = await client.request()
-                except (NotFound, Unavailable) as exc:
-                    await client.close()
-                    if time.monotonic() > deadline:
-                        failures.add(f"warm-up {pod}", exc)
-                        raise
-                    await asyncio.sleep(0.1)
-                    continue
-                out.append(round(ms(t0, time.perf_counter()), 2))
-                try:
-                    await verify_up(nl, lab.pod(pod).netns, conn)
-                finally:
-                    await client.close(raise_errors=True)
-                    nl.forget(lab.pod(pod).netns)
-                break
+
+            def make(pod: str = pod, name: str = f"scale-warm-{node}-{i}") -> Client:
+                return _client(lab, pod, name)
+
+            out.append(await warm_one(make, nl, lab.pod(pod).netns, failures, f"warm-up {pod}"))
     return out
 
 

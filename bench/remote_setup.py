@@ -164,35 +164,46 @@ def log_problems(lab: Lab, limit: int = 5) -> dict[str, Any]:
     return {"count": count, "first": first}
 
 
+async def warm_one(make: Callable[[], Client], nl: Netlink, netns: str, failures: Failures,
+                   what: str, wait: float = 20.0) -> float:
+    """One connection (not counted) from ``netns``: set up, verified, closed; its request time
+    in ms. Retries NOT_FOUND/UNAVAILABLE for up to ``wait`` s (the endpoint's registration on
+    its way to the client's manager)."""
+    deadline = time.monotonic() + wait
+    while True:
+        client = make()
+        t0 = time.perf_counter()
+        try:
+            conn = await client.request()
+        except (NotFound, Unavailable) as exc:
+            await client.close()
+            if time.monotonic() > deadline:
+                failures.add(what, exc)
+                raise
+            await asyncio.sleep(0.1)
+            continue
+        took = round(ms(t0, time.perf_counter()), 2)
+        try:
+            await verify_up(nl, netns, conn)
+        finally:
+            await client.close(raise_errors=True)
+            nl.forget(netns)
+        return took
+
+
 async def warmup(lab: Lab, nl: Netlink, pods: Sequence[str], service: str,
                  failures: Failures) -> list[float]:
-    """First requests (channels connect, caches fill; not counted). The first waits (up to
-    20 s) until the endpoint's registration has reached node1's manager."""
+    """First requests (channels connect, caches fill; not counted)."""
     node1 = lab.node("node1")
     out = []
     for i, pod in enumerate(pods):
         ns = lab.pod(pod).netns
-        deadline = time.monotonic() + 20.0
-        while True:
-            client = Client(manager_url=node1.manager_url, service=service, netns=ns,
-                            ifname=IFNAME, name=f"bench-warm-{i}")
-            t0 = time.perf_counter()
-            try:
-                conn = await client.request()
-            except (NotFound, Unavailable) as exc:
-                await client.close()
-                if time.monotonic() > deadline:
-                    failures.add(f"warm-up request {i}", exc)
-                    raise
-                await asyncio.sleep(0.1)
-                continue
-            out.append(round(ms(t0, time.perf_counter()), 2))
-            try:
-                await verify_up(nl, ns, conn)
-            finally:
-                await client.close(raise_errors=True)
-                nl.forget(ns)
-            break
+
+        def make(i: int = i, ns: str = ns) -> Client:
+            return Client(manager_url=node1.manager_url, service=service, netns=ns,
+                          ifname=IFNAME, name=f"bench-warm-{i}")
+
+        out.append(await warm_one(make, nl, ns, failures, f"warm-up request {i}"))
     return out
 
 
