@@ -16,11 +16,14 @@ Phases:
 3. at the peak (all ``n`` open): memory of every daemon, our links and rules on each node, the
    connections each manager monitors, and a ping through a sample of the connections;
 4. close them all the same way; the interface must be gone; memory "after"; nothing of ours
-   may be left on either node.
+   may be left on either node;
+5. the same cycle (2-4) again (``--no-again`` skips it): the daemons' RSS after the second cycle
+   minus after the first tells a leak (it grows with every cycle) from memory Python's
+   allocator keeps for reuse (it does not).
 
 Reported: the wall time of the setup and close phases, setups/s, per-connection latencies
-(p50/p95/max), failures (any Request, check, ping or Close that went wrong: the target is zero)
-and VmRSS/VmHWM of each daemon with the growth per open connection.
+(p50/p95/max), failures (any Request, check, ping or Close that went wrong in either cycle: the
+target is zero) and VmRSS/VmHWM of each daemon with the growth per open connection.
 
     python -m bench.remote_scale [--quick] [--n 500] [--concurrency 20] [--sample 20] [--json F]
 """
@@ -147,7 +150,8 @@ async def ping_sample(lab: Lab, pods: Sequence[str], conns: dict[str, Connection
 
 
 async def run(quick: bool = False, *, n: int | None = None, concurrency: int | None = None,
-              sample: int | None = None, settle: float = 1.0) -> dict[str, Any]:
+              sample: int | None = None, settle: float = 1.0, again: bool = True
+              ) -> dict[str, Any]:
     """The whole benchmark (see the module docstring); one JSON-able dict."""
     n = n or (QUICK_N if quick else DEFAULT_N)
     concurrency = concurrency or (QUICK_CONCURRENCY if quick else DEFAULT_CONCURRENCY)
@@ -174,89 +178,106 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
             await asyncio.sleep(settle)
             result["memory_before_kb"] = memory(lab)
             pods = [f"p{i}" for i in range(n)]
-            conns: dict[str, Connection] = {}
-            request_ms: list[float] = []
-            close_ms: list[float] = []
             cpu = CpuMeter({**pids, "bench (client SDK + checks)": None})
 
-            async def setup(i: int) -> None:
-                pod = pods[i]
-                client = clients[pod] = _client(lab, pod, f"scale-nsc-{i}")
-                t0 = time.perf_counter()
-                try:
-                    conn = await client.request()
-                except Exception as exc:
-                    failures.add(f"request {pod}", exc)
-                    return
-                request_ms.append(ms(t0, time.perf_counter()))
-                try:
-                    await verify_up(nl, lab.pod(pod).netns, conn)
-                except Exception as exc:
-                    failures.add(f"verify {pod}", exc)
-                    return
-                conns[pod] = conn
+            async def cycle(tag: str) -> dict[str, Any]:
+                """Set up ``n`` connections, look at the peak, close them all."""
+                conns: dict[str, Connection] = {}
+                request_ms: list[float] = []
+                close_ms: list[float] = []
 
-            async def close(i: int) -> None:
-                pod = pods[i]
-                client = clients.get(pod)
-                if client is None or client.connection is None:
-                    return
-                t0 = time.perf_counter()
-                try:
-                    await client.close(raise_errors=True)
-                except Exception as exc:
-                    failures.add(f"close {pod}", exc)
-                    return
-                close_ms.append(ms(t0, time.perf_counter()))
-                try:
-                    if await nl.link(lab.pod(pod).netns, IFNAME) is not None:
-                        raise CheckFailed(f"{IFNAME} is still in pod {pod} after Close")
-                except Exception as exc:
-                    failures.add(f"verify close {pod}", exc)
-                finally:
-                    nl.forget(lab.pod(pod).netns)
+                async def setup(i: int) -> None:
+                    pod = pods[i]
+                    client = clients[pod] = _client(lab, pod, f"scale-nsc-{tag}-{i}")
+                    t0 = time.perf_counter()
+                    try:
+                        conn = await client.request()
+                    except Exception as exc:
+                        failures.add(f"{tag} request {pod}", exc)
+                        return
+                    request_ms.append(ms(t0, time.perf_counter()))
+                    try:
+                        await verify_up(nl, lab.pod(pod).netns, conn)
+                    except Exception as exc:
+                        failures.add(f"{tag} verify {pod}", exc)
+                        return
+                    conns[pod] = conn
 
-            say(f"  {n} cross-node connections (half each way), {concurrency} at a time")
-            cpu.start()
-            setup_wall = await for_each(n, concurrency, setup)
-            cpu_setup = cpu.stop(n)
-            say(f"  set up in {setup_wall:.1f} s ({len(conns)} verified); measuring the peak")
-            peak: dict[str, Any] = {"open": len(conns)}
-            peak["memory_kb"] = memory(lab)
-            peak["nodes"] = await leftovers(nl, lab)
-            peak["monitored"] = await monitored(lab)
-            picked = random.Random(n).sample(sorted(conns), min(sample, len(conns)))
-            peak["ping"] = await ping_sample(lab, picked, conns, failures)
-            result["peak"] = peak
-            for node, state in peak["nodes"].items():  # every connection has a half on each
-                if state.get("nsx") != len(conns):
-                    failures.add(f"peak {node}", CheckFailed(
-                        f"{state.get('nsx')} VXLAN devices for {len(conns)} connections"))
-            say(f"  closing {n}, {concurrency} at a time")
-            cpu.start()
-            close_wall = await for_each(n, concurrency, close)
-            cpu_close = cpu.stop(n)
-            await asyncio.sleep(settle)
-            result["memory_after_kb"] = memory(lab)
-            result["leftovers"] = await leftovers(nl, lab)
-            if any(v for node in result["leftovers"].values() for v in node.values()):
-                failures.add("leftovers", CheckFailed(f"left on the nodes: {result['leftovers']}"))
-            result.update({
-                "request_ms": summarize(request_ms),
-                "close_ms": summarize(close_ms),
-                "setup_wall_s": round(setup_wall, 2),
-                "setups_per_s": round(n / setup_wall, 1),
-                "close_wall_s": round(close_wall, 2),
-                "closes_per_s": round(n / close_wall, 1),
-                "cpu_ms_per_setup": cpu_setup,
-                "cpu_ms_per_close": cpu_close,
-                "verified": len(conns),
-            })
+                async def close(i: int) -> None:
+                    pod = pods[i]
+                    client = clients.get(pod)
+                    if client is None or client.connection is None:
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        await client.close(raise_errors=True)
+                    except Exception as exc:
+                        failures.add(f"{tag} close {pod}", exc)
+                        return
+                    close_ms.append(ms(t0, time.perf_counter()))
+                    try:
+                        if await nl.link(lab.pod(pod).netns, IFNAME) is not None:
+                            raise CheckFailed(f"{IFNAME} is still in pod {pod} after Close")
+                    except Exception as exc:
+                        failures.add(f"{tag} verify close {pod}", exc)
+                    finally:
+                        nl.forget(lab.pod(pod).netns)
+
+                say(f"  [{tag}] {n} cross-node connections (half each way), {concurrency} at a time")
+                cpu.start()
+                setup_wall = await for_each(n, concurrency, setup)
+                cpu_setup = cpu.stop(n)
+                say(f"  [{tag}] set up in {setup_wall:.1f} s ({len(conns)} verified); the peak")
+                peak: dict[str, Any] = {"open": len(conns)}
+                peak["memory_kb"] = memory(lab)
+                peak["nodes"] = await leftovers(nl, lab)
+                peak["monitored"] = await monitored(lab)
+                picked = random.Random(n).sample(sorted(conns), min(sample, len(conns)))
+                peak["ping"] = await ping_sample(lab, picked, conns, failures)
+                for node, state in peak["nodes"].items():  # every connection has a half on each
+                    if state.get("nsx") != len(conns):
+                        failures.add(f"{tag} peak {node}", CheckFailed(
+                            f"{state.get('nsx')} VXLAN devices for {len(conns)} connections"))
+                say(f"  [{tag}] closing {n}, {concurrency} at a time")
+                cpu.start()
+                close_wall = await for_each(n, concurrency, close)
+                cpu_close = cpu.stop(n)
+                await asyncio.sleep(settle)
+                left = await leftovers(nl, lab)
+                if any(v for node in left.values() for v in node.values()):
+                    failures.add(f"{tag} leftovers", CheckFailed(f"left on the nodes: {left}"))
+                return {
+                    "peak": peak,
+                    "memory_after_kb": memory(lab),
+                    "leftovers": left,
+                    "request_ms": summarize(request_ms),
+                    "close_ms": summarize(close_ms),
+                    "setup_wall_s": round(setup_wall, 2),
+                    "setups_per_s": round(n / setup_wall, 1),
+                    "close_wall_s": round(close_wall, 2),
+                    "closes_per_s": round(n / close_wall, 1),
+                    "cpu_ms_per_setup": cpu_setup,
+                    "cpu_ms_per_close": cpu_close,
+                    "verified": len(conns),
+                }
+
+            first = await cycle("1")
+            result.update(first)
+            before, peak = result["memory_before_kb"], first["peak"]["memory_kb"]
             result["memory_growth_kb_per_conn"] = {
-                key: (round((peak["memory_kb"][key]["rss_kb"] - before["rss_kb"]) / max(1, len(conns)),
-                            2)
-                      if before.get("rss_kb") and peak["memory_kb"][key].get("rss_kb") else None)
-                for key, before in result["memory_before_kb"].items()}
+                key: (round((peak[key]["rss_kb"] - b["rss_kb"]) / max(1, first["verified"]), 2)
+                      if b.get("rss_kb") and peak[key].get("rss_kb") else None)
+                for key, b in before.items()}
+            if again:
+                # The same again: memory that stays after the first cycle is the allocator's
+                # high-water mark, not a leak, if the second cycle does not add to it.
+                second = await cycle("2")
+                result["again"] = second
+                after1, after2 = first["memory_after_kb"], second["memory_after_kb"]
+                result["retained_kb_second_cycle"] = {
+                    key: (after2[key]["rss_kb"] - a["rss_kb"]
+                          if a.get("rss_kb") and after2[key].get("rss_kb") else None)
+                    for key, a in after1.items()}
             await nl.close()
             result["daemon_log_problems"] = log_problems(lab)
     except BaseException as exc:
@@ -269,7 +290,8 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
         result["failures"] = failures.count
         result["failure_examples"] = failures.first
         result["wall_s"] = round(time.perf_counter() - started, 1)
-    result["bars"] = [{"name": f"failures among {n} connections", "value": result["failures"],
+    result["bars"] = [{"name": f"failures among {n} connections (x{2 if again else 1})",
+                       "value": result["failures"],
                        "limit": 0, "unit": "", "op": "<=", "ok": result["failures"] == 0}]
     return result
 
@@ -303,6 +325,12 @@ def table(result: dict[str, Any]) -> str:
                      f"{fmt(at_peak.get(key, {}).get('rss_kb'), 9, 0)} "
                      f"{fmt(after.get(key, {}).get('rss_kb'), 9, 0)} "
                      f"{fmt(after.get(key, {}).get('hwm_kb'), 9, 0)} {fmt(growth.get(key), 9, 1)}")
+    retained = result.get("retained_kb_second_cycle")
+    if retained is not None:
+        again = result.get("again") or {}
+        lines.append(f"the same again: {again.get('verified')} verified, set up in "
+                     f"{again.get('setup_wall_s')} s, closed in {again.get('close_wall_s')} s; "
+                     f"RSS after it minus RSS after the first (KiB; ~0 = no leak): {retained}")
     cpu = ", ".join(f"{k} {v['total']:.2f}" for k, v in (result.get("cpu_ms_per_setup") or {}).items())
     lines.append(f"CPU ms per setup: {cpu}")
     lines.append(f"left on the nodes after close: {result.get('leftovers')}")
@@ -325,6 +353,8 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
     }
     for key, v in (result.get("memory_growth_kb_per_conn") or {}).items():
         out[f"{key} KiB/conn"] = v
+    for key, v in (result.get("retained_kb_second_cycle") or {}).items():
+        out[f"{key} KiB retained by cycle 2"] = v
     return out
 
 
@@ -332,7 +362,8 @@ async def run_options(options: Options) -> dict[str, Any]:
     """:func:`run` for ``bench.run`` (``--set sample=K`` pings K connections at the peak)."""
     sample = options.extra.get("sample")
     return await run(options.quick, n=options.n, concurrency=options.concurrency,
-                     sample=int(sample) if sample else None, settle=options.settle)
+                     sample=int(sample) if sample else None, settle=options.settle,
+                     again=options.extra.get("again", "1") not in ("0", "false", "no"))
 
 
 BENCH = Bench(name=NAME, doc=__doc__.split("\n\n")[0].replace("\n", " "), run=run_options,
@@ -348,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"in flight ({DEFAULT_CONCURRENCY})")
         p.add_argument("--sample", type=int, default=None,
                        help=f"connections pinged at the peak ({DEFAULT_SAMPLE})")
+        p.add_argument("--no-again", dest="again", action="store_false",
+                       help="one cycle only (default: a second one, to tell leaks from reuse)")
 
     return cli(__doc__, run, table, argv, extra)
 

@@ -44,6 +44,10 @@ Design notes and pyroute2 0.9.7 facts this module relies on:
   not destroyed, and its veths stay, while the socket lives. Each use checks (``stat``, ~1 µs) that
   the path still names the same namespace, and a background pruner closes sockets of namespaces that
   are gone (every ``prune_interval`` s); :meth:`Netlink.forget` does it at once.
+- The pruner also closes sockets of other namespaces unused for ``idle_timeout`` s: every pyroute2
+  socket keeps a list of recently used sequence numbers (up to 255 entries, ~50 KB) that only its
+  own next requests shrink, so a pod's socket kept forever costs memory for nothing (measured:
+  +2.4 KiB per connection over repeated cycles on the same pods). Reopening costs ~0.25 ms.
 - Interface alias (``IFLA_IFALIAS``) is ignored by the kernel when a link is created: it is set with
   a second message. A veth *peer* cannot be created up (the kernel answers ENOTCONN).
 - Requests are bounded by ``timeout``: pyroute2 does not wake waiters when the socket fails.
@@ -350,9 +354,11 @@ class Netlink:
     """
 
     def __init__(self, *, timeout: float = 10.0, prune_interval: float = 2.0,
-                 max_sockets: int = 1024, delete_workers: int = 2) -> None:
+                 max_sockets: int = 1024, delete_workers: int = 2,
+                 idle_timeout: float = 30.0) -> None:
         self._timeout = timeout
         self._prune_interval = prune_interval
+        self._idle_timeout = idle_timeout
         self._max_sockets = max_sockets
         self._handles: OrderedDict[str | None, _Handle] = OrderedDict()
         self._own_fd = -1
@@ -502,10 +508,13 @@ class Netlink:
 
     def prune(self) -> int:
         """Close the sockets of namespaces that no longer exist (so the kernel can destroy them)
-        and drop stray answers. Returns how many sockets were closed."""
+        and those of other namespaces idle for ``idle_timeout`` s, and drop stray answers.
+        Returns how many sockets were closed."""
         closed = 0
+        idle_since = time.monotonic() - self._idle_timeout
         for h in list(self._handles.values()):
-            if not self._valid(h):
+            if not self._valid(h) or (h.key is not None and h.inflight == 0
+                                      and h.last_used < idle_since):
                 self._evict(h)
                 closed += 1
             elif h.ready is not None and h.ready.done() and not h.closed:

@@ -551,6 +551,30 @@ async def _absent(netlink: Netlink, ns: str, name: str) -> bool:
 
 
 @needs_root
+async def test_idle_sockets_are_closed_but_the_own_namespace_stays(
+        netns_factory: NetnsFactory) -> None:
+    """Sockets of other namespaces unused for ``idle_timeout`` are closed by the pruner (and
+    reopened on demand); one in use is kept."""
+    nl = Netlink(prune_interval=0.05, idle_timeout=0.3)
+    try:
+        x, y = netns_factory("x"), netns_factory("y")
+        await nl.create_veth("idle", x, "busy", y)
+        await nl.links(None)
+        assert {x, y, None} <= set(nl.cached())
+
+        async def y_busy_x_idle() -> bool:
+            await nl.index(y, "busy")
+            return x not in nl.cached()
+
+        assert await _until(y_busy_x_idle), "idle socket never closed"
+        assert y in nl.cached() and None in nl.cached()
+        assert await nl.index(x, "idle") is not None  # reopened on demand
+        assert x in nl.cached()
+    finally:
+        await nl.close()
+
+
+@needs_root
 async def test_recreated_namespace_gets_a_new_socket(netlink: Netlink,
                                                      netns_factory: NetnsFactory) -> None:
     x, y = netns_factory("x"), netns_factory("y")
