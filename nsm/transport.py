@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nsm.errors import FailedPrecondition, InvalidArgument
+
+#: Longest path of a unix socket (sun_path is 108 bytes with its NUL).
+UNIX_PATH_MAX = 107
 
 #: Channel options shared by every dialed connection.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -119,6 +123,7 @@ class Server:
         if not self._requested:
             raise InvalidArgument("a server needs at least one listen URL")
         self.urls: list[Url] = []
+        self._inodes: dict[str, int] = {}
         self._names: list[str] = []
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc)
@@ -128,14 +133,26 @@ class Server:
 
     async def start(self) -> None:
         for url in self._requested:
+            bind = url
             if url.is_unix:
                 _prepare_unix_socket(url.path)
+                # gRPC core unlinks the path it bound when the server shuts down, even if another
+                # server listens there by then (a restart that overlaps). So bind a private name
+                # and rename it into place: core's unlink then misses, and stop() removes the
+                # path only while it is still our socket.
+                private = f"{url.path}.~{secrets.token_hex(3)}"
+                if len(private.encode()) <= UNIX_PATH_MAX:
+                    bind = Url("unix", path=private)
             try:
-                port = self.grpc.add_insecure_port(url.target())
+                port = self.grpc.add_insecure_port(bind.target())
             except RuntimeError as exc:
                 raise FailedPrecondition(f"cannot listen on {url}: {exc}") from exc
             if port == 0 and not url.is_unix:
                 raise FailedPrecondition(f"cannot listen on {url} (address in use?)")
+            if bind is not url:
+                os.rename(bind.path, url.path)
+            if url.is_unix:
+                self._inodes[url.path] = os.stat(url.path).st_ino
             self.urls.append(url if url.is_unix else url.with_port(port))
         names = [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.grpc)
@@ -149,7 +166,9 @@ class Server:
         for url in self.urls:
             if url.is_unix:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(url.path)
+                    # Only our own socket: a successor may already listen at this path.
+                    if os.stat(url.path).st_ino == self._inodes.get(url.path):
+                        os.unlink(url.path)
 
 
 def dial(url: str | Url) -> grpc.aio.Channel:

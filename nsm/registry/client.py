@@ -102,6 +102,7 @@ class RegistryClient:
     non-watching Finds (None: no deadline)."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float | None = DEFAULT_TIMEOUT):
+        self.channel = channel
         self._ns = registry_pb2_grpc.NetworkServiceRegistryStub(channel)
         self._nse = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(channel)
         self.timeout = timeout
@@ -211,6 +212,11 @@ class NseRefresher:
     to ``max_backoff``) and log, so a registry restart is survived: the NSE is registered
     again as soon as the registry answers.
 
+    It also re-registers at once when its channel comes back after losing its connection
+    (``reregister_on_reconnect``): the peer — the registry, or the node's manager that proxies
+    it — may have restarted and forgotten the registration, and waiting for the next refresh
+    (a third of the lifetime, 20 s by default) would leave the endpoint unreachable that long.
+
     ``expiry``: the lifetime to ask for on each registration (None: the registry's default).
     """
 
@@ -223,6 +229,7 @@ class NseRefresher:
         min_backoff: float = 0.1,
         max_backoff: float = 5.0,
         unregister_timeout: float = 2.0,
+        reregister_on_reconnect: bool = True,
     ) -> None:
         if expiry is not None and not expiry > 0:
             raise ValueError("expiry must be positive")
@@ -237,6 +244,9 @@ class NseRefresher:
         self._unregister_timeout = unregister_timeout
         self._registered: NetworkServiceEndpoint | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._reconnected = asyncio.Event()
+        self._reregister_on_reconnect = reregister_on_reconnect
         self._log = log.bind(nse=nse.name or "?")
 
     @property
@@ -266,6 +276,9 @@ class NseRefresher:
         self._log = log.bind(nse=self.name)
         self._log.info("endpoint registered", url=self.nse.url)
         self._task = asyncio.create_task(self._refresh_loop(), name=f"nse-refresh-{self.name}")
+        if self._reregister_on_reconnect:
+            self._watcher = asyncio.create_task(self._watch_channel(),
+                                                name=f"nse-watch-{self.name}")
         return self.nse
 
     async def stop(self) -> None:
@@ -273,9 +286,12 @@ class NseRefresher:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        watcher, self._watcher = self._watcher, None
+        for t in (task, watcher):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
         try:
             await self._client.unregister_nse(self.name, timeout=self._unregister_timeout)
             self._log.info("endpoint unregistered")
@@ -315,11 +331,34 @@ class NseRefresher:
         lifetime = (exp - time.time()) if exp is not None else (self._expiry or 60.0)
         return max(lifetime / 3, 0.01)
 
+    async def _watch_channel(self) -> None:
+        """Wake the refresh loop when the channel is READY again after losing its connection."""
+        channel = self._client.channel
+        state = channel.get_state(try_to_connect=True)
+        lost = False
+        while True:
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.READY:
+                if lost:
+                    self._log.info("registry connection is back: registering again")
+                    self._reconnected.set()
+                lost = False
+            elif state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                           grpc.ChannelConnectivity.IDLE):
+                lost = True
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep ``delay`` s, or less if the channel reconnected meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reconnected.wait(), delay)
+        self._reconnected.clear()
+
     async def _refresh_loop(self) -> None:
         delay = self._interval()
         backoff = self._min_backoff
         while True:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             try:
                 await self._register()
             except Exception as exc:  # never stop refreshing: log and retry

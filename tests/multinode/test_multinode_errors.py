@@ -218,3 +218,31 @@ async def test_forwarder_killed_under_a_refreshing_client_is_healed_by_the_refre
         await client.close(raise_errors=True)
         await cluster.assert_clean()
         assert await cluster.link_names(pod) == []
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("daemon", ["manager.node1", "manager.node2"])
+async def test_manager_killed_under_a_refreshing_client_keeps_the_datapath(
+        new_lab, daemon: str) -> None:
+    """A manager SIGKILLed and restarted while a client refreshes: the kernel datapath (built by
+    the forwarders, which still hold it) keeps carrying traffic throughout, refreshes succeed again
+    once the manager is back, and Close then removes everything on both nodes."""
+    async with new_lab(FORWARDER_KILL, tag="m") as cluster:
+        client, conn, pod = await cluster.connect("node1", "svc-f", lifetime=3.0)
+        dst = ip_of(conn.context.ip_context.dst_ip_addrs[0])
+        await cluster.lab.kill(daemon)
+        await cluster.assert_ping(pod, dst)  # the kernel does not need the manager
+        await cluster.lab.start_daemon(daemon)
+        refreshed = client.connection
+
+        async def refreshed_again() -> bool:
+            return client.connection is not refreshed and client.connection is not None
+
+        await cluster.eventually(refreshed_again, timeout=10, what="a refresh through the restarted manager")
+        again = client.connection
+        assert again is not None and len(again.path.path_segments) == 6
+        assert list(again.context.ip_context.src_ip_addrs) == list(conn.context.ip_context.src_ip_addrs)
+        await cluster.assert_ping(pod, dst)
+        await client.close(raise_errors=True)
+        await cluster.assert_clean()
+        assert await cluster.link_names(pod) == []

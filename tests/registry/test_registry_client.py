@@ -124,6 +124,28 @@ async def test_refresher_survives_a_registry_restart(
         assert [e.name for e in await second.client.find_nse()] == ["e1"]
 
 
+@pytest.mark.parametrize("on_reconnect", [True, False])
+async def test_refresher_registers_again_as_soon_as_a_restarted_registry_is_back(
+    start_registry: StartRegistry, tmp_path: Path, eventually: Eventually, on_reconnect: bool
+) -> None:
+    """A long lifetime (refresh only every 20 s): the registration comes back within a few
+    seconds of the restart because the channel reconnected, not at the next refresh."""
+    sock = str(tmp_path / "back.sock")
+    first = await start_registry(sock=sock, expiry=60)
+    refresher = NseRefresher(first.client, endpoint("e1"), reregister_on_reconnect=on_reconnect)
+    async with refresher:
+        await first.daemon.stop()
+        second = await start_registry(sock=sock, expiry=60)
+        assert len(second.nse_store) == 0
+        started = time.monotonic()
+        if on_reconnect:
+            await eventually(lambda: len(second.nse_store) == 1, timeout=6)
+            assert time.monotonic() - started < 6
+        else:  # the control: without it, nothing before the next refresh
+            await asyncio.sleep(4)
+            assert len(second.nse_store) == 0
+
+
 async def test_refresher_start_waits_for_the_registry(
     start_registry: StartRegistry, tmp_path: Path
 ) -> None:

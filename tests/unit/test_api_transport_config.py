@@ -77,6 +77,33 @@ async def test_server_serves_health_on_unix_and_tcp_and_removes_its_socket(tmp_p
     assert not sock.exists()
 
 
+async def test_a_stopping_server_leaves_its_successors_socket_alone(tmp_path: Path) -> None:
+    """A restart where the new server binds the path before the old one has stopped (an
+    overlapping rollout): the old one's stop must not unlink the new one's socket."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sock = tmp_path / "r.sock"
+    old, new = Server([f"unix://{sock}"]), Server([f"unix://{sock}"])
+    await old.start()
+    try:
+        await new.start()  # replaces the (old) socket file
+        try:
+            await old.stop()
+            assert sock.exists()
+            ch = dial(f"unix://{sock}")
+            try:
+                resp = await health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5, wait_for_ready=True)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            finally:
+                await ch.close()
+        finally:
+            await new.stop()
+        assert not sock.exists()
+    finally:
+        await old.stop()
+
+
 def test_flags_read_nsm_environment() -> None:
     p = argparse.ArgumentParser()
     env = {"NSM_LISTEN": "unix:///a,unix:///b", "NSM_EXPIRY": "2m", "NSM_LOG_JSON": "true"}
