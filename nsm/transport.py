@@ -177,6 +177,23 @@ def dial(url: str | Url) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(parsed.target(), options=CHANNEL_OPTIONS)
 
 
+async def watch_reconnects(channel: grpc.aio.Channel, on_back: Callable[[], None]) -> None:
+    """Run until cancelled: call ``on_back()`` each time ``channel`` is READY again after losing
+    its connection (the peer may have restarted and forgotten state). Keeps the channel
+    connecting meanwhile (reconnect backoff: :data:`CHANNEL_OPTIONS`)."""
+    state = channel.get_state(try_to_connect=True)
+    lost = False
+    while True:
+        await channel.wait_for_state_change(state)
+        state = channel.get_state(try_to_connect=True)
+        if state == grpc.ChannelConnectivity.READY:
+            if lost:
+                on_back()
+            lost = False
+        elif state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.IDLE):
+            lost = True
+
+
 class Channels:
     """A per-daemon cache of channels by URL, so hot paths don't reconnect per call."""
 

@@ -144,6 +144,7 @@ class Endpoint:
         self._registry_channel: grpc.aio.Channel | None = None
         self._started = False
         self._keeper: asyncio.Task[None] | None = None
+        self._service_records: dict[str, NetworkService] = {}
 
     @property
     def urls(self) -> list[str]:
@@ -196,9 +197,12 @@ class Endpoint:
         for service in self.services:
             while True:
                 try:
-                    if await client.get_ns(service) is None:
-                        await client.register_ns(NetworkService(name=service, payload=PAYLOAD_IP))
+                    record = await client.get_ns(service)
+                    if record is None:
+                        record = await client.register_ns(
+                            NetworkService(name=service, payload=PAYLOAD_IP))
                         log.info("network service registered", service=service)
+                    self._service_records[service] = record
                     break
                 except TRANSIENT_ERRORS as exc:
                     log.warning("registry not reachable, retrying", registry=self.registry_url,
@@ -214,8 +218,12 @@ class Endpoint:
             try:
                 for service in self.services:
                     if await client.get_ns(service) is None:
-                        await client.register_ns(NetworkService(name=service, payload=PAYLOAD_IP))
-                        log.info("network service registered again", service=service)
+                        # The record as it was (its payload and matches), not a default one.
+                        record = self._service_records.get(service) or NetworkService(
+                            name=service, payload=PAYLOAD_IP)
+                        await client.register_ns(record)
+                        log.info("network service registered again", service=service,
+                                 payload=record.payload)
             except NsmError as exc:
                 log.debug("checking network services failed", error=exc.message)
 

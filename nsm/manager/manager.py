@@ -6,6 +6,8 @@ RoundRobin → Connect (to the chosen forwarder, which connects on to the endpoi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -21,10 +23,10 @@ from nsm.elements.validate import Validate
 from nsm.errors import Unavailable
 from nsm.log import get_logger
 from nsm.manager.cache import RegistryCache
-from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy
+from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy, Replay
 from nsm.manager.select import Discover, RoundRobin, SelectForwarder, normalize_url
 from nsm.servicer import NetworkServiceServicer
-from nsm.transport import Channels, Server, Url, dial
+from nsm.transport import Channels, Server, Url, dial, watch_reconnects
 
 log = get_logger("nsm.manager")
 
@@ -43,6 +45,9 @@ class Manager:
         self.channels = Channels()
         self._registry_channel = dial(registry_url)
         self.cache = RegistryCache(self._registry_channel)
+        self.replay = Replay(self._registry_channel)
+        self._watcher: asyncio.Task[None] | None = None
+        self._replaying: asyncio.Task[None] | None = None
         self.begin = Begin()
         self.timeout = Timeout()
         self.monitor = Monitor()
@@ -92,9 +97,9 @@ class Manager:
             NetworkServiceServicer(self.chain), self.server.grpc)
         connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
         registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
-            NsProxy(self._registry_channel), self.server.grpc)
+            NsProxy(self._registry_channel, self.replay), self.server.grpc)
         self._nse_proxy = NseProxy(self._registry_channel, local=self.local, advertise=None,
-                                  node=self.name)
+                                  node=self.name, replay=self.replay)
         registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server(
             self._nse_proxy, self.server.grpc)
         self.server.add_service_names(["networkservice.NetworkService",
@@ -104,10 +109,30 @@ class Manager:
         await self.cache.start()
         await self.server.start()
         self._nse_proxy.advertise = self.public_url()
+        self._watcher = asyncio.create_task(
+            watch_reconnects(self._registry_channel, self._registry_back), name="registry-watch")
         log.info("manager serving", name=self.name, urls=",".join(self.urls()),
                  registry=self.registry_url)
 
+    def _registry_back(self) -> None:
+        """The registry channel reconnected: the registry may have restarted empty."""
+        if self._replaying is not None and not self._replaying.done():
+            return
+
+        async def replay() -> None:
+            services, endpoints = await self.replay.replay()
+            log.info("registry connection is back: registered again what goes through us",
+                     services=services, endpoints=endpoints)
+
+        self._replaying = asyncio.create_task(replay(), name="registry-replay")
+
     async def stop(self) -> None:
+        for task in (self._watcher, self._replaying):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watcher = self._replaying = None
         await self.server.stop(grace=1.0)
         await self.chain.shutdown()
         await self.cache.stop()

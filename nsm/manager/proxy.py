@@ -5,10 +5,17 @@ advertised (tcp) URL, so that managers on other nodes reach the endpoint through
 endpoint's own URL is remembered here to dial it locally. The endpoint is also labelled
 ``nodeName=<this node>`` for each of its services (for selectors). Forwarder registrations, services,
 finds and unregistrations pass through unchanged.
+
+The proxies remember the last record they forwarded for every service and endpoint (until it is
+unregistered or expires), and :meth:`Replay.replay` registers them all again: the manager calls
+it when its registry channel reconnects, so a restarted (in-memory) registry knows this node's
+endpoints within a second or two instead of at their next refresh. Endpoints whose records have
+expired are not brought back.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -23,8 +30,9 @@ from nsm.api.registry_pb2 import (
     NetworkServiceQuery,
     NetworkServiceResponse,
 )
-from nsm.errors import call, from_rpc_error, grpc_errors
+from nsm.errors import NsmError, call, from_rpc_error, grpc_errors
 from nsm.log import get_logger
+from nsm.registry.matching import expiration
 from nsm.transport import parse_url
 from nsm.wellknown import FORWARDER_SERVICE, NODE_LABEL
 
@@ -50,13 +58,45 @@ class LocalEndpoints:
         return len(self._urls)
 
 
-class NsProxy(registry_pb2_grpc.NetworkServiceRegistryServicer):
+class Replay:
+    """The records forwarded to the registry through this manager, by name."""
+
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.ns_stub = registry_pb2_grpc.NetworkServiceRegistryStub(channel)
+        self.nse_stub = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(channel)
+        self.services: dict[str, NetworkService] = {}
+        self.endpoints: dict[str, NetworkServiceEndpoint] = {}
+
+    async def replay(self) -> tuple[int, int]:
+        """Register every remembered service and unexpired endpoint again; (services,
+        endpoints) registered. Failures are logged (the endpoint's own refresh follows)."""
+        now = time.time()
+        for name, nse in list(self.endpoints.items()):
+            exp = expiration(nse)
+            if exp is not None and exp <= now:
+                del self.endpoints[name]
+        done = [0, 0]
+        for i, (stub, records) in enumerate(((self.ns_stub, self.services),
+                                             (self.nse_stub, self.endpoints))):
+            for name, record in list(records.items()):
+                try:
+                    await call(stub.Register(record, timeout=5), "registry")
+                    done[i] += 1
+                except NsmError as exc:
+                    log.warning("registering again after a reconnect failed", name=name,
+                                error=exc.message)
+        return done[0], done[1]
+
+
+class NsProxy(registry_pb2_grpc.NetworkServiceRegistryServicer):
+    def __init__(self, channel: grpc.aio.Channel, replay: Replay | None = None) -> None:
         self.stub = registry_pb2_grpc.NetworkServiceRegistryStub(channel)
+        self.replay = replay or Replay(channel)
 
     @grpc_errors
     async def Register(self, request: NetworkService, context: grpc.aio.ServicerContext) -> NetworkService:
         result: NetworkService = await call(self.stub.Register(request, timeout=10), "registry")
+        self.replay.services[result.name] = result
         return result
 
     @grpc_errors
@@ -71,13 +111,15 @@ class NsProxy(registry_pb2_grpc.NetworkServiceRegistryServicer):
     @grpc_errors
     async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
         await call(self.stub.Unregister(request, timeout=10), "registry")
+        self.replay.services.pop(request.name, None)
         return Empty()
 
 
 class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
     def __init__(self, channel: grpc.aio.Channel, *, local: LocalEndpoints,
-                 advertise: str | None, node: str = "") -> None:
+                 advertise: str | None, node: str = "", replay: Replay | None = None) -> None:
         self.stub = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(channel)
+        self.replay = replay or Replay(channel)
         self.local = local
         self.advertise = advertise
         self.node = node
@@ -88,6 +130,7 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
         if self.advertise is None or FORWARDER_SERVICE in request.network_service_names:
             result: NetworkServiceEndpoint = await call(
                 self.stub.Register(request, timeout=10), "registry")
+            self._remember(result)
             return result
         real = str(parse_url(request.url))
         out = NetworkServiceEndpoint()
@@ -99,8 +142,14 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
                 labels.setdefault(NODE_LABEL, self.node)
         result = await call(self.stub.Register(out, timeout=10), "registry")
         self.local.set(result.name, real)
+        self._remember(result)
         result.url = request.url  # the endpoint sees its own URL back
         return result
+
+    def _remember(self, record: NetworkServiceEndpoint) -> None:
+        kept = NetworkServiceEndpoint()
+        kept.CopyFrom(record)
+        self.replay.endpoints[record.name] = kept
 
     @grpc_errors
     async def Find(self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext
@@ -116,4 +165,5 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
                          context: grpc.aio.ServicerContext) -> Empty:
         await call(self.stub.Unregister(request, timeout=10), "registry")
         self.local.drop(request.name)
+        self.replay.endpoints.pop(request.name, None)
         return Empty()

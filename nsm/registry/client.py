@@ -30,6 +30,7 @@ from nsm.errors import (
 )
 from nsm.log import get_logger
 from nsm.registry.matching import expiration
+from nsm.transport import watch_reconnects
 
 log = get_logger(__name__)
 
@@ -333,20 +334,12 @@ class NseRefresher:
 
     async def _watch_channel(self) -> None:
         """Wake the refresh loop when the channel is READY again after losing its connection."""
-        channel = self._client.channel
-        state = channel.get_state(try_to_connect=True)
-        lost = False
-        while True:
-            await channel.wait_for_state_change(state)
-            state = channel.get_state(try_to_connect=True)
-            if state == grpc.ChannelConnectivity.READY:
-                if lost:
-                    self._log.info("registry connection is back: registering again")
-                    self._reconnected.set()
-                lost = False
-            elif state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                           grpc.ChannelConnectivity.IDLE):
-                lost = True
+
+        def back() -> None:
+            self._log.info("registry connection is back: registering again")
+            self._reconnected.set()
+
+        await watch_reconnects(self._client.channel, back)
 
     async def _sleep(self, delay: float) -> None:
         """Sleep ``delay`` s, or less if the channel reconnected meanwhile."""

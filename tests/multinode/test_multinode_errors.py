@@ -246,3 +246,45 @@ async def test_manager_killed_under_a_refreshing_client_keeps_the_datapath(
         await client.close(raise_errors=True)
         await cluster.assert_clean()
         assert await cluster.link_names(pod) == []
+
+
+REGISTRY_RESTART = Topology(
+    nodes=(NodeSpec("node1"), NodeSpec("node2")),
+    # No ServiceSpec: the endpoint registers its service itself, through node2's manager.
+    endpoints=(EndpointSpec("nse-r", "node2", ("svc-r",), "172.16.11.0/24"),),
+)
+
+
+@pytest.mark.timeout(90)
+async def test_registry_restart_is_healed_by_the_managers_within_seconds(new_lab) -> None:
+    """The (in-memory) registry is SIGKILLed and restarted empty. The live connection keeps its
+    traffic; node2's manager registers again the service and endpoint that went through it as
+    soon as its registry channel is back (the endpoint's own refresh is 20 s away), so a new
+    client on node1 gets a connection within seconds."""
+    async with new_lab(REGISTRY_RESTART, tag="r") as cluster:
+        client, conn, pod = await cluster.connect("node1", "svc-r")
+        dst = ip_of(conn.context.ip_context.dst_ip_addrs[0])
+        await cluster.lab.kill("registry")
+        await cluster.assert_ping(pod, dst)
+        await cluster.lab.start_daemon("registry")
+        t0 = time.monotonic()
+        pod2 = await cluster.pod()
+        while True:
+            fresh = cluster.client("node1", "svc-r", pod2)
+            try:
+                conn2 = await fresh.request()
+                break
+            except NsmError as exc:
+                await fresh.close()
+                if time.monotonic() - t0 > 10:
+                    raise AssertionError(f"no connection 10 s after the registry restart: "
+                                         f"{exc.code.name}: {exc.message}") from exc
+                await asyncio.sleep(0.2)
+        assert "registered again what goes through us" in cluster.lab.logs()["manager.node2"]
+        assert [s.name for s in conn2.path.path_segments][1:] == [
+            "node1", "node1-fwd", "node2", "node2-fwd", "nse-r"]
+        await cluster.assert_ping(pod2, ip_of(conn2.context.ip_context.dst_ip_addrs[0]))
+        await cluster.assert_ping(pod, dst)
+        await fresh.close(raise_errors=True)
+        await client.close(raise_errors=True)
+        await cluster.assert_clean()

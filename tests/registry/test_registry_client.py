@@ -196,3 +196,22 @@ async def test_refresher_stop_is_prompt_and_cancels_its_task(reg: Harness) -> No
     assert time.monotonic() - started < 1
     with contextlib.suppress(RuntimeError):
         assert refresher.name == "e1"
+
+
+async def test_manager_replay_registers_services_and_live_endpoints_only(reg: Harness) -> None:
+    """What a manager replays after its registry reconnects: every service it forwarded and
+    every endpoint whose record has not expired (a dead endpoint is not brought back)."""
+    from nsm.api.registry_pb2 import NetworkService
+    from nsm.manager.proxy import Replay
+
+    replay = Replay(reg.client.channel)
+    replay.services["svc"] = NetworkService(name="svc", payload="ETHERNET")
+    live, dead = endpoint("live"), endpoint("dead")
+    live.expiration_time.seconds = int(time.time() + 60)
+    dead.expiration_time.seconds = int(time.time() - 1)
+    replay.endpoints.update({"live": live, "dead": dead})
+    assert await replay.replay() == (1, 1)
+    assert [e.name for e in await reg.client.find_nse()] == ["live"]
+    svc = await reg.client.get_ns("svc")
+    assert svc is not None and svc.payload == "ETHERNET"
+    assert set(replay.endpoints) == {"live"}  # the expired one is forgotten
