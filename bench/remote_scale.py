@@ -54,8 +54,8 @@ from bench.remote_setup import (
     leftovers,
     log_problems,
     memory,
-    ms,
-    verify_up,
+    timed_close,
+    timed_request,
     warm_one,
 )
 from nsm.api.connection_pb2 import Connection, MonitorScopeSelector
@@ -189,39 +189,15 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
                 async def setup(i: int) -> None:
                     pod = pods[i]
                     client = clients[pod] = _client(lab, pod, f"scale-nsc-{tag}-{i}")
-                    t0 = time.perf_counter()
-                    try:
-                        conn = await client.request()
-                    except Exception as exc:
-                        failures.add(f"{tag} request {pod}", exc)
-                        return
-                    request_ms.append(ms(t0, time.perf_counter()))
-                    try:
-                        await verify_up(nl, lab.pod(pod).netns, conn)
-                    except Exception as exc:
-                        failures.add(f"{tag} verify {pod}", exc)
-                        return
-                    conns[pod] = conn
+                    conn = await timed_request(client, nl, lab.pod(pod).netns, failures,
+                                               f"{tag} {pod}", request_ms)
+                    if conn is not None:
+                        conns[pod] = conn
 
                 async def close(i: int) -> None:
                     pod = pods[i]
-                    client = clients.get(pod)
-                    if client is None or client.connection is None:
-                        return
-                    t0 = time.perf_counter()
-                    try:
-                        await client.close(raise_errors=True)
-                    except Exception as exc:
-                        failures.add(f"{tag} close {pod}", exc)
-                        return
-                    close_ms.append(ms(t0, time.perf_counter()))
-                    try:
-                        if await nl.link(lab.pod(pod).netns, IFNAME) is not None:
-                            raise CheckFailed(f"{IFNAME} is still in pod {pod} after Close")
-                    except Exception as exc:
-                        failures.add(f"{tag} verify close {pod}", exc)
-                    finally:
-                        nl.forget(lab.pod(pod).netns)
+                    await timed_close(clients.get(pod), nl, lab.pod(pod).netns, failures,
+                                      f"{tag} {pod}", close_ms)
 
                 say(f"  [{tag}] {n} cross-node connections (half each way), {concurrency} at a time")
                 cpu.start()

@@ -207,6 +207,51 @@ async def warmup(lab: Lab, nl: Netlink, pods: Sequence[str], service: str,
     return out
 
 
+async def timed_request(client: Client, nl: Netlink, netns: str, failures: Failures, what: str,
+                        request_ms: list[float], verified_ms: list[float] | None = None,
+                        verify: bool = True) -> Connection | None:
+    """Request (timed into ``request_ms``), then check the interface from here (request +
+    check timed into ``verified_ms``). The connection, or None after a counted failure."""
+    t0 = time.perf_counter()
+    try:
+        conn = await client.request()
+    except Exception as exc:
+        failures.add(f"{what} request", exc)
+        return None
+    request_ms.append(ms(t0, time.perf_counter()))
+    if not verify:
+        return conn
+    try:
+        await verify_up(nl, netns, conn)
+    except Exception as exc:
+        failures.add(f"{what} verify", exc)
+        return None
+    if verified_ms is not None:
+        verified_ms.append(ms(t0, time.perf_counter()))
+    return conn
+
+
+async def timed_close(client: Client | None, nl: Netlink, netns: str, failures: Failures,
+                      what: str, close_ms: list[float]) -> None:
+    """Close (timed into ``close_ms``) if connected, then check the interface is gone."""
+    if client is None or client.connection is None:
+        return
+    t0 = time.perf_counter()
+    try:
+        await client.close(raise_errors=True)
+    except Exception as exc:
+        failures.add(f"{what} close", exc)
+        return
+    close_ms.append(ms(t0, time.perf_counter()))
+    try:
+        if await nl.link(netns, IFNAME) is not None:
+            raise CheckFailed(f"{IFNAME} is still in {netns} after Close")
+    except Exception as exc:
+        failures.add(f"{what} verify close", exc)
+    finally:
+        nl.forget(netns)
+
+
 async def phase(lab: Lab, nl: Netlink, namespaces: Sequence[str], concurrency: int,
                 failures: Failures, label: str, *, service: str = SERVICE,
                 verify: bool = True, at_peak: Callable[[], Awaitable[None]] | None = None
@@ -225,41 +270,11 @@ async def phase(lab: Lab, nl: Netlink, namespaces: Sequence[str], concurrency: i
         client = Client(manager_url=node1.manager_url, service=service, netns=namespaces[i],
                         ifname=IFNAME, name=f"bench-nsc-{label}-{i}")
         clients[i] = client
-        t0 = time.perf_counter()
-        try:
-            conn = await client.request()
-        except Exception as exc:
-            failures.add(f"{label} request {i}", exc)
-            return
-        t1 = time.perf_counter()
-        request_ms.append(ms(t0, t1))
-        if not verify:
-            return
-        try:
-            await verify_up(nl, namespaces[i], conn)
-        except Exception as exc:
-            failures.add(f"{label} verify {i}", exc)
-            return
-        verified_ms.append(ms(t0, time.perf_counter()))
+        await timed_request(client, nl, namespaces[i], failures, f"{label} {i}", request_ms,
+                            verified_ms, verify=verify)
 
     async def close(i: int) -> None:
-        client = clients[i]
-        if client is None or client.connection is None:
-            return
-        t0 = time.perf_counter()
-        try:
-            await client.close(raise_errors=True)
-        except Exception as exc:
-            failures.add(f"{label} close {i}", exc)
-            return
-        close_ms.append(ms(t0, time.perf_counter()))
-        try:
-            if await nl.link(namespaces[i], IFNAME) is not None:
-                raise CheckFailed(f"{IFNAME} is still in {namespaces[i]} after Close")
-        except Exception as exc:
-            failures.add(f"{label} verify close {i}", exc)
-        finally:
-            nl.forget(namespaces[i])
+        await timed_close(clients[i], nl, namespaces[i], failures, f"{label} {i}", close_ms)
 
     try:
         cpu.start()

@@ -22,6 +22,8 @@ class PingResult:
     sent: int = 0
     rtts_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: Sequence numbers (from 1) that got no reply in time.
+    lost: list[int] = field(default_factory=list)
 
     @property
     def received(self) -> int:
@@ -67,6 +69,7 @@ def ping_here(dst: str, *, count: int = 3, size: int = 56, timeout: float = 1.0,
                 result.errors.append(f"send: {exc.strerror or exc}")
                 continue
             deadline = start + timeout
+            answered = False
             late = 0
             while late < 64:
                 # Past the deadline still read what is queued (boundedly): a reply that came in
@@ -81,10 +84,13 @@ def ping_here(dst: str, *, count: int = 3, size: int = 56, timeout: float = 1.0,
                 kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
                 if kind == 0 and rid == ident and rseq == seq and addr[0] == dst:
                     result.rtts_ms.append((time.perf_counter() - start) * 1000)
+                    answered = True
                     break
                 if kind == 3 and data[ihl + 1] == 4:  # fragmentation needed
                     result.errors.append("fragmentation needed")
                     break
+            if not answered:
+                result.lost.append(seq)
     finally:
         sock.close()
     return result

@@ -391,8 +391,9 @@ async def test_connection_through_the_lab(prefix: str, nse_node: str, path: list
             conn = await client.request()
             assert [s.name for s in conn.path.path_segments][1:] == path
             dst = conn.context.ip_context.dst_ip_addrs[0].split("/")[0]
-            result = await asyncio.to_thread(ping, client_ns, dst, count=3, interval=0.01)
-            assert result.received == 3, result
+            # One spare echo, as in tests/multinode (Cluster.assert_ping).
+            result = await asyncio.to_thread(ping, client_ns, dst, count=4, interval=0.01)
+            assert result.received >= 3, result
         finally:
             with contextlib.suppress(NsmError):
                 await client.close()
