@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,10 @@ class Cluster:
         suite's load a single echo went unanswered twice in about a dozen runs (cause not
         found yet; never reproduced alone or under CPU load) — see docs/performance.md."""
         result = await self.ping(netns, dst, count=count + 1, interval=0.02)
+        if result.lost:  # shown in the warnings summary: data for the open question
+            warnings.warn(f"ping {dst} from {netns}: echo seq {result.lost} of {result.sent} "
+                          f"unanswered (rtts {[round(r, 3) for r in result.rtts_ms]} ms)",
+                          stacklevel=2)
         assert result.received >= count, (f"ping {dst} from {netns}: {result.received}/"
                                           f"{result.sent} answered, lost seq {result.lost} "
                                           f"{result.errors}")
