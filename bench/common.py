@@ -360,6 +360,20 @@ def sigterm_cancels(task: asyncio.Task[Any]) -> Iterator[None]:
             loop.remove_signal_handler(signal.SIGTERM)
 
 
+def outcome_lines(result: dict[str, Any]) -> list[str]:
+    """The end of every benchmark's table: each bar and its verdict, the failure count with the
+    first failures, and the warnings/errors found in the daemons' logs."""
+    lines = []
+    for b in result.get("bars", []):
+        lines.append(f"bar: {b['name']} = {fmt(b['value'], 0, 3)} ({b.get('op', '<=')} "
+                     f"{b['limit']}): {'ok' if b['ok'] else 'MISSED'}")
+    problems = result.get("daemon_log_problems") or {}
+    lines.append(f"failures: {result.get('failures')}; daemon log warnings/errors: "
+                 f"{problems.get('count', '-')}")
+    lines += [f"  {text}" for text in result.get("failure_examples", []) + problems.get("first", [])]
+    return lines
+
+
 def fmt(value: float | None, width: int = 8, digits: int = 2) -> str:
     """A number for a table cell (``-`` when missing)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -57,6 +57,7 @@ from bench.common import (
     Scratch,
     fmt,
     machine,
+    outcome_lines,
     ratio,
     say,
     settle,
@@ -617,14 +618,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"timeline: {tl.get('error')}")
     if result.get("warmup_ms"):
         lines.append(f"warm-up (first requests, not counted): {result['warmup_ms']} ms")
-    for b in result.get("bars", []):
-        verdict = "ok" if b["ok"] else "MISSED"
-        lines.append(f"bar: {b['name']} = {fmt(b['value'], 0)} (<= {b['limit']}): {verdict}")
-    problems = result.get("daemon_log_problems") or {}
-    lines.append(f"failures: {result.get('failures')}; daemon log warnings/errors: "
-                 f"{problems.get('count', '-')}")
-    for text in result.get("failure_examples", []) + problems.get("first", []):
-        lines.append(f"  {text}")
+    lines += outcome_lines(result)
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import Bench, CpuMeter, Options, fmt, machine, say, summarize
+from bench.common import Bench, CpuMeter, Options, fmt, machine, outcome_lines, say, summarize
 from bench.remote_floor import sweep
 from bench.remote_setup import (
     IFNAME,
@@ -310,11 +310,7 @@ def table(result: dict[str, Any]) -> str:
     cpu = ", ".join(f"{k} {v['total']:.2f}" for k, v in (result.get("cpu_ms_per_setup") or {}).items())
     lines.append(f"CPU ms per setup: {cpu}")
     lines.append(f"left on the nodes after close: {result.get('leftovers')}")
-    problems = result.get("daemon_log_problems") or {}
-    lines.append(f"failures: {result.get('failures')} (bar: 0); daemon log warnings/errors: "
-                 f"{problems.get('count', '-')}")
-    for text in result.get("failure_examples", []) + problems.get("first", []):
-        lines.append(f"  {text}")
+    lines += outcome_lines(result)
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import Bar, Bench, CpuMeter, Options, fmt, machine, ratio, say, summarize
+from bench.common import Bar, Bench, CpuMeter, Options, fmt, machine, outcome_lines, ratio, say, summarize
 from bench.remote_floor import TUNNEL_MTU, measure_remote_floor, rss_kb, sweep
 from nsm.api.connection_pb2 import Connection
 from nsm.client.sdk import Client
@@ -442,14 +442,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"warm-up (not counted): {result['warmup_ms']} ms")
     if result.get("leftovers") is not None:
         lines.append(f"left on the nodes after close: {result['leftovers']}")
-    for b in result.get("bars", []):
-        lines.append(f"bar: {b['name']} = {fmt(b['value'], 0)} (<= {b['limit']}): "
-                     f"{'ok' if b['ok'] else 'MISSED'}")
-    problems = result.get("daemon_log_problems") or {}
-    lines.append(f"failures: {result.get('failures')}; daemon log warnings/errors: "
-                 f"{problems.get('count', '-')}")
-    for text in result.get("failure_examples", []) + problems.get("first", []):
-        lines.append(f"  {text}")
+    lines += outcome_lines(result)
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import Bench, Options, Scratch, fmt, machine, say
+from bench.common import Bench, Options, Scratch, fmt, machine, outcome_lines, say
 from bench.remote_floor import TUNNEL_MTU, Fabric, sweep
 from bench.remote_setup import Failures, lab_prefix, log_problems
 from nsm.client.sdk import Client
@@ -379,13 +379,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"ratio {name}: {fmt(r['median_ratio'], 0, 3)} median of rounds "
                      f"({', '.join(f'{v:.3f}' for v in r['per_round'])}); ratio of medians "
                      f"{fmt(r.get('ratio_of_medians'), 0, 3)}")
-    for b in result.get("bars", []):
-        lines.append(f"bar: {b['name']} = {fmt(b['value'], 0, 3)}: {'ok' if b['ok'] else 'MISSED'}")
-    problems = result.get("daemon_log_problems") or {}
-    lines.append(f"failures: {result.get('failures')}; daemon log warnings/errors: "
-                 f"{problems.get('count', '-')}")
-    for text in result.get("failure_examples", []) + problems.get("first", []):
-        lines.append(f"  {text}")
+    lines += outcome_lines(result)
     return "\n".join(lines)
 
 
