@@ -27,8 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nsm import netns as nsns
-from nsm.procs import Daemon
+from nsm.kernel import netns as nsns
+from nsm.lab.processes import Daemon
 
 #: Prefix of every namespace a benchmark creates: ``nsmb<pid>-...`` (see :func:`sweep_stale`).
 NS_PREFIX = "nsmb"

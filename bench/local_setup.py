@@ -68,7 +68,7 @@ from bench.netlink_floor import measure_floor
 from nsm.api.connection_pb2 import Connection
 from nsm.client.sdk import Client, close_once, new_request, request_once
 from nsm.errors import NotFound, NsmError, Unavailable
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import kernel, netns_url
 from nsm.transport import dial
 from nsm.wellknown import NEXT_HOP_HEADER

@@ -1,4 +1,4 @@
-"""The floor for the kernel work of one local connection, through :mod:`nsm.forwarder.netlink`.
+"""The floor for the kernel work of one local connection, through :mod:`nsm.kernel.netlink`.
 
 One connection = what the forwarder does for a KERNEL/LOCAL connection: a veth with one end in the
 client's namespace and one in the endpoint's (created directly there, with MTU), then
@@ -25,8 +25,8 @@ import sys
 import time
 from typing import Any
 
-from nsm import netns as nsmod
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel import netns as nsmod
+from nsm.kernel.netlink import Netlink
 
 
 def _stats(values: list[float]) -> dict[str, float]:

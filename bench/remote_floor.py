@@ -2,7 +2,7 @@
 
 The same kernel work as the two forwarders do for one connection between a client pod on node1
 and an endpoint pod on node2 (:mod:`nsm.forwarder.vxlan`, ``_Datapath.build`` and ``_route``),
-done directly with :class:`nsm.forwarder.netlink.Netlink` (pyroute2), no daemons, no gRPC:
+done directly with :class:`nsm.kernel.netlink.Netlink` (pyroute2), no daemons, no gRPC:
 
 - **server half, on node2** (built first, as forwarder2 builds before it answers): a veth with
   the endpoint's end (``nsm<hash>``) in the endpoint pod and the node end ``nsv…`` in node2
@@ -48,11 +48,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import NS_PREFIX, Scratch, fmt, machine, say, summarize, sweep_stale
-from nsm import netns as nsns
 from nsm.endpoint.kernel import ifname_for
 from nsm.forwarder.kernel import alias_for
-from nsm.forwarder.netlink import Netlink
 from nsm.forwarder.vxlan import GATEWAY_V4, RULE_PRIORITY, VNI_MAX, VNI_MIN, TablePool, mac_for, names_for
+from nsm.kernel import netns as nsns
+from nsm.kernel.netlink import Netlink
 from nsm.lab import end_processes_in
 from nsm.mechanisms import VXLAN_PORT
 

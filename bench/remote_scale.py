@@ -61,9 +61,9 @@ from bench.remote_setup import (
 from nsm.api.connection_pb2 import Connection, MonitorScopeSelector
 from nsm.api.connection_pb2_grpc import MonitorConnectionStub
 from nsm.client.sdk import Client
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel.netlink import Netlink
+from nsm.kernel.ping import ping
 from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
-from nsm.ping import ping
 from nsm.transport import dial
 
 NAME = "remote_scale"

@@ -45,7 +45,7 @@ from bench.remote_floor import TUNNEL_MTU, measure_remote_floor, rss_kb, sweep
 from nsm.api.connection_pb2 import Connection
 from nsm.client.sdk import Client
 from nsm.errors import NotFound, NsmError, Unavailable
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel.netlink import Netlink
 from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
 
 NAME = "remote_setup"

@@ -5,7 +5,7 @@ two services, one with IP payload (routed: veth, VXLAN, per-connection policy ta
 ETHERNET payload (bridged: veth and VXLAN joined by a bridge); a client pod on node1 requests
 each through the SDK. **Hand-built**: the same kind of namespaces (a fabric bridge, two node
 namespaces with ``eth0`` on it, a client pod on node1 and a server pod on node2), built directly
-with :class:`nsm.forwarder.netlink.Netlink` the textbook way:
+with :class:`nsm.kernel.netlink.Netlink` the textbook way:
 
 - *routed*: a veth into each pod (pod address /24, default route via the node end's address),
   a VXLAN per node (VNI 1001, UDP 4789, local/remote underlay addresses, over ``eth0``) with an
@@ -15,7 +15,7 @@ with :class:`nsm.forwarder.netlink.Netlink` the textbook way:
 
 Every pod interface, node veth end, VXLAN and bridge has MTU 1450 (checked and reported, with
 the MSS iperf3 saw). ``iperf3 -J`` (one TCP stream, client in the node1 pod, server in the node2
-pod, run inside the pods with ``python -m nsm.netns_exec``) measures each link for the same
+pod, run inside the pods with ``python -m nsm.lab.netns_exec``) measures each link for the same
 duration (4 s, 2 s in quick mode; 1 s omitted at the start), interleaved over 6 rounds; within a
 round each of our links runs right beside its hand-built twin, ours first in even rounds and
 second in odd ones (counterbalanced against drifts of the shared machine's load). Reported: the
@@ -45,10 +45,10 @@ from bench.remote_floor import TUNNEL_MTU, Fabric, sweep
 from bench.remote_setup import Failures, lab_prefix, log_problems
 from nsm.client.sdk import Client
 from nsm.errors import NotFound, Unavailable
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel.netlink import Netlink
+from nsm.kernel.ping import ping
 from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
 from nsm.mechanisms import VXLAN_PORT
-from nsm.ping import ping
 
 NAME = "throughput"
 #: The bar: ours / hand-built (median Gbit/s), same run.
@@ -83,7 +83,7 @@ class Link:
 
 
 def _exec(netns: str, *argv: str) -> list[str]:
-    return [sys.executable, "-m", "nsm.netns_exec", netns, "--", *argv]
+    return [sys.executable, "-m", "nsm.lab.netns_exec", netns, "--", *argv]
 
 
 def _listening(pid: int, port: int) -> bool:

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "forwarder": ("nsm.forwarder.main", "run a node's forwarder (programs the kernel)"),
     "nse": ("nsm.endpoint.main", "run a network service endpoint"),
     "nsc": ("nsm.client.main", "request a network service for a namespace"),
-    "demo": ("nsm.demo", "build a throwaway mesh in namespaces and show it working"),
+    "demo": ("nsm.lab.demo", "build a throwaway mesh in namespaces and show it working"),
     "lab": ("nsm.lab", "an emulated cluster of nodes in namespaces: lab up|down|status"),
 }
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nsm import netns as nsns
+from nsm.kernel import netns as nsns
 
 #: ``nsmt-<worker>-<random>``: short (it goes into unix socket paths, 107 bytes at most).
 RUN_PREFIX = f"nsmt-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{secrets.token_hex(3)}"

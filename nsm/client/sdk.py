@@ -34,9 +34,9 @@ from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.elements.updatepath import expiry_of, ts
 from nsm.elements.validate import validate_connection
 from nsm.errors import InvalidArgument, NsmError, call
+from nsm.kernel.netns import netns_path as named_netns
 from nsm.log import get_logger
 from nsm.mechanisms import kernel, netns_path, netns_url, validate_ifname, validate_mechanism
-from nsm.netns import netns_path as named_netns
 from nsm.transport import dial, parse_url
 
 log = get_logger("nsm.client")

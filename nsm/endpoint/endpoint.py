@@ -34,9 +34,9 @@ from nsm.elements.validate import Validate
 from nsm.endpoint.ipam import PointToPointIPAM, parse_cidr
 from nsm.endpoint.kernel import KernelServer
 from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
+from nsm.kernel.netns import netns_path, open_netns
 from nsm.log import get_logger
 from nsm.mechanisms import PAYLOAD_IP
-from nsm.netns import netns_path, open_netns
 from nsm.registry.client import TRANSIENT_ERRORS, NseRefresher, RegistryClient
 from nsm.servicer import SERVICE_NAME, NetworkServiceServicer
 from nsm.transport import Server, dial, parse_url

@@ -28,8 +28,8 @@ from nsm.elements.validate import Validate
 from nsm.errors import FailedPrecondition, Unsupported
 from nsm.forwarder.kernel import KernelLocal
 from nsm.forwarder.mechanism import SelectMechanism
-from nsm.forwarder.netlink import Netlink
 from nsm.forwarder.vxlan import TablePool, Tunnel, VniPool, VxlanClient, VxlanServer, sweep_leftovers
+from nsm.kernel.netlink import Netlink
 from nsm.log import get_logger
 from nsm.mechanisms import KERNEL, LOCAL, REMOTE, VXLAN, kernel, vxlan
 from nsm.registry.client import NseRefresher, RegistryClient

@@ -20,7 +20,7 @@ from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
 from nsm.errors import AlreadyExists, InvalidArgument, NsmError
 from nsm.forwarder.mechanism import UPSTREAM
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import (
     KERNEL,
     LOCAL,

@@ -36,7 +36,7 @@ from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
 from nsm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NsmError, ResourceExhausted
 from nsm.forwarder.kernel import alias_for, is_kernel_local
 from nsm.forwarder.mechanism import UPSTREAM
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import (
     DST_IP,
     DST_MAC,

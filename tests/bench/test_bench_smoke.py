@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nsm import netns as nsns
+from nsm.kernel import netns as nsns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, links)")]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from nsm import netns as nsns
+from nsm.kernel import netns as nsns
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, links)")]

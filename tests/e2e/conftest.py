@@ -2,7 +2,7 @@
 (registry, manager, forwarder, endpoints) on unix sockets, pods as network namespaces.
 
 - ``mesh_session`` (one per xdist worker): the registry, manager, forwarder and a main endpoint
-  (service :data:`SERVICE`, CIDR :data:`CIDR`), started as :class:`nsm.procs.Daemon` processes in
+  (service :data:`SERVICE`, CIDR :data:`CIDR`), started as :class:`nsm.lab.processes.Daemon` processes in
   a temporary directory named with the run prefix, exactly as ``nsm demo`` does.
 - ``mesh`` (per test): the same mesh plus everything the test makes through it (namespaces,
   SDK clients, extra endpoints and daemons, CLI processes), all removed at the end of the test
@@ -34,13 +34,13 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from nsm import netns as nsns
 from nsm.api import connection_pb2_grpc
 from nsm.api.connection_pb2 import Connection, ConnectionEvent, MonitorScopeSelector
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.client.sdk import Client
-from nsm.forwarder.netlink import Netlink
-from nsm.procs import Daemon
+from nsm.kernel import netns as nsns
+from nsm.kernel.netlink import Netlink
+from nsm.lab.processes import Daemon
 from nsm.registry.client import RegistryClient
 from nsm.transport import dial
 from nsm.wellknown import FORWARDER_SERVICE

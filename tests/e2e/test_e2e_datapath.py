@@ -16,7 +16,7 @@ import pytest
 
 from nsm.api import connection_pb2_grpc
 from nsm.api.connection_pb2 import DELETE, INITIAL_STATE_TRANSFER, UPDATE, Connection, MonitorScopeSelector
-from nsm.netns import run_in_netns
+from nsm.kernel.netns import run_in_netns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="session")]
 
@@ -213,7 +213,7 @@ async def test_refresh_changes_nothing_in_the_kernel(mesh) -> None:
     # Still exactly one connection everywhere, and traffic flows.
     for url in (mesh.manager_url, mesh.forwarder_url, mesh.main.url):
         assert len(await mesh.connections(url)) == 1
-    from nsm.ping import ping
+    from nsm.kernel.ping import ping
     result = await asyncio.to_thread(ping, ns, conn.context.ip_context.dst_ip_addrs[0].split("/")[0],
                                      count=2)
     assert result.received == 2

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nsm.ping import ping
+from nsm.kernel.ping import ping
 
 pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="session")]
 

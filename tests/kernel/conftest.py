@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from nsm import netns as nsmod
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel import netns as nsmod
+from nsm.kernel.netlink import Netlink
 
 IS_ROOT = os.geteuid() == 0
 NOT_ROOT_REASON = "needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces"

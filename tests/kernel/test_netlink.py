@@ -1,4 +1,4 @@
-"""nsm.forwarder.netlink and nsm.netns against the real kernel, in namespaces the tests create."""
+"""nsm.kernel.netlink and nsm.kernel.netns against the real kernel, in namespaces the tests create."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import time
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nsm import netns as nsmod
 from nsm.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -24,8 +23,9 @@ from nsm.errors import (
     NotFound,
     Unsupported,
 )
-from nsm.forwarder import netlink as nlmod
-from nsm.forwarder.netlink import LinkInfo, Netlink
+from nsm.kernel import netlink as nlmod
+from nsm.kernel import netns as nsmod
+from nsm.kernel.netlink import LinkInfo, Netlink
 
 NetnsFactory = nsmod.NetnsGroup
 
@@ -34,7 +34,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for networ
 
 
 # ---------------------------------------------------------------------- traffic helpers
-# (run inside a namespace through nsm.netns.run_in_netns; sockets keep their namespace for life)
+# (run inside a namespace through nsm.kernel.netns.run_in_netns; sockets keep their namespace for life)
 
 
 def _checksum(data: bytes) -> int:
@@ -112,7 +112,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-# ---------------------------------------------------------------------- nsm.netns
+# ---------------------------------------------------------------------- nsm.kernel.netns
 
 
 @needs_root

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nsm import netns as nsns
+from nsm.kernel import netns as nsns
 from nsm.lab import Lab, Topology, cleanup
 
 #: ``lt<pid>x<hex>-``: the pid of the pytest process that made the lab. Other runs of the suite

@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-from nsm import netns as nsns
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.client.sdk import Client
 from nsm.errors import AlreadyExists, InvalidArgument, NsmError, Unavailable
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel import netns as nsns
+from nsm.kernel.netlink import Netlink
+from nsm.kernel.ping import ping
 from nsm.lab import (
     EndpointSpec,
     Lab,
@@ -37,8 +38,7 @@ from nsm.lab import (
     pids_in_netns,
     read_state,
 )
-from nsm.ping import ping
-from nsm.procs import wait_serving
+from nsm.lab.processes import wait_serving
 from nsm.registry.client import RegistryClient
 from nsm.transport import dial
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
@@ -52,7 +52,7 @@ def kernel(fn: F) -> F:
         pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")(fn))
 
 _HEALTH = ("import asyncio, sys\n"
-           "from nsm.procs import wait_serving\n"
+           "from nsm.lab.processes import wait_serving\n"
            "asyncio.run(wait_serving(sys.argv[1], timeout=5))\n")
 
 
@@ -60,7 +60,7 @@ async def health_from(netns: str, url: str) -> tuple[int, str]:
     """Check gRPC health of ``url`` from a process inside ``netns`` (the lab's tcp URLs are
     only reachable over its fabric, not from the test's root namespace)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nsm.netns_exec", netns, "--", sys.executable, "-c", _HEALTH, url,
+        sys.executable, "-m", "nsm.lab.netns_exec", netns, "--", sys.executable, "-c", _HEALTH, url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, err.decode(errors="replace")

@@ -18,7 +18,7 @@ unique per run and xdist worker) with ``-`` turned into ``_``; the root conftest
 looks for the run prefix itself, so the labs' work directories carry it (every daemon's command
 line then names it) and :func:`_no_lab_left_behind` checks the namespaces (``<lab prefix>-*``).
 
-Traffic helpers run in threads that entered a pod's namespace (:func:`nsm.netns.run_in_netns`);
+Traffic helpers run in threads that entered a pod's namespace (:func:`nsm.kernel.netns.run_in_netns`);
 scapy's configuration is global to the process, so every scapy use holds :data:`SCAPY_LOCK`.
 """
 
@@ -47,13 +47,13 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from nsm import netns as nsns
 from nsm.api import connection_pb2_grpc
 from nsm.api.connection_pb2 import Connection, ConnectionEvent, MonitorScopeSelector
 from nsm.client.sdk import Client
-from nsm.forwarder.netlink import LinkInfo, Netlink
+from nsm.kernel import netns as nsns
+from nsm.kernel.netlink import LinkInfo, Netlink
+from nsm.kernel.ping import PingResult, ping
 from nsm.lab import EndpointSpec, Lab, MatchSpec, NodeSpec, ServiceSpec, Topology, cleanup
-from nsm.ping import PingResult, ping
 from nsm.transport import dial
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -115,7 +115,7 @@ async def test_close_after_the_client_pod_is_gone(cluster, service: str) -> None
     client = cluster.client("node1", service, pod)
     await client.request()
     assert len(await cluster.tunnel_links("node1")) in (2, 3)
-    from nsm import netns as nsns
+    from nsm.kernel import netns as nsns
 
     nsns.delete_netns(os.path.basename(pod))
     await client.close(raise_errors=True)

@@ -39,7 +39,7 @@ class Daemon:
         env = {**os.environ, **self.env}
         cmd = [sys.executable, "-m", "nsm.cli", *self.args]
         if self.netns:
-            cmd = [sys.executable, "-m", "nsm.netns_exec", self.netns, "--", *cmd]
+            cmd = [sys.executable, "-m", "nsm.lab.netns_exec", self.netns, "--", *cmd]
         out = (os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                if self.log_path else asyncio.subprocess.DEVNULL)
         try:

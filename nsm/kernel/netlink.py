@@ -104,7 +104,6 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from nsm import netns as _netns
 from nsm.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -115,6 +114,7 @@ from nsm.errors import (
     NsmError,
     Unsupported,
 )
+from nsm.kernel import netns as _netns
 from nsm.log import get_logger
 from nsm.mechanisms import netns_path as _url_path
 from nsm.mechanisms import validate_ifname

@@ -10,7 +10,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from nsm.netns import run_in_netns
+from nsm.kernel.netns import run_in_netns
 
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DO = 2

@@ -59,13 +59,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from nsm import log as nsm_log
-from nsm import netns as nsns
 from nsm.api.registry_pb2 import Destination, Match, NetworkService
 from nsm.config import flag
 from nsm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, NsmError, Unavailable
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel import netns as nsns
+from nsm.kernel.netlink import Netlink
+from nsm.lab.processes import Daemon, wait_serving
 from nsm.mechanisms import PAYLOADS, validate_ifname
-from nsm.procs import Daemon, wait_serving
 from nsm.registry.client import RegistryClient
 from nsm.transport import dial
 from nsm.wellknown import FORWARDER_SERVICE

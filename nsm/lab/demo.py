@@ -17,10 +17,10 @@ import time
 
 from nsm.client.sdk import Client
 from nsm.config import flag
-from nsm.forwarder.netlink import Netlink
+from nsm.kernel.netlink import Netlink
+from nsm.kernel.ping import ping
 from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
 from nsm.mechanisms import PAYLOADS
-from nsm.ping import ping
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

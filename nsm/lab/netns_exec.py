@@ -1,4 +1,4 @@
-"""``python -m nsm.netns_exec NETNS -- COMMAND...``: run a command inside a network namespace
+"""``python -m nsm.lab.netns_exec NETNS -- COMMAND...``: run a command inside a network namespace
 (setns, then exec) — how the emulated cluster starts each node's daemons in its namespace,
 without the ``ip`` tool."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import sys
 
-from nsm.netns import netns_path, open_netns, setns
+from nsm.kernel.netns import netns_path, open_netns, setns
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m nsm.netns_exec NETNS -- COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python -m nsm.lab.netns_exec NETNS -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     fd = open_netns(netns_path(argv[0]))
     setns(fd)
