@@ -15,15 +15,23 @@ from typing import Any, TypeVar
 
 import grpc
 
+#: Trailing metadata key that carries an error's :attr:`NsmError.reason` across a hop, so a peer
+#: can tell one kind of failure from another with the same code without reading the message.
+REASON_KEY = "nsm-error-reason"
+
 
 class NsmError(Exception):
-    """Base of every domain error. ``code`` is the gRPC status it maps to."""
+    """Base of every domain error. ``code`` is the gRPC status it maps to; ``reason`` (optional,
+    UPPER_SNAKE) names the kind of failure within the code and travels with the status."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = ""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if reason is not None:
+            self.reason = reason
 
 
 class InvalidArgument(NsmError):
@@ -64,6 +72,23 @@ class Internal(NsmError):
     code = grpc.StatusCode.INTERNAL
 
 
+class VniConflict(AlreadyExists):
+    """The VNI offered for a cross-node link is taken on the receiving node: pick another."""
+
+    reason = "VNI_CONFLICT"
+
+
+#: Failures that may be the peer's (or the moment's) fault rather than the caller's: the same
+#: call may succeed later, or with another peer. The one list every retry and every fallback
+#: to another candidate uses; caller-side failures (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
+#: FAILED_PRECONDITION) are never retried.
+RETRYABLE: tuple[type[NsmError], ...] = (Unavailable, DeadlineExceeded, Internal, Unsupported,
+                                         ResourceExhausted)
+
+#: Errors that carry a reason of their own, restored by :func:`from_rpc_error`.
+_BY_REASON: dict[str, type[NsmError]] = {VniConflict.reason: VniConflict}
+
+
 _BY_CODE: dict[grpc.StatusCode, type[NsmError]] = {
     cls.code: cls
     for cls in (
@@ -99,11 +124,33 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
+def reason_of(exc: grpc.aio.AioRpcError) -> str:
+    """The :attr:`NsmError.reason` a peer sent with its status ("" when none)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == REASON_KEY and isinstance(value, str):
+            return value
+    return ""
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError, where: str = "") -> NsmError:
-    """The domain error matching a gRPC error received from a peer."""
+    """The domain error matching a gRPC error received from a peer (its reason included)."""
+    reason = reason_of(exc)
     cls = _BY_CODE.get(exc.code(), Internal)
+    typed = _BY_REASON.get(reason)
+    if typed is not None and typed.code == exc.code():
+        cls = typed
     details = exc.details() or exc.code().name
-    return cls(f"{where}: {details}" if where else details)
+    return cls(f"{where}: {details}" if where else details, reason=reason or None)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: NsmError | grpc.aio.AioRpcError) -> None:
+    """End an RPC with the status of a domain error, or pass a peer's status on unchanged
+    (its reason included)."""
+    reason = exc.reason if isinstance(exc, NsmError) else reason_of(exc)
+    if reason:
+        context.set_trailing_metadata(((REASON_KEY, reason),))
+    code, message = status_of(exc)
+    await context.abort(code, message)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -121,10 +168,9 @@ def grpc_errors(method: F) -> F:
                 async for item in method(self, request, context):
                     yield item
             except NsmError as exc:
-                await context.abort(exc.code, exc.message)
+                await abort(context, exc)
             except grpc.aio.AioRpcError as exc:
-                code, msg = status_of(exc)
-                await context.abort(code, msg)
+                await abort(context, exc)
 
         return stream  # type: ignore[return-value]
 
@@ -133,10 +179,9 @@ def grpc_errors(method: F) -> F:
         try:
             return await method(self, request, context)
         except NsmError as exc:
-            await context.abort(exc.code, exc.message)
+            await abort(context, exc)
         except grpc.aio.AioRpcError as exc:
-            code, msg = status_of(exc)
-            await context.abort(code, msg)
+            await abort(context, exc)
 
     return unary  # type: ignore[return-value]
 

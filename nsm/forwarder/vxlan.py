@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
-from nsm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NsmError, ResourceExhausted
+from nsm.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NsmError,
+    ResourceExhausted,
+    VniConflict,
+)
 from nsm.forwarder.kernel import alias_for, is_kernel_local
 from nsm.forwarder.mechanism import UPSTREAM
 from nsm.kernel.netlink import Netlink
@@ -55,7 +62,6 @@ from nsm.mechanisms import (
 )
 
 VNI_MIN, VNI_MAX = 4096, (1 << 24) - 1
-VNI_CONFLICT = "VNI conflict"
 RULE_PRIORITY = 1000
 GATEWAY_V4 = "169.254.0.1"
 GATEWAY_V6 = "fe80::1"
@@ -103,7 +109,7 @@ class VniPool:
     def reserve(self, vni: int, owner: str) -> None:
         held = self._owner.get(vni)
         if held is not None and held != owner:
-            raise AlreadyExists(f"{VNI_CONFLICT}: VNI {vni} is in use on this node")
+            raise VniConflict(f"VNI {vni} is in use on this node")
         self._owner[vni] = owner
 
     def release(self, vni: int, owner: str) -> None:
@@ -378,8 +384,8 @@ class VxlanClient(_Side):
             try:
                 conn = await next(ctx, request)
                 break
-            except AlreadyExists as exc:
-                if VNI_CONFLICT not in exc.message or half is not None or attempt == 3:
+            except VniConflict:
+                if half is not None or attempt == 3:
                     self._forget_vni(ctx, half)
                     raise
                 self.vnis.release(vni, ctx.conn_id)

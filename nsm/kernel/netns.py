@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from nsm.errors import AlreadyExists, Internal, InvalidArgument, NotFound
+from nsm.mechanisms import netns_path as url_netns_path
 
 T = TypeVar("T")
 
@@ -95,6 +96,25 @@ def netns_path(name_or_path: str) -> str:
     if not _NAME.match(name_or_path) or name_or_path in (".", ".."):
         raise InvalidArgument(f"network namespace name {name_or_path!r} is not valid")
     return os.path.join(NETNS_RUN_DIR, name_or_path)
+
+
+def own_netns() -> str:
+    """This process's network namespace, as a path other processes can open."""
+    return f"/proc/{os.getpid()}/ns/net"
+
+
+def resolve_netns(value: str | None) -> str:
+    """The path of an existing network namespace named on a command line or in an API: a name
+    under /var/run/netns, an absolute path, a ``file://`` URL, or nothing (this process's own).
+    Raises NotFound when it does not exist and InvalidArgument when it is not a namespace."""
+    if not value:
+        path = own_netns()
+    elif value.startswith("file:"):
+        path = url_netns_path(value)
+    else:
+        path = netns_path(value)
+    os.close(open_netns(path))
+    return path
 
 
 def open_netns(path: str) -> int:
