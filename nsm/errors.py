@@ -50,6 +50,12 @@ class FailedPrecondition(NsmError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PermissionDenied(NsmError):
+    """The caller may not do this (the reason says why)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(NsmError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -96,6 +102,7 @@ _BY_CODE: dict[grpc.StatusCode, type[NsmError]] = {
         NotFound,
         AlreadyExists,
         FailedPrecondition,
+        PermissionDenied,
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,
@@ -106,7 +113,6 @@ _BY_CODE: dict[grpc.StatusCode, type[NsmError]] = {
 # Codes with no domain class of their own.
 _BY_CODE[grpc.StatusCode.CANCELLED] = Unavailable
 _BY_CODE[grpc.StatusCode.UNKNOWN] = Internal
-_BY_CODE[grpc.StatusCode.PERMISSION_DENIED] = FailedPrecondition
 _BY_CODE[grpc.StatusCode.UNAUTHENTICATED] = FailedPrecondition
 _BY_CODE[grpc.StatusCode.ABORTED] = Unavailable
 _BY_CODE[grpc.StatusCode.OUT_OF_RANGE] = InvalidArgument

@@ -43,7 +43,7 @@ def _quote(value: Any) -> str:
 class Logger:
     """A thin structured wrapper over :mod:`logging`."""
 
-    def __init__(self, name: str, **bound: Any) -> None:
+    def __init__(self, name: str, /, **bound: Any) -> None:
         self._log = logging.getLogger(name)
         self._bound = bound
 
@@ -68,7 +68,7 @@ class Logger:
         self._emit(logging.ERROR, msg, exc_info, fields)
 
 
-def get_logger(name: str, **bound: Any) -> Logger:
+def get_logger(name: str, /, **bound: Any) -> Logger:
     return Logger(name, **bound)
 
 

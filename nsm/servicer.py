@@ -32,9 +32,6 @@ class NetworkServiceServicer(networkservice_pb2_grpc.NetworkServiceServicer):
     def __init__(self, chain: Chain) -> None:
         self.chain = chain
 
-    def add_to(self, server: grpc.aio.Server) -> None:
-        networkservice_pb2_grpc.add_NetworkServiceServicer_to_server(self, server)
-
     @grpc_errors
     async def Request(
         self, request: NetworkServiceRequest, context: grpc.aio.ServicerContext

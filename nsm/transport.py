@@ -15,6 +15,7 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -42,6 +43,16 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 )
+
+
+@dataclass(frozen=True)
+class Service:
+    """A gRPC service to serve: its full name (for health and reflection), the generated
+    ``add_..._to_server`` function and the servicer object."""
+
+    name: str
+    add: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,15 @@ def parse_url(text: str) -> Url:
     raise InvalidArgument(f"unsupported URL {text!r}: use unix:///path or tcp://host:port")
 
 
+def normalize_url(url: str) -> str:
+    """``url`` in its canonical form (so two spellings of one address compare equal); an
+    unparsable URL is returned unchanged."""
+    try:
+        return str(parse_url(url))
+    except InvalidArgument:
+        return url
+
+
 def _prepare_unix_socket(path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -127,6 +147,13 @@ class Server:
         self._names: list[str] = []
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc)
+
+    def add(self, *services: Service) -> None:
+        """Serve these services (before :meth:`start`); each is also reported by health and
+        reflection. The one way every daemon registers what it serves."""
+        for service in services:
+            service.add(service.servicer, self.grpc)
+            self._names.append(service.name)
 
     def add_service_names(self, names: Iterable[str]) -> None:
         self._names.extend(names)

@@ -16,62 +16,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 
 import grpc
 
-from nsm.api import connection_pb2_grpc
 from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint
-from nsm.chain import Chain, Element
-from nsm.elements.begin import Begin
-from nsm.elements.monitor import Monitor
-from nsm.elements.timeout import Timeout
-from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
-from nsm.elements.validate import Validate
+from nsm.chain import Element
+from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.endpoint.ipam import PointToPointIPAM, parse_cidr
 from nsm.endpoint.kernel import KernelServer
-from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
-from nsm.kernel.netns import netns_path, open_netns
+from nsm.errors import RETRYABLE, InvalidArgument, NsmError
+from nsm.kernel.netns import resolve_netns
 from nsm.log import get_logger
 from nsm.mechanisms import PAYLOAD_IP
-from nsm.registry.client import TRANSIENT_ERRORS, NseRefresher, RegistryClient
-from nsm.servicer import SERVICE_NAME, NetworkServiceServicer
-from nsm.transport import Server, dial, parse_url
+from nsm.names import check_name
+from nsm.registry.client import NseRefresher, RegistryClient
+from nsm.role import Role
+from nsm.transport import dial, parse_url
+from nsm.wellknown import NODE_LABEL
 
 log = get_logger("nsm.endpoint")
 
-MONITOR_SERVICE = "connection.MonitorConnection"
 DEFAULT_EXPIRY = 60.0
-MAX_NAME = 253
-_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 
 
-def own_netns() -> str:
-    """This process's network namespace, as a path the forwarder can open."""
-    return f"/proc/{os.getpid()}/ns/net"
-
-
-def check_netns(netns: str | None) -> str:
-    """The path of an existing network namespace (a name means ``/var/run/netns/<name>``)."""
-    path = netns_path(netns) if netns else own_netns()
-    os.close(open_netns(path))
-    return path
-
-
-def check_name(value: str, what: str) -> str:
-    if not value:
-        raise InvalidArgument(f"{what} is empty")
-    if len(value) > MAX_NAME:
-        raise InvalidArgument(f"{what} is {len(value)} characters; at most {MAX_NAME} are allowed")
-    if not _PRINTABLE.match(value):
-        raise InvalidArgument(f"{what} {value!r} has spaces or control characters")
-    return value
-
-
-class Endpoint:
+class Endpoint(Role):
     """``async with Endpoint(name=..., services=[...], cidr=..., listen=[...], registry_url=...)``.
 
     - ``netns``: where the forwarder puts the endpoint's interfaces (a path or a name under
@@ -83,7 +52,11 @@ class Endpoint:
     - ``registry_url`` None: serve without registering (tests, static setups).
     - ``advertise``: the URL registered for this endpoint (default: its first bound listen URL;
       set it when listening on a wildcard address such as ``tcp://0.0.0.0:5003``).
+    - ``node``: the node it runs on, registered as its ``nodeName`` label (a manager it registers
+      through adds it anyway; needed when it registers at the registry directly).
     """
+
+    kind = "endpoint"
 
     def __init__(
         self,
@@ -99,50 +72,31 @@ class Endpoint:
         lifetime: float = DEFAULT_LIFETIME,
         elements: Sequence[Element] = (),
         advertise: str | None = None,
+        node: str = "",
         grace: float = 1.0,
     ) -> None:
-        self.name = check_name(name, "endpoint name")
+        if not listen:
+            raise InvalidArgument("an endpoint needs at least one listen URL")
+        self.listen = [str(parse_url(u)) for u in listen]
+        super().__init__(name=name, listen=self.listen, lifetime=lifetime, grace=grace)
         if not services:
             raise InvalidArgument("an endpoint needs at least one network service")
         self.services = [check_name(s, "network service name") for s in services]
         self.network = parse_cidr(cidr)
-        if not listen:
-            raise InvalidArgument("an endpoint needs at least one listen URL")
-        self.listen = [str(parse_url(u)) for u in listen]
         self.registry_url = str(parse_url(registry_url)) if registry_url else None
         self.advertise = str(parse_url(advertise)) if advertise else None
-        self.netns = check_netns(netns)
+        self.netns = resolve_netns(netns)
         self.labels = dict(labels or {})
+        if node:
+            self.labels.setdefault(NODE_LABEL, check_name(node, "node name"))
         if not expiry > 0:
             raise InvalidArgument(f"registration expiry must be positive, not {expiry}")
-        if not lifetime > 0:
-            raise InvalidArgument(f"connection lifetime must be positive, not {lifetime}")
         self.expiry = float(expiry)
-        self.grace = grace
-
-        self.begin = Begin()
-        self.timeout = Timeout()
-        self.monitor = Monitor()
         self.kernel = KernelServer(self.netns)
         self.ipam = PointToPointIPAM(self.network)
-        self.chain = Chain([
-            self.begin,
-            Validate(),
-            UpdatePath(self.name, lifetime=lifetime),
-            self.timeout,
-            self.monitor,
-            self.kernel,
-            self.ipam,
-            *elements,
-        ], name="endpoint")
-
-        self.server = Server(self.listen)
-        NetworkServiceServicer(self.chain).add_to(self.server.grpc)
-        connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
-        self.server.add_service_names([SERVICE_NAME, MONITOR_SERVICE])
+        self.extra = list(elements)
         self.refresher: NseRefresher | None = None
         self._registry_channel: grpc.aio.Channel | None = None
-        self._started = False
         self._keeper: asyncio.Task[None] | None = None
         self._service_records: dict[str, NetworkService] = {}
 
@@ -165,32 +119,31 @@ class Endpoint:
             nse.network_service_labels[service].labels.update(self.labels)
         return nse
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    # -- the chain ----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Serve, then register (retrying while the registry is unreachable). Cancelling a
-        start that waits for the registry stops everything it started."""
-        if self._started:
+    def elements(self) -> list[Element]:
+        return [self.kernel, self.ipam, *self.extra]
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def setup(self, stack: contextlib.AsyncExitStack) -> None:
+        stack.callback(log.info, "endpoint stopped", name=self.name)
+
+    async def serving(self, stack: contextlib.AsyncExitStack) -> None:
+        """Register (retrying while the registry is unreachable); cancelling this stops
+        everything the start did."""
+        log.info("endpoint serving", name=self.name, urls=",".join(self.urls),
+                 services=",".join(self.services), cidr=str(self.network), netns=self.netns)
+        if self.registry_url is None:
             return
-        self._started = True
-        try:
-            try:
-                await self.server.start()
-            except RuntimeError as exc:  # grpc's bind failure (address in use, not local)
-                raise FailedPrecondition(f"cannot listen on {', '.join(self.listen)}: {exc}") from exc
-            log.info("endpoint serving", name=self.name, urls=",".join(self.urls),
-                     services=",".join(self.services), cidr=str(self.network), netns=self.netns)
-            if self.registry_url is not None:
-                self._registry_channel = dial(self.registry_url)
-                client = RegistryClient(self._registry_channel)
-                await self._register_services(client)
-                self.refresher = NseRefresher(client, self.nse(), expiry=self.expiry)
-                await self.refresher.start()
-                self._keeper = asyncio.get_running_loop().create_task(
-                    self._keep_services(client), name=f"nse-services:{self.name}")
-        except BaseException:
-            await self.stop()
-            raise
+        self._registry_channel = dial(self.registry_url)
+        stack.push_async_callback(self._close_registry)
+        client = RegistryClient(self._registry_channel)
+        await self._register_services(client)
+        self.refresher = NseRefresher(client, self.nse(), expiry=self.expiry)
+        await self.refresher.start()
+        self._keeper = asyncio.get_running_loop().create_task(
+            self._keep_services(client), name=f"nse-services:{self.name}")
 
     async def _register_services(self, client: RegistryClient) -> None:
         backoff = 0.1
@@ -204,7 +157,7 @@ class Endpoint:
                         log.info("network service registered", service=service)
                     self._service_records[service] = record
                     break
-                except TRANSIENT_ERRORS as exc:
+                except RETRYABLE as exc:
                     log.warning("registry not reachable, retrying", registry=self.registry_url,
                                 error=exc.message, retry_in=backoff)
                     await asyncio.sleep(backoff)
@@ -227,11 +180,8 @@ class Endpoint:
             except NsmError as exc:
                 log.debug("checking network services failed", error=exc.message)
 
-    async def stop(self) -> None:
-        """Unregister, stop serving, close every connection's timer. Idempotent."""
-        if not self._started:
-            return
-        self._started = False
+    async def _close_registry(self) -> None:
+        """Unregister and close the registry channel."""
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.cancel()
@@ -241,21 +191,6 @@ class Endpoint:
         if refresher is not None:
             with contextlib.suppress(NsmError, RuntimeError):
                 await refresher.stop()
-        await self.server.stop(self.grace)
-        await self.chain.shutdown()
         channel, self._registry_channel = self._registry_channel, None
         if channel is not None:
             await channel.close()
-        log.info("endpoint stopped", name=self.name)
-
-    async def __aenter__(self) -> Endpoint:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

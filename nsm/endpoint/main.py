@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="URL to serve on, unix:///path or tcp://host:port; repeatable")
     flag(parser, "--advertise", help="URL registered for this endpoint (default: first --listen)")
     flag(parser, "--registry", required=True, help="registry URL, e.g. tcp://127.0.0.1:5002")
+    flag(parser, "--node", default="",
+         help="node this endpoint runs on, registered as its nodeName label (set when it "
+              "registers at the registry directly; a manager it registers through adds it)")
     flag(parser, "--label", many=True, type=label, default=[],
          help="endpoint label key=value (for the services' matches); repeatable")
     flag(parser, "--expiry", type=duration, default=DEFAULT_EXPIRY,
@@ -66,6 +69,7 @@ async def run(args: argparse.Namespace) -> int:
         endpoint = Endpoint(
             name=args.name, services=args.service, cidr=args.cidr, netns=args.netns,
             listen=args.listen, registry_url=args.registry, advertise=args.advertise,
+            node=args.node,
             labels=dict(args.label or []), expiry=args.expiry, lifetime=args.lifetime)
     except NsmError as exc:
         _fail(exc.message)

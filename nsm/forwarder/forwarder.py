@@ -1,8 +1,9 @@
 """The forwarder daemon: its chain, composed in one place, its registration and lifecycle.
 
-Chain: Begin → Validate → UpdatePath → Timeout → Monitor → SelectMechanism → KernelLocal →
-VxlanClient → VxlanServer → Connect (to the next hop named by the manager: an endpoint, or a
-remote manager). Each datapath element acts only on its own pair of mechanisms:
+Chain: (Begin → Validate → UpdatePath → Timeout → Monitor, see :mod:`nsm.role`) →
+SelectMechanism → KernelLocal → VxlanClient → VxlanServer → Connect (to the next hop the
+forwarder resolved itself from the endpoint's name: the endpoint, or another node's manager).
+The (upstream, downstream) mechanism pair selects the one datapath element that acts:
 
 - KERNEL upstream, KERNEL downstream: KernelLocal (one veth between two pods of this node);
 - KERNEL upstream, VXLAN downstream: VxlanClient (the client's half of a cross-node link);
@@ -11,82 +12,126 @@ remote manager). Each datapath element acts only on its own pair of mechanisms:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Sequence
-from types import TracebackType
 
-from nsm.api import connection_pb2_grpc, networkservice_pb2_grpc
-from nsm.api.connection_pb2 import Mechanism
+import grpc
+
+from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.registry_pb2 import NetworkServiceEndpoint, NetworkServiceLabels
-from nsm.chain import Chain, Ctx
-from nsm.elements.begin import Begin
+from nsm.chain import Ctx, Element
 from nsm.elements.connect import Connect
-from nsm.elements.monitor import Monitor
-from nsm.elements.timeout import Timeout
-from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
-from nsm.elements.validate import Validate
-from nsm.errors import FailedPrecondition, Unsupported
+from nsm.elements.updatepath import DEFAULT_LIFETIME
+from nsm.errors import FailedPrecondition, InvalidArgument, Unavailable, Unsupported
 from nsm.forwarder.kernel import KernelLocal
-from nsm.forwarder.mechanism import SelectMechanism
+from nsm.forwarder.mechanism import NextHop, SelectMechanism
 from nsm.forwarder.vxlan import TablePool, Tunnel, VniPool, VxlanClient, VxlanServer, sweep_leftovers
 from nsm.kernel.netlink import Netlink
-from nsm.log import get_logger
+from nsm.manager.cache import RegistryCache
 from nsm.mechanisms import KERNEL, LOCAL, REMOTE, VXLAN, kernel, vxlan
+from nsm.names import check_name
 from nsm.registry.client import NseRefresher, RegistryClient
-from nsm.servicer import NetworkServiceServicer
-from nsm.transport import Channels, Server, Url, dial
+from nsm.registry.matching import service_labels
+from nsm.role import Role
+from nsm.transport import Channels, dial
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
 
-log = get_logger("nsm.forwarder")
 
+class Forwarder(Role):
+    """``async with Forwarder(name=..., listen=[...], manager_url=..., registry_url=...):``
 
-class Forwarder:
-    """``async with Forwarder(name=..., listen=[...], manager_url=..., registry_url=...):``"""
+    ``registry_url`` is normally the node's manager (its registry proxy answers this node's
+    endpoints with their real URLs); ``node`` (default: the name) is matched against the
+    endpoints' ``nodeName`` label to tell endpoints of this node from other nodes' managers."""
+
+    kind = "forwarder"
 
     def __init__(self, *, name: str, listen: Sequence[str], manager_url: str, registry_url: str,
                  node: str = "", lifetime: float = DEFAULT_LIFETIME, request_timeout: float = 15.0,
                  expiry: float | None = None, tunnel_ip: str | None = None) -> None:
-        self.name = name
-        self.node = node or name
+        super().__init__(name=name, listen=listen, lifetime=lifetime)
+        self.node = check_name(node, "node name") if node else self.name
         self.manager_url = manager_url
         self.registry_url = registry_url
         self.expiry = expiry
-        self.server = Server(listen)
-        self.channels = Channels()
-        self.netlink = Netlink()
-        self.monitor = Monitor()
-        self.begin = Begin()
-        self._registry_channel = dial(registry_url)
-        self._refresher: NseRefresher | None = None
+        self.request_timeout = request_timeout
         self.tunnel_ip = tunnel_ip
         self.tunnel: Tunnel | None = None
+        self.channels = Channels()
+        self.netlink = Netlink()
         self.vnis = VniPool()
-        self.tables = tables = TablePool()
-        self.chain = Chain([
-            self.begin,
-            Validate(),
-            UpdatePath(name, lifetime=lifetime),
-            Timeout(),
-            self.monitor,
-            SelectMechanism(supported=[(LOCAL, KERNEL), (REMOTE, VXLAN)],
-                            downstream=self._downstream),
-            KernelLocal(self.netlink),
-            VxlanClient(self.netlink, self._tunnel_proxy, self.vnis, tables, name),
-            VxlanServer(self.netlink, self._tunnel_proxy, self.vnis, tables, name),
-            Connect(self.channels, timeout=request_timeout),
-        ], name="forwarder")
+        self.tables = TablePool()
+        self._registry_channel: grpc.aio.Channel | None = None
+        self.endpoints: RegistryCache  # set up at start: the registry as this node sees it
 
-    @property
-    def _tunnel_proxy(self) -> _TunnelRef:
-        return _TunnelRef(self)
+    # -- the chain ------------------------------------------------------------------------
 
-    def _downstream(self, ctx: Ctx, url: Url) -> list[Mechanism]:
-        if url.is_unix:
+    def elements(self) -> list[Element]:
+        datapath: list[Element] = [KernelLocal(self.netlink)]
+        pairs = [(KERNEL, KERNEL)]
+        if self.tunnel is not None:
+            datapath += [VxlanClient(self.netlink, self.tunnel, self.vnis, self.tables, self.name),
+                         VxlanServer(self.netlink, self.tunnel, self.vnis, self.tables, self.name)]
+            pairs += [(KERNEL, VXLAN), (VXLAN, KERNEL)]
+        return [
+            SelectMechanism(supported=[(LOCAL, KERNEL), (REMOTE, VXLAN)], pairs=pairs,
+                            next_hop=self.next_hop, offer=self.offer),
+            *datapath,
+            Connect(self.channels, timeout=self.request_timeout),
+        ]
+
+    async def next_hop(self, ctx: Ctx, conn: Connection) -> NextHop:
+        """The endpoint the manager chose, resolved by name in the registry as this node sees
+        it: on this node → the endpoint itself; elsewhere → the manager it registered through."""
+        name = conn.network_service_endpoint_name
+        if not name:
+            raise InvalidArgument("the connection names no endpoint: a forwarder serves the "
+                                  "endpoint its manager chose")
+        nse = await self.endpoints.endpoint(name)
+        if nse is None or not nse.url:
+            raise Unavailable(f"endpoint {name} is not known to the registry of node {self.node} "
+                              "(yet)")
+        node = node_of(nse, conn.network_service)
+        if not node:
+            raise FailedPrecondition(f"endpoint {name} has no {NODE_LABEL} label: register it "
+                                     "through its node's manager (or label it with its node)")
+        return NextHop(url=nse.url, local=node == self.node)
+
+    def offer(self, ctx: Ctx, hop: NextHop) -> list[Mechanism]:
+        if hop.local:
             return [kernel()]
         if self.tunnel is None:
-            raise Unsupported(f"next hop {url} is on another node, but this forwarder has no "
+            raise Unsupported(f"next hop {hop.url} is on another node, but this forwarder has no "
                               "tunnel address (set --tunnel-ip)")
         return [vxlan(self.tunnel.ip)]
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def setup(self, stack: contextlib.AsyncExitStack) -> None:
+        stack.push_async_callback(self.netlink.close)
+        self._registry_channel = dial(self.registry_url)
+        stack.push_async_callback(self._registry_channel.close)
+        stack.push_async_callback(self.channels.close)
+        self.endpoints = RegistryCache(self._registry_channel)
+        await self.endpoints.start()
+        stack.push_async_callback(self.endpoints.stop)
+        self.tunnel = await self._detect_tunnel()
+        swept = await sweep_leftovers(self.netlink, self.name, self.tables)
+        if swept:
+            self.log.warning("removed links left by an earlier run of this forwarder",
+                             count=len(swept), links=",".join(sorted(swept)))
+
+    async def serving(self, stack: contextlib.AsyncExitStack) -> None:
+        assert self._registry_channel is not None
+        refresher = NseRefresher(RegistryClient(self._registry_channel), self.registration(),
+                                 expiry=self.expiry)
+        await refresher.start()
+        stack.push_async_callback(refresher.stop)
+        self.log.info("forwarder serving", urls=",".join(map(str, self.server.urls)),
+                      manager=self.manager_url, node=self.node,
+                      tunnel=f"{self.tunnel.ip} dev {self.tunnel.dev} mtu {self.tunnel.mtu}"
+                      if self.tunnel else "none")
 
     async def _detect_tunnel(self) -> Tunnel | None:
         """This node's tunnel endpoint: --tunnel-ip, else the first global address of an up,
@@ -106,10 +151,6 @@ class Forwarder:
                                      "of the forwarder's namespace")
         return None
 
-    @property
-    def bound(self) -> list[Url]:
-        return self.server.urls
-
     def registration(self) -> NetworkServiceEndpoint:
         labels = {MANAGER_URL_LABEL: self.manager_url, NODE_LABEL: self.node, "p2p": "true"}
         return NetworkServiceEndpoint(
@@ -117,63 +158,13 @@ class Forwarder:
             network_service_labels={FORWARDER_SERVICE: NetworkServiceLabels(labels=labels)},
             url=str(self.server.urls[0]))
 
-    async def start(self) -> None:
-        networkservice_pb2_grpc.add_NetworkServiceServicer_to_server(
-            NetworkServiceServicer(self.chain), self.server.grpc)
-        connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
-        self.server.add_service_names(["networkservice.NetworkService",
-                                       "connection.MonitorConnection"])
-        self.tunnel = await self._detect_tunnel()
-        swept = await sweep_leftovers(self.netlink, self.name, self.tables)
-        if swept:
-            log.warning("removed links left by an earlier run of this forwarder",
-                        count=len(swept), links=",".join(sorted(swept)))
-        await self.server.start()
-        self._refresher = NseRefresher(RegistryClient(self._registry_channel), self.registration(),
-                                       expiry=self.expiry)
-        await self._refresher.start()
-        log.info("forwarder serving", name=self.name, urls=",".join(map(str, self.server.urls)),
-                 manager=self.manager_url,
-                 tunnel=f"{self.tunnel.ip} dev {self.tunnel.dev} mtu {self.tunnel.mtu}"
-                 if self.tunnel else "none")
 
-    async def stop(self) -> None:
-        if self._refresher is not None:
-            await self._refresher.stop()
-        await self.server.stop(grace=1.0)
-        await self.chain.shutdown()
-        await self.channels.close()
-        await self._registry_channel.close()
-        await self.netlink.close()
-
-    async def __aenter__(self) -> Forwarder:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
-
-
-class _TunnelRef:
-    """The forwarder's tunnel as found at start (the datapath elements are built before)."""
-
-    def __init__(self, forwarder: Forwarder) -> None:
-        self._forwarder = forwarder
-
-    def _get(self) -> Tunnel:
-        if self._forwarder.tunnel is None:
-            raise Unsupported("this forwarder has no tunnel address (set --tunnel-ip)")
-        return self._forwarder.tunnel
-
-    @property
-    def ip(self) -> str:
-        return self._get().ip
-
-    @property
-    def dev(self) -> str | None:
-        return self._get().dev
-
-    @property
-    def mtu(self) -> int:
-        return self._get().mtu
+def node_of(nse: NetworkServiceEndpoint, service: str) -> str:
+    """The node an endpoint runs on, from its ``nodeName`` label (the service's labels first)."""
+    node = service_labels(nse, service).get(NODE_LABEL, "")
+    if node:
+        return node
+    for labels in nse.network_service_labels.values():
+        if labels.labels.get(NODE_LABEL):
+            return labels.labels[NODE_LABEL]
+    return ""

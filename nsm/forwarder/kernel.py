@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
-from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
+from nsm.chain import Ctx, Key, NextClose, NextRequest
 from nsm.errors import AlreadyExists, InvalidArgument, NsmError
-from nsm.forwarder.mechanism import UPSTREAM
+from nsm.forwarder.mechanism import UPSTREAM, Datapath
 from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import (
     KERNEL,
@@ -63,7 +63,11 @@ def is_kernel_local(m: Mechanism | None) -> bool:
     return m is not None and m.cls == LOCAL and m.type == KERNEL
 
 
-class KernelLocal(Element):
+class KernelLocal(Datapath):
+    """KERNEL upstream, KERNEL downstream: one veth between two pods of this node."""
+
+    pair = (KERNEL, KERNEL)
+
     def __init__(self, netlink: Netlink, *, default_mtu: int = DEFAULT_MTU) -> None:
         self.netlink = netlink
         self.default_mtu = default_mtu
@@ -79,10 +83,8 @@ class KernelLocal(Element):
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         up = ctx.meta.get(UPSTREAM)
-        if not is_kernel_local(up) or not any(is_kernel_local(m)
-                                              for m in request.mechanism_preferences):
-            return await next(ctx, request)  # not a local connection (see vxlan.py)
-        assert up is not None
+        if not self.mine(ctx) or up is None:
+            return await next(ctx, request)  # another kind of link (see vxlan.py)
         client_ns, client_if = self._client_side(ctx, up)
         state = ctx.meta.get(_STATE)
         client_alias = alias_for("client", ctx.conn_id)

@@ -1,27 +1,46 @@
-"""The forwarder's mechanism selection.
+"""The forwarder's next hop and mechanism selection.
 
-Upstream (toward the client's side) it takes the first offered mechanism it supports; downstream
-it offers the mechanisms that fit the next hop: KERNEL/LOCAL toward a unix URL (an endpoint on
-this node), VXLAN/REMOTE toward a tcp URL (a manager on another node). The connection returned
-upward carries the upstream mechanism; the downstream one is remembered for refresh and Close.
+The next hop is never taken from the caller: the connection names the endpoint the manager
+chose (``network_service_endpoint_name``) and the forwarder resolves that name itself through
+its registry (its own manager's registry proxy, which answers this node's endpoints with their
+real URLs). The record says where the endpoint is: its ``nodeName`` label is this forwarder's
+node → the endpoint itself is the next hop, reached by a KERNEL link, whatever its URL's scheme;
+another node → that node's manager (the URL the endpoint is registered under), reached by VXLAN.
+A Request that carries a next-hop header is refused.
+
+Upstream (toward the client's side) it takes the first offered mechanism it supports. The
+(upstream, downstream) pair then selects the one datapath element that builds the link
+(:data:`PAIR`): each datapath element acts only on its own pair. The connection returned upward
+carries the upstream mechanism; the downstream one is remembered for refresh and Close.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
 
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
 from nsm.elements.connect import NEXT_URL
-from nsm.errors import InvalidArgument, Unsupported
-from nsm.transport import Url, parse_url
+from nsm.errors import PermissionDenied, Unsupported
 from nsm.wellknown import NEXT_HOP_HEADER
 
 #: The mechanism chosen toward the previous hop.
 UPSTREAM: Key[Mechanism] = Key("mechanism.upstream")
 #: The mechanism the next hop answered with.
 DOWNSTREAM: Key[Mechanism] = Key("mechanism.downstream")
+#: (upstream mechanism type, downstream mechanism type): which datapath element builds the link.
+PAIR: Key[tuple[str, str]] = Key("mechanism.pair")
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """Where a connection goes next: the URL to dial, and whether it is an endpoint on this
+    node (a KERNEL link) or another node's manager (a tunnel)."""
+
+    url: str
+    local: bool
 
 
 def describe(mechs: Sequence[Mechanism]) -> str:
@@ -29,15 +48,26 @@ def describe(mechs: Sequence[Mechanism]) -> str:
 
 
 class SelectMechanism(Element):
+    """``supported``: (class, type) of the upstream mechanisms served; ``pairs``: the
+    (upstream type, downstream type) pairs some datapath element builds; ``next_hop`` resolves
+    the connection's endpoint; ``offer`` gives the downstream preferences for a next hop."""
+
     def __init__(self, *, supported: Sequence[tuple[str, str]],
-                 downstream: Callable[[Ctx, Url], list[Mechanism]]) -> None:
+                 pairs: Collection[tuple[str, str]],
+                 next_hop: Callable[[Ctx, Connection], Awaitable[NextHop]],
+                 offer: Callable[[Ctx, NextHop], list[Mechanism]]) -> None:
         self.supported = list(supported)  # (cls, type)
-        self.downstream = downstream
+        self.pairs = set(pairs)
+        self.next_hop = next_hop
+        self.offer = offer
 
     def _ok(self, m: Mechanism) -> bool:
         return (m.cls, m.type) in self.supported
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        if NEXT_HOP_HEADER in ctx.headers:
+            raise PermissionDenied(f"the {NEXT_HOP_HEADER} header is not accepted: a forwarder "
+                                   "resolves the endpoint it connects to itself")
         conn = request.connection
         offered = list(request.mechanism_preferences)
         chosen = next_choice = None
@@ -58,19 +88,22 @@ class SelectMechanism(Element):
         upstream.CopyFrom(chosen)
         ctx.meta.set(UPSTREAM, upstream)
 
-        url_text = ctx.headers.get(NEXT_HOP_HEADER) or ctx.meta.get(NEXT_URL)
-        if not url_text:
-            raise InvalidArgument(f"a forwarder needs the {NEXT_HOP_HEADER} header")
-        url = parse_url(url_text)
-        ctx.meta.set(NEXT_URL, str(url))
+        hop = await self.next_hop(ctx, conn)
+        downstream = self.offer(ctx, hop)
+        pair = (upstream.type, downstream[0].type)
+        if pair not in self.pairs:
+            raise Unsupported(f"this forwarder cannot link {pair[0]} to {pair[1]} (next hop "
+                              f"{'an endpoint on this node' if hop.local else 'another node'})")
+        ctx.meta.set(PAIR, pair)
+        ctx.meta.set(NEXT_URL, hop.url)
 
         out = NetworkServiceRequest()
         out.connection.CopyFrom(conn)
         out.connection.ClearField("mechanism")
         previous = ctx.meta.get(DOWNSTREAM)
-        if previous is not None:
+        if previous is not None and previous.type == downstream[0].type:
             out.connection.mechanism.CopyFrom(previous)
-        out.mechanism_preferences.extend(self.downstream(ctx, url))
+        out.mechanism_preferences.extend(downstream)
         result = await next(ctx, out)
         down = Mechanism()
         down.CopyFrom(result.mechanism)
@@ -85,3 +118,13 @@ class SelectMechanism(Element):
         if down is not None:
             out.mechanism.CopyFrom(down)
         await next(ctx, out)
+
+
+class Datapath(Element):
+    """Base of the elements that build one kind of link: they act only when the connection's
+    mechanism pair (:data:`PAIR`) is theirs, and pass everything else on."""
+
+    pair: tuple[str, str] = ("", "")
+
+    def mine(self, ctx: Ctx) -> bool:
+        return ctx.meta.get(PAIR) == self.pair

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
-from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
+from nsm.chain import Ctx, Key, NextClose, NextRequest
 from nsm.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -42,11 +42,12 @@ from nsm.errors import (
     VniConflict,
 )
 from nsm.forwarder.kernel import alias_for, is_kernel_local
-from nsm.forwarder.mechanism import UPSTREAM
+from nsm.forwarder.mechanism import UPSTREAM, Datapath
 from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import (
     DST_IP,
     DST_MAC,
+    KERNEL,
     MTU,
     NAME,
     NETNS_INODE_URL,
@@ -296,7 +297,7 @@ class _Datapath:
             self.tables.release(half.table)
 
 
-class _Side(Element):
+class _Side(Datapath):
     def __init__(self, netlink: Netlink, tunnel: Tunnel, vnis: VniPool, tables: TablePool,
                  owner: str) -> None:
         self.netlink = netlink
@@ -358,12 +359,13 @@ class _Side(Element):
 class VxlanClient(_Side):
     """Client side: the pod's KERNEL mechanism upstream, VXLAN toward a remote manager."""
 
+    pair = (KERNEL, VXLAN)
+
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         up = ctx.meta.get(UPSTREAM)
         prefs = request.mechanism_preferences
-        if not is_kernel_local(up) or not prefs or not is_vxlan(prefs[0]):
+        if not self.mine(ctx) or up is None or not prefs:
             return await next(ctx, request)
-        assert up is not None
         pod_ns = existing_netns_path(up.parameters.get(NETNS_INODE_URL, ""))
         pod_if = validate_ifname(up.parameters.get(NAME, ""), "client interface name")
         half = ctx.meta.get(_HALF)
@@ -431,11 +433,12 @@ class VxlanClient(_Side):
 class VxlanServer(_Side):
     """Server side: VXLAN from a remote forwarder upstream, KERNEL toward the local endpoint."""
 
+    pair = (VXLAN, KERNEL)
+
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         up = ctx.meta.get(UPSTREAM)
-        if not is_vxlan(up):
+        if not self.mine(ctx) or up is None:
             return await next(ctx, request)
-        assert up is not None
         remote = _check_ip(up.parameters.get(SRC_IP, ""), "source address")
         remote_mac = up.parameters.get(SRC_MAC, "")
         if not remote_mac:

@@ -1,7 +1,12 @@
-"""The manager daemon: its chain, composed in one place, and its lifecycle.
+"""The manager daemon: its chain, composed in one place, and what it serves.
 
-Chain: Begin → Validate → UpdatePath → Timeout → Monitor → Discover → SelectForwarder →
-RoundRobin → Connect (to the chosen forwarder, which connects on to the endpoint).
+Chain: (Begin → Validate → UpdatePath → Timeout → Monitor, see :mod:`nsm.role`) → Discover →
+SelectForwarder → RoundRobin → Connect (to the chosen forwarder, which resolves the chosen
+endpoint by name through this manager's registry proxy and connects on to it).
+
+It also serves the registry's two services as a proxy (:mod:`nsm.manager.proxy`): the node's
+endpoints and forwarders register through it, and it answers their Finds with the real URLs of
+the endpoints of this node.
 """
 
 from __future__ import annotations
@@ -9,59 +14,67 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from types import TracebackType
 
-from nsm.api import connection_pb2_grpc, networkservice_pb2_grpc, registry_pb2_grpc
-from nsm.api.registry_pb2 import NetworkServiceEndpoint
-from nsm.chain import Chain
-from nsm.elements.begin import Begin
+import grpc
+
+from nsm.api import registry_pb2_grpc
+from nsm.chain import Element
 from nsm.elements.connect import Connect
-from nsm.elements.monitor import Monitor
-from nsm.elements.timeout import Timeout
-from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
-from nsm.elements.validate import Validate
-from nsm.errors import Unavailable
-from nsm.log import get_logger
+from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.manager.cache import RegistryCache
 from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy, Replay
-from nsm.manager.select import Discover, RoundRobin, SelectForwarder, normalize_url
-from nsm.servicer import NetworkServiceServicer
-from nsm.transport import Channels, Server, Url, dial, watch_reconnects
-
-log = get_logger("nsm.manager")
+from nsm.manager.select import Discover, RoundRobin, SelectForwarder
+from nsm.role import Role
+from nsm.transport import Channels, Service, dial, normalize_url, watch_reconnects
 
 
-class Manager:
+class Manager(Role):
     """``async with Manager(name=..., listen=[...], registry_url=...) as mgr:``"""
+
+    kind = "manager"
 
     def __init__(self, *, name: str, listen: Sequence[str], registry_url: str,
                  advertise: Sequence[str] = (), lifetime: float = DEFAULT_LIFETIME,
                  request_timeout: float = 15.0) -> None:
-        self.name = name
-        self.server = Server(listen)
+        super().__init__(name=name, listen=listen, lifetime=lifetime)
         self.registry_url = registry_url
         self.advertise = [normalize_url(u) for u in advertise]
+        self.request_timeout = request_timeout
         self.local = LocalEndpoints()
         self.channels = Channels()
-        self._registry_channel = dial(registry_url)
-        self.cache = RegistryCache(self._registry_channel)
-        self.replay = Replay(self._registry_channel)
-        self._watcher: asyncio.Task[None] | None = None
+        self._registry_channel: grpc.aio.Channel | None = None
+        self.cache: RegistryCache  # set up at start (they need the registry channel)
+        self.replay: Replay
         self._replaying: asyncio.Task[None] | None = None
-        self.begin = Begin()
-        self.timeout = Timeout()
-        self.monitor = Monitor()
-        self.chain = Chain([
-            self.begin,
-            Validate(),
-            UpdatePath(name, lifetime=lifetime),
-            self.timeout,
-            self.monitor,
-            Discover(self.cache, node=name),
+
+    # -- the chain ------------------------------------------------------------------------
+
+    def elements(self) -> list[Element]:
+        return [
+            Discover(self.cache, node=self.name),
             SelectForwarder(self.cache, manager_urls=self.urls),
-            RoundRobin(resolve=self.resolve),
-            Connect(self.channels, timeout=request_timeout),
-        ], name="manager")
+            RoundRobin(),
+            Connect(self.channels, timeout=self.request_timeout),
+        ]
+
+    def grpc_services(self) -> list[Service]:
+        return [
+            Service("registry.NetworkServiceRegistry",
+                    registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server,
+                    NsProxy(self.registry_channel, self.replay)),
+            Service("registry.NetworkServiceEndpointRegistry",
+                    registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server,
+                    NseProxy(self.registry_channel, local=self.local, advertise=self.public_url,
+                             own_urls=self.urls, node=self.name, replay=self.replay)),
+        ]
+
+    # -- facts ----------------------------------------------------------------------------
+
+    @property
+    def registry_channel(self) -> grpc.aio.Channel:
+        if self._registry_channel is None:
+            raise RuntimeError("manager not started")
+        return self._registry_channel
 
     def urls(self) -> list[str]:
         return [str(u) for u in self.server.urls] + self.advertise
@@ -76,43 +89,23 @@ class Manager:
                 return str(u)
         return None
 
-    @property
-    def bound(self) -> list[Url]:
-        return self.server.urls
+    # -- lifecycle ------------------------------------------------------------------------
 
-    def resolve(self, nse: NetworkServiceEndpoint) -> str:
-        """The URL a forwarder dials to reach an endpoint: its own URL when it registered
-        through this manager, the URL it registered with otherwise (for an endpoint on another
-        node, that is its manager's)."""
-        if normalize_url(nse.url) in self.urls():
-            real = self.local.get(nse.name)
-            if real is None:
-                raise Unavailable(f"endpoint {nse.name} is registered through this manager, "
-                                  "which does not know it (yet): waiting for its refresh")
-            return real
-        return nse.url
-
-    async def start(self) -> None:
-        networkservice_pb2_grpc.add_NetworkServiceServicer_to_server(
-            NetworkServiceServicer(self.chain), self.server.grpc)
-        connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
-        registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
-            NsProxy(self._registry_channel, self.replay), self.server.grpc)
-        self._nse_proxy = NseProxy(self._registry_channel, local=self.local, advertise=None,
-                                  node=self.name, replay=self.replay)
-        registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server(
-            self._nse_proxy, self.server.grpc)
-        self.server.add_service_names(["networkservice.NetworkService",
-                                       "connection.MonitorConnection",
-                                       "registry.NetworkServiceRegistry",
-                                       "registry.NetworkServiceEndpointRegistry"])
+    async def setup(self, stack: contextlib.AsyncExitStack) -> None:
+        self._registry_channel = dial(self.registry_url)
+        stack.push_async_callback(self._registry_channel.close)
+        stack.push_async_callback(self.channels.close)
+        self.cache = RegistryCache(self._registry_channel)
+        self.replay = Replay(self._registry_channel)
         await self.cache.start()
-        await self.server.start()
-        self._nse_proxy.advertise = self.public_url()
-        self._watcher = asyncio.create_task(
-            watch_reconnects(self._registry_channel, self._registry_back), name="registry-watch")
-        log.info("manager serving", name=self.name, urls=",".join(self.urls()),
-                 registry=self.registry_url)
+        stack.push_async_callback(self.cache.stop)
+
+    async def serving(self, stack: contextlib.AsyncExitStack) -> None:
+        watcher = asyncio.create_task(
+            watch_reconnects(self.registry_channel, self._registry_back), name="registry-watch")
+        stack.push_async_callback(self._cancel, watcher)
+        stack.push_async_callback(self._stop_replay)
+        self.log.info("manager serving", urls=",".join(self.urls()), registry=self.registry_url)
 
     def _registry_back(self) -> None:
         """The registry channel reconnected: the registry may have restarted empty."""
@@ -121,28 +114,18 @@ class Manager:
 
         async def replay() -> None:
             services, endpoints = await self.replay.replay()
-            log.info("registry connection is back: registered again what goes through us",
-                     services=services, endpoints=endpoints)
+            self.log.info("registry connection is back: registered again what goes through us",
+                          services=services, endpoints=endpoints)
 
         self._replaying = asyncio.create_task(replay(), name="registry-replay")
 
-    async def stop(self) -> None:
-        for task in (self._watcher, self._replaying):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._watcher = self._replaying = None
-        await self.server.stop(grace=1.0)
-        await self.chain.shutdown()
-        await self.cache.stop()
-        await self.channels.close()
-        await self._registry_channel.close()
+    async def _stop_replay(self) -> None:
+        task, self._replaying = self._replaying, None
+        if task is not None:
+            await self._cancel(task)
 
-    async def __aenter__(self) -> Manager:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
+    @staticmethod
+    async def _cancel(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

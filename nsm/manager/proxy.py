@@ -16,7 +16,7 @@ expired are not brought back.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -33,7 +33,7 @@ from nsm.api.registry_pb2 import (
 from nsm.errors import NsmError, call, from_rpc_error, grpc_errors
 from nsm.log import get_logger
 from nsm.registry.matching import expiration
-from nsm.transport import parse_url
+from nsm.transport import normalize_url, parse_url
 from nsm.wellknown import FORWARDER_SERVICE, NODE_LABEL
 
 log = get_logger("nsm.manager.proxy")
@@ -116,18 +116,39 @@ class NsProxy(registry_pb2_grpc.NetworkServiceRegistryServicer):
 
 
 class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
+    """``advertise()``: the URL this manager registers its endpoints under (None: register them
+    unchanged); ``own_urls()``: every URL of this manager. Finds answer the records of endpoints
+    registered through this manager with their real URL (what the node's forwarder dials), and
+    leave out records that name this manager but that it does not know (yet: after a restart,
+    until the endpoint registers again), so a forwarder never mistakes its manager for an
+    endpoint."""
+
     def __init__(self, channel: grpc.aio.Channel, *, local: LocalEndpoints,
-                 advertise: str | None, node: str = "", replay: Replay | None = None) -> None:
+                 advertise: Callable[[], str | None], own_urls: Callable[[], Iterable[str]] = list,
+                 node: str = "", replay: Replay | None = None) -> None:
         self.stub = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(channel)
         self.replay = replay or Replay(channel)
         self.local = local
         self.advertise = advertise
+        self.own_urls = own_urls
         self.node = node
+
+    def _local_view(self, nse: NetworkServiceEndpoint) -> NetworkServiceEndpoint | None:
+        real = self.local.get(nse.name)
+        if real is not None:
+            out = NetworkServiceEndpoint()
+            out.CopyFrom(nse)
+            out.url = real
+            return out
+        if nse.url and normalize_url(nse.url) in {normalize_url(u) for u in self.own_urls()}:
+            return None
+        return nse
 
     @grpc_errors
     async def Register(self, request: NetworkServiceEndpoint,
                        context: grpc.aio.ServicerContext) -> NetworkServiceEndpoint:
-        if self.advertise is None or FORWARDER_SERVICE in request.network_service_names:
+        advertise = self.advertise()
+        if advertise is None or FORWARDER_SERVICE in request.network_service_names:
             result: NetworkServiceEndpoint = await call(
                 self.stub.Register(request, timeout=10), "registry")
             self._remember(result)
@@ -135,12 +156,23 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
         real = str(parse_url(request.url))
         out = NetworkServiceEndpoint()
         out.CopyFrom(request)
-        out.url = self.advertise
-        if self.node:  # endpoints are labelled with their node, for selectors
+        out.url = advertise
+        if self.node:  # endpoints are labelled with their node, for selectors and forwarders
             for service in out.network_service_names:
                 labels = out.network_service_labels[service].labels
                 labels.setdefault(NODE_LABEL, self.node)
-        result = await call(self.stub.Register(out, timeout=10), "registry")
+        # Known here before the registry announces it: a forwarder watching through us must
+        # see the real URL from the first event on.
+        known = self.local.get(request.name)
+        self.local.set(request.name, real)
+        try:
+            result = await call(self.stub.Register(out, timeout=10), "registry")
+        except BaseException:
+            if known is None:
+                self.local.drop(request.name)
+            else:
+                self.local.set(request.name, known)
+            raise
         self.local.set(result.name, real)
         self._remember(result)
         result.url = request.url  # the endpoint sees its own URL back
@@ -156,6 +188,11 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
                    ) -> AsyncIterator[NetworkServiceEndpointResponse]:
         try:
             async for resp in self.stub.Find(request):
+                view = self._local_view(resp.network_service_endpoint)
+                if view is None:
+                    continue
+                if view is not resp.network_service_endpoint:
+                    resp.network_service_endpoint.CopyFrom(view)
                 yield resp
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "registry") from exc

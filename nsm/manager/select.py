@@ -1,10 +1,14 @@
 """The manager's selection elements: discover endpoints, pick a forwarder, round-robin over
-endpoints with fallback, and resolve the next hop the forwarder must dial.
+endpoints with fallback.
 
 Order in the chain: Discover → SelectForwarder → RoundRobin → Connect (to the forwarder).
 A failure that may be the chosen peer's fault (unreachable, exhausted, internal) moves on to the
 next candidate; a failure that is the caller's fault (bad argument, missing namespace, existing
-interface) returns at once.
+interface) returns at once (:data:`nsm.errors.RETRYABLE`).
+
+The forwarder is told only the endpoint's *name* (``network_service_endpoint_name``): it
+resolves the name through this manager's registry proxy itself, so no caller can make it dial a
+URL of its choosing.
 """
 
 from __future__ import annotations
@@ -16,28 +20,17 @@ from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
-from nsm.elements.connect import NEXT_HEADERS, NEXT_URL
-from nsm.errors import (
-    DeadlineExceeded,
-    Internal,
-    NotFound,
-    NsmError,
-    ResourceExhausted,
-    Unavailable,
-    Unsupported,
-)
+from nsm.elements.connect import NEXT_URL
+from nsm.errors import RETRYABLE, NotFound, NsmError, Unavailable
 from nsm.manager.cache import RegistryCache
 from nsm.mechanisms import PAYLOAD_IP
 from nsm.registry.matching import select_endpoints, service_labels
-from nsm.transport import parse_url
-from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NEXT_HOP_HEADER, NODE_LABEL
+from nsm.transport import normalize_url
+from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
 
 _CANDIDATES: Key[list[NetworkServiceEndpoint]] = Key("select.candidates")
 _FORWARDER: Key[str] = Key("select.forwarder")
 _ENDPOINT: Key[str] = Key("select.endpoint")
-
-RETRYABLE: tuple[type[NsmError], ...] = (Unavailable, DeadlineExceeded, Internal, Unsupported,
-                                         ResourceExhausted)
 
 
 class Discover(Element):
@@ -107,10 +100,9 @@ class SelectForwarder(Element):
 
 class RoundRobin(Element):
     """Tries the candidate endpoints in turn, starting after the last one used for the
-    service, and tells the forwarder the next hop of the chosen one."""
+    service; the chosen one's name goes down in the connection."""
 
-    def __init__(self, *, resolve: Callable[[NetworkServiceEndpoint], str]) -> None:
-        self.resolve = resolve
+    def __init__(self) -> None:
         self._counters: dict[str, itertools.count[int]] = {}
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
@@ -124,9 +116,6 @@ class RoundRobin(Element):
             conn.network_service_endpoint_name = nse.name
             ctx.meta.set(_ENDPOINT, nse.name)
             try:
-                headers = dict(ctx.meta.get(NEXT_HEADERS) or {})
-                headers[NEXT_HOP_HEADER] = self.resolve(nse)
-                ctx.meta.set(NEXT_HEADERS, headers)
                 return await next(ctx, request)
             except RETRYABLE as exc:
                 ctx.log.warning("endpoint failed; trying the next", endpoint=nse.name,
@@ -139,13 +128,6 @@ class RoundRobin(Element):
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         await next(ctx, conn)
-
-
-def normalize_url(url: str) -> str:
-    try:
-        return str(parse_url(url))
-    except NsmError:
-        return url
 
 
 def next_index(counters: dict[str, itertools.count[int]], key: str) -> int:

@@ -232,7 +232,8 @@ class Mesh:
         name = self.name(label)
         url = f"unix://{self.work}/{name}.sock"
         argv = ["nse", "--name", name, "--cidr", cidr, "--netns", netns, "--listen", url,
-                "--registry", self.registry_url, "--expiry", f"{expiry}s", "--log-level", "debug"]
+                "--registry", self.registry_url, "--node", NODE, "--expiry", f"{expiry}s",
+                "--log-level", "debug"]
         for s in services:
             argv += ["--service", s]
         for k, v in labels.items():

@@ -80,11 +80,12 @@ async def test_daemons_and_client_configured_only_by_environment(mesh) -> None:
     await mesh.start_daemon("envnse", ["nse"], url=url, env={
         "NSM_NAME": name, "NSM_SERVICE": "e2e-env", "NSM_CIDR": "10.96.0.0/24",
         "NSM_NETNS": ns, "NSM_LISTEN": url, "NSM_REGISTRY": mesh.registry_url,
-        "NSM_LABEL": "via=env,second=yes", "NSM_EXPIRY": "20s"})
+        "NSM_LABEL": "via=env,second=yes", "NSM_EXPIRY": "20s", "NSM_NODE": "node1"})
     await mesh.wait_registered(name)
     (nse,) = await mesh.registry_client().find_nse(NetworkServiceEndpoint(name=name))
     assert list(nse.network_service_names) == ["e2e-env"]
-    assert dict(nse.network_service_labels["e2e-env"].labels) == {"via": "env", "second": "yes"}
+    assert dict(nse.network_service_labels["e2e-env"].labels) == {
+        "via": "env", "second": "yes", "nodeName": "node1"}
     assert nse.url == url
 
     pod = await mesh.netns()

@@ -35,7 +35,7 @@ async def test_daemons_stop_cleanly_on_sigterm(mesh) -> None:
         "--manager", mgr_url, "--registry", reg_url], url=fwd_url)
     nse = await mesh.start_daemon("lnse", [
         "nse", "--name", nse_name, "--service", "e2e-life", "--cidr", "10.95.0.0/24",
-        "--netns", nse_ns, "--listen", nse_url, "--registry", reg_url], url=nse_url)
+        "--netns", nse_ns, "--listen", nse_url, "--registry", reg_url, "--node", node], url=nse_url)
 
     channel = dial(reg_url)
     try:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
+import grpc
 import pytest
 
-from nsm.errors import AlreadyExists, ResourceExhausted
+from nsm.errors import ResourceExhausted, VniConflict
 from nsm.forwarder.vxlan import VNI_MAX, VNI_MIN, TablePool, VniPool, mac_for, names_for
 
 
@@ -31,8 +32,9 @@ def test_vni_pool_reserve_conflict_release() -> None:
     vni = pool.allocate("c1")
     assert VNI_MIN <= vni <= VNI_MAX
     pool.reserve(vni, "c1")  # the same owner again: fine
-    with pytest.raises(AlreadyExists, match="VNI conflict"):
+    with pytest.raises(VniConflict) as raised:
         pool.reserve(vni, "c2")
+    assert raised.value.code == grpc.StatusCode.ALREADY_EXISTS and raised.value.reason == "VNI_CONFLICT"
     pool.release(vni, "c2")  # not the owner: ignored
     assert len(pool) == 1
     pool.release(vni, "c1")
