@@ -94,6 +94,12 @@ def parse_url(text: str) -> Url:
         path = parts.path
         if parts.netloc or not path.startswith("/"):
             raise InvalidArgument(f"unix URL needs an absolute path: {text!r}")
+        if "\x00" in path:
+            raise InvalidArgument(f"unix socket path {path[:60]!r} has a NUL character")
+        size = len(path.encode(errors="surrogateescape"))
+        if size > UNIX_PATH_MAX:
+            raise InvalidArgument(f"unix socket path is {size} bytes; at most {UNIX_PATH_MAX} fit "
+                                  f"in a socket address: {path[:60]}...")
         return Url("unix", path=path)
     if parts.scheme == "tcp":
         try:
@@ -115,13 +121,35 @@ def normalize_url(url: str) -> str:
         return url
 
 
-def _prepare_unix_socket(path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # stale socket of a previous run
-        else:
-            raise InvalidArgument(f"{path} exists and is not a socket")
+def _prepare_unix_socket(path: str, created: list[Path]) -> None:
+    """Make the socket's directory (appending each directory made to ``created``, outermost
+    first) and remove a stale socket of a previous run."""
+    parent = Path(path).parent
+    missing = [d for d in (parent, *parent.parents) if not d.exists()]
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours to remove
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot create {directory} for {path}: {exc.strerror}") from exc
+        created.append(directory)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except NotADirectoryError as exc:
+        raise FailedPrecondition(f"cannot listen on {path}: a parent is not a directory") from exc
+    if not stat.S_ISSOCK(mode):
+        raise InvalidArgument(f"{path} exists and is not a socket")
+    os.unlink(path)  # stale socket of a previous run
+
+
+def _remove_dirs(directories: list[Path]) -> None:
+    """Remove the directories a failed start made, innermost first (each only while empty)."""
+    for directory in reversed(directories):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 class Server:
@@ -159,10 +187,23 @@ class Server:
         self._names.extend(names)
 
     async def start(self) -> None:
+        """Bind every URL and start serving. A failed start leaves nothing: no socket bound
+        here and no directory made for one."""
+        created: list[Path] = []
+        try:
+            await self._start(created)
+        except BaseException:
+            await self.grpc.stop(None)
+            self._unlink_own()
+            self.urls.clear()
+            _remove_dirs(created)
+            raise
+
+    async def _start(self, created: list[Path]) -> None:
         for url in self._requested:
             bind = url
             if url.is_unix:
-                _prepare_unix_socket(url.path)
+                _prepare_unix_socket(url.path, created)
                 # gRPC core unlinks the path it bound when the server shuts down, even if another
                 # server listens there by then (a restart that overlaps). So bind a private name
                 # and rename it into place: core's unlink then misses, and stop() removes the
@@ -190,6 +231,9 @@ class Server:
     async def stop(self, grace: float | None = 1.0) -> None:
         await self._health.enter_graceful_shutdown()
         await self.grpc.stop(grace)
+        self._unlink_own()
+
+    def _unlink_own(self) -> None:
         for url in self.urls:
             if url.is_unix:
                 with contextlib.suppress(FileNotFoundError):

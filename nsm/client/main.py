@@ -28,6 +28,7 @@ from nsm.client.sdk import DEFAULT_IFNAME, DEFAULT_LIFETIME, DEFAULT_TIMEOUT, Cl
 from nsm.config import duration, flag, label
 from nsm.errors import NsmError
 from nsm.mechanisms import NAME
+from nsm.names import check_name
 
 PROG = "nsm nsc"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -81,6 +82,8 @@ async def run(args: argparse.Namespace) -> int:
             printed.append(line)
 
     try:
+        if args.name is not None:
+            check_name(args.name, "client name (--name)")
         client = Client(manager_url=args.manager, service=args.service, netns=args.netns,
                         ifname=args.ifname, name=args.name, labels=dict(args.label or []),
                         lifetime=args.lifetime, request_timeout=args.timeout, on_update=on_update)

@@ -7,6 +7,7 @@ index and id are restored to the caller's, so every hop sees its own id. A segme
 
 from __future__ import annotations
 
+import math
 import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,17 +19,42 @@ from nsm.errors import InvalidArgument
 
 DEFAULT_LIFETIME = 600.0
 
+#: The range of a protobuf Timestamp: 0001-01-01T00:00:00Z ..= 9999-12-31T23:59:59.999999999Z.
+TS_MIN_SECONDS = -62135596800
+TS_MAX_SECONDS = 253402300799
+NANOS_PER_SECOND = 1_000_000_000
+
 
 def ts(seconds: float) -> Timestamp:
-    t = Timestamp()
-    t.FromNanoseconds(int(seconds * 1e9))
-    return t
+    """``seconds`` since the epoch as a Timestamp; InvalidArgument outside its range."""
+    if not math.isfinite(seconds) or not TS_MIN_SECONDS <= math.floor(seconds) <= TS_MAX_SECONDS:
+        raise InvalidArgument(f"time {seconds} s since the epoch is outside the range of a "
+                              f"Timestamp ({TS_MIN_SECONDS}..{TS_MAX_SECONDS})")
+    whole = math.floor(seconds)
+    return Timestamp(seconds=whole, nanos=min(int((seconds - whole) * 1e9), NANOS_PER_SECOND - 1))
+
+
+def check_timestamp(t: Timestamp, what: str) -> None:
+    """InvalidArgument unless ``t`` is a valid Timestamp (what protobuf's conversions require)."""
+    if not TS_MIN_SECONDS <= t.seconds <= TS_MAX_SECONDS:
+        raise InvalidArgument(f"{what} has seconds {t.seconds}, outside the range of a Timestamp "
+                              f"({TS_MIN_SECONDS}..{TS_MAX_SECONDS})")
+    if not 0 <= t.nanos < NANOS_PER_SECOND:
+        raise InvalidArgument(f"{what} has nanos {t.nanos}, outside 0..{NANOS_PER_SECOND - 1}")
+
+
+def check_expires(segment: PathSegment, what: str = "path segment") -> None:
+    if segment.HasField("expires"):
+        check_timestamp(segment.expires, f"{what} {segment.name[:40]!r} expires")
 
 
 def expiry_of(segment: PathSegment) -> float | None:
+    """When ``segment`` expires (seconds since the epoch); None when it carries no (or a
+    non-positive) expiry."""
     if not segment.HasField("expires"):
         return None
-    value = segment.expires.ToNanoseconds() / 1e9
+    check_expires(segment)
+    value = segment.expires.seconds + segment.expires.nanos / 1e9
     return value if value > 0 else None
 
 
@@ -67,12 +93,11 @@ class UpdatePath(Element):
         own = conn.path.path_segments[conn.path.index]
         if not own.id:
             own.id = new_id()
-        deadline = time.time() + self.lifetime
+        own.expires.CopyFrom(ts(min(time.time() + self.lifetime, TS_MAX_SECONDS)))
         if conn.path.index > 0:
-            before = expiry_of(conn.path.path_segments[conn.path.index - 1])
-            if before is not None:
-                deadline = min(deadline, before)
-        own.expires.CopyFrom(ts(deadline))
+            before = conn.path.path_segments[conn.path.index - 1]
+            if expiry_of(before) is not None and _earlier(before.expires, own.expires):
+                own.expires.CopyFrom(before.expires)  # exact: no round trip through a float
         conn.id = own.id
         result = await next(ctx, request)
         result.path.index = prev
@@ -88,3 +113,7 @@ class UpdatePath(Element):
             conn.id = conn.path.path_segments[prev].id
         else:
             await next(ctx, conn)
+
+
+def _earlier(a: Timestamp, b: Timestamp) -> bool:
+    return (a.seconds, a.nanos) < (b.seconds, b.nanos)

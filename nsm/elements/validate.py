@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import re
-
-from nsm.api.connection_pb2 import Connection
+from nsm.addresses import check_ip, check_ip_context
+from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
+from nsm.elements.updatepath import check_expires
 from nsm.errors import InvalidArgument
-from nsm.mechanisms import PAYLOADS, validate_mechanism
+from nsm.mechanisms import DST_IP, PAYLOADS, SRC_IP, validate_mechanism
+from nsm.names import check_name
 
-MAX_NAME = 253
 MAX_LABELS = 64
 MAX_LABEL_LEN = 1024
 MAX_MECHANISMS = 16
 MAX_PATH = 32
-_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
-
-
-def _check_name(value: str, what: str, *, required: bool) -> None:
-    if not value:
-        if required:
-            raise InvalidArgument(f"{what} is empty")
-        return
-    if len(value) > MAX_NAME:
-        raise InvalidArgument(f"{what} is longer than {MAX_NAME} characters")
-    if not _PRINTABLE.match(value):
-        raise InvalidArgument(f"{what} {value!r} has spaces or control characters")
 
 
 def validate_connection(conn: Connection) -> None:
-    _check_name(conn.id, "connection id", required=False)
-    _check_name(conn.network_service, "network service name", required=True)
-    _check_name(conn.network_service_endpoint_name, "endpoint name", required=False)
+    check_name(conn.id, "connection id", required=False)
+    check_name(conn.network_service, "network service name", required=True)
+    check_name(conn.network_service_endpoint_name, "endpoint name", required=False)
     if conn.payload and conn.payload not in PAYLOADS:
         raise InvalidArgument(f"payload {conn.payload!r} is not one of {', '.join(PAYLOADS)}")
     if len(conn.labels) > MAX_LABELS:
@@ -45,6 +33,20 @@ def validate_connection(conn: Connection) -> None:
     if conn.path.path_segments and conn.path.index >= len(conn.path.path_segments):
         raise InvalidArgument(
             f"path index {conn.path.index} is outside a path of {len(conn.path.path_segments)}")
+    for segment in conn.path.path_segments:
+        check_expires(segment)
+    check_ip_context(conn.context.ip_context)
+    if conn.HasField("mechanism"):
+        validate_addressed_mechanism(conn.mechanism)
+
+
+def validate_addressed_mechanism(m: Mechanism) -> None:
+    """:func:`validate_mechanism`, and its tunnel addresses (``src_ip``/``dst_ip``), when
+    present, are IP addresses."""
+    validate_mechanism(m)
+    for key in (SRC_IP, DST_IP):
+        if key in m.parameters:
+            check_ip(m.parameters[key], f"{m.type} mechanism parameter {key}")
 
 
 class Validate(Element):
@@ -63,9 +65,7 @@ class Validate(Element):
         if self.need_mechanism and not prefs and not request.connection.HasField("mechanism"):
             raise InvalidArgument("request offers no mechanism preferences")
         for m in prefs:
-            validate_mechanism(m)
-        if request.connection.HasField("mechanism"):
-            validate_mechanism(request.connection.mechanism)
+            validate_addressed_mechanism(m)
         return await next(ctx, request)
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:

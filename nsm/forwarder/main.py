@@ -9,6 +9,7 @@ from nsm import log as nsmlog
 from nsm.config import duration, flag
 from nsm.daemon import serve_until_signal
 from nsm.forwarder.forwarder import Forwarder
+from nsm.names import check_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--listen", help="listen URL(s)", many=True, required=True)
     flag(parser, "--manager", help="URL of the manager this forwarder serves", required=True)
     flag(parser, "--registry", help="registry URL to register at", required=True)
-    flag(parser, "--node", help="node name (default: the forwarder name)", default="")
+    flag(parser, "--node", help="node name (default: the forwarder name)", default=None)
     flag(parser, "--lifetime", help="max lifetime of this hop's path segment", type=duration,
          default=600.0)
     flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
@@ -29,9 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    check_name(args.name, "forwarder name (--name)")
+    if args.node is not None:
+        check_name(args.node, "node name (--node)")
     nsmlog.setup(args.log_level, args.log_json)
     fwd = Forwarder(name=args.name, listen=args.listen, manager_url=args.manager,
-                    registry_url=args.registry, node=args.node, lifetime=args.lifetime,
+                    registry_url=args.registry, node=args.node or "", lifetime=args.lifetime,
                     request_timeout=args.request_timeout, expiry=args.expiry,
                     tunnel_ip=args.tunnel_ip)
     await serve_until_signal(fwd.start, fwd.stop)

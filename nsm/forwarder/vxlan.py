@@ -30,6 +30,7 @@ import ipaddress
 import random
 from dataclasses import dataclass
 
+from nsm.addresses import check_ip, check_ip_context
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Key, NextClose, NextRequest
@@ -194,10 +195,7 @@ def _ip_of(cidr: str) -> str:
 
 
 def _check_ip(value: str, what: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise InvalidArgument(f"VXLAN {what} {value!r} is not an IP address") from None
+    return str(check_ip(value, f"VXLAN {what}"))
 
 
 def _check_vni(value: str) -> int:
@@ -310,6 +308,7 @@ class _Side(Datapath):
               remote: str, remote_mac: str, mtu: int, client: bool) -> _Half:
         veth, vx, br = names_for(ctx.conn_id)
         ip = conn.context.ip_context
+        check_ip_context(ip)  # the endpoint's answer: nothing is built from a malformed one
         mine, theirs = ((ip.src_ip_addrs, ip.dst_ip_addrs) if client
                         else (ip.dst_ip_addrs, ip.src_ip_addrs))
         routes = ip.src_routes if client else ip.dst_routes

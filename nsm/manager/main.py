@@ -9,6 +9,7 @@ from nsm import log as nsmlog
 from nsm.config import duration, flag
 from nsm.daemon import serve_until_signal
 from nsm.manager.manager import Manager
+from nsm.names import check_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    check_name(args.name, "manager name (--name)")
     nsmlog.setup(args.log_level, args.log_json)
     mgr = Manager(name=args.name, listen=args.listen, registry_url=args.registry,
                   advertise=args.advertise, lifetime=args.lifetime,
