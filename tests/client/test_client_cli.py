@@ -6,8 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -79,13 +78,6 @@ async def finish(proc: asyncio.subprocess.Process) -> tuple[str, str]:
     return out.decode(), err.decode()
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_once_prints_the_connection_and_closes(manager) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     proc = await spawn("--manager", url, "--service", "blue", "--ifname", "nsm-7", "--label", "app=x",
@@ -99,14 +91,14 @@ async def test_once_prints_the_connection_and_closes(manager) -> None:  # type: 
     assert [c.id for c in fake.closes] == [conn_id]
 
 
-async def test_holds_until_sigterm_then_closes(manager) -> None:  # type: ignore[no-untyped-def]
+async def test_holds_until_sigterm_then_closes(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     proc = await spawn("--manager", url, "--service", "blue", "--lifetime", "0.6s")
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 15)
         assert line.startswith(b"connected id=")
-        await eventually(lambda: len(fake.requests) >= 3)  # refreshing
+        await eventually(lambda: len(fake.requests) >= 3, timeout=10)  # refreshing
         assert not fake.closes
         proc.send_signal(signal.SIGTERM)
     finally:
