@@ -165,8 +165,9 @@ class ClientBegin(Element):
             async with entry.lock:
                 if entry.closed:  # closed while we waited: start afresh
                     continue
-                entry.template = template
-                return await self._run(ctx, entry, Event(Kind.REQUEST), request)
+                conn = await self._run(ctx, entry, Event(Kind.REQUEST), request)
+                entry.template = template  # what later events re-send
+                return conn
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         entry = self._entries.get(conn.id)
@@ -220,7 +221,7 @@ class ClientBegin(Element):
     def _enter(self, ctx: Ctx, entry: _Entry, event: Event) -> None:
         conn_id = entry.events.conn_id
         ctx.conn_id, ctx.meta = conn_id, entry.meta
-        ctx.log = ctx.log.bind(conn=conn_id)
+        ctx.log = ctx.log.bind(conn=conn_id, service=entry.template.connection.network_service)
         ctx.meta.set(EVENTS, entry.events)
         ctx.meta.set(EVENT, event)
 

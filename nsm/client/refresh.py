@@ -49,7 +49,7 @@ class Refresh(Element):
 
     def pending(self) -> int:
         """How many timers are armed (one per live connection)."""
-        return len(self._tasks)
+        return sum(1 for task in self._tasks if not task.done() and not task.cancelling())
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         conn = await next(ctx, request)
