@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.chain import Element
 from nsm.client.chain import DEFAULT_LIFETIME, MAX_BACKOFF, MIN_BACKOFF, Connections, new_request
 from nsm.client.connect import DEFAULT_TIMEOUT, close_once, request_once
 from nsm.client.notify import State, StateChange
@@ -49,7 +50,8 @@ class Client:
 
     ``lifetime`` (seconds) is the expiry this client writes into its own path segment: every hop
     closes the connection if it is not refreshed by then. ``on_update`` is called with each new
-    connection (first request, refreshes, heals), ``on_change`` with each state change.
+    connection (first request, refreshes, heals), ``on_change`` with each state change;
+    ``hooks`` watch the live connection (:class:`~nsm.client.hooks.Hook`).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Client:
         on_change: Callable[[StateChange], None] | None = None,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+        hooks: Sequence[Element] = (),
     ) -> None:
         self.service = service
         self.ifname = validate_ifname(ifname, "client interface name")
@@ -76,7 +79,7 @@ class Client:
         self.labels = dict(labels or {})
         self.connections = Connections(manager_url=manager_url, name=name, lifetime=lifetime,
                                        request_timeout=request_timeout, min_backoff=min_backoff,
-                                       max_backoff=max_backoff, on_change=self._changed)
+                                       max_backoff=max_backoff, hooks=hooks, on_change=self._changed)
         self.manager_url = self.connections.manager_url
         self.name = self.connections.name
         self.lifetime = self.connections.lifetime

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -33,7 +32,8 @@ class FakeManager(Element):
     """The tail: answers like a manager (its own segment, an endpoint, a mechanism, addresses).
     ``fail`` fails the next requests (per connection id when a dict), ``gate`` holds them."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[NetworkServiceRequest], Connection]) -> None:
+        self.answer = answer
         self.requests: list[tuple[float, NetworkServiceRequest]] = []
         self.closes: list[Connection] = []
         self.fail: list[NsmError] = []
@@ -53,17 +53,7 @@ class FakeManager(Element):
             raise Unavailable("this one is down")
         if self.fail:
             raise self.fail.pop(0)
-        conn = Connection()
-        conn.CopyFrom(request.connection)
-        if len(conn.path.path_segments) < 2:
-            seg = conn.path.path_segments.add(name="mgr", id=str(uuid.uuid4()))
-            seg.expires.CopyFrom(conn.path.path_segments[0].expires)
-        conn.network_service_endpoint_name = conn.network_service_endpoint_name or "nse-1"
-        conn.mechanism.CopyFrom(request.mechanism_preferences[0])
-        ip = conn.context.ip_context
-        if not ip.src_ip_addrs:
-            ip.src_ip_addrs.append("10.0.0.2/32")
-            ip.dst_ip_addrs.append("10.0.0.1/32")
+        conn = self.answer(request)
         conn.state = UP
         return conn
 
@@ -91,13 +81,13 @@ class Rig:
 
 
 @pytest.fixture
-async def rig() -> AsyncIterator[Callable[..., Rig]]:
+async def rig(answer) -> AsyncIterator[Callable[..., Rig]]:  # type: ignore[no-untyped-def]
     """Makes chains (``rig(lifetime=..., hooks=...)``), shut down at the end of the test."""
     rigs: list[Rig] = []
 
     def make(lifetime: float = 0.6, min_backoff: float = 0.02, max_backoff: float = 0.08,
              hooks: tuple[Element, ...] = ()) -> Rig:
-        begin, notify, tail = ClientBegin(), Notify(), FakeManager()
+        begin, notify, tail = ClientBegin(), Notify(), FakeManager(answer)
         refresh = Refresh(min_backoff=min_backoff, max_backoff=max_backoff)
         chain = client_chain(name=NAME, lifetime=lifetime, connect=tail, begin=begin, notify=notify,
                              refresh=refresh, hooks=hooks)
@@ -300,8 +290,8 @@ async def test_a_hook_sees_every_update_and_can_start_events(rig, eventually) ->
     assert watcher.seen[2:] == [("failure", "c1", None), ("close", "c1", None)]
 
 
-async def test_the_changes_iterator_ends_at_shutdown() -> None:
-    notify, begin, tail = Notify(), ClientBegin(), FakeManager()
+async def test_the_changes_iterator_ends_at_shutdown(answer) -> None:  # type: ignore[no-untyped-def]
+    notify, begin, tail = Notify(), ClientBegin(), FakeManager(answer)
     chain = client_chain(name=NAME, lifetime=60, connect=tail, begin=begin, notify=notify,
                          refresh=Refresh())
     got: list[tuple[str, State]] = []

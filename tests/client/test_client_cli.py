@@ -85,6 +85,14 @@ async def finish(proc: asyncio.subprocess.Process) -> tuple[str, str]:
     return out.decode(), err.decode()
 
 
+async def connected(proc: asyncio.subprocess.Process) -> str:
+    """The first line on stdout, which says the connection is up."""
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+    assert line.startswith("connected id="), line
+    return line
+
+
 async def test_once_prints_the_connection_and_closes(manager) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     proc = await spawn("--manager", url, "--service", "blue", "--ifname", "nsm-7", "--label", "app=x",
@@ -102,9 +110,7 @@ async def test_holds_until_sigterm_then_closes(manager, eventually) -> None:  # 
     fake, url = manager
     proc = await spawn("--manager", url, "--service", "blue", "--lifetime", "0.6s")
     try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 15)
-        assert line.startswith(b"connected id=")
+        await connected(proc)
         await eventually(lambda: len(fake.requests) >= 3, timeout=10)  # refreshing
         assert not fake.closes
         proc.send_signal(signal.SIGTERM)
@@ -118,9 +124,7 @@ async def test_state_changes_are_log_lines(manager, eventually) -> None:  # type
     fake, url = manager
     proc = await spawn("--manager", url, "--service", "blue", "--lifetime", "0.6s")
     try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 15)
-        assert line.startswith(b"connected id=")
+        await connected(proc)
         fake.broken = True  # refreshes fail until the connection expired and is requested afresh
         await eventually(lambda: not fake.broken, timeout=10)
         healed_at = len(fake.requests)

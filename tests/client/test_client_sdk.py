@@ -7,8 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -34,7 +33,8 @@ class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
     """Answers like a manager would: appends its segment, picks an endpoint, sets addresses.
     ``fail`` (a list of errors) makes the next requests fail, one error each."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[NetworkServiceRequest], Connection]) -> None:
+        self.answer = answer
         self.requests: list[tuple[float, NetworkServiceRequest]] = []
         self.closes: list[Connection] = []
         self.fail: list[NsmError] = []
@@ -46,18 +46,7 @@ class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
         self.requests.append((time.time(), copy))
         if self.fail:
             raise self.fail.pop(0)
-        conn = Connection()
-        conn.CopyFrom(request.connection)
-        if len(conn.path.path_segments) < 2:
-            seg = conn.path.path_segments.add(name="mgr", id=str(uuid.uuid4()))
-            seg.expires.CopyFrom(conn.path.path_segments[0].expires)
-        conn.network_service_endpoint_name = conn.network_service_endpoint_name or "nse-1"
-        conn.mechanism.CopyFrom(request.mechanism_preferences[0])
-        ip = conn.context.ip_context
-        if not ip.src_ip_addrs:
-            ip.src_ip_addrs.append("10.0.0.2/32")
-            ip.dst_ip_addrs.append("10.0.0.1/32")
-        return conn
+        return self.answer(request)
 
     @grpc_errors
     async def Close(self, request: Connection, context: grpc.aio.ServicerContext) -> Empty:
@@ -66,8 +55,8 @@ class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
 
 
 @pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[tuple[FakeManager, str]]:
-    fake = FakeManager()
+async def manager(tmp_path: Path, answer) -> AsyncIterator[tuple[FakeManager, str]]:  # type: ignore[no-untyped-def]
+    fake = FakeManager(answer)
     server = Server([f"unix://{tmp_path}/mgr.sock"])
     networkservice_pb2_grpc.add_NetworkServiceServicer_to_server(fake, server.grpc)
     await server.start()
