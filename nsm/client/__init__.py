@@ -1,7 +1,14 @@
-"""The network service client: the :class:`~nsm.client.sdk.Client` SDK and ``nsm nsc``."""
+"""The network service client: the client chain (:mod:`nsm.client.chain`), the
+:class:`~nsm.client.sdk.Client` SDK over it, and ``nsm nsc``."""
 
 from __future__ import annotations
 
-from nsm.client.sdk import Client, close_once, new_request, request_once
+from nsm.client.begin import Events, Kind
+from nsm.client.chain import Connections, client_chain, new_request
+from nsm.client.connect import close_once, request_once
+from nsm.client.hooks import Hook
+from nsm.client.notify import State, StateChange
+from nsm.client.sdk import Client
 
-__all__ = ["Client", "close_once", "new_request", "request_once"]
+__all__ = ["Client", "Connections", "Events", "Hook", "Kind", "State", "StateChange", "client_chain",
+           "close_once", "new_request", "request_once"]

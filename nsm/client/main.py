@@ -9,31 +9,26 @@ On success prints one line to stdout::
 (and an ``updated ...`` line whenever a refresh or heal changes the endpoint or the addresses),
 then refreshes the connection until SIGTERM/SIGINT, Closes it and exits 0. ``--once`` closes right
 after printing; ``--hold SECONDS`` keeps the connection that long. A failed request prints
-``nsm nsc: request failed: CODE: message`` on stderr and exits 1; bad flags exit 2. Every flag also
-reads ``NSM_<FLAG>``. Runnable as ``python -m nsm.client.main``.
+``nsm nsc: request failed: CODE: message`` on stderr and exits 1; bad flags exit 2. Each state
+change of the connection is a log line on stderr (down, failed and healed are warnings, so they
+show at the default level). Every flag also reads ``NSM_<FLAG>``. Runnable as ``python -m nsm.client.main``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import signal
 import sys
 from collections.abc import Sequence
 
 from nsm import log as nsm_log
 from nsm.api.connection_pb2 import Connection
 from nsm.client.sdk import DEFAULT_IFNAME, DEFAULT_LIFETIME, DEFAULT_TIMEOUT, Client
-from nsm.config import duration, flag, label
+from nsm.config import EXIT_USAGE, StopSignals, duration, fail, flag, label, log_flags, run_command
 from nsm.errors import NsmError
 from nsm.mechanisms import NAME
 from nsm.names import check_name
 
 PROG = "nsm nsc"
-LOG_LEVELS = ["debug", "info", "warning", "error"]
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--manager", required=True,
          help="the node's manager URL, e.g. unix:///run/nsm/nsm.sock")
     flag(parser, "--service", required=True, help="network service to request")
-    flag(parser, "--netns", help="network namespace (path) for the client's interface "
-                                 "(default: this process's)")
+    flag(parser, "--netns", help="network namespace (path, or name under /var/run/netns) for the "
+                                 "client's interface (default: this process's)")
     flag(parser, "--ifname", default=DEFAULT_IFNAME, help="interface name in the client's namespace")
     flag(parser, "--name", help="this client's path segment name (default nsc-<random>)")
     flag(parser, "--label", many=True, type=label, default=[],
@@ -54,8 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--once", switch=True, default=False, help="request, print, close and exit")
     flag(parser, "--hold", type=duration,
          help="keep the connection this long (e.g. 30s), then close and exit")
-    flag(parser, "--log-level", default="warning", choices=LOG_LEVELS, help="log level")
-    flag(parser, "--log-json", switch=True, default=False, help="log JSON lines")
+    log_flags(parser, level="warning")
 
 
 def summary(conn: Connection, ifname: str = "") -> str:
@@ -66,12 +60,9 @@ def summary(conn: Connection, ifname: str = "") -> str:
             f"dst={','.join(ip.dst_ip_addrs) or '-'} endpoint={conn.network_service_endpoint_name or '-'}")
 
 
-def _fail(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-
 async def run(args: argparse.Namespace) -> int:
-    """Request, print, hold until a signal (or ``--once``/``--hold``), close; the exit status."""
+    """Request, print, hold until a signal (or ``--once``/``--hold``), close; the exit status.
+    Every state change of the connection is a log line (down, failed and healed are warnings)."""
     nsm_log.setup(args.log_level, args.log_json)
     printed: list[str] = []
 
@@ -88,54 +79,31 @@ async def run(args: argparse.Namespace) -> int:
                         ifname=args.ifname, name=args.name, labels=dict(args.label or []),
                         lifetime=args.lifetime, request_timeout=args.timeout, on_update=on_update)
     except NsmError as exc:
-        _fail(exc.message)
-        return EXIT_USAGE
+        return fail(PROG, exc.message, EXIT_USAGE)
 
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stopping.set)
-    requesting = asyncio.create_task(client.request(), name="nsc-request")
-    waiting = asyncio.create_task(stopping.wait(), name="nsc-signal")
-    try:
-        await asyncio.wait({requesting, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        if not requesting.done():
-            return 0  # stopped before the connection was up
+    async with StopSignals() as stop:
         try:
-            conn = requesting.result()
-        except NsmError as exc:
-            _fail(f"request failed: {exc.code.name}: {exc.message}")
-            return EXIT_FAILED
-        line = summary(conn, args.ifname)
-        printed.append(line)
-        print(f"connected {line}", flush=True)
-        if args.once:
+            try:
+                conn = await stop.first(client.request())
+            except NsmError as exc:
+                return fail(PROG, f"request failed: {exc.code.name}: {exc.message}")
+            if conn is None:
+                return 0  # stopped before the connection was up
+            line = summary(conn, args.ifname)
+            printed.append(line)
+            print(f"connected {line}", flush=True)
+            if not args.once:
+                await stop.wait(args.hold)
             return 0
-        if args.hold is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiting), args.hold)
-        else:
-            await waiting
-        return 0
-    finally:
-        for task in (requesting, waiting):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        try:
-            await client.close(raise_errors=True)
-        except NsmError as exc:
-            _fail(f"close failed: {exc.code.name}: {exc.message}")
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+        finally:
+            try:
+                await client.close(raise_errors=True)
+            except NsmError as exc:
+                fail(PROG, f"close failed: {exc.code.name}: {exc.message}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Request a network service.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return asyncio.run(run(args))
+    return run_command(PROG, "Request a network service.", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,21 @@ answers; SIGTERM/SIGINT unregister, stop and exit 0. Runnable as ``python -m nsm
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import signal
 import sys
 from collections.abc import Sequence
 
 from nsm import log as nsm_log
-from nsm.config import duration, flag, label
+from nsm.config import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    StopSignals,
+    duration,
+    fail,
+    flag,
+    label,
+    log_flags,
+    run_command,
+)
 from nsm.endpoint.endpoint import DEFAULT_EXPIRY, Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError
 from nsm.log import get_logger
@@ -26,9 +33,6 @@ from nsm.log import get_logger
 log = get_logger("nsm.endpoint")
 
 PROG = "nsm nse"
-LOG_LEVELS = ["debug", "info", "warning", "error"]
-#: Input errors: exit status 2, like argparse's.
-EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,12 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="registration lifetime, refreshed at a third of it, e.g. 60s")
     flag(parser, "--lifetime", type=duration, default=600.0,
          help="longest a connection lives without a refresh, e.g. 10m")
-    flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log level")
-    flag(parser, "--log-json", switch=True, default=False, help="log JSON lines")
-
-
-def _fail(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    log_flags(parser)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -72,46 +71,27 @@ async def run(args: argparse.Namespace) -> int:
             node=args.node,
             labels=dict(args.label or []), expiry=args.expiry, lifetime=args.lifetime)
     except NsmError as exc:
-        _fail(exc.message)
-        return EXIT_USAGE
+        return fail(PROG, exc.message, EXIT_USAGE)
 
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stopping.set)
     status = 0
-    starting = asyncio.create_task(endpoint.start(), name="nse-start")
-    waiting = asyncio.create_task(stopping.wait(), name="nse-signal")
-    try:
-        await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()  # raises what start raised
-            await waiting
-        log.info("endpoint stopping", name=endpoint.name)
-    except NsmError as exc:
-        _fail(exc.message)
-        status = EXIT_USAGE if isinstance(exc, InvalidArgument | NotFound) else 1
-    except Exception as exc:
-        log.error("endpoint failed", exc_info=True, error=repr(exc))
-        _fail(f"{type(exc).__name__}: {exc}")
-        status = 1
-    finally:
-        for task in (starting, waiting):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await endpoint.stop()
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    async with StopSignals() as stop:
+        try:
+            await stop.first(endpoint.start())
+            await stop.wait()
+            log.info("endpoint stopping", name=endpoint.name)
+        except NsmError as exc:
+            usage = isinstance(exc, InvalidArgument | NotFound)
+            status = fail(PROG, exc.message, EXIT_USAGE if usage else EXIT_FAILED)
+        except Exception as exc:
+            log.error("endpoint failed", exc_info=True, error=repr(exc))
+            status = fail(PROG, f"{type(exc).__name__}: {exc}")
+        finally:
+            await endpoint.stop()
     return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="A network service endpoint.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return asyncio.run(run(args))
+    return run_command(PROG, "A network service endpoint.", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

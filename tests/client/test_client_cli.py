@@ -6,8 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from google.protobuf.empty_pb2 import Empty
 from nsm.api import networkservice_pb2_grpc
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
-from nsm.errors import NotFound, grpc_errors
+from nsm.errors import NotFound, Unavailable, grpc_errors
 from nsm.transport import Server
 
 pytestmark = pytest.mark.timeout(30)
@@ -29,18 +28,25 @@ class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
     def __init__(self) -> None:
         self.requests: list[NetworkServiceRequest] = []
         self.closes: list[Connection] = []
+        #: Refreshes (requests naming the endpoint) fail until a request from scratch comes.
+        self.broken = False
 
     @grpc_errors
     async def Request(self, request: NetworkServiceRequest, context: grpc.aio.ServicerContext) -> Connection:
         self.requests.append(request)
+        if self.broken:
+            if request.connection.network_service_endpoint_name:
+                raise Unavailable("path broken")
+            self.broken = False
         if request.connection.network_service != "blue":
             raise NotFound(f'network service "{request.connection.network_service}" not found')
         conn = Connection()
         conn.CopyFrom(request.connection)
         conn.network_service_endpoint_name = "nse-1"
         conn.mechanism.CopyFrom(request.mechanism_preferences[0])
-        conn.context.ip_context.src_ip_addrs.append("10.0.0.2/32")
-        conn.context.ip_context.dst_ip_addrs.append("10.0.0.1/32")
+        if not conn.context.ip_context.src_ip_addrs:  # a heal sends the addresses it had
+            conn.context.ip_context.src_ip_addrs.append("10.0.0.2/32")
+            conn.context.ip_context.dst_ip_addrs.append("10.0.0.1/32")
         return conn
 
     @grpc_errors
@@ -79,11 +85,12 @@ async def finish(proc: asyncio.subprocess.Process) -> tuple[str, str]:
     return out.decode(), err.decode()
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+async def connected(proc: asyncio.subprocess.Process) -> str:
+    """The first line on stdout, which says the connection is up."""
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+    assert line.startswith("connected id="), line
+    return line
 
 
 async def test_once_prints_the_connection_and_closes(manager) -> None:  # type: ignore[no-untyped-def]
@@ -99,19 +106,38 @@ async def test_once_prints_the_connection_and_closes(manager) -> None:  # type: 
     assert [c.id for c in fake.closes] == [conn_id]
 
 
-async def test_holds_until_sigterm_then_closes(manager) -> None:  # type: ignore[no-untyped-def]
+async def test_holds_until_sigterm_then_closes(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     proc = await spawn("--manager", url, "--service", "blue", "--lifetime", "0.6s")
     try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 15)
-        assert line.startswith(b"connected id=")
-        await eventually(lambda: len(fake.requests) >= 3)  # refreshing
+        await connected(proc)
+        await eventually(lambda: len(fake.requests) >= 3, timeout=10)  # refreshing
         assert not fake.closes
         proc.send_signal(signal.SIGTERM)
     finally:
         _, err = await finish(proc)
     assert proc.returncode == 0, err
+    assert len(fake.closes) == 1
+
+
+async def test_state_changes_are_log_lines(manager, eventually) -> None:  # type: ignore[no-untyped-def]
+    fake, url = manager
+    proc = await spawn("--manager", url, "--service", "blue", "--lifetime", "0.6s")
+    try:
+        await connected(proc)
+        fake.broken = True  # refreshes fail until the connection expired and is requested afresh
+        await eventually(lambda: not fake.broken, timeout=10)
+        healed_at = len(fake.requests)
+        await eventually(lambda: len(fake.requests) > healed_at, timeout=10)  # refreshed after the heal
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        out, err = await finish(proc)
+    assert proc.returncode == 0, err
+    lines = err.splitlines()
+    for what in ("connection failed", "connection down", "connection healed"):  # at the default level
+        assert any(what in x for x in lines), (what, err)
+    assert "expired" in next(x for x in lines if "connection down" in x), err
+    assert "updated" not in out  # same endpoint, same addresses
     assert len(fake.closes) == 1
 
 

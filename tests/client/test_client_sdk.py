@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -18,41 +17,24 @@ from google.protobuf.empty_pb2 import Empty
 from nsm.api import networkservice_pb2_grpc
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.client.chain import Connections, new_request
+from nsm.client.notify import State, StateChange
 from nsm.client.sdk import Client
-from nsm.elements.updatepath import expiry_of, ts
+from nsm.elements.updatepath import expiry_of
 from nsm.endpoint.endpoint import Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError, Unavailable, grpc_errors
-from nsm.mechanisms import NAME, NETNS_INODE_URL
+from nsm.mechanisms import NAME, NETNS_INODE_URL, kernel
 from nsm.transport import Server
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    before = asyncio.all_tasks()
-    yield
-    deadline = time.monotonic() + 2.0
-    while True:
-        leaked = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
-        if not leaked or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    assert not leaked, f"leaked tasks: {leaked}"
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
     """Answers like a manager would: appends its segment, picks an endpoint, sets addresses.
     ``fail`` (a list of errors) makes the next requests fail, one error each."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[NetworkServiceRequest], Connection]) -> None:
+        self.answer = answer
         self.requests: list[tuple[float, NetworkServiceRequest]] = []
         self.closes: list[Connection] = []
         self.fail: list[NsmError] = []
@@ -64,18 +46,7 @@ class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
         self.requests.append((time.time(), copy))
         if self.fail:
             raise self.fail.pop(0)
-        conn = Connection()
-        conn.CopyFrom(request.connection)
-        if len(conn.path.path_segments) < 2:
-            seg = conn.path.path_segments.add(name="mgr", id=str(uuid.uuid4()))
-            seg.expires.CopyFrom(conn.path.path_segments[0].expires)
-        conn.network_service_endpoint_name = conn.network_service_endpoint_name or "nse-1"
-        conn.mechanism.CopyFrom(request.mechanism_preferences[0])
-        ip = conn.context.ip_context
-        if not ip.src_ip_addrs:
-            ip.src_ip_addrs.append("10.0.0.2/32")
-            ip.dst_ip_addrs.append("10.0.0.1/32")
-        return conn
+        return self.answer(request)
 
     @grpc_errors
     async def Close(self, request: Connection, context: grpc.aio.ServicerContext) -> Empty:
@@ -84,8 +55,8 @@ class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
 
 
 @pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[tuple[FakeManager, str]]:
-    fake = FakeManager()
+async def manager(tmp_path: Path, answer) -> AsyncIterator[tuple[FakeManager, str]]:  # type: ignore[no-untyped-def]
+    fake = FakeManager(answer)
     server = Server([f"unix://{tmp_path}/mgr.sock"])
     networkservice_pb2_grpc.add_NetworkServiceServicer_to_server(fake, server.grpc)
     await server.start()
@@ -123,13 +94,13 @@ async def test_first_request(manager) -> None:  # type: ignore[no-untyped-def]
     assert len(fake.closes) == 1 and fake.closes[0].id == conn.id
 
 
-async def test_refreshes_before_expiry(manager) -> None:  # type: ignore[no-untyped-def]
+async def test_refreshes_before_expiry(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     updates: list[Connection] = []
     client = Client(manager_url=url, service="blue", lifetime=0.6, on_update=updates.append)
     async with closing(client):
         first = await client.request()
-        await eventually(lambda: len(fake.requests) >= 4)
+        await eventually(lambda: len(fake.requests) >= 4 and len(updates) >= 4)  # answered too
         previous_expiry = expiry_of(first.path.path_segments[0])
         for sent_at, sent in fake.requests[1:]:
             c = sent.connection
@@ -147,7 +118,7 @@ async def test_refreshes_before_expiry(manager) -> None:  # type: ignore[no-unty
     assert len(fake.closes) == 1
 
 
-async def test_transient_refresh_failures_are_retried(manager) -> None:  # type: ignore[no-untyped-def]
+async def test_transient_refresh_failures_are_retried(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     async with closing(Client(manager_url=url, service="blue", lifetime=1.5, min_backoff=0.02)) as client:
         first = await client.request()
@@ -158,7 +129,7 @@ async def test_transient_refresh_failures_are_retried(manager) -> None:  # type:
         assert len(fake.requests[-1][1].connection.path.path_segments) == 2
 
 
-async def test_heals_from_scratch_after_expiry(manager) -> None:  # type: ignore[no-untyped-def]
+async def test_heals_from_scratch_after_expiry(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     async with closing(Client(manager_url=url, service="blue", lifetime=0.5, min_backoff=0.05,
                               max_backoff=0.1)) as client:
@@ -202,20 +173,22 @@ async def test_unreachable_manager_is_unavailable(tmp_path: Path) -> None:
         await client.close()
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"ifname": "this-is-too-long"}, "at most 15"),
-    ({"ifname": "bad name"}, "not allow"),
-    ({"netns": "/nonexistent/ns"}, "does not exist"),
-    ({"netns": "http://x"}, "file:///path"),
-    ({"service": ""}, "network service name is empty"),
-    ({"manager_url": "http://x"}, "unsupported URL"),
-    ({"lifetime": 0}, "lifetime"),
-    ({"name": "a b"}, "client name"),
-    ({"labels": {"": "x"}}, "label"),
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"ifname": "this-is-too-long"}, InvalidArgument, "at most 15"),
+    ({"ifname": "bad name"}, InvalidArgument, "not allow"),
+    ({"netns": "/nonexistent/ns"}, NotFound, "does not exist"),
+    ({"netns": "http://x"}, InvalidArgument, "not valid"),
+    ({"netns": "/proc/self/status"}, InvalidArgument, "not a network namespace"),
+    ({"service": ""}, InvalidArgument, "network service name is empty"),
+    ({"manager_url": "http://x"}, InvalidArgument, "unsupported URL"),
+    ({"lifetime": 0}, InvalidArgument, "lifetime"),
+    ({"name": "a b"}, InvalidArgument, "client name"),
+    ({"labels": {"": "x"}}, InvalidArgument, "label"),
 ])
-def test_invalid_input_is_rejected_before_sending(kwargs: dict[str, object], message: str) -> None:
+def test_invalid_input_is_rejected_before_sending(kwargs: dict[str, object], error: type[NsmError],
+                                                  message: str) -> None:
     args: dict[str, object] = {"manager_url": "unix:///tmp/x.sock", "service": "blue", **kwargs}
-    with pytest.raises(InvalidArgument, match=message):
+    with pytest.raises(error, match=message):
         Client(**args)  # type: ignore[arg-type]
 
 
@@ -236,15 +209,57 @@ async def test_against_a_real_endpoint(tmp_path: Path) -> None:
         assert endpoint.ipam.connections == 0
 
 
-def test_refresh_request_uses_a_fresh_expiry() -> None:
-    client = Client(manager_url="unix:///tmp/x.sock", service="blue", lifetime=100)
-    last = Connection(id=client.conn_id, network_service="blue", network_service_endpoint_name="nse-1")
-    seg = last.path.path_segments.add(name=client.name, id=client.conn_id)
-    seg.expires.CopyFrom(ts(time.time() + 1))
-    last.path.path_segments.add(name="mgr", id="m")
-    last.path.index = 1  # whatever came back, the client is index 0
-    request = client._refresh_request(last)
-    assert request.connection.path.index == 0
-    exp = expiry_of(request.connection.path.path_segments[0])
-    assert exp is not None and exp > time.time() + 90
-    assert request.connection.network_service_endpoint_name == "nse-1"
+async def test_state_changes_reach_the_callback_and_the_iterator(manager, eventually) -> None:  # type: ignore[no-untyped-def]
+    _, url = manager
+    seen: list[StateChange] = []
+    client = Client(manager_url=url, service="blue", lifetime=0.6, on_change=seen.append)
+    iterated: list[State] = []
+
+    async def iterate() -> None:
+        async for change in client.changes():
+            iterated.append(change.state)
+
+    reader = asyncio.create_task(iterate())
+    await asyncio.sleep(0)  # subscribed
+    async with closing(client):
+        conn = await client.request()
+        assert [c.state for c in seen] == [State.ESTABLISHED] and seen[0].connection == conn
+        await eventually(lambda: State.REFRESHED in [c.state for c in seen])
+    await asyncio.wait_for(reader, 2)  # close ends the iterator
+    states = [c.state for c in seen]
+    assert states[0] is State.ESTABLISHED and states[-1] is State.CLOSED
+    assert set(states[1:-1]) == {State.REFRESHED}
+    assert iterated == states
+    assert all(c.conn_id == client.conn_id for c in seen)
+
+
+async def test_many_connections_over_one_channel_each_refreshed(manager, eventually) -> None:  # type: ignore[no-untyped-def]
+    fake, url = manager
+    mech = [kernel("nsm-1", f"file:///proc/{os.getpid()}/ns/net")]
+    async with Connections(manager_url=url, name="agent", lifetime=0.6) as conns:
+        ids = [f"conn-{i}" for i in range(5)]
+        for conn_id in ids:
+            conn = await conns.request(new_request(service="blue", name="agent", mechanisms=mech,
+                                                   conn_id=conn_id))
+            assert conn.id == conn_id
+        assert sorted(conns.ids()) == ids
+
+        def sent(conn_id: str) -> int:
+            return sum(1 for _, r in fake.requests if r.connection.id == conn_id)
+
+        await eventually(lambda: all(sent(i) >= 3 for i in ids))
+        await conns.close(ids[0])
+        assert [c.id for c in fake.closes] == [ids[0]] and conns.connection(ids[0]) is None
+        before = sent(ids[0])
+        await eventually(lambda: all(sent(i) >= 5 for i in ids[1:]))
+        assert sent(ids[0]) == before  # the closed one is not refreshed any more
+        assert len(conns._channels._channels) == 1  # one channel for all
+    assert sorted(c.id for c in fake.closes) == ids  # leaving the block closed the rest
+
+
+async def test_a_request_for_another_clients_path_is_refused(manager) -> None:  # type: ignore[no-untyped-def]
+    _, url = manager
+    async with Connections(manager_url=url, name="agent") as conns:
+        with pytest.raises(InvalidArgument, match="not this client's"):
+            await conns.request(new_request(service="blue", name="other", mechanisms=[kernel("nsm-1")]))
+        assert conns.ids() == []

@@ -1,0 +1,53 @@
+"""connect (client side): the tail of the client chain, the Request/Close RPC to the manager.
+
+One channel per manager URL (:class:`nsm.transport.Channels`), shared by every connection of the
+chain. A gRPC error becomes the matching domain error, its message unchanged; unlike the servers'
+:class:`nsm.elements.connect.Connect` a failed Close is raised (to the caller who closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from nsm.api import networkservice_pb2_grpc
+from nsm.api.connection_pb2 import Connection
+from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.chain import Ctx, Element, NextClose, NextRequest
+from nsm.errors import call
+from nsm.transport import Channels
+
+DEFAULT_TIMEOUT = 15.0
+
+
+async def request_once(channel: grpc.aio.Channel, request: NetworkServiceRequest, *,
+                       timeout: float | None = DEFAULT_TIMEOUT,
+                       metadata: Sequence[tuple[str, str]] | None = None) -> Connection:
+    """One Request RPC; a gRPC error becomes the matching domain error."""
+    stub = networkservice_pb2_grpc.NetworkServiceStub(channel)
+    conn: Connection = await call(stub.Request(request, timeout=timeout, metadata=metadata), "")
+    return conn
+
+
+async def close_once(channel: grpc.aio.Channel, conn: Connection, *,
+                     timeout: float | None = DEFAULT_TIMEOUT,
+                     metadata: Sequence[tuple[str, str]] | None = None) -> None:
+    """One Close RPC; a gRPC error becomes the matching domain error."""
+    stub = networkservice_pb2_grpc.NetworkServiceStub(channel)
+    await call(stub.Close(conn, timeout=timeout, metadata=metadata), "")
+
+
+class ManagerConnect(Element):
+    """Sends every Request and Close to the manager at ``url``, each bounded by ``timeout``."""
+
+    def __init__(self, channels: Channels, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.channels = channels
+        self.url = url
+        self.timeout = timeout
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        return await request_once(self.channels.get(self.url), request, timeout=self.timeout)
+
+    async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
+        await close_once(self.channels.get(self.url), conn, timeout=self.timeout)

@@ -1,0 +1,64 @@
+"""The client tests' shared helpers: every test checks that it leaves no task behind,
+``eventually`` waits for a condition, ``answer`` answers a Request the way a manager would."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from nsm.api.connection_pb2 import Connection
+from nsm.api.networkservice_pb2 import NetworkServiceRequest
+
+Eventually = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    before = asyncio.all_tasks()
+    yield
+    deadline = time.monotonic() + 2.0
+    while True:
+        leaked = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
+        if not leaked or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert not leaked, f"leaked tasks: {leaked}"
+
+
+async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def eventually() -> Eventually:
+    """``await eventually(lambda: ..., timeout=5.0)``: until the check is true, or fail."""
+    return _eventually
+
+
+def _answer(request: NetworkServiceRequest) -> Connection:
+    conn = Connection()
+    conn.CopyFrom(request.connection)
+    if len(conn.path.path_segments) < 2:
+        seg = conn.path.path_segments.add(name="mgr", id=str(uuid.uuid4()))
+        seg.expires.CopyFrom(conn.path.path_segments[0].expires)
+    conn.network_service_endpoint_name = conn.network_service_endpoint_name or "nse-1"
+    conn.mechanism.CopyFrom(request.mechanism_preferences[0])
+    ip = conn.context.ip_context
+    if not ip.src_ip_addrs:  # a heal sends the addresses it had
+        ip.src_ip_addrs.append("10.0.0.2/32")
+        ip.dst_ip_addrs.append("10.0.0.1/32")
+    return conn
+
+
+@pytest.fixture
+def answer() -> Callable[[NetworkServiceRequest], Connection]:
+    """A manager's answer: its own segment after the client's, endpoint nse-1, the first
+    mechanism offered, addresses 10.0.0.2/32 - 10.0.0.1/32 (those sent, on a heal)."""
+    return _answer
