@@ -21,11 +21,18 @@ REASON_KEY = "nsm-error-reason"
 
 
 class NsmError(Exception):
-    """Base of every domain error. ``code`` is the gRPC status it maps to; ``reason`` (optional,
-    UPPER_SNAKE) names the kind of failure within the code and travels with the status."""
+    """Base of every domain error. ``code`` is the gRPC status it maps to (given as a class
+    keyword: ``class NotFound(NsmError, code=grpc.StatusCode.NOT_FOUND)``); ``reason``
+    (optional, UPPER_SNAKE) names the kind of failure within the code and travels with the
+    status."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = ""
+
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -34,48 +41,44 @@ class NsmError(Exception):
             self.reason = reason
 
 
-class InvalidArgument(NsmError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+class InvalidArgument(NsmError, code=grpc.StatusCode.INVALID_ARGUMENT):
+    """Malformed input: the caller must change its request."""
 
 
-class NotFound(NsmError):
-    code = grpc.StatusCode.NOT_FOUND
+class NotFound(NsmError, code=grpc.StatusCode.NOT_FOUND):
+    """What the request names (a service, an endpoint, a namespace) does not exist."""
 
 
-class AlreadyExists(NsmError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+class AlreadyExists(NsmError, code=grpc.StatusCode.ALREADY_EXISTS):
+    """What the request would create is there already (an interface name taken)."""
 
 
-class FailedPrecondition(NsmError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class FailedPrecondition(NsmError, code=grpc.StatusCode.FAILED_PRECONDITION):
+    """The system is not in a state that allows this (the kernel refused, a node lacks a setting)."""
 
 
-class PermissionDenied(NsmError):
-    """The caller may not do this (the reason says why)."""
-
-    code = grpc.StatusCode.PERMISSION_DENIED
+class PermissionDenied(NsmError, code=grpc.StatusCode.PERMISSION_DENIED):
+    """The caller may not do this (the message says why)."""
 
 
-class ResourceExhausted(NsmError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+class ResourceExhausted(NsmError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
+    """A pool ran dry or a limit was reached (addresses, VNIs, watchers)."""
 
 
-class Unavailable(NsmError):
-    code = grpc.StatusCode.UNAVAILABLE
+class Unavailable(NsmError, code=grpc.StatusCode.UNAVAILABLE):
+    """A peer cannot be reached (yet): worth trying again, or another peer."""
 
 
-class DeadlineExceeded(NsmError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+class DeadlineExceeded(NsmError, code=grpc.StatusCode.DEADLINE_EXCEEDED):
+    """A call took longer than its deadline."""
 
 
-class Unsupported(NsmError):
+class Unsupported(NsmError, code=grpc.StatusCode.UNIMPLEMENTED):
     """A mechanism or feature this build or kernel cannot provide."""
 
-    code = grpc.StatusCode.UNIMPLEMENTED
 
-
-class Internal(NsmError):
-    code = grpc.StatusCode.INTERNAL
+class Internal(NsmError, code=grpc.StatusCode.INTERNAL):
+    """A bug of ours, or a peer's: never the caller's fault."""
 
 
 class VniConflict(AlreadyExists):
