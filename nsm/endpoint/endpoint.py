@@ -14,7 +14,6 @@ unregisters when it stops.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -37,7 +36,7 @@ from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
 from nsm.kernel.netns import netns_path, open_netns
 from nsm.log import get_logger
 from nsm.mechanisms import PAYLOAD_IP
-from nsm.registry.client import TRANSIENT_ERRORS, NseRefresher, RegistryClient
+from nsm.registry.client import NseRefresher, RegistryClient
 from nsm.servicer import SERVICE_NAME, NetworkServiceServicer
 from nsm.transport import Server, dial, parse_url
 
@@ -143,8 +142,6 @@ class Endpoint:
         self.refresher: NseRefresher | None = None
         self._registry_channel: grpc.aio.Channel | None = None
         self._started = False
-        self._keeper: asyncio.Task[None] | None = None
-        self._service_records: dict[str, NetworkService] = {}
 
     @property
     def urls(self) -> list[str]:
@@ -182,61 +179,19 @@ class Endpoint:
                      services=",".join(self.services), cidr=str(self.network), netns=self.netns)
             if self.registry_url is not None:
                 self._registry_channel = dial(self.registry_url)
-                client = RegistryClient(self._registry_channel)
-                await self._register_services(client)
-                self.refresher = NseRefresher(client, self.nse(), expiry=self.expiry)
+                self.refresher = NseRefresher(
+                    RegistryClient(self._registry_channel), self.nse(), expiry=self.expiry,
+                    services=[NetworkService(name=s, payload=PAYLOAD_IP) for s in self.services])
                 await self.refresher.start()
-                self._keeper = asyncio.get_running_loop().create_task(
-                    self._keep_services(client), name=f"nse-services:{self.name}")
         except BaseException:
             await self.stop()
             raise
-
-    async def _register_services(self, client: RegistryClient) -> None:
-        backoff = 0.1
-        for service in self.services:
-            while True:
-                try:
-                    record = await client.get_ns(service)
-                    if record is None:
-                        record = await client.register_ns(
-                            NetworkService(name=service, payload=PAYLOAD_IP))
-                        log.info("network service registered", service=service)
-                    self._service_records[service] = record
-                    break
-                except TRANSIENT_ERRORS as exc:
-                    log.warning("registry not reachable, retrying", registry=self.registry_url,
-                                error=exc.message, retry_in=backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-
-    async def _keep_services(self, client: RegistryClient) -> None:
-        """Re-register a service record that disappeared (an in-memory registry restarted):
-        the refresher brings the NSE back, and clients need the service too."""
-        while True:
-            await asyncio.sleep(max(self.expiry / 3, 0.05))
-            try:
-                for service in self.services:
-                    if await client.get_ns(service) is None:
-                        # The record as it was (its payload and matches), not a default one.
-                        record = self._service_records.get(service) or NetworkService(
-                            name=service, payload=PAYLOAD_IP)
-                        await client.register_ns(record)
-                        log.info("network service registered again", service=service,
-                                 payload=record.payload)
-            except NsmError as exc:
-                log.debug("checking network services failed", error=exc.message)
 
     async def stop(self) -> None:
         """Unregister, stop serving, close every connection's timer. Idempotent."""
         if not self._started:
             return
         self._started = False
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
         refresher, self.refresher = self.refresher, None
         if refresher is not None:
             with contextlib.suppress(NsmError, RuntimeError):

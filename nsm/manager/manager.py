@@ -25,6 +25,7 @@ from nsm.log import get_logger
 from nsm.manager.cache import RegistryCache
 from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy, Replay
 from nsm.manager.select import Discover, RoundRobin, SelectForwarder, normalize_url
+from nsm.registry.client import RegistryClient
 from nsm.servicer import NetworkServiceServicer
 from nsm.transport import Channels, Server, Url, dial, watch_reconnects
 
@@ -44,8 +45,9 @@ class Manager:
         self.local = LocalEndpoints()
         self.channels = Channels()
         self._registry_channel = dial(registry_url)
-        self.cache = RegistryCache(self._registry_channel)
-        self.replay = Replay(self._registry_channel)
+        self.registry = RegistryClient(self._registry_channel)
+        self.cache = RegistryCache(self.registry)
+        self.replay = Replay(self.registry)
         self._watcher: asyncio.Task[None] | None = None
         self._replaying: asyncio.Task[None] | None = None
         self.begin = Begin()
@@ -97,9 +99,9 @@ class Manager:
             NetworkServiceServicer(self.chain), self.server.grpc)
         connection_pb2_grpc.add_MonitorConnectionServicer_to_server(self.monitor, self.server.grpc)
         registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
-            NsProxy(self._registry_channel, self.replay), self.server.grpc)
-        self._nse_proxy = NseProxy(self._registry_channel, local=self.local, advertise=None,
-                                  node=self.name, replay=self.replay)
+            NsProxy(self.registry, self.replay), self.server.grpc)
+        self._nse_proxy = NseProxy(self.registry, local=self.local, advertise=self.public_url,
+                                   node=self.name, replay=self.replay)
         registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server(
             self._nse_proxy, self.server.grpc)
         self.server.add_service_names(["networkservice.NetworkService",
@@ -108,7 +110,6 @@ class Manager:
                                        "registry.NetworkServiceEndpointRegistry"])
         await self.cache.start()
         await self.server.start()
-        self._nse_proxy.advertise = self.public_url()
         self._watcher = asyncio.create_task(
             watch_reconnects(self._registry_channel, self._registry_back), name="registry-watch")
         log.info("manager serving", name=self.name, urls=",".join(self.urls()),
