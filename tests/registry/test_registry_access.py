@@ -12,15 +12,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from nsm.api import registry_pb2 as pb
 from nsm.api import registry_pb2_grpc
-from nsm.api.registry_pb2 import (
-    Destination,
-    Match,
-    NetworkService,
-    NetworkServiceEndpoint,
-    NetworkServiceEndpointQuery,
-    NetworkServiceLabels,
-)
+from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint, NetworkServiceLabels
 from nsm.errors import Unavailable
 from nsm.manager.cache import RegistryCache
 from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy, Replay
@@ -113,7 +107,7 @@ async def test_proxy_registers_endpoints_under_the_url_advertised_at_each_regist
 async def test_proxy_passes_services_finds_and_watches_through(
     reg: Harness, front: Front
 ) -> None:
-    ns = NetworkService(name="svc", matches=[Match(routes=[Destination(
+    ns = NetworkService(name="svc", matches=[pb.Match(routes=[pb.Destination(
         destination_selector={"app": "x"})])])
     await front.client.register_ns(ns)
     assert front.replay.services["svc"].payload == "IP"
@@ -205,7 +199,7 @@ async def test_refresher_registers_missing_services_and_keeps_existing_ones(
 ) -> None:
     reg = await start_registry(expiry=0.3)
     ethernet = NetworkService(name="l2", payload="ETHERNET",
-                              matches=[Match(source_selector={"a": "b"})])
+                              matches=[pb.Match(source_selector={"a": "b"})])
     await reg.client.register_ns(ethernet)
     wanted = [NetworkService(name="l2", payload="IP"), NetworkService(name="ip", payload="IP")]
     nse = endpoint("e1")
@@ -252,7 +246,7 @@ async def test_refresher_start_retries_a_peer_that_does_not_serve_the_registry_y
 async def test_a_stream_left_early_cancels_its_call(reg: Harness, eventually: Eventually) -> None:
     """A consumer that stops reading a (proxied) Find leaves no call open at the registry."""
     await reg.client.register_nse(endpoint("e1"))
-    stream = reg.client.query_nse(NetworkServiceEndpointQuery(
+    stream = reg.client.query_nse(pb.NetworkServiceEndpointQuery(
         network_service_endpoint=NetworkServiceEndpoint(), watch=True))
     assert (await anext(stream)).network_service_endpoint.name == "e1"
     assert reg.nse_store.watcher_count == 1
