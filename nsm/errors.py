@@ -87,6 +87,12 @@ class VniConflict(AlreadyExists):
     reason = "VNI_CONFLICT"
 
 
+class Conflict(NsmError):
+    """A compare-and-set lost: the record changed since it was read. Read it again and retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 #: Failures that may be the peer's (or the moment's) fault rather than the caller's: the same
 #: call may succeed later, or with another peer. The one list every retry and every fallback
 #: to another candidate uses; caller-side failures (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,

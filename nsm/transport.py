@@ -253,7 +253,8 @@ async def watch_reconnects(channel: grpc.aio.Channel, on_back: Callable[[], None
     its connection (the peer may have restarted and forgotten state). Keeps the channel
     connecting meanwhile (reconnect backoff: :data:`CHANNEL_OPTIONS`)."""
     state = channel.get_state(try_to_connect=True)
-    lost = False
+    # Not READY at the first look: a connection lost before we looked still counts as lost.
+    lost = state != grpc.ChannelConnectivity.READY
     while True:
         await channel.wait_for_state_change(state)
         state = channel.get_state(try_to_connect=True)

@@ -14,7 +14,6 @@ unregisters when it stops.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
 
@@ -25,7 +24,7 @@ from nsm.chain import Element
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.endpoint.ipam import PointToPointIPAM, parse_cidr
 from nsm.endpoint.kernel import KernelServer
-from nsm.errors import RETRYABLE, InvalidArgument, NsmError
+from nsm.errors import InvalidArgument, NsmError
 from nsm.kernel.netns import resolve_netns
 from nsm.log import get_logger
 from nsm.mechanisms import PAYLOAD_IP
@@ -97,8 +96,6 @@ class Endpoint(Role):
         self.extra = list(elements)
         self.refresher: NseRefresher | None = None
         self._registry_channel: grpc.aio.Channel | None = None
-        self._keeper: asyncio.Task[None] | None = None
-        self._service_records: dict[str, NetworkService] = {}
 
     @property
     def urls(self) -> list[str]:
@@ -138,55 +135,13 @@ class Endpoint(Role):
             return
         self._registry_channel = dial(self.registry_url)
         stack.push_async_callback(self._close_registry)
-        client = RegistryClient(self._registry_channel)
-        await self._register_services(client)
-        self.refresher = NseRefresher(client, self.nse(), expiry=self.expiry)
+        self.refresher = NseRefresher(
+            RegistryClient(self._registry_channel), self.nse(), expiry=self.expiry,
+            services=[NetworkService(name=s, payload=PAYLOAD_IP) for s in self.services])
         await self.refresher.start()
-        self._keeper = asyncio.get_running_loop().create_task(
-            self._keep_services(client), name=f"nse-services:{self.name}")
-
-    async def _register_services(self, client: RegistryClient) -> None:
-        backoff = 0.1
-        for service in self.services:
-            while True:
-                try:
-                    record = await client.get_ns(service)
-                    if record is None:
-                        record = await client.register_ns(
-                            NetworkService(name=service, payload=PAYLOAD_IP))
-                        log.info("network service registered", service=service)
-                    self._service_records[service] = record
-                    break
-                except RETRYABLE as exc:
-                    log.warning("registry not reachable, retrying", registry=self.registry_url,
-                                error=exc.message, retry_in=backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-
-    async def _keep_services(self, client: RegistryClient) -> None:
-        """Re-register a service record that disappeared (an in-memory registry restarted):
-        the refresher brings the NSE back, and clients need the service too."""
-        while True:
-            await asyncio.sleep(max(self.expiry / 3, 0.05))
-            try:
-                for service in self.services:
-                    if await client.get_ns(service) is None:
-                        # The record as it was (its payload and matches), not a default one.
-                        record = self._service_records.get(service) or NetworkService(
-                            name=service, payload=PAYLOAD_IP)
-                        await client.register_ns(record)
-                        log.info("network service registered again", service=service,
-                                 payload=record.payload)
-            except NsmError as exc:
-                log.debug("checking network services failed", error=exc.message)
 
     async def _close_registry(self) -> None:
         """Unregister and close the registry channel."""
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
         refresher, self.refresher = self.refresher, None
         if refresher is not None:
             with contextlib.suppress(NsmError, RuntimeError):

@@ -63,7 +63,8 @@ class Forwarder(Role):
         self.vnis = VniPool()
         self.tables = TablePool()
         self._registry_channel: grpc.aio.Channel | None = None
-        self.endpoints: RegistryCache  # set up at start: the registry as this node sees it
+        self.registry: RegistryClient  # set up at start: the registry as this node sees it
+        self.endpoints: RegistryCache
 
     # -- the chain ------------------------------------------------------------------------
 
@@ -113,7 +114,8 @@ class Forwarder(Role):
         self._registry_channel = dial(self.registry_url)
         stack.push_async_callback(self._registry_channel.close)
         stack.push_async_callback(self.channels.close)
-        self.endpoints = RegistryCache(self._registry_channel)
+        self.registry = RegistryClient(self._registry_channel)
+        self.endpoints = RegistryCache(self.registry)
         await self.endpoints.start()
         stack.push_async_callback(self.endpoints.stop)
         self.tunnel = await self._detect_tunnel()
@@ -124,7 +126,7 @@ class Forwarder(Role):
 
     async def serving(self, stack: contextlib.AsyncExitStack) -> None:
         assert self._registry_channel is not None
-        refresher = NseRefresher(RegistryClient(self._registry_channel), self.registration(),
+        refresher = NseRefresher(self.registry, self.registration(),
                                  expiry=self.expiry)
         await refresher.start()
         stack.push_async_callback(refresher.stop)

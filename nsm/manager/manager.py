@@ -24,6 +24,7 @@ from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.manager.cache import RegistryCache
 from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy, Replay
 from nsm.manager.select import Discover, RoundRobin, SelectForwarder
+from nsm.registry.client import RegistryClient
 from nsm.role import Role
 from nsm.transport import Channels, Service, dial, normalize_url, watch_reconnects
 
@@ -43,7 +44,8 @@ class Manager(Role):
         self.local = LocalEndpoints()
         self.channels = Channels()
         self._registry_channel: grpc.aio.Channel | None = None
-        self.cache: RegistryCache  # set up at start (they need the registry channel)
+        self.registry: RegistryClient  # set up at start (they need the registry channel)
+        self.cache: RegistryCache
         self.replay: Replay
         self._replaying: asyncio.Task[None] | None = None
 
@@ -61,10 +63,10 @@ class Manager(Role):
         return [
             Service("registry.NetworkServiceRegistry",
                     registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server,
-                    NsProxy(self.registry_channel, self.replay)),
+                    NsProxy(self.registry, self.replay)),
             Service("registry.NetworkServiceEndpointRegistry",
                     registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server,
-                    NseProxy(self.registry_channel, local=self.local, advertise=self.public_url,
+                    NseProxy(self.registry, local=self.local, advertise=self.public_url,
                              own_urls=self.urls, node=self.name, replay=self.replay)),
         ]
 
@@ -95,8 +97,9 @@ class Manager(Role):
         self._registry_channel = dial(self.registry_url)
         stack.push_async_callback(self._registry_channel.close)
         stack.push_async_callback(self.channels.close)
-        self.cache = RegistryCache(self._registry_channel)
-        self.replay = Replay(self._registry_channel)
+        self.registry = RegistryClient(self._registry_channel)
+        self.cache = RegistryCache(self.registry)
+        self.replay = Replay(self.registry)
         await self.cache.start()
         stack.push_async_callback(self.cache.stop)
 

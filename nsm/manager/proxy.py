@@ -1,46 +1,48 @@
 """The manager's registry proxy: endpoints and forwarders of a node register through it.
 
 An endpoint's registration is forwarded to the registry with the URL replaced by this manager's
-advertised (tcp) URL, so that managers on other nodes reach the endpoint through this one; the
-endpoint's own URL is remembered here to dial it locally. The endpoint is also labelled
-``nodeName=<this node>`` for each of its services (for selectors). Forwarder registrations, services,
-finds and unregistrations pass through unchanged.
+advertised (tcp) URL, when it has one, so that managers on other nodes reach the endpoint through
+this one; the endpoint's own URL is remembered in :class:`LocalEndpoints`, which is also how the
+manager knows that an endpoint is on its node (it registered through this manager), whatever the
+URL scheme. The endpoint is also labelled ``nodeName=<this node>`` for each of its services (for
+selectors). Forwarder registrations, services, finds and unregistrations pass through unchanged.
 
 The proxies remember the last record they forwarded for every service and endpoint (until it is
 unregistered or expires), and :meth:`Replay.replay` registers them all again: the manager calls
 it when its registry channel reconnects, so a restarted (in-memory) registry knows this node's
 endpoints within a second or two instead of at their next refresh. Endpoints whose records have
 expired are not brought back.
+
+Every call to the registry goes through the one :class:`~nsm.registry.client.RegistryClient`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
 
-from nsm.api import registry_pb2_grpc
-from nsm.api.registry_pb2 import (
-    NetworkService,
-    NetworkServiceEndpoint,
-    NetworkServiceEndpointQuery,
-    NetworkServiceEndpointResponse,
-    NetworkServiceQuery,
-    NetworkServiceResponse,
-)
-from nsm.errors import NsmError, call, from_rpc_error, grpc_errors
+from nsm.api import registry_pb2, registry_pb2_grpc
+from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint
+from nsm.errors import NsmError, grpc_errors
 from nsm.log import get_logger
+from nsm.registry.client import RegistryClient
 from nsm.registry.matching import expiration
 from nsm.transport import normalize_url, parse_url
 from nsm.wellknown import FORWARDER_SERVICE, NODE_LABEL
 
 log = get_logger("nsm.manager.proxy")
 
+M = TypeVar("M", bound=Message)
+
 
 class LocalEndpoints:
-    """NSE name → the URL it really listens on (for endpoints registered through us)."""
+    """Endpoints registered through this manager, so on its node: NSE name → the URL it really
+    listens on."""
 
     def __init__(self) -> None:
         self._urls: dict[str, str] = {}
@@ -49,6 +51,7 @@ class LocalEndpoints:
         self._urls[name] = url
 
     def get(self, name: str) -> str | None:
+        """The endpoint's own URL when it registered through this manager, else None."""
         return self._urls.get(name)
 
     def drop(self, name: str) -> None:
@@ -58,12 +61,24 @@ class LocalEndpoints:
         return len(self._urls)
 
 
+async def _register_all(register: Callable[[M], Awaitable[M]], records: dict[str, M]) -> int:
+    """Register every record again; how many succeeded (failures are logged)."""
+    done = 0
+    for name, record in list(records.items()):
+        try:
+            await register(record)
+            done += 1
+        except NsmError as exc:
+            log.warning("registering again after a reconnect failed", name=name,
+                        error=exc.message)
+    return done
+
+
 class Replay:
     """The records forwarded to the registry through this manager, by name."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.ns_stub = registry_pb2_grpc.NetworkServiceRegistryStub(channel)
-        self.nse_stub = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(channel)
+    def __init__(self, registry: RegistryClient) -> None:
+        self.registry = registry
         self.services: dict[str, NetworkService] = {}
         self.endpoints: dict[str, NetworkServiceEndpoint] = {}
 
@@ -75,59 +90,48 @@ class Replay:
             exp = expiration(nse)
             if exp is not None and exp <= now:
                 del self.endpoints[name]
-        done = [0, 0]
-        for i, (stub, records) in enumerate(((self.ns_stub, self.services),
-                                             (self.nse_stub, self.endpoints))):
-            for name, record in list(records.items()):
-                try:
-                    await call(stub.Register(record, timeout=5), "registry")
-                    done[i] += 1
-                except NsmError as exc:
-                    log.warning("registering again after a reconnect failed", name=name,
-                                error=exc.message)
-        return done[0], done[1]
+        return (await _register_all(self.registry.register_ns, self.services),
+                await _register_all(self.registry.register_nse, self.endpoints))
 
 
 class NsProxy(registry_pb2_grpc.NetworkServiceRegistryServicer):
-    def __init__(self, channel: grpc.aio.Channel, replay: Replay | None = None) -> None:
-        self.stub = registry_pb2_grpc.NetworkServiceRegistryStub(channel)
-        self.replay = replay or Replay(channel)
+    def __init__(self, registry: RegistryClient, replay: Replay | None = None) -> None:
+        self.registry = registry
+        self.replay = replay or Replay(registry)
 
     @grpc_errors
     async def Register(self, request: NetworkService, context: grpc.aio.ServicerContext) -> NetworkService:
-        result: NetworkService = await call(self.stub.Register(request, timeout=10), "registry")
+        result = await self.registry.register_ns(request)
         self.replay.services[result.name] = result
         return result
 
     @grpc_errors
-    async def Find(self, request: NetworkServiceQuery, context: grpc.aio.ServicerContext
-                   ) -> AsyncIterator[NetworkServiceResponse]:
-        try:
-            async for resp in self.stub.Find(request):
-                yield resp
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "registry") from exc
+    async def Find(self, request: registry_pb2.NetworkServiceQuery, context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[registry_pb2.NetworkServiceResponse]:
+        async for response in self.registry.query_ns(request):
+            yield response
 
     @grpc_errors
     async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
-        await call(self.stub.Unregister(request, timeout=10), "registry")
+        await self.registry.unregister_ns(request.name)
         self.replay.services.pop(request.name, None)
         return Empty()
 
 
 class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
-    """``advertise()``: the URL this manager registers its endpoints under (None: register them
-    unchanged); ``own_urls()``: every URL of this manager. Finds answer the records of endpoints
-    registered through this manager with their real URL (what the node's forwarder dials), and
-    leave out records that name this manager but that it does not know (yet: after a restart,
-    until the endpoint registers again), so a forwarder never mistakes its manager for an
-    endpoint."""
+    """``advertise()``: the URL this manager registers its endpoints under (None: none; the
+    endpoint is registered with its own URL); ``own_urls()``: every URL of this manager.
 
-    def __init__(self, channel: grpc.aio.Channel, *, local: LocalEndpoints,
+    Finds answer the records of endpoints registered through this manager with their real URL
+    (what the node's forwarder dials), and leave out records that name this manager but that it
+    does not know (yet: after a restart, until the endpoint registers again), so a forwarder
+    never mistakes its manager for an endpoint."""
+
+    def __init__(self, registry: RegistryClient, *, local: LocalEndpoints,
                  advertise: Callable[[], str | None], own_urls: Callable[[], Iterable[str]] = list,
                  node: str = "", replay: Replay | None = None) -> None:
-        self.stub = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(channel)
-        self.replay = replay or Replay(channel)
+        self.registry = registry
+        self.replay = replay or Replay(registry)
         self.local = local
         self.advertise = advertise
         self.own_urls = own_urls
@@ -147,16 +151,16 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
     @grpc_errors
     async def Register(self, request: NetworkServiceEndpoint,
                        context: grpc.aio.ServicerContext) -> NetworkServiceEndpoint:
-        advertise = self.advertise()
-        if advertise is None or FORWARDER_SERVICE in request.network_service_names:
-            result: NetworkServiceEndpoint = await call(
-                self.stub.Register(request, timeout=10), "registry")
+        if FORWARDER_SERVICE in request.network_service_names:
+            result = await self.registry.register_nse(request)
             self._remember(result)
             return result
         real = str(parse_url(request.url))
         out = NetworkServiceEndpoint()
         out.CopyFrom(request)
-        out.url = advertise
+        advertised = self.advertise()
+        if advertised is not None:
+            out.url = advertised
         if self.node:  # endpoints are labelled with their node, for selectors and forwarders
             for service in out.network_service_names:
                 labels = out.network_service_labels[service].labels
@@ -166,7 +170,7 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
         known = self.local.get(request.name)
         self.local.set(request.name, real)
         try:
-            result = await call(self.stub.Register(out, timeout=10), "registry")
+            result = await self.registry.register_nse(out)
         except BaseException:
             if known is None:
                 self.local.drop(request.name)
@@ -184,23 +188,21 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
         self.replay.endpoints[record.name] = kept
 
     @grpc_errors
-    async def Find(self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext
-                   ) -> AsyncIterator[NetworkServiceEndpointResponse]:
-        try:
-            async for resp in self.stub.Find(request):
-                view = self._local_view(resp.network_service_endpoint)
-                if view is None:
-                    continue
-                if view is not resp.network_service_endpoint:
-                    resp.network_service_endpoint.CopyFrom(view)
-                yield resp
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "registry") from exc
+    async def Find(self, request: registry_pb2.NetworkServiceEndpointQuery,
+                   context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[registry_pb2.NetworkServiceEndpointResponse]:
+        async for response in self.registry.query_nse(request):
+            view = self._local_view(response.network_service_endpoint)
+            if view is None:
+                continue
+            if view is not response.network_service_endpoint:
+                response.network_service_endpoint.CopyFrom(view)
+            yield response
 
     @grpc_errors
     async def Unregister(self, request: NetworkServiceEndpoint,
                          context: grpc.aio.ServicerContext) -> Empty:
-        await call(self.stub.Unregister(request, timeout=10), "registry")
+        await self.registry.unregister_nse(request.name)
         self.local.drop(request.name)
         self.replay.endpoints.pop(request.name, None)
         return Empty()

@@ -1,9 +1,11 @@
 """The NSM registry: network services and endpoints, with expiry and watches.
 
 - :mod:`nsm.registry.matching` — pure query and endpoint-selection rules;
-- :mod:`nsm.registry.store` / :mod:`nsm.registry.memory` — storage interface, in-memory store;
+- :mod:`nsm.registry.store` / :mod:`nsm.registry.memory` — the storage interface (records with
+  revisions, compare-and-set, expiry, watches) and the in-memory store;
 - :mod:`nsm.registry.server` — :class:`Registry` and its gRPC servicers;
-- :mod:`nsm.registry.client` — :class:`RegistryClient` and :class:`NseRefresher`;
+- :mod:`nsm.registry.client` — :class:`RegistryClient` (the one way to the registry, for every
+  role) and :class:`NseRefresher` (keeps an endpoint or forwarder, and its services, registered);
 - :mod:`nsm.registry.main` — the daemon and :class:`RegistryDaemon`.
 """
 

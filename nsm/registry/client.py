@@ -1,5 +1,7 @@
-"""Client helpers for the registry: :class:`RegistryClient` (thin async calls over the stubs,
-raising domain errors) and :class:`NseRefresher` (keeps one NSE registered until stopped).
+"""The one way to the registry: :class:`RegistryClient` (async calls over the stubs, raising
+domain errors, one default deadline), used by the manager's cache and proxy, endpoints and
+forwarders, and :class:`NseRefresher` (keeps one NSE, and the NetworkService records it offers,
+registered until stopped). Retries use :mod:`nsm.retry` and :data:`nsm.errors.RETRYABLE`.
 """
 
 from __future__ import annotations
@@ -7,29 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from types import TracebackType
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
 
-from nsm.api import registry_pb2_grpc
-from nsm.api.registry_pb2 import (
-    NetworkService,
-    NetworkServiceEndpoint,
-    NetworkServiceEndpointQuery,
-    NetworkServiceQuery,
-)
-from nsm.errors import (
-    DeadlineExceeded,
-    NsmError,
-    ResourceExhausted,
-    Unavailable,
-    call,
-    from_rpc_error,
-)
+from nsm.api import registry_pb2, registry_pb2_grpc
+from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint, NetworkServiceQuery
+from nsm.errors import NsmError, call, from_rpc_error
 from nsm.log import get_logger
 from nsm.registry.matching import expiration
+from nsm.retry import MAX_DELAY, MIN_DELAY, Backoff, retry
 from nsm.transport import watch_reconnects
 
 log = get_logger(__name__)
@@ -84,12 +74,7 @@ class Watch(Generic[T]):
     async def __aenter__(self) -> Watch[T]:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self.cancel()
 
 
@@ -98,9 +83,10 @@ def _name_of(record: NetworkService | NetworkServiceEndpoint | str) -> str:
 
 
 class RegistryClient:
-    """The registry's two services over one channel. Every method raises domain errors
-    (:mod:`nsm.errors`) instead of gRPC ones. ``timeout`` bounds unary calls and
-    non-watching Finds (None: no deadline)."""
+    """The registry's two services over one channel (the registry itself, or a manager that
+    proxies it). Every method raises domain errors (:mod:`nsm.errors`) instead of gRPC ones.
+    ``timeout`` bounds unary calls and non-watching Finds (None: no deadline); a call's own
+    ``timeout`` overrides it."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float | None = DEFAULT_TIMEOUT):
         self.channel = channel
@@ -111,40 +97,53 @@ class RegistryClient:
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    async def _unary(self, method: Any, request: Any, timeout: float | None, where: str) -> Any:
+        return await call(method(request, timeout=self._deadline(timeout)), where)
+
+    async def _stream(self, rpc: Any, where: str) -> AsyncIterator[Any]:
+        """The responses of a server stream; the call is cancelled when the consumer stops."""
+        try:
+            async for response in rpc:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, where) from exc
+        finally:
+            rpc.cancel()
+
     # network services
 
     async def register_ns(
         self, ns: NetworkService, *, timeout: float | None = None
     ) -> NetworkService:
-        result: NetworkService = await call(
-            self._ns.Register(ns, timeout=self._deadline(timeout)), "registry register ns"
-        )
+        result: NetworkService = await self._unary(
+            self._ns.Register, ns, timeout, "registry register ns")
         return result
 
     async def unregister_ns(
         self, ns: NetworkService | str, *, timeout: float | None = None
     ) -> None:
-        request = NetworkService(name=_name_of(ns))
-        await call(
-            self._ns.Unregister(request, timeout=self._deadline(timeout)),
-            "registry unregister ns",
-        )
+        await self._unary(self._ns.Unregister, NetworkService(name=_name_of(ns)), timeout,
+                          "registry unregister ns")
+
+    def query_ns(
+        self, query: NetworkServiceQuery, *, timeout: float | None = None
+    ) -> AsyncIterator[registry_pb2.NetworkServiceResponse]:
+        """The raw responses to a Find, as a proxy passes them on: a watching query has no
+        deadline and lasts until the consumer stops iterating."""
+        rpc = self._ns.Find(query, timeout=None if query.watch else self._deadline(timeout))
+        return self._stream(rpc, "registry watch ns" if query.watch else "registry find ns")
 
     async def find_ns(
         self, query: NetworkService | None = None, *, timeout: float | None = None
     ) -> list[NetworkService]:
         """Services matching ``query`` (every one when None)."""
-        request = NetworkServiceQuery(network_service=query or NetworkService(), watch=False)
-        rpc = self._ns.Find(request, timeout=self._deadline(timeout))
-        try:
-            return [response.network_service async for response in rpc]
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "registry find ns") from exc
+        request = NetworkServiceQuery(network_service=query or NetworkService())
+        return [r.network_service async for r in self.query_ns(request, timeout=timeout)]
 
     async def get_ns(self, name: str, *, timeout: float | None = None) -> NetworkService | None:
         """The service named ``name``, or None."""
         found = await self.find_ns(NetworkService(name=name), timeout=timeout)
-        return found[0] if found else None
+        return next((ns for ns in found if ns.name == name), None)
 
     def watch_ns(self, query: NetworkService | None = None) -> Watch[NetworkService]:
         """Matching services, then live changes, as ``(service, deleted)``."""
@@ -158,39 +157,45 @@ class RegistryClient:
     ) -> NetworkServiceEndpoint:
         """Register (or refresh) an NSE; returns the stored record with its name, expiration
         and initial registration time."""
-        result: NetworkServiceEndpoint = await call(
-            self._nse.Register(nse, timeout=self._deadline(timeout)), "registry register nse"
-        )
+        result: NetworkServiceEndpoint = await self._unary(
+            self._nse.Register, nse, timeout, "registry register nse")
         return result
 
     async def unregister_nse(
         self, nse: NetworkServiceEndpoint | str, *, timeout: float | None = None
     ) -> None:
-        request = NetworkServiceEndpoint(name=_name_of(nse))
-        await call(
-            self._nse.Unregister(request, timeout=self._deadline(timeout)),
-            "registry unregister nse",
-        )
+        await self._unary(self._nse.Unregister, NetworkServiceEndpoint(name=_name_of(nse)),
+                          timeout, "registry unregister nse")
+
+    def query_nse(
+        self, query: registry_pb2.NetworkServiceEndpointQuery, *, timeout: float | None = None
+    ) -> AsyncIterator[registry_pb2.NetworkServiceEndpointResponse]:
+        """The raw responses to a Find (see :meth:`query_ns`)."""
+        rpc = self._nse.Find(query, timeout=None if query.watch else self._deadline(timeout))
+        return self._stream(rpc, "registry watch nse" if query.watch else "registry find nse")
 
     async def find_nse(
         self, query: NetworkServiceEndpoint | None = None, *, timeout: float | None = None
     ) -> list[NetworkServiceEndpoint]:
         """Unexpired endpoints matching ``query`` (every one when None)."""
-        request = NetworkServiceEndpointQuery(
-            network_service_endpoint=query or NetworkServiceEndpoint(), watch=False
-        )
-        rpc = self._nse.Find(request, timeout=self._deadline(timeout))
-        try:
-            return [response.network_service_endpoint async for response in rpc]
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "registry find nse") from exc
+        request = registry_pb2.NetworkServiceEndpointQuery(
+            network_service_endpoint=query or NetworkServiceEndpoint())
+        return [r.network_service_endpoint async for r in self.query_nse(request, timeout=timeout)
+                if not r.deleted]
+
+    async def get_nse(
+        self, name: str, *, timeout: float | None = None
+    ) -> NetworkServiceEndpoint | None:
+        """The unexpired endpoint named ``name``, or None."""
+        found = await self.find_nse(NetworkServiceEndpoint(name=name), timeout=timeout)
+        return next((nse for nse in found if nse.name == name), None)
 
     def watch_nse(
         self, query: NetworkServiceEndpoint | None = None
     ) -> Watch[NetworkServiceEndpoint]:
         """Matching endpoints, then live changes (register/refresh → ``deleted=False``,
         unregister/expiry → ``deleted=True``), as ``(nse, deleted)``."""
-        request = NetworkServiceEndpointQuery(
+        request = registry_pb2.NetworkServiceEndpointQuery(
             network_service_endpoint=query or NetworkServiceEndpoint(), watch=True
         )
         return Watch(
@@ -198,22 +203,22 @@ class RegistryClient:
         )
 
 
-#: Errors worth retrying when first registering (the registry may just be starting).
-TRANSIENT_ERRORS: tuple[type[NsmError], ...] = (Unavailable, DeadlineExceeded, ResourceExhausted)
-
-
 class NseRefresher:
-    """Keeps an NSE registered: registers it, re-registers at 1/3 of its granted lifetime
-    until stopped, then unregisters it.
+    """Keeps an NSE registered, and the NetworkService records it offers: registers them,
+    registers again at 1/3 of the granted lifetime until stopped, then unregisters the NSE.
 
-    ``async with NseRefresher(client, nse) as refresher:`` (or ``await start()`` /
-    ``await stop()``). :meth:`start` returns once the first registration succeeded, retrying
-    transient errors (registry not up yet) with backoff; an invalid NSE raises at once.
-    Later refreshes retry every error with exponential backoff (``min_backoff`` doubling up
-    to ``max_backoff``) and log, so a registry restart is survived: the NSE is registered
-    again as soon as the registry answers.
+    ``async with NseRefresher(client, nse, services=[...]) as refresher:`` (or ``await start()``
+    / ``await stop()``). :meth:`start` returns once the first registration succeeded, retrying
+    the errors of :data:`nsm.errors.RETRYABLE` (registry not up yet) with :func:`nsm.retry.retry`;
+    an invalid NSE raises at once. Later refreshes retry every error with the same backoff
+    (``min_backoff`` doubling up to ``max_backoff``) and log, so a registry restart is survived:
+    the NSE is registered again as soon as the registry answers.
 
-    It also re-registers at once when its channel comes back after losing its connection
+    ``services``: NetworkService records to register when missing (before the NSE, since clients
+    ask for the service first), and again whenever they have disappeared (an in-memory registry
+    restarted). An existing record is left alone and is what is registered again later.
+
+    It also registers again at once when its channel comes back after losing its connection
     (``reregister_on_reconnect``): the peer — the registry, or the node's manager that proxies
     it — may have restarted and forgotten the registration, and waiting for the next refresh
     (a third of the lifetime, 20 s by default) would leave the endpoint unreachable that long.
@@ -227,8 +232,9 @@ class NseRefresher:
         nse: NetworkServiceEndpoint,
         *,
         expiry: float | None = None,
-        min_backoff: float = 0.1,
-        max_backoff: float = 5.0,
+        services: Sequence[NetworkService] = (),
+        min_backoff: float = MIN_DELAY,
+        max_backoff: float = MAX_DELAY,
         unregister_timeout: float = 2.0,
         reregister_on_reconnect: bool = True,
     ) -> None:
@@ -240,8 +246,12 @@ class NseRefresher:
         self._template.ClearField("expiration_time")
         self._template.ClearField("initial_registration_time")
         self._expiry = expiry
-        self._min_backoff = min_backoff
-        self._max_backoff = max_backoff
+        self._services: dict[str, NetworkService] = {}
+        for service in services:
+            kept = NetworkService()
+            kept.CopyFrom(service)
+            self._services[service.name] = kept
+        self._backoff = Backoff(min_backoff, max_backoff)
         self._unregister_timeout = unregister_timeout
         self._registered: NetworkServiceEndpoint | None = None
         self._task: asyncio.Task[None] | None = None
@@ -261,57 +271,74 @@ class NseRefresher:
     def name(self) -> str:
         return self.nse.name
 
+    @property
+    def services(self) -> dict[str, NetworkService]:
+        """The NetworkService records kept registered, by name (as last seen in the registry)."""
+        return dict(self._services)
+
     async def start(self) -> NetworkServiceEndpoint:
         if self._task is not None:
             return self.nse
-        backoff = self._min_backoff
-        while True:
-            try:
-                await self._register()
-                break
-            except TRANSIENT_ERRORS as exc:
-                self._log.warning("registry not reachable, retrying", error=exc.message,
-                                  retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+        if self._reregister_on_reconnect and self._watcher is None:
+            # Watching from before the first registration: a connection lost right after it
+            # (the peer restarting) is seen as lost, so its return counts as a reconnect.
+            self._watcher = asyncio.create_task(
+                self._watch_channel(), name=f"nse-watch-{self._template.name or '?'}")
+        try:
+            await retry(self._register, what="registering endpoint", log=self._log,
+                        backoff=self._backoff)
+        except BaseException:
+            await self._cancel()
+            raise
+        self._backoff.reset()
+        self._reconnected.clear()  # the first connection, not a reconnect
         self._log = log.bind(nse=self.name)
         self._log.info("endpoint registered", url=self.nse.url)
         self._task = asyncio.create_task(self._refresh_loop(), name=f"nse-refresh-{self.name}")
-        if self._reregister_on_reconnect:
-            self._watcher = asyncio.create_task(self._watch_channel(),
-                                                name=f"nse-watch-{self.name}")
         return self.nse
 
     async def stop(self) -> None:
         """Stop refreshing and unregister (best effort, bounded by ``unregister_timeout``)."""
-        task, self._task = self._task, None
-        if task is None:
+        if self._task is None:
+            await self._cancel()  # a start that failed or was cancelled
             return
-        watcher, self._watcher = self._watcher, None
-        for t in (task, watcher):
-            if t is not None:
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+        await self._cancel()
         try:
             await self._client.unregister_nse(self.name, timeout=self._unregister_timeout)
             self._log.info("endpoint unregistered")
         except NsmError as exc:
             self._log.warning("unregistering endpoint failed", error=exc.message)
 
+    async def _cancel(self) -> None:
+        """End the refresh loop and the channel watcher."""
+        tasks = [t for t in (self._task, self._watcher) if t is not None]
+        self._task = self._watcher = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def __aenter__(self) -> NseRefresher:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     async def _register(self) -> None:
+        """The services (when missing), then the NSE."""
+        timeout = self._client.timeout
+        if self._registered is not None:  # a refresh must not outwait the registration
+            bound = max(self._interval(), 0.5)
+            timeout = bound if timeout is None else min(timeout, bound)
+        for name, record in self._services.items():
+            found = await self._client.get_ns(name, timeout=timeout)
+            if found is None:
+                found = await self._client.register_ns(record, timeout=timeout)
+                self._log.info("network service registered", service=name,
+                               payload=found.payload)
+            self._services[name] = found
         request = NetworkServiceEndpoint()
         request.CopyFrom(self._template)
         if self._registered is not None:
@@ -320,10 +347,6 @@ class NseRefresher:
             deadline = time.time() + self._expiry
             request.expiration_time.seconds = int(deadline)
             request.expiration_time.nanos = int((deadline % 1) * 1e9)
-        timeout = self._client.timeout
-        if self._registered is not None:  # a refresh must not outwait the registration
-            bound = max(self._interval(), 0.5)
-            timeout = bound if timeout is None else min(timeout, bound)
         self._registered = await self._client.register_nse(request, timeout=timeout)
 
     def _interval(self) -> float:
@@ -349,15 +372,16 @@ class NseRefresher:
 
     async def _refresh_loop(self) -> None:
         delay = self._interval()
-        backoff = self._min_backoff
         while True:
             await self._sleep(delay)
             try:
                 await self._register()
             except Exception as exc:  # never stop refreshing: log and retry
+                delay = self._backoff.next_delay()
                 error = exc.message if isinstance(exc, NsmError) else repr(exc)
                 self._log.warning("refreshing endpoint failed, retrying", error=error,
-                                  retry_in=backoff)
-                delay, backoff = backoff, min(backoff * 2, self._max_backoff)
+                                  retry_in=round(delay, 3))
                 continue
-            delay, backoff = self._interval(), self._min_backoff
+            self._backoff.reset()
+            delay = self._interval()
+

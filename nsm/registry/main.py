@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
-from types import TracebackType
 
 from nsm import log as nsm_log
 from nsm.config import duration, flag
+from nsm.daemon import serve_until_signal
 from nsm.errors import NsmError
 from nsm.registry.server import DEFAULT_EXPIRY, Registry, add_to_server
 from nsm.registry.store import DEFAULT_WATCH_QUEUE
@@ -83,12 +82,7 @@ class RegistryDaemon:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
 
@@ -106,23 +100,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status."""
     nsm_log.setup(args.log_level, args.log_json)
-    urls = args.listen or [DEFAULT_LISTEN]
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        async with RegistryDaemon(urls, expiry=args.expiry) as daemon:
-            log.info("registry serving", urls=",".join(daemon.urls), expiry=args.expiry)
-            await stopping.wait()
+    serving: list[RegistryDaemon] = []
+
+    async def start() -> None:
+        daemon = RegistryDaemon(args.listen or [DEFAULT_LISTEN], expiry=args.expiry)
+        await daemon.start()
+        serving.append(daemon)
+        log.info("registry serving", urls=",".join(daemon.urls), expiry=args.expiry)
+
+    async def stop() -> None:
+        for daemon in serving:
             log.info("registry stopping")
+            await daemon.stop()
+
+    try:
+        await serve_until_signal(start, stop)
     except NsmError as exc:  # e.g. a bad or busy listen URL
         log.error("registry failed", error=exc.message)
         return 1
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
     log.info("registry stopped")
     return 0
 

@@ -1,4 +1,5 @@
-"""The registry: validation, NSE expiry and Find/watch over a :class:`Store`, and the two gRPC
+"""The registry: validation, NSE lifetimes and Find/watch over a :class:`Store` (which owns expiry
+and compare-and-set, so a shared store can stand in for the in-memory one), and the two gRPC
 servicers (``registry.NetworkServiceRegistry`` and ``registry.NetworkServiceEndpointRegistry``)
 that expose it.
 
@@ -8,14 +9,11 @@ messages and leave error mapping to :func:`nsm.errors.grpc_errors`.
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import math
 import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -30,11 +28,12 @@ from nsm.api.registry_pb2 import (
     NetworkServiceQuery,
     NetworkServiceResponse,
 )
-from nsm.errors import InvalidArgument, Unavailable, grpc_errors
+from nsm.errors import Conflict, InvalidArgument, Unavailable, grpc_errors
 from nsm.log import get_logger
-from nsm.registry.matching import expiration, is_expired, match_ns, match_nse
+from nsm.registry.matching import expiration, match_ns, match_nse
 from nsm.registry.memory import MemoryStore
-from nsm.registry.store import DEFAULT_WATCH_QUEUE, R, Store
+from nsm.registry.store import ABSENT, DEFAULT_WATCH_QUEUE, R, Store
+from nsm.retry import Backoff, retry
 from nsm.transport import Server, parse_url
 
 log = get_logger(__name__)
@@ -50,6 +49,9 @@ DEFAULT_EXPIRY = 60.0
 MAX_NAME_LENGTH = 253
 MAX_LABEL_VALUE_LENGTH = 1024
 MAX_URL_LENGTH = 4096
+#: How long a registration may keep losing compare-and-set races (to other replicas writing
+#: the same endpoint) before it fails with UNAVAILABLE.
+CAS_DEADLINE = 2.0
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -130,12 +132,13 @@ def _set_timestamp(ts: Any, seconds: float) -> None:
 
 
 class Registry:
-    """Network services and endpoints over two stores, with NSE expiry and watches.
+    """Network services and endpoints over two stores, with NSE lifetimes and watches.
 
-    Use as ``async with Registry(expiry=60.0) as registry:`` (or ``start()``/``stop()``); the
-    expiry task runs in between. ``expiry`` is both the default lifetime of an NSE registered
-    without ``expiration_time`` and the longest lifetime granted (a later requested time is
-    shortened to it, as the reference does), so a vanished endpoint never lingers longer.
+    Use as ``async with Registry(expiry=60.0) as registry:`` (or ``start()``/``stop()``).
+    ``expiry`` is both the default lifetime of an NSE registered without ``expiration_time``
+    and the longest lifetime granted (a later requested time is shortened to it, as the
+    reference does), so a vanished endpoint never lingers longer. The NSE store removes an
+    endpoint when its ``expiration_time`` passes.
     """
 
     def __init__(
@@ -149,38 +152,23 @@ class Registry:
         if not expiry > 0:
             raise ValueError("expiry must be positive")
         self.expiry = expiry
-        self.ns_store: Store[NetworkService] = ns_store or MemoryStore()
-        self.nse_store: Store[NetworkServiceEndpoint] = nse_store or MemoryStore()
+        # ``is None``, not ``or``: an empty store has no length, so it is falsy.
+        self.ns_store: Store[NetworkService] = (
+            MemoryStore(kind="network service") if ns_store is None else ns_store)
+        self.nse_store: Store[NetworkServiceEndpoint] = (
+            MemoryStore(kind="endpoint") if nse_store is None else nse_store)
         self.watch_queue = watch_queue
-        self._lock = asyncio.Lock()  # read-modify-write of NSE records (register vs expire)
-        self._deadlines: list[tuple[float, str]] = []  # heap of (expiration, NSE name)
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     # lifecycle
 
     async def start(self) -> None:
-        if self._task is not None:
-            return
         self._closed = False
-        for nse in await self.nse_store.list():
-            exp = expiration(nse)
-            if exp is not None:
-                heapq.heappush(self._deadlines, (exp, nse.name))
-        self._task = asyncio.create_task(self._expire_loop(), name="registry-expiry")
 
     async def stop(self) -> None:
-        """Stop expiring and end every watch stream (with UNAVAILABLE, so watchers know to
-        watch again elsewhere or later). Idempotent."""
+        """End every watch stream (with UNAVAILABLE, so watchers know to watch again elsewhere
+        or later) and close the stores. Idempotent."""
         self._closed = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
         await self.ns_store.close()
         await self.nse_store.close()
 
@@ -188,12 +176,7 @@ class Registry:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     # network services
@@ -204,7 +187,7 @@ class Registry:
         record.CopyFrom(ns)
         if not record.payload:
             record.payload = DEFAULT_PAYLOAD
-        stored = await self.ns_store.put(record)
+        stored = (await self.ns_store.put(record)).record
         log.info("network service registered", name=stored.name, payload=stored.payload)
         return stored
 
@@ -245,15 +228,29 @@ class Registry:
             _set_timestamp(record.expiration_time, requested)  # normalize a malformed Timestamp
         exp = expiration(record)
         assert exp is not None
-        async with self._lock:
+        refreshed = False
+
+        async def write() -> NetworkServiceEndpoint:
+            """Read, keep the first registration time, write back unless changed meanwhile."""
+            nonlocal refreshed
             existing = await self.nse_store.get(record.name)
-            if existing is not None and existing.HasField("initial_registration_time"):
-                record.initial_registration_time.CopyFrom(existing.initial_registration_time)
+            refreshed = existing is not None
+            if existing is not None and existing.record.HasField("initial_registration_time"):
+                record.initial_registration_time.CopyFrom(existing.record.initial_registration_time)
             else:
                 _set_timestamp(record.initial_registration_time, now)
-            stored = await self.nse_store.put(record)
-        self._schedule(exp, stored.name)
-        if existing is None:
+            revision = ABSENT if existing is None else existing.revision
+            entry = await self.nse_store.put(record, expires=exp, revision=revision)
+            return entry.record
+
+        try:
+            stored = await retry(write, what=f"registering endpoint {record.name}",
+                                 retry_on=(Conflict,), backoff=Backoff(0.005, 0.2),
+                                 deadline=CAS_DEADLINE)
+        except Conflict as exc:
+            raise Unavailable(f"network service endpoint {record.name!r} keeps changing "
+                              f"under this registration: {exc.message}") from exc
+        if not refreshed:
             log.info("endpoint registered", name=stored.name, url=stored.url,
                      services=",".join(stored.network_service_names))
         else:
@@ -262,9 +259,7 @@ class Registry:
 
     async def unregister_nse(self, name: str) -> None:
         check_name("network service endpoint name", name)
-        async with self._lock:
-            removed = await self.nse_store.delete(name)
-        if removed is not None:
+        if await self.nse_store.delete(name) is not None:
             log.info("endpoint unregistered", name=name)
 
     def find_nse(
@@ -306,36 +301,6 @@ class Registry:
                     yield event.record, True
         if self._closed:  # the store ended the subscription because the registry stops
             raise Unavailable("registry is shutting down")
-
-    def _schedule(self, exp: float, name: str) -> None:
-        heapq.heappush(self._deadlines, (exp, name))
-        if self._deadlines[0] == (exp, name):
-            self._wakeup.set()  # the nearest deadline moved earlier
-
-    async def _expire_loop(self) -> None:
-        while True:
-            self._wakeup.clear()
-            now = time.time()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, name = heapq.heappop(self._deadlines)
-                try:
-                    await self._expire(name, now)
-                except Exception as exc:  # keep expiring the others
-                    log.error("expiring endpoint failed", exc_info=True, name=name, error=exc)
-            timeout = self._deadlines[0][0] - now if self._deadlines else None
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
-                pass
-
-    async def _expire(self, name: str, now: float) -> None:
-        async with self._lock:
-            nse = await self.nse_store.get(name)
-            # A refresh since this deadline was scheduled left a later one in the heap.
-            if nse is None or not is_expired(nse, now):
-                return
-            await self.nse_store.delete(name)
-        log.info("endpoint expired", name=name, url=nse.url)
 
 
 # --- gRPC servicers --------------------------------------------------------------------------

@@ -204,7 +204,7 @@ async def test_manager_replay_registers_services_and_live_endpoints_only(reg: Ha
     from nsm.api.registry_pb2 import NetworkService
     from nsm.manager.proxy import Replay
 
-    replay = Replay(reg.client.channel)
+    replay = Replay(reg.client)
     replay.services["svc"] = NetworkService(name="svc", payload="ETHERNET")
     live, dead = endpoint("live"), endpoint("dead")
     live.expiration_time.seconds = int(time.time() + 60)

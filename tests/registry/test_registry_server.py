@@ -20,10 +20,13 @@ from nsm.api.registry_pb2 import (
     NetworkServiceEndpointQuery,
     NetworkServiceLabels,
 )
-from nsm.errors import InvalidArgument, ResourceExhausted, Unavailable
+from nsm.errors import Conflict, InvalidArgument, ResourceExhausted, Unavailable
+from nsm.registry import server
 from nsm.registry.client import RegistryClient, Watch
 from nsm.registry.matching import expiration, timestamp_seconds
+from nsm.registry.memory import MemoryStore
 from nsm.registry.server import Registry
+from nsm.registry.store import Entry
 from nsm.transport import dial
 
 if TYPE_CHECKING:
@@ -336,13 +339,71 @@ async def test_expiry_removes_and_notifies_watchers(start_registry: StartRegistr
         assert len(reg.nse_store) == 0
 
 
+class LateStore(MemoryStore[NetworkServiceEndpoint]):
+    """A store whose expiry comes late (a busy replica, a shared store's lease not yet up)."""
+
+    def _expire(self, name: str, revision: int) -> None:
+        pass
+
+
 async def test_expired_nse_is_not_found_even_before_removal() -> None:
-    async with Registry(expiry=60) as registry:
+    async with Registry(expiry=60, nse_store=LateStore()) as registry:
         nse = set_expiration(endpoint("e1"), time.time() + 0.05)
         await registry.register_nse(nse)
-        registry._deadlines.clear()  # simulate a late expiry task
         await asyncio.sleep(0.1)
+        assert len(registry.nse_store) == 1  # type: ignore[arg-type]  # still stored
         assert [n async for n in registry.find_nse(NetworkServiceEndpoint())] == []
+
+
+class RacingStore(MemoryStore[NetworkServiceEndpoint]):
+    """A store shared with another replica that writes the same endpoint right after our read
+    (``race`` times), as two registries refreshing one endpoint might."""
+
+    def __init__(self, race: int) -> None:
+        super().__init__()
+        self.race = race
+        self.conflicts = 0
+
+    async def get(self, name: str) -> Entry[NetworkServiceEndpoint] | None:
+        entry = await super().get(name)
+        if self.race > 0:
+            self.race -= 1
+            other = endpoint(name)
+            set_expiration(other, time.time() + 30)
+            other.initial_registration_time.seconds = 1_000_000  # the first one's, long ago
+            await super().put(other)
+        return entry
+
+    async def put(self, record: NetworkServiceEndpoint, *, expires: float | None = None,
+                  revision: int | None = None) -> Entry[NetworkServiceEndpoint]:
+        try:
+            return await super().put(record, expires=expires, revision=revision)
+        except Conflict:
+            self.conflicts += 1
+            raise
+
+
+async def test_registration_that_loses_a_race_reads_again_and_keeps_the_other_write() -> None:
+    store = RacingStore(race=2)
+    async with Registry(expiry=60, nse_store=store) as registry:
+        stored = await registry.register_nse(endpoint("e1"))
+    assert store.conflicts == 2  # written back only once the record it read was current
+    # what the other replica wrote is not lost: the first registration time is its
+    assert stored.initial_registration_time.seconds == 1_000_000
+    entry = await store.get("e1")
+    assert entry is not None and entry.record == stored
+    assert entry.expires == pytest.approx(expiration(stored))
+
+
+async def test_registration_that_keeps_losing_races_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server, "CAS_DEADLINE", 0.3)
+    async with Registry(expiry=60, nse_store=RacingStore(race=10**6)) as registry:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="keeps changing"):
+            await registry.register_nse(endpoint("e1"))
+        assert time.monotonic() - started < 2
 
 
 async def test_slow_watcher_is_dropped_with_resource_exhausted() -> None:
