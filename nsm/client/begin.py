@@ -123,6 +123,9 @@ class _Entry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     meta: Meta = field(default_factory=Meta)
     last: Connection | None = None
+    #: What :meth:`ClientBegin.last` hands out: one copy per successful event, so two looks with
+    #: no event between them see the same object (callers compare identities to spot a change).
+    view: Connection | None = None
     closed: bool = False
     #: Tasks inside an internal event of this connection (waiting for the lock or in flight).
     internal: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -143,9 +146,14 @@ class ClientBegin(Element):
         return [i for i, e in self._entries.items() if e.last is not None]
 
     def last(self, conn_id: str) -> Connection | None:
-        """A copy of the last good connection with this id, None when there is none."""
+        """A copy of the last good connection with this id (the same object until the next
+        successful event; do not change it), None when there is none."""
         entry = self._entries.get(conn_id)
-        return _copy(entry.last) if entry is not None and entry.last is not None else None
+        if entry is None or entry.last is None:
+            return None
+        if entry.view is None:
+            entry.view = _copy(entry.last)
+        return entry.view
 
     def events(self, conn_id: str) -> Events | None:
         entry = self._entries.get(conn_id)
@@ -235,7 +243,7 @@ class ClientBegin(Element):
                 entry.closed = True
                 self._entries.pop(entry.events.conn_id, None)
             raise
-        entry.last = _copy(conn)
+        entry.last, entry.view = _copy(conn), None
         return conn
 
     async def _close(self, ctx: Ctx, entry: _Entry, event: Event, next: NextClose) -> None:
