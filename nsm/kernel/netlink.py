@@ -58,12 +58,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import ipaddress
 import os
 import re
 import socket
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -130,10 +128,7 @@ MAIN_TABLE = 254
 
 _SOL_NETLINK = 270
 _NETLINK_EXT_ACK = 11
-_SIOCGIFINDEX = 0x8933
-_SIOCGIFFLAGS = 0x8913
-_IFF_RUNNING = 0x40  # set by the kernel exactly when operstate is UP or UNKNOWN
-_IFF_UP = 0x1
+_IFF_UP = _netns.IFF_UP
 _IFF_LOWER_UP = 0x10000
 _IFA_F_NODAD = 0x02
 _RTPROT_STATIC = 4
@@ -629,21 +624,15 @@ class Netlink:
     @staticmethod
     def _index(h: _Handle, name: str) -> int | None:
         try:
-            req = struct.pack("16si12x", name.encode(), 0)
-            return int(struct.unpack_from("16si", fcntl.ioctl(h.nl_fd, _SIOCGIFINDEX, req))[1])
+            return _netns.interface_index(h.nl_fd, name)
         except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                return None
             raise Internal(f"cannot look up interface {name} in {_where(h.key)}: {exc}") from exc
 
     @staticmethod
     def _flags(h: _Handle, name: str) -> int | None:
         try:
-            req = struct.pack("16sH14x", name.encode(), 0)
-            return int(struct.unpack_from("16sH", fcntl.ioctl(h.nl_fd, _SIOCGIFFLAGS, req))[1])
+            return _netns.interface_flags(h.nl_fd, name)
         except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                return None
             raise Internal(f"cannot read flags of {name} in {_where(h.key)}: {exc}") from exc
 
     def _need_index(self, h: _Handle, name: str) -> int:
@@ -776,7 +765,7 @@ class Netlink:
         while True:
             async with self._use(netns) as h:
                 flags = self._flags(h, name)
-            if flags is not None and flags & _IFF_RUNNING:
+            if flags is not None and flags & _netns.IFF_RUNNING:
                 return True
             if time.monotonic() >= deadline:
                 return False

@@ -34,7 +34,8 @@ class PingResult:
         return 1.0 - self.received / self.sent if self.sent else 1.0
 
 
-def _checksum(data: bytes) -> int:
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -43,9 +44,10 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def _echo(ident: int, seq: int, payload: bytes) -> bytes:
+def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
+    """An ICMP (IPv4) echo request with its checksum, for a raw socket."""
     header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-    return struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, seq) + payload
+    return struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, seq) + payload
 
 
 def ping_here(dst: str, *, count: int = 3, size: int = 56, timeout: float = 1.0,
@@ -64,7 +66,7 @@ def ping_here(dst: str, *, count: int = 3, size: int = 56, timeout: float = 1.0,
             result.sent += 1
             start = time.perf_counter()
             try:
-                sock.sendto(_echo(ident, seq, payload), (dst, 0))
+                sock.sendto(echo_request(ident, seq, payload), (dst, 0))
             except OSError as exc:
                 result.errors.append(f"send: {exc.strerror or exc}")
                 continue

@@ -1,8 +1,9 @@
 """Fixtures for tests that need root and real network namespaces.
 
-Every namespace a test makes is named ``nsmt-<xdist worker>-<random>-<tag>`` and deleted at
-teardown, even when the test fails; teardown then checks that none of that test's namespaces is
-left and that the root namespace's links are the ones it had before the test.
+Every namespace a test makes is named ``<nsm_run_prefix>-<random>-<tag>`` (so the session-end
+check of ``tests/conftest.py`` finds any that escaped) and deleted at teardown, even when the test
+fails; teardown then checks that none of that test's namespaces is left and that the root
+namespace's links are the ones it had before the test.
 """
 
 from __future__ import annotations
@@ -21,18 +22,14 @@ IS_ROOT = os.geteuid() == 0
 NOT_ROOT_REASON = "needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces"
 
 
-def worker() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-
-
 @pytest.fixture
-def netns_factory() -> Iterator[nsmod.NetnsGroup]:
+def netns_factory(nsm_run_prefix: str) -> Iterator[nsmod.NetnsGroup]:
     """``netns_factory(tag)`` makes a namespace and returns its path; all are deleted at
     teardown, which then checks that none is left and the root namespace's links are as before."""
     if not IS_ROOT:
         pytest.skip(NOT_ROOT_REASON)
     root_links = {name for _, name in socket.if_nameindex()}
-    factory = nsmod.NetnsGroup(f"nsmt-{worker()}-{secrets.token_hex(3)}")
+    factory = nsmod.NetnsGroup(f"{nsm_run_prefix}-{secrets.token_hex(2)}")
     try:
         yield factory
     finally:
