@@ -282,3 +282,26 @@ async def test_a_selector_on_a_segment_id_sees_only_that_connection(hops) -> Non
     await hop.no_event(0.3)
     for c in (a, b):
         await hop.chain.close(c)
+
+
+async def test_each_next_hop_has_its_own_stream_closed_with_its_last_connection(hops) -> None:
+    hop, nxt = hops
+    other = NextHop(nxt.url.replace("next.sock", "other.sock"))
+    await other.start()
+    try:
+        urls = {"a": nxt.url, "b": other.url, "a2": nxt.url}
+        hop.chain = Chain([Begin(), UpdatePath("me"), hop.monitor, hop.element,
+                           Connect(hop.channels, url=lambda ctx, req: urls[ctx.conn_id])])
+        conns = {i: await hop.request(i) for i in urls}
+        assert hop.element.streams() == 2 and hop.element.watched() == 3
+        await eventually(lambda: nxt.monitor.watcher_count() == 1 == other.monitor.watcher_count())
+        await hop.chain.close(conns["b"])
+        assert hop.element.streams() == 1
+        await eventually(lambda: other.monitor.watcher_count() == 0)
+        await hop.chain.close(conns["a"])
+        assert hop.element.streams() == 1 and nxt.monitor.watcher_count() == 1
+        await hop.chain.close(conns["a2"])
+        assert hop.element.streams() == 0
+        await eventually(lambda: nxt.monitor.watcher_count() == 0)
+    finally:
+        await other.stop()
