@@ -11,15 +11,26 @@ run does not leave the machine dirty for the next).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
+import grpc
 import pytest
 
+from nsm.api import connection_pb2_grpc
+from nsm.api.connection_pb2 import (
+    DOWN,
+    INITIAL_STATE_TRANSFER,
+    UPDATE,
+    Connection,
+    MonitorScopeSelector,
+    PathSegment,
+)
 from nsm.kernel import netns as nsns
 
 #: ``nsmt-<worker>-<random>``: short (it goes into unix socket paths, 107 bytes at most).
@@ -76,3 +87,52 @@ def _nothing_left_behind() -> Iterator[None]:
         lines += [f"  network namespace {n}" for n in namespaces]
         lines += [f"  process {pid}: {cmd[:200]}" for pid, cmd in procs]
         pytest.fail("\n".join(lines), pytrace=False)
+
+
+class MonitorWatch:
+    """One ``MonitorConnections`` stream of a daemon, read event by event (tests of monitoring).
+    Each event must carry exactly one connection."""
+
+    def __init__(self, channel: grpc.aio.Channel, selector: MonitorScopeSelector) -> None:
+        self.call = connection_pb2_grpc.MonitorConnectionStub(channel).MonitorConnections(selector)
+
+    async def initial(self, timeout: float = 5.0) -> dict[str, Connection]:
+        event = await asyncio.wait_for(self.call.read(), timeout)
+        assert event is not grpc.aio.EOF and event.type == INITIAL_STATE_TRANSFER, event
+        return dict(event.connections)
+
+    async def next(self, timeout: float) -> tuple[int, Connection]:
+        event = await asyncio.wait_for(self.call.read(), timeout)
+        assert event is not grpc.aio.EOF and len(event.connections) == 1, event
+        (conn,) = event.connections.values()
+        return event.type, conn
+
+    async def until(self, kind: int, state: int | None, timeout: float) -> Connection:
+        """The next event of ``kind`` (and ``state``), skipping refreshes' UPDATEs before it;
+        a DOWN or any other event before it fails."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got, conn = await self.next(max(0.01, deadline - time.monotonic()))
+            if got == kind and (state is None or conn.state == state):
+                return conn
+            assert got == UPDATE and conn.state != DOWN, (got, conn)
+
+
+@pytest.fixture
+def monitor_watch() -> Iterator[Callable[..., MonitorWatch]]:
+    """``monitor_watch(channel, segment_id=..., services=[...])``: a :class:`MonitorWatch` with
+    that selector, cancelled at the end of the test."""
+    watches: list[MonitorWatch] = []
+
+    def open_watch(channel: grpc.aio.Channel, *, segment_id: str = "",
+                   services: Sequence[str] = ()) -> MonitorWatch:
+        selector = MonitorScopeSelector(network_services=list(services))
+        if segment_id:
+            selector.path_segments.append(PathSegment(id=segment_id))
+        watch = MonitorWatch(channel, selector)
+        watches.append(watch)
+        return watch
+
+    yield open_watch
+    for watch in watches:
+        watch.call.cancel()

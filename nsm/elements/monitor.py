@@ -4,6 +4,12 @@
 A watcher first gets an INITIAL_STATE_TRANSFER of every matching connection, then UPDATE and
 DELETE events. Each watcher has a bounded queue; one that falls behind is dropped rather than
 slowing the data path.
+
+Every event carries this hop's view of the connection: its own segment id as the connection id
+and the path index at its own segment. A successful Request makes the connection UP (also in
+what goes back up); :meth:`Monitor.set_state` changes the state later (the next hop went away:
+DOWN, see :mod:`nsm.elements.monitornext`) and publishes an UPDATE when it changed; Close,
+also the one an expiry starts from the chain's head, publishes DELETE.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from nsm.api import connection_pb2_grpc
 from nsm.api.connection_pb2 import (
     DELETE,
     INITIAL_STATE_TRANSFER,
+    UP,
     UPDATE,
     Connection,
     ConnectionEvent,
     MonitorScopeSelector,
+    State,
 )
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
@@ -78,6 +86,7 @@ class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         conn = await next(ctx, request)
+        conn.state = UP  # whatever the caller asked for (a heal, a reselect), it is up now
         # This hop's view: its own segment id, path index at its own segment.
         view = Connection()
         view.CopyFrom(conn)
@@ -86,6 +95,24 @@ class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
         self._conns[view.id] = view
         self._publish(UPDATE, view)
         return conn
+
+    def set_state(self, conn_id: str, state: State) -> bool:
+        """Set the state of the connection this hop knows as ``conn_id`` (its own segment id)
+        and publish an UPDATE, once per change. False when unknown or already in that state."""
+        view = self._conns.get(conn_id)
+        if view is None or view.state == state:
+            return False
+        changed = Connection()
+        changed.CopyFrom(view)
+        changed.state = state
+        self._conns[conn_id] = changed
+        self._publish(UPDATE, changed)
+        return True
+
+    def state(self, conn_id: str) -> State | None:
+        """The state of a connection this hop knows, or None."""
+        view = self._conns.get(conn_id)
+        return None if view is None else view.state
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         try:

@@ -22,6 +22,7 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.registry_pb2 import NetworkServiceEndpoint, NetworkServiceLabels
 from nsm.chain import Ctx, Element
 from nsm.elements.connect import Connect
+from nsm.elements.monitornext import MonitorNext
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.errors import FailedPrecondition, InvalidArgument, Unavailable, Unsupported
 from nsm.forwarder.kernel import KernelLocal
@@ -79,6 +80,7 @@ class Forwarder(Role):
             SelectMechanism(supported=[(LOCAL, KERNEL), (REMOTE, VXLAN)], pairs=pairs,
                             next_hop=self.next_hop, offer=self.offer),
             *datapath,
+            MonitorNext(self.channels, self.monitor, name=self.name),
             Connect(self.channels, timeout=self.request_timeout),
         ]
 

@@ -20,6 +20,7 @@ import grpc
 from nsm.api import registry_pb2_grpc
 from nsm.chain import Element
 from nsm.elements.connect import Connect
+from nsm.elements.monitornext import MonitorNext
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.manager.cache import RegistryCache
 from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy, Replay
@@ -56,6 +57,7 @@ class Manager(Role):
             Discover(self.cache, node=self.name),
             SelectForwarder(self.cache, manager_urls=self.urls),
             RoundRobin(),
+            MonitorNext(self.channels, self.monitor, name=self.name),
             Connect(self.channels, timeout=self.request_timeout),
         ]
 
