@@ -20,8 +20,6 @@ from nsm.transport import Channels
 
 #: The next hop's URL, set by the element that chose it.
 NEXT_URL: Key[str] = Key("connect.url")
-#: Extra gRPC headers for the next hop, set by the element that chose it.
-NEXT_HEADERS: Key[dict[str, str]] = Key("connect.headers")
 #: The URL the last successful Request went to (where Close goes; what is monitored).
 SENT_URL: Key[str] = Key("connect.sent-url")
 
@@ -35,15 +33,23 @@ class Connect(Element):
         self.close_timeout = close_timeout
         self._url = url
 
+    async def _channel(self, url: str) -> grpc.aio.Channel:
+        """The channel to ``url``; one that failed to connect and waits out its reconnect
+        backoff (up to 2 s) is replaced by a new one, which connects at once: a restarted peer
+        is used as soon as it listens."""
+        channel = self.channels.get(url)
+        if channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            await self.channels.drop(url)
+            channel = self.channels.get(url)
+        return channel
+
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         url = self._url(ctx, request) if self._url else ctx.meta.get(NEXT_URL)
         if not url:
             raise Unavailable("no next hop chosen for this connection")
-        headers = ctx.meta.get(NEXT_HEADERS) or {}
-        stub = NetworkServiceStub(self.channels.get(url))
+        stub = NetworkServiceStub(await self._channel(url))
         try:
-            conn: Connection = await stub.Request(
-                request, timeout=self.timeout, metadata=tuple(headers.items()) or None)
+            conn: Connection = await stub.Request(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, f"{url}") from exc
         ctx.meta.set(SENT_URL, url)
@@ -53,11 +59,9 @@ class Connect(Element):
         url = ctx.meta.get(SENT_URL)
         if not url:
             return
-        headers = ctx.meta.get(NEXT_HEADERS) or {}
-        stub = NetworkServiceStub(self.channels.get(url))
+        stub = NetworkServiceStub(await self._channel(url))
         try:
-            await stub.Close(conn, timeout=self.close_timeout,
-                             metadata=tuple(headers.items()) or None)
+            await stub.Close(conn, timeout=self.close_timeout)
         except grpc.aio.AioRpcError as exc:
             # The next hop cleans up at its own expiry; our side of the close goes on.
             ctx.log.warning("close on next hop failed", url=url, code=exc.code().name,
