@@ -22,7 +22,9 @@ from nsm.transport import Channels
 NEXT_URL: Key[str] = Key("connect.url")
 #: Extra gRPC headers for the next hop, set by the element that chose it.
 NEXT_HEADERS: Key[dict[str, str]] = Key("connect.headers")
-_SENT_URL: Key[str] = Key("connect.sent-url")
+#: Where the Request went, so that Close goes there too; set here, or by an element that takes
+#: over a connection this hop did not send (the forwarder, for one an earlier run of it left).
+SENT_URL: Key[str] = Key("connect.sent-url")
 
 
 class Connect(Element):
@@ -45,11 +47,11 @@ class Connect(Element):
                 request, timeout=self.timeout, metadata=tuple(headers.items()) or None)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, f"{url}") from exc
-        ctx.meta.set(_SENT_URL, url)
+        ctx.meta.set(SENT_URL, url)
         return conn
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
-        url = ctx.meta.get(_SENT_URL)
+        url = ctx.meta.get(SENT_URL)
         if not url:
             return
         headers = ctx.meta.get(NEXT_HEADERS) or {}
