@@ -133,8 +133,8 @@ class Forwarder(Role):
         local = await self.kernel_local.leftover(ctx, conn) if left is None else None
         if left is None and local is None:
             return
-        ctx.log.info("closing a connection an earlier run of this forwarder left",
-                     **(left.describe() if left is not None else {"veth": local[1] if local else ""}))
+        what = left.describe() if left is not None else {"veth": local[1] if local else ""}
+        ctx.log.info("closing a connection an earlier run of this forwarder left", **what)
         try:
             ctx.meta.set(SENT_URL, (await self.next_hop(ctx, conn)).url)
         except NsmError as exc:

@@ -32,12 +32,14 @@ RESTART = Topology(
     nodes=(NodeSpec("node1"), NodeSpec("node2")),
     endpoints=(EndpointSpec("nse-ip", "node2", ("ip",), "172.16.21.0/24"),
                EndpointSpec("nse-eth", "node2", ("eth",), "172.16.22.0/24"),
-               EndpointSpec("nse-loc", "node1", ("loc",), "172.16.23.0/24")),
-    services=(ServiceSpec("ip"), ServiceSpec("eth", payload="ETHERNET"), ServiceSpec("loc")),
+               EndpointSpec("nse-loc", "node1", ("loc",), "172.16.23.0/24"),
+               EndpointSpec("nse-ip6", "node2", ("ip6",), "fd00:21::/64")),
+    services=(ServiceSpec("ip"), ServiceSpec("eth", payload="ETHERNET"), ServiceSpec("loc"),
+              ServiceSpec("ip6")),
 )
-NSE = {"ip": "nse-ip", "eth": "nse-eth", "loc": "nse-loc"}
+NSE = {"ip": "nse-ip", "eth": "nse-eth", "loc": "nse-loc", "ip6": "nse-ip6"}
 #: The connections whose datapath the forwarder of each node built.
-BUILT_BY = {"node1": ("ip", "eth", "loc"), "node2": ("ip", "eth")}
+BUILT_BY = {"node1": ("ip", "eth", "ip6", "loc"), "node2": ("ip", "eth", "ip6")}
 
 
 def stamp(line: str) -> float:
@@ -74,9 +76,10 @@ async def kernel_state(cluster, conns: dict[str, tuple]) -> dict[str, Any]:
 
 
 async def streams_through(conns: dict[str, tuple], fault) -> tuple[dict[str, StreamResult], float]:
-    """Run a 50/s ping per connection while ``fault()`` runs (plus a second before and after):
-    the streams' results and how long they ran at least."""
-    streams = {svc: EchoStream(pod, dst, rate=RATE).start() for svc, (_, _, pod, dst) in conns.items()}
+    """Run a 50/s ping per (IPv4) connection while ``fault()`` runs (plus a second before and
+    after): the streams' results and how long they ran at least."""
+    streams = {svc: EchoStream(pod, dst, rate=RATE).start()
+               for svc, (_, _, pod, dst) in conns.items() if ":" not in dst}
     t0 = time.monotonic()
     try:
         await asyncio.sleep(1.0)
@@ -86,6 +89,14 @@ async def streams_through(conns: dict[str, tuple], fault) -> tuple[dict[str, Str
         took = time.monotonic() - t0
         stopped = await asyncio.gather(*(asyncio.to_thread(s.stop) for s in streams.values()))
     return dict(zip(streams, stopped, strict=True)), took
+
+
+async def assert_reachable(cluster, client, conn, pod: str, dst: str) -> None:
+    if ":" not in dst:
+        await cluster.assert_ping(pod, dst)
+        return
+    src = ip_of(conn.context.ip_context.src_ip_addrs[0])
+    assert await cluster.icmp(pod, src, dst, 0x4E55, b"after-restart") is not None, dst
 
 
 def assert_no_loss(results: dict[str, StreamResult], seconds: float) -> None:
@@ -108,10 +119,9 @@ def restart(cluster, node: str):
 @pytest.mark.parametrize("node", ["node1", "node2"])
 async def test_forwarder_restart_loses_no_packet_and_the_refresh_adopts(new_lab, node: str) -> None:
     async with new_lab(RESTART, tag="a") as cluster:
-        services = ("ip", "eth", "loc") if node == "node1" else ("ip", "eth")
-        conns = await connect_all(cluster, services)
+        conns = await connect_all(cluster, BUILT_BY[node])
         before = await kernel_state(cluster, conns)
-        assert len(before["node1"]) == len(before["node2"]) == 5, before
+        assert len(before["node1"]) == len(before["node2"]) == 7, before
 
         results, seconds = await streams_through(conns, restart(cluster, node))
         assert_no_loss(results, seconds)
@@ -126,14 +136,13 @@ async def test_forwarder_restart_loses_no_packet_and_the_refresh_adopts(new_lab,
                 s.name for s in conn.path.path_segments]
         assert await kernel_state(cluster, conns) == before, "the refresh changed the kernel"
         log = cluster.lab.logs()[f"forwarder.{node}"]
-        remote = [s for s in BUILT_BY[node] if s in conns and s != "loc"]
-        assert log.count("adopted the datapath an earlier run") == len(remote), log
+        assert log.count("adopted the datapath an earlier run") == 3, log  # ip, eth, ip6
         assert log.count("adopted the veth an earlier run") == ("loc" in conns), log
         assert "rebuilding" not in log and "no connection claimed it" not in log, log
         forwarder = cluster.node(node).forwarder_url
         assert len(await cluster.connections(forwarder)) == len(BUILT_BY[node])
-        for _, _, pod, dst in conns.values():
-            await cluster.assert_ping(pod, dst)
+        for conn_info in conns.values():
+            await assert_reachable(cluster, *conn_info)
         # A second refresh is an ordinary one.
         for client, *_ in conns.values():
             await client.request()
