@@ -3,7 +3,10 @@
 - Requests and Closes for one connection id run one at a time; different ids run concurrently.
 - A first Request that fails leaves no metadata behind.
 - Close uses the last good connection this hop returned (not whatever the caller sent), and an
-  unknown id closes successfully (Close is idempotent).
+  unknown id closes successfully (Close is idempotent). A role may handle the Close of an id it
+  holds nothing for (``unknown_close``: the forwarder removes what an earlier run of it left for
+  that connection); it runs like any Close of that id, one at a time with its Requests, with the
+  caller's connection and fresh metadata.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ class _Entry:
 
 
 class Begin(Element):
-    def __init__(self) -> None:
+    def __init__(self, *, unknown_close: NextClose | None = None) -> None:
         self._entries: dict[str, _Entry] = {}
+        self.unknown_close = unknown_close
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -62,17 +66,25 @@ class Begin(Element):
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         entry = self._entries.get(conn.id)
+        unknown = entry is None
         if entry is None:
-            return
+            if self.unknown_close is None or not conn.id:
+                return
+            entry = self._entries.setdefault(conn.id, _Entry())
         async with entry.lock:
-            if entry.closed or entry.last is None:
+            if entry.closed or (entry.last is None and not unknown):
                 return
             ctx.conn_id, ctx.meta = conn.id, entry.meta
             ctx.log = ctx.log.bind(conn=conn.id)
-            last = Connection()
-            last.CopyFrom(entry.last)
             try:
-                await next(ctx, last)
+                if entry.last is None:
+                    assert self.unknown_close is not None
+                    await self.unknown_close(ctx, conn)
+                else:
+                    last = Connection()
+                    last.CopyFrom(entry.last)
+                    await next(ctx, last)
             finally:
                 entry.closed = True
-                self._entries.pop(conn.id, None)
+                if self._entries.get(conn.id) is entry:
+                    del self._entries[conn.id]

@@ -7,7 +7,8 @@ the per-connection metadata); the URL is remembered so that Close goes where Req
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -18,9 +19,13 @@ from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
 from nsm.errors import Unavailable, from_rpc_error
 from nsm.transport import Channels
 
+T = TypeVar("T")
+
 #: The next hop's URL, set by the element that chose it.
 NEXT_URL: Key[str] = Key("connect.url")
-#: The URL the last successful Request went to (where Close goes; what is monitored).
+#: The URL the last successful Request went to (where Close goes; what is monitored); set here,
+#: or by an element that takes over a connection this hop did not send (the forwarder, for one
+#: an earlier run of it left).
 SENT_URL: Key[str] = Key("connect.sent-url")
 
 
@@ -33,23 +38,28 @@ class Connect(Element):
         self.close_timeout = close_timeout
         self._url = url
 
-    async def _channel(self, url: str) -> grpc.aio.Channel:
-        """The channel to ``url``; one that failed to connect and waits out its reconnect
-        backoff (up to 2 s) is replaced by a new one, which connects at once: a restarted peer
-        is used as soon as it listens."""
+    async def _call(self, url: str, rpc: Callable[[NetworkServiceStub], Awaitable[T]]) -> T:
+        """One RPC to ``url``. When it fails because the channel could not connect (the peer was
+        down a moment ago and the channel waits out its reconnect backoff, up to 2 s), it is
+        tried once more on a new channel, which connects at once: a restarted peer is used as
+        soon as it listens."""
         channel = self.channels.get(url)
-        if channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            await self.channels.drop(url)
-            channel = self.channels.get(url)
-        return channel
+        try:
+            return await rpc(NetworkServiceStub(channel))
+        except grpc.aio.AioRpcError as exc:
+            if (exc.code() != grpc.StatusCode.UNAVAILABLE
+                    or channel.get_state() == grpc.ChannelConnectivity.READY):
+                raise
+        await self.channels.drop(url)
+        return await rpc(NetworkServiceStub(self.channels.get(url)))
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         url = self._url(ctx, request) if self._url else ctx.meta.get(NEXT_URL)
         if not url:
             raise Unavailable("no next hop chosen for this connection")
-        stub = NetworkServiceStub(await self._channel(url))
         try:
-            conn: Connection = await stub.Request(request, timeout=self.timeout)
+            conn: Connection = await self._call(url, lambda stub: stub.Request(
+                request, timeout=self.timeout))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, f"{url}") from exc
         ctx.meta.set(SENT_URL, url)
@@ -59,9 +69,8 @@ class Connect(Element):
         url = ctx.meta.get(SENT_URL)
         if not url:
             return
-        stub = NetworkServiceStub(await self._channel(url))
         try:
-            await stub.Close(conn, timeout=self.close_timeout)
+            await self._call(url, lambda stub: stub.Close(conn, timeout=self.close_timeout))
         except grpc.aio.AioRpcError as exc:
             # The next hop cleans up at its own expiry; our side of the close goes on.
             ctx.log.warning("close on next hop failed", url=url, code=exc.code().name,

@@ -8,10 +8,18 @@ The (upstream, downstream) mechanism pair selects the one datapath element that 
 - KERNEL upstream, KERNEL downstream: KernelLocal (one veth between two pods of this node);
 - KERNEL upstream, VXLAN downstream: VxlanClient (the client's half of a cross-node link);
 - VXLAN upstream, KERNEL downstream: VxlanServer (the endpoint's half).
+
+A restart keeps the datapath: at start the forwarder takes an inventory of the halves an earlier
+run of it left (:class:`~nsm.forwarder.vxlan.Leftovers`) and deletes nothing; a connection's next
+Request adopts its half (or its local veth) when it is exactly what the Request wants. A Close of
+a connection not adopted yet removes what was left for it and goes on to the next hop (which
+still holds its part); whatever no connection claims within ``adopt_grace`` seconds of serving is
+removed then.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 from collections.abc import Sequence
@@ -21,13 +29,22 @@ import grpc
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.registry_pb2 import NetworkServiceEndpoint, NetworkServiceLabels
 from nsm.chain import Ctx, Element
-from nsm.elements.connect import Connect
+from nsm.elements.begin import Begin
+from nsm.elements.connect import SENT_URL, Connect
 from nsm.elements.monitornext import MonitorNext
 from nsm.elements.updatepath import DEFAULT_LIFETIME
-from nsm.errors import FailedPrecondition, InvalidArgument, Unavailable, Unsupported
+from nsm.errors import FailedPrecondition, InvalidArgument, NsmError, Unavailable, Unsupported
 from nsm.forwarder.kernel import KernelLocal
 from nsm.forwarder.mechanism import NextHop, SelectMechanism
-from nsm.forwarder.vxlan import TablePool, Tunnel, VniPool, VxlanClient, VxlanServer, sweep_leftovers
+from nsm.forwarder.vxlan import (
+    DEFAULT_ADOPT_GRACE,
+    Leftovers,
+    TablePool,
+    Tunnel,
+    VniPool,
+    VxlanClient,
+    VxlanServer,
+)
 from nsm.kernel.netlink import Netlink
 from nsm.manager.cache import RegistryCache
 from nsm.mechanisms import KERNEL, LOCAL, REMOTE, VXLAN, kernel, vxlan
@@ -44,14 +61,19 @@ class Forwarder(Role):
 
     ``registry_url`` is normally the node's manager (its registry proxy answers this node's
     endpoints with their real URLs); ``node`` (default: the name) is matched against the
-    endpoints' ``nodeName`` label to tell endpoints of this node from other nodes' managers."""
+    endpoints' ``nodeName`` label to tell endpoints of this node from other nodes' managers.
+    ``adopt_grace``: how long after a restart what an earlier run left is kept for its
+    connections to claim (see the module docstring)."""
 
     kind = "forwarder"
 
     def __init__(self, *, name: str, listen: Sequence[str], manager_url: str, registry_url: str,
                  node: str = "", lifetime: float = DEFAULT_LIFETIME, request_timeout: float = 15.0,
-                 expiry: float | None = None, tunnel_ip: str | None = None) -> None:
+                 expiry: float | None = None, tunnel_ip: str | None = None,
+                 adopt_grace: float = DEFAULT_ADOPT_GRACE) -> None:
         super().__init__(name=name, listen=listen, lifetime=lifetime)
+        if not adopt_grace > 0:
+            raise InvalidArgument(f"adopt grace must be positive, not {adopt_grace}")
         self.node = check_name(node, "node name") if node else self.name
         self.manager_url = manager_url
         self.registry_url = registry_url
@@ -63,6 +85,10 @@ class Forwarder(Role):
         self.netlink = Netlink()
         self.vnis = VniPool()
         self.tables = TablePool()
+        self.leftovers = Leftovers(self.netlink, self.name, self.vnis, self.tables,
+                                   grace=adopt_grace, log=self.log)
+        self.kernel_local = KernelLocal(self.netlink)
+        self.begin = Begin(unknown_close=self._close_leftover)
         self._registry_channel: grpc.aio.Channel | None = None
         self.registry: RegistryClient  # set up at start: the registry as this node sees it
         self.endpoints: RegistryCache
@@ -70,11 +96,11 @@ class Forwarder(Role):
     # -- the chain ------------------------------------------------------------------------
 
     def elements(self) -> list[Element]:
-        datapath: list[Element] = [KernelLocal(self.netlink)]
+        datapath: list[Element] = [self.kernel_local]
         pairs = [(KERNEL, KERNEL)]
         if self.tunnel is not None:
-            datapath += [VxlanClient(self.netlink, self.tunnel, self.vnis, self.tables, self.name),
-                         VxlanServer(self.netlink, self.tunnel, self.vnis, self.tables, self.name)]
+            side = (self.netlink, self.tunnel, self.vnis, self.tables, self.name, self.leftovers)
+            datapath += [VxlanClient(*side), VxlanServer(*side)]
             pairs += [(KERNEL, VXLAN), (VXLAN, KERNEL)]
         return [
             SelectMechanism(supported=[(LOCAL, KERNEL), (REMOTE, VXLAN)], pairs=pairs,
@@ -101,6 +127,33 @@ class Forwarder(Role):
                                      "through its node's manager (or label it with its node)")
         return NextHop(url=nse.url, local=node == self.node)
 
+    async def _close_leftover(self, ctx: Ctx, conn: Connection) -> None:
+        """A Close of a connection this run holds nothing for. If an earlier run left its
+        datapath (a half in the inventory, or a local veth with its aliases), remove that and
+        send the Close on to the next hop (resolved as a Request would), which still has its
+        part; else there is nothing to do (Close is idempotent)."""
+        left = self.leftovers.claim(ctx.conn_id)
+        local = await self.kernel_local.leftover(ctx, conn) if left is None else None
+        if left is None and local is None:
+            return
+        what = left.describe() if left is not None else {"veth": local[1] if local else ""}
+        ctx.log.info("closing a connection an earlier run of this forwarder left", **what)
+        try:
+            ctx.meta.set(SENT_URL, (await self.next_hop(ctx, conn)).url)
+        except NsmError as exc:
+            ctx.log.warning("cannot tell the next hop of a connection an earlier run left: it "
+                            "removes its part at the connection's expiry", error=exc.message)
+        if left is not None:
+            removal = self.leftovers.remove(left)
+        else:
+            assert local is not None
+            removal = self.netlink.delete_link(*local)
+        results = await asyncio.gather(ctx.chain.close_after(self.begin, ctx, conn), removal,
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     def offer(self, ctx: Ctx, hop: NextHop) -> list[Mechanism]:
         if hop.local:
             return [kernel()]
@@ -121,10 +174,14 @@ class Forwarder(Role):
         await self.endpoints.start()
         stack.push_async_callback(self.endpoints.stop)
         self.tunnel = await self._detect_tunnel()
-        swept = await sweep_leftovers(self.netlink, self.name, self.tables)
-        if swept:
-            self.log.warning("removed links left by an earlier run of this forwarder",
-                             count=len(swept), links=",".join(sorted(swept)))
+        # Nothing is deleted: the kernel keeps carrying the traffic of live connections.
+        found = await self.leftovers.take()
+        if found:
+            self.log.warning("found the datapath of connections an earlier run of this forwarder "
+                             "left: adopting each when it is requested again, removing the rest "
+                             "after the grace period", connections=len(found),
+                             grace=self.leftovers.grace,
+                             links=",".join(sorted(n for lo in found for n in lo.links)))
 
     async def serving(self, stack: contextlib.AsyncExitStack) -> None:
         assert self._registry_channel is not None
@@ -132,6 +189,8 @@ class Forwarder(Role):
                                  expiry=self.expiry)
         await refresher.start()
         stack.push_async_callback(refresher.stop)
+        self.leftovers.start()  # the grace period: from now on connections can claim theirs
+        stack.push_async_callback(self.leftovers.stop)
         self.log.info("forwarder serving", urls=",".join(map(str, self.server.urls)),
                       manager=self.manager_url, node=self.node,
                       tunnel=f"{self.tunnel.ip} dev {self.tunnel.dev} mtu {self.tunnel.mtu}"

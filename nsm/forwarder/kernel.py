@@ -4,6 +4,11 @@ endpoint's, named by each side's mechanism, with MTU, addresses and routes from 
 - Checked before anything downstream is built: the client's namespace exists, its interface
   name is valid and free.
 - A refresh with the same parameters changes nothing in the kernel.
+- Nothing of the pair is on the node, so it outlives a restart of the forwarder. Both ends carry
+  the connection's aliases (``nsm-client-<id>``, ``nsm-server-<id>``): the first Request of the
+  connection after a restart adopts the pair when it is exactly what the Request wants (ends,
+  MTU, up, addresses, routes: no kernel change, same ifindexes), else deletes and builds it
+  again; a Close of it before that deletes it (:meth:`KernelLocal.leftover`).
 - If programming fails, the pair is deleted and the downstream connection closed before the
   error returns: nothing half-built remains.
 - Close deletes the pair (one end takes the other with it) while the Close travels on.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 
 from nsm.api.connection_pb2 import Connection, Mechanism
@@ -20,7 +26,7 @@ from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Key, NextClose, NextRequest
 from nsm.errors import AlreadyExists, InvalidArgument, NsmError
 from nsm.forwarder.mechanism import UPSTREAM, Datapath
-from nsm.kernel.netlink import Netlink
+from nsm.kernel.netlink import LinkInfo, Netlink
 from nsm.mechanisms import (
     KERNEL,
     LOCAL,
@@ -87,11 +93,12 @@ class KernelLocal(Datapath):
             return await next(ctx, request)  # another kind of link (see vxlan.py)
         client_ns, client_if = self._client_side(ctx, up)
         state = ctx.meta.get(_STATE)
-        client_alias = alias_for("client", ctx.conn_id)
+        left = None  # the pair an earlier run of this forwarder built for this connection
         if state is None:
             existing = await self.netlink.link(client_ns, client_if)
-            if existing is not None and existing.alias != client_alias:
+            if existing is not None and existing.alias != alias_for("client", ctx.conn_id):
                 raise AlreadyExists(f"interface {client_if} already exists in {client_ns}")
+            left = existing
 
         conn = await next(ctx, request)
         try:
@@ -115,6 +122,16 @@ class KernelLocal(Datapath):
             if state is not None:
                 await self._delete(state)
                 ctx.meta.pop(_STATE)
+            if left is not None:
+                why = await self._mismatch(ctx, want, left)
+                if why is None:
+                    ctx.log.info("adopted the veth an earlier run of this forwarder built",
+                                 client=want.client.ifname, endpoint=want.endpoint.ifname)
+                    ctx.meta.set(_STATE, want)
+                    return conn
+                ctx.log.info("rebuilding the veth an earlier run of this forwarder built",
+                             reason=why, client=want.client.ifname)
+                await self.netlink.delete_link(client_ns, client_if)
             await self._program(ctx, want)
             ctx.meta.set(_STATE, want)
             return conn
@@ -130,17 +147,47 @@ class KernelLocal(Datapath):
         except (NsmError, OSError) as close_exc:
             ctx.log.warning("downstream close after failure failed", error=str(close_exc))
 
-    async def _program(self, ctx: Ctx, want: _Programmed) -> None:
+    async def _mismatch(self, ctx: Ctx, want: _Programmed, mine: LinkInfo) -> str | None:
+        """Why the pair whose client end is ``mine`` is not exactly ``want`` (None: it is)."""
         c, e = want.client, want.endpoint
         try:
-            await self.netlink.create_veth(c.ifname, c.netns, e.ifname, e.netns, mtu=want.mtu)
-        except AlreadyExists:
-            # Ours from before a restart (same aliases on both ends): adopt it.
-            mine = await self.netlink.link(c.netns, c.ifname)
             peer = await self.netlink.link(e.netns, e.ifname)
-            if not (mine and peer and mine.alias == alias_for("client", ctx.conn_id)
-                    and peer.alias == alias_for("server", ctx.conn_id)):
-                raise
+        except NsmError:
+            peer = None
+        if (peer is None or peer.alias != alias_for("server", ctx.conn_id)
+                or peer.link != mine.index or mine.link != peer.index):
+            return f"{e.ifname} in {e.netns} is not its other end"
+        for side, link in ((c, mine), (e, peer)):
+            if link.mtu != want.mtu or not link.admin_up:
+                return f"{link.name} is down or has MTU {link.mtu}, not {want.mtu}"
+            have = {ipaddress.ip_interface(a) for a in await self.netlink.addresses(side.netns,
+                                                                                    side.ifname)}
+            if {a for a in have if not a.ip.is_link_local} != {ipaddress.ip_interface(a)
+                                                                for a in side.addresses}:
+                return f"the addresses of {side.ifname} differ"
+            routes = {(ipaddress.ip_network(r.dst), r.gateway)
+                      for r in await self.netlink.routes(side.netns, dev=side.ifname)}
+            if not {(ipaddress.ip_network(p), nh) for p, nh in side.routes} <= routes:
+                return f"routes via {side.ifname} are missing"
+        return None
+
+    async def leftover(self, ctx: Ctx, conn: Connection) -> tuple[str, str] | None:
+        """The client end (namespace, name) of the veth an earlier run of this forwarder built
+        for ``conn`` (its mechanism is the client's), if it is still there."""
+        if not is_kernel_local(conn.mechanism):
+            return None
+        try:
+            netns, ifname = self._client_side(ctx, conn.mechanism)
+            link = await self.netlink.link(netns, ifname)
+        except NsmError:
+            return None
+        if link is None or link.alias != alias_for("client", ctx.conn_id):
+            return None
+        return netns, ifname
+
+    async def _program(self, ctx: Ctx, want: _Programmed) -> None:
+        c, e = want.client, want.endpoint
+        await self.netlink.create_veth(c.ifname, c.netns, e.ifname, e.netns, mtu=want.mtu)
         try:
             await asyncio.gather(
                 self.netlink.setup_interface(c.netns, c.ifname, addresses=list(c.addresses),

@@ -9,6 +9,7 @@ from nsm import log as nsmlog
 from nsm.config import duration, flag
 from nsm.daemon import serve_until_signal
 from nsm.forwarder.forwarder import Forwarder
+from nsm.forwarder.vxlan import DEFAULT_ADOPT_GRACE
 from nsm.names import check_name
 
 
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--expiry", help="registration expiry to ask for", type=duration, default=None)
     flag(parser, "--tunnel-ip", help="this node's VXLAN tunnel address (default: the first "
          "global address of an up interface)", default=None)
+    flag(parser, "--adopt-grace", help="after a restart, how long the datapath an earlier run "
+         "left is kept for its connections to claim (their next Request adopts it); what none "
+         "claims is removed then", type=duration, default=DEFAULT_ADOPT_GRACE)
     flag(parser, "--log-level", help="log level", default="info")
     flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
 
@@ -37,7 +41,7 @@ async def run(args: argparse.Namespace) -> int:
     fwd = Forwarder(name=args.name, listen=args.listen, manager_url=args.manager,
                     registry_url=args.registry, node=args.node or "", lifetime=args.lifetime,
                     request_timeout=args.request_timeout, expiry=args.expiry,
-                    tunnel_ip=args.tunnel_ip)
+                    tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace)
     await serve_until_signal(fwd.start, fwd.stop)
     return 0
 

@@ -20,15 +20,29 @@ silently in the tunnel.
 The client side (the forwarder of the client's node) proposes a VNI free on its node; the server
 side accepts it if it is free on its node too, else answers ALREADY_EXISTS and the client side
 retries with another. A VNI is unique per node (Linux demultiplexes a shared VXLAN socket by VNI).
+
+A restart keeps the datapath. The node end of the veth carries the alias
+``nsm-node:<forwarder>:<connection id>``; the VXLAN device and the bridge carry
+``nsm-half:<forwarder tag>:<digest of the half's parameters>``. At start the forwarder takes an
+inventory of what an earlier run of it left (:class:`Leftovers`: the devices, the VNI, the routing
+table and the policy rules of each connection) and deletes nothing: the VNIs and tables are
+reserved, the kernel keeps carrying the traffic. The first Request of a connection after the
+restart (its refresh) *adopts* its half when the kernel holds exactly the half the Request wants
+(same devices, peers, VNI, MTU, addresses, rules and routes, and the same parameter digest): no
+kernel change, same ifindexes. A half that differs is removed and built again. What no
+connection claims within the grace period is removed then (and logged); a Close of a connection
+not claimed yet removes its half at once (see :class:`nsm.forwarder.forwarder.Forwarder`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 
 from nsm.addresses import check_ip, check_ip_context
 from nsm.api.connection_pb2 import Connection, Mechanism
@@ -44,7 +58,8 @@ from nsm.errors import (
 )
 from nsm.forwarder.kernel import alias_for, is_kernel_local
 from nsm.forwarder.mechanism import UPSTREAM, Datapath
-from nsm.kernel.netlink import Netlink
+from nsm.kernel.netlink import LinkInfo, Netlink, RuleInfo
+from nsm.log import Logger
 from nsm.mechanisms import (
     DST_IP,
     DST_MAC,
@@ -68,6 +83,9 @@ RULE_PRIORITY = 1000
 GATEWAY_V4 = "169.254.0.1"
 GATEWAY_V6 = "fe80::1"
 NODE_ALIAS_PREFIX = "nsm-node:"
+HALF_ALIAS_PREFIX = "nsm-half:"
+#: How long a restarted forwarder keeps what an earlier run left for the connections to claim.
+DEFAULT_ADOPT_GRACE = 60.0
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 
 
@@ -83,14 +101,18 @@ def mac_for(role: str, conn_id: str) -> str:
 
 
 def node_alias(owner: str, conn_id: str) -> str:
-    """The alias of a connection's veth end on the node: names the forwarder that built it, so
-    that a restarted forwarder finds what it left (:func:`sweep_leftovers`)."""
+    """The alias of a connection's veth end on the node: names the forwarder that built it and
+    the connection, so that a restarted forwarder finds what it left (:class:`Leftovers`)."""
     return f"{NODE_ALIAS_PREFIX}{owner}:{conn_id}"
 
 
 def names_for(conn_id: str) -> tuple[str, str, str]:
     h = hashlib.sha256(conn_id.encode()).hexdigest()[:11]
     return f"nsv{h}", f"nsx{h}", f"nsb{h}"
+
+
+def _owner_tag(owner: str) -> str:
+    return hashlib.sha256(owner.encode()).hexdigest()[:8]
 
 
 class VniPool:
@@ -132,15 +154,26 @@ class TablePool:
         self._next = 0
 
     def allocate(self) -> int:
-        if self._free:
+        while self._free:
             table = self._free.pop()
-        elif self._next >= self._size:
-            raise ResourceExhausted("no free routing table")
-        else:
+            if table not in self._used:
+                self._used.add(table)
+                return table
+        while self._next < self._size:
+            table = self._first + self._next
             self._next += 1
-            table = self._first + self._next - 1
+            if table not in self._used:  # not reserved for a connection an earlier run left
+                self._used.add(table)
+                return table
+        raise ResourceExhausted("no free routing table")
+
+    def reserve(self, table: int) -> bool:
+        """Mark ``table`` used (the table of a connection an earlier run left, so that no new
+        connection gets it); False if it is not in this pool's range or already used."""
+        if not self.owns(table) or table in self._used:
+            return False
         self._used.add(table)
-        return table
+        return True
 
     def release(self, table: int) -> None:
         """Give ``table`` back; a second release of the same table is a no-op (two connections
@@ -186,6 +219,14 @@ class _Half:
     peer_addrs: tuple[str, ...]
 
 
+def half_alias(owner: str, half: _Half) -> str:
+    """The alias of a half's VXLAN device and bridge: the forwarder that built it (a tag) and a
+    digest of every parameter of the half but its routing table (allocated when built), so that
+    a restarted forwarder tells whether what it finds is exactly what a Request wants."""
+    params = repr(sorted({**half.__dict__, "table": None}.items()))
+    return f"{HALF_ALIAS_PREFIX}{_owner_tag(owner)}:{hashlib.sha256(params.encode()).hexdigest()[:16]}"
+
+
 _HALF: Key[_Half] = Key("vxlan.half")
 _VNI: Key[int] = Key("vxlan.vni")
 
@@ -208,8 +249,174 @@ def _check_vni(value: str) -> int:
     return vni
 
 
+def _families(half: _Half) -> list[int]:
+    return sorted({ipaddress.ip_interface(a).version for a in (*half.pod_addrs, *half.peer_addrs)})
+
+
+# ------------------------------------------------------------------ what an earlier run left
+
+
+@dataclass
+class Leftover:
+    """One connection's half as an earlier run of this forwarder left it: its node-side links
+    (same name suffix), its VNI (reserved), routing table (reserved) and policy rules."""
+
+    suffix: str
+    #: From the veth's alias; None when the veth is gone (a half-removed half).
+    conn_id: str | None
+    links: dict[str, LinkInfo]
+    vni: int | None = None
+    table: int | None = None
+    rules: list[RuleInfo] = field(default_factory=list)
+    deadline: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """Whom its VNI is reserved for in the :class:`VniPool`: the connection, as a Request
+        of it reserves it."""
+        return self.conn_id if self.conn_id is not None else f"leftover:{self.suffix}"
+
+    def describe(self) -> dict[str, str]:
+        return {"conn": self.conn_id or "?", "links": ",".join(sorted(self.links)),
+                "vni": "" if self.vni is None else str(self.vni),
+                "table": "" if self.table is None else str(self.table)}
+
+
+class Leftovers:
+    """What an earlier run of forwarder ``owner`` left in its namespace, by connection, until a
+    Request of the connection claims it (:meth:`claim`) or the grace period is over.
+
+    :meth:`take` (at start) lists it and reserves its VNIs and routing tables, deleting nothing;
+    :meth:`start` (once serving) starts the grace period, after which whatever is still
+    unclaimed is removed and logged; :meth:`give_back` returns a claim whose Request failed (its
+    grace starts again)."""
+
+    def __init__(self, netlink: Netlink, owner: str, vnis: VniPool, tables: TablePool, *,
+                 grace: float, log: Logger) -> None:
+        self.netlink = netlink
+        self.owner = owner
+        self.vnis = vnis
+        self.tables = tables
+        self.grace = grace
+        self.log = log
+        self._items: dict[str, Leftover] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def take(self) -> list[Leftover]:
+        """The inventory: the veth node ends whose alias names this forwarder, and the links of
+        the same name suffix (the VXLAN device and the bridge, also by their ``nsm-half`` alias
+        when the veth is gone); the rules from them toward a table of the pool."""
+        veth_prefix = f"{NODE_ALIAS_PREFIX}{self.owner}:"
+        half_prefix = f"{HALF_ALIAS_PREFIX}{_owner_tag(self.owner)}:"
+        links = [link for link in await self.netlink.links(None)
+                 if link.name[:3] in ("nsv", "nsx", "nsb") and len(link.name) > 3]
+        found: dict[str, Leftover] = {}
+        for link in links:
+            alias, suffix = link.alias or "", link.name[3:]
+            if link.name.startswith("nsv") and alias.startswith(veth_prefix):
+                found.setdefault(suffix, Leftover(suffix, None, {})).conn_id = alias[len(veth_prefix):]
+            elif alias.startswith(half_prefix):
+                found.setdefault(suffix, Leftover(suffix, None, {}))
+        for link in links:
+            if link.name[3:] in found:
+                found[link.name[3:]].links[link.name] = link
+        rules = await self.netlink.rules(None) if found else []
+        for lo in found.values():
+            vx = lo.links.get(f"nsx{lo.suffix}")
+            if vx is not None and vx.vxlan_id is not None:
+                try:
+                    self.vnis.reserve(vx.vxlan_id, lo.key)
+                    lo.vni = vx.vxlan_id
+                except VniConflict:
+                    self.log.warning("two connections an earlier run left use one VNI",
+                                     vni=vx.vxlan_id, links=",".join(sorted(lo.links)))
+            lo.rules = [r for r in rules if r.iif in lo.links and self.tables.owns(r.table)]
+            tables = {r.table for r in lo.rules}
+            if len(tables) == 1 and self.tables.reserve(next(iter(tables))):
+                lo.table = next(iter(tables))
+        self._items.update(found)
+        return list(found.values())
+
+    def claim(self, conn_id: str) -> Leftover | None:
+        """What an earlier run left for ``conn_id`` (now the caller's to adopt or remove)."""
+        return self._items.pop(names_for(conn_id)[0][3:], None)
+
+    def give_back(self, lo: Leftover) -> None:
+        """Return a claim that was neither adopted nor removed (its Request failed): kept for
+        another grace period, its VNI reserved again."""
+        if lo.vni is not None:
+            try:
+                self.vnis.reserve(lo.vni, lo.key)
+            except VniConflict:
+                lo.vni = None  # taken by another connection meanwhile: this half cannot be adopted
+        lo.deadline = max(lo.deadline, time.monotonic() + self.grace)
+        self._items[lo.suffix] = lo
+        self._wake.set()
+
+    async def remove(self, lo: Leftover) -> None:
+        """Delete a leftover half's rules and links; release its table and VNI."""
+        nl = self.netlink
+        for rule in lo.rules:
+            await nl.del_rule(None, iif=rule.iif or "", table=rule.table, priority=rule.priority,
+                              family=rule.family)
+        # veth and VXLAN device first: a bridge goes once its ports have.
+        for group in ([n for n in lo.links if not n.startswith("nsb")],
+                      [n for n in lo.links if n.startswith("nsb")]):
+            await asyncio.gather(*(nl.delete_link(None, name) for name in group))
+        if lo.table is not None:
+            self.tables.release(lo.table)
+        if lo.vni is not None:
+            self.vnis.release(lo.vni, lo.key)
+
+    def start(self) -> None:
+        """Start the grace period (once the forwarder serves: from then on the connections can
+        claim what is theirs)."""
+        deadline = time.monotonic() + self.grace
+        for lo in self._items.values():
+            lo.deadline = deadline
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._expire(),
+                                                                name=f"leftovers:{self.owner}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _expire(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            for lo in [lo for lo in self._items.values() if lo.deadline <= now]:
+                del self._items[lo.suffix]
+                try:
+                    await self.remove(lo)
+                except (NsmError, OSError) as exc:
+                    self.log.warning("cannot remove what an earlier run left; trying again after "
+                                     "another grace period", error=str(exc), **lo.describe())
+                    lo.deadline = time.monotonic() + self.grace
+                    self._items[lo.suffix] = lo
+                    continue
+                self.log.warning("removed what an earlier run of this forwarder left: no "
+                                 "connection claimed it within the grace period",
+                                 grace=self.grace, **lo.describe())
+            wait = min((lo.deadline for lo in self._items.values()), default=None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(),
+                                       None if wait is None else max(0.0, wait - time.monotonic()))
+
+
+# ------------------------------------------------------------------ building a half
+
+
 class _Datapath:
-    """Builds and removes one half; shared by the client and the server side."""
+    """Builds, checks and removes one half; shared by the client and the server side."""
 
     def __init__(self, netlink: Netlink, tunnel: Tunnel, tables: TablePool, owner: str) -> None:
         self.netlink = netlink
@@ -228,11 +435,14 @@ class _Datapath:
             await nl.create_vxlan(half.vxlan, None, vni=half.vni, local=self.tunnel.ip,
                                   remote=half.remote, port=VXLAN_PORT, underlay=self.tunnel.dev,
                                   mtu=half.mtu, mac=vx_mac, learning=False)
+            stamp = half_alias(self.owner, half)
+            await nl.set_alias(None, half.vxlan, stamp)
             await nl.setup_interface(half.pod_ns, half.pod_if, addresses=list(half.pod_addrs),
                                      routes=list(half.pod_routes), mtu=half.mtu)
             if half.payload == PAYLOAD_ETHERNET:
                 assert half.bridge is not None
                 await nl.create_bridge(half.bridge, None, mtu=half.mtu)
+                await nl.set_alias(None, half.bridge, stamp)
                 await nl.set_master(None, half.veth, half.bridge)
                 await nl.set_master(None, half.vxlan, half.bridge)
                 await asyncio.gather(nl.set_up(None, half.bridge), nl.set_up(None, half.veth),
@@ -254,8 +464,8 @@ class _Datapath:
         nl = self.netlink
         assert half.table is not None
         await asyncio.gather(nl.set_up(None, half.veth), nl.set_up(None, half.vxlan))
-        families = {ipaddress.ip_interface(a).version for a in (*half.pod_addrs, *half.peer_addrs)}
-        for version in sorted(families):
+        families = _families(half)
+        for version in families:
             # Without forwarding the kernel drops routed packets silently: refuse instead.
             key = FORWARDING_SYSCTL[version]
             if await nl.sysctl_in_netns(None, key) == "0":
@@ -280,6 +490,65 @@ class _Datapath:
         for addr in half.peer_addrs:
             await nl.neigh_replace(half.pod_ns, half.pod_if, _ip_of(addr), veth_mac)
 
+    async def mismatch(self, conn_id: str, want: _Half, lo: Leftover) -> str | None:
+        """Why what an earlier run left for ``conn_id`` is not exactly the half ``want``, with
+        ``lo``'s routing table (None: it is). What can be read back is compared (devices, peers,
+        VNI, MTU, up, addresses, rules, routes); the rest (remote address and MAC, routes and
+        neighbours in the pod) through the parameter digest in the VXLAN device's alias."""
+        nl = self.netlink
+        if lo.conn_id != conn_id:
+            return "its veth is gone"
+        if (want.table is None) != (lo.table is None):
+            return "its routing table is missing, or the payload (routed or bridged) differs"
+        veth, vx = await asyncio.gather(nl.link(None, want.veth), nl.link(None, want.vxlan))
+        bridge = await nl.link(None, want.bridge) if want.bridge else None
+        try:
+            pod = await nl.link(want.pod_ns, want.pod_if)
+        except NsmError:
+            pod = None
+        if veth is None or veth.kind != "veth" or veth.alias != node_alias(self.owner, conn_id):
+            return f"no veth end {want.veth} of this connection"
+        if vx is None or vx.kind != "vxlan" or vx.vxlan_id != want.vni or lo.vni != want.vni:
+            return f"no VXLAN device {want.vxlan} with VNI {want.vni}"
+        if vx.alias != half_alias(self.owner, want):
+            return "parameters differ (remote, MTU, addresses, routes or peers)"
+        if (pod is None or pod.alias != alias_for("pod", conn_id) or pod.link != veth.index
+                or veth.link != pod.index):
+            return f"no {want.pod_if} in {want.pod_ns} paired with {want.veth}"
+        if want.bridge is not None:
+            if (bridge is None or bridge.kind != "bridge" or veth.master != bridge.index
+                    or vx.master != bridge.index):
+                return f"no bridge {want.bridge} joining {want.veth} and {want.vxlan}"
+        elif any(name.startswith("nsb") for name in lo.links):
+            return "it has a bridge; the connection is routed"
+        for link in (pod, veth, vx, bridge):
+            if link is not None and (link.mtu != want.mtu or not link.admin_up):
+                return f"{link.name} is down or has MTU {link.mtu}, not {want.mtu}"
+        have = {ipaddress.ip_interface(a) for a in await nl.addresses(want.pod_ns, want.pod_if)}
+        if {a for a in have if not a.ip.is_link_local} != {ipaddress.ip_interface(a)
+                                                            for a in want.pod_addrs}:
+            return f"the addresses of {want.pod_if} differ"
+        if lo.table is not None:
+            return await self._routing_mismatch(want, lo.table, veth, vx)
+        return None
+
+    async def _routing_mismatch(self, want: _Half, table: int, veth: LinkInfo,
+                                vx: LinkInfo) -> str | None:
+        nl = self.netlink
+        families = _families(want)
+        rules = {(r.family, r.iif) for r in await nl.rules(None)
+                 if r.table == table and r.priority == RULE_PRIORITY}
+        if not {(v, dev) for v in families for dev in (want.veth, want.vxlan)} <= rules:
+            return f"policy rules toward table {table} are missing"
+        routes = {(ipaddress.ip_network(r.dst), r.oif, r.gateway)
+                  for r in await nl.routes(None, table=table)}
+        need = {(ipaddress.ip_network(_ip_of(a)), veth.index, None) for a in want.pod_addrs}
+        need |= {(ipaddress.ip_network("0.0.0.0/0" if v == 4 else "::/0"), vx.index,
+                  GATEWAY_V4 if v == 4 else GATEWAY_V6) for v in families}
+        if not need <= routes:
+            return f"routes of table {table} are missing"
+        return None
+
     async def remove(self, half: _Half) -> None:
         nl = self.netlink
         if half.table is not None:
@@ -295,13 +564,17 @@ class _Datapath:
             self.tables.release(half.table)
 
 
+_LEFTOVER: Key[Leftover] = Key("vxlan.leftover")
+
+
 class _Side(Datapath):
     def __init__(self, netlink: Netlink, tunnel: Tunnel, vnis: VniPool, tables: TablePool,
-                 owner: str) -> None:
+                 owner: str, leftovers: Leftovers) -> None:
         self.netlink = netlink
         self.tunnel = tunnel
         self.vnis = vnis
         self.tables = tables
+        self.leftovers = leftovers
         self.datapath = _Datapath(netlink, tunnel, tables, owner)
 
     def _half(self, ctx: Ctx, conn: Connection, *, pod_ns: str, pod_if: str, vni: int,
@@ -319,6 +592,39 @@ class _Side(Datapath):
                      pod_addrs=tuple(mine),
                      pod_routes=tuple((r.prefix, r.nextHop or None) for r in routes),
                      peer_addrs=tuple(theirs))
+
+    def _claim(self, ctx: Ctx) -> Leftover | None:
+        """What an earlier run left for this connection (held in its metadata until adopted or
+        removed; given back if the first Request fails)."""
+        lo = ctx.meta.get(_LEFTOVER)
+        if lo is None:
+            lo = self.leftovers.claim(ctx.conn_id)
+            if lo is not None:
+                ctx.meta.set(_LEFTOVER, lo)
+        return lo
+
+    def _give_back(self, ctx: Ctx) -> None:
+        lo = ctx.meta.pop(_LEFTOVER)
+        if lo is not None:
+            self.leftovers.give_back(lo)
+
+    async def _install(self, ctx: Ctx, want: _Half) -> _Half:
+        """The half ``want``: adopted from what an earlier run left when the kernel holds exactly
+        it (nothing changes), else built (after removing what was left)."""
+        lo = ctx.meta.get(_LEFTOVER)  # until adopted or removed: given back if this fails
+        if lo is not None:
+            why = await self.datapath.mismatch(ctx.conn_id, want, lo)
+            if why is None:
+                ctx.meta.pop(_LEFTOVER)
+                ctx.log.info("adopted the datapath an earlier run of this forwarder left",
+                             **lo.describe())
+                return replace(want, table=lo.table)
+            ctx.log.info("rebuilding what an earlier run of this forwarder left", reason=why,
+                         **lo.describe())
+            await self.leftovers.remove(lo)
+            ctx.meta.pop(_LEFTOVER)
+            self.vnis.reserve(want.vni, ctx.conn_id)  # it may have been the leftover's too
+        return await self._program(ctx, want)
 
     async def _program(self, ctx: Ctx, half: _Half) -> _Half:
         if half.table is not None:
@@ -368,13 +674,19 @@ class VxlanClient(_Side):
         pod_ns = existing_netns_path(up.parameters.get(NETNS_INODE_URL, ""))
         pod_if = validate_ifname(up.parameters.get(NAME, ""), "client interface name")
         half = ctx.meta.get(_HALF)
+        lo = self._claim(ctx) if half is None else None
         if half is None:
             existing = await self.netlink.link(pod_ns, pod_if)
-            if existing is not None:
+            if (existing is not None
+                    and not (lo is not None and existing.alias == alias_for("pod", ctx.conn_id))
+                    and not await self._replaces(ctx, existing)):
+                self._give_back(ctx)
                 raise AlreadyExists(f"interface {pod_if} already exists in {pod_ns}")
         vni = ctx.meta.get(_VNI)
         if vni is None:
-            vni = self.vnis.allocate(ctx.conn_id)
+            # An adopted half keeps its VNI (reserved for it at start), so the other side's
+            # half matches too.
+            vni = lo.vni if lo is not None and lo.vni is not None else self.vnis.allocate(ctx.conn_id)
             ctx.meta.set(_VNI, vni)
         pref = prefs[0]
         pref.parameters[SRC_IP] = self.tunnel.ip
@@ -414,7 +726,7 @@ class VxlanClient(_Side):
             if half is not None:
                 await self.datapath.remove(half)
                 ctx.meta.pop(_HALF)
-            ctx.meta.set(_HALF, await self._program(ctx, want))
+            ctx.meta.set(_HALF, await self._install(ctx, want))
             return conn
         except BaseException as exc:
             if half is None:
@@ -422,11 +734,27 @@ class VxlanClient(_Side):
                 self._forget_vni(ctx, None)
             raise
 
+    async def _replaces(self, ctx: Ctx, existing: LinkInfo) -> bool:
+        """Whether ``existing``, the pod interface a new connection wants, is the pod end of
+        another connection an earlier run left and none claimed: the client's former connection
+        (e.g. one that expired while this forwarder was down, healed by a new one). Its half is
+        removed then."""
+        prefix = alias_for("pod", "")
+        alias = existing.alias or ""
+        old = self.leftovers.claim(alias[len(prefix):]) if alias.startswith(prefix) else None
+        if old is None:
+            return False
+        ctx.log.info("removing what an earlier run of this forwarder left for the former "
+                     "connection of this interface", interface=existing.name, **old.describe())
+        await self.leftovers.remove(old)
+        return True
+
     def _forget_vni(self, ctx: Ctx, half: _Half | None) -> None:
         if half is None:
             vni = ctx.meta.pop(_VNI)
             if vni is not None:
                 self.vnis.release(vni, ctx.conn_id)
+            self._give_back(ctx)  # after the release: it reserves the leftover's VNI again
 
 
 class VxlanServer(_Side):
@@ -447,17 +775,23 @@ class VxlanServer(_Side):
                                      f"({self.tunnel.ip})")
         vni = _check_vni(up.parameters.get(VNI, ""))
         half = ctx.meta.get(_HALF)
+        if half is None:
+            self._claim(ctx)
         previous = ctx.meta.get(_VNI)
         if previous is not None and previous != vni:
             self.vnis.release(previous, ctx.conn_id)
-        self.vnis.reserve(vni, ctx.conn_id)
+        try:
+            self.vnis.reserve(vni, ctx.conn_id)
+        except VniConflict:
+            if half is None:
+                self._give_back(ctx)
+            raise
         ctx.meta.set(_VNI, vni)
         try:
             conn = await next(ctx, request)
         except BaseException:
             if half is None:
-                ctx.meta.pop(_VNI)
-                self.vnis.release(vni, ctx.conn_id)
+                self._forget(ctx, vni)
             raise
         try:
             down = conn.mechanism
@@ -474,7 +808,7 @@ class VxlanServer(_Side):
                 if half is not None:
                     await self.datapath.remove(half)
                     ctx.meta.pop(_HALF)
-                ctx.meta.set(_HALF, await self._program(ctx, want))
+                ctx.meta.set(_HALF, await self._install(ctx, want))
             up.parameters[DST_IP] = self.tunnel.ip
             up.parameters[DST_MAC] = mac_for("vxlan", ctx.conn_id)
             up.parameters[MTU] = str(mtu)
@@ -482,32 +816,13 @@ class VxlanServer(_Side):
         except BaseException as exc:
             if half is None:
                 await self._undo(ctx, conn, exc)
-                ctx.meta.pop(_VNI)
-                self.vnis.release(vni, ctx.conn_id)
+                self._forget(ctx, vni)
             raise
 
-
-async def sweep_leftovers(netlink: Netlink, owner: str, tables: TablePool) -> list[str]:
-    """Remove what forwarder ``owner`` built in its own namespace before it restarted (its
-    connection state is gone, so nobody else will): the veth node ends whose alias names it, the
-    VXLAN device and bridge of the same connection (same name suffix) and the policy rules from
-    them toward connection tables (their routes go with the devices). A live connection is
-    rebuilt at its next refresh. Returns the names of the links removed."""
-    prefix = f"{NODE_ALIAS_PREFIX}{owner}:"
-    links = await netlink.links(None)
-    suffixes = {link.name[3:] for link in links
-                if link.name.startswith("nsv") and (link.alias or "").startswith(prefix)}
-    doomed = [link.name for link in links
-              if link.name[:3] in ("nsv", "nsx", "nsb") and link.name[3:] in suffixes]
-    for rule in await netlink.rules(None):
-        if rule.iif in doomed and tables.owns(rule.table):
-            await netlink.del_rule(None, iif=rule.iif, table=rule.table, priority=rule.priority,
-                                   family=rule.family)
-    # veth and VXLAN devices first: a bridge goes once its ports have.
-    for group in ([n for n in doomed if not n.startswith("nsb")],
-                  [n for n in doomed if n.startswith("nsb")]):
-        await asyncio.gather(*(netlink.delete_link(None, name) for name in group))
-    return doomed
+    def _forget(self, ctx: Ctx, vni: int) -> None:
+        ctx.meta.pop(_VNI)
+        self.vnis.release(vni, ctx.conn_id)
+        self._give_back(ctx)  # after the release: it reserves the leftover's VNI again
 
 
 def _same(a: _Half, b: _Half) -> bool:

@@ -3,7 +3,8 @@ and leaves nothing on either node (and the path works again once it is back), an
 answers NOT_FOUND, a routed payload on a node that does not forward is refused,
 VNIs are reused cleanly when 20 cross-node connections are opened and
 closed again and again, and a forwarder killed (SIGKILL) under a live connection removes the half
-it left behind when it restarts."""
+it left behind after its restart once no connection claims it, or adopts it when the client's
+refresh comes."""
 
 from __future__ import annotations
 
@@ -171,7 +172,10 @@ FORWARDER_KILL = Topology(
 @pytest.mark.parametrize("node", ["node1", "node2"])
 async def test_forwarder_killed_and_restarted_leaves_nothing_after_close(new_lab,
                                                                          node: str) -> None:
-    async with new_lab(FORWARDER_KILL, tag="f") as cluster:
+    grace = 2.0
+    flags = ["--adopt-grace", f"{grace:g}s"]
+    async with new_lab(FORWARDER_KILL, tag="f", extra_args={"forwarder.node1": flags,
+                                                            "forwarder.node2": flags}) as cluster:
         lifetime = 3.0
         client, conn, pod = await cluster.connect("node1", "svc-f", lifetime=lifetime)
         assert len(conn.path.path_segments) == 6
@@ -179,10 +183,13 @@ async def test_forwarder_killed_and_restarted_leaves_nothing_after_close(new_lab
         with contextlib.suppress(NsmError):
             await client.close(raise_errors=True)
         await cluster.lab.start_daemon(f"forwarder.{node}")
-        assert "removed links left by an earlier run" in cluster.lab.logs()[f"forwarder.{node}"]
-        # Everything of the connection is gone on both nodes once its lifetime is over, and
-        # the pod can get a connection with the same interface name again.
-        await cluster.eventually_clean(lifetime + 5)
+        assert "found the datapath of connections an earlier run" in cluster.lab.logs()[
+            f"forwarder.{node}"]
+        # Everything of the connection is gone on both nodes once its lifetime (elsewhere) and
+        # the restarted forwarder's grace period (here) are over, and the pod can get a
+        # connection with the same interface name again.
+        await cluster.eventually_clean(max(lifetime, grace) + 5)
+        assert "no connection claimed it" in cluster.lab.logs()[f"forwarder.{node}"]
         assert await cluster.link_names(pod) == []
         again = cluster.client("node1", "svc-f", pod)
         await again.request()
@@ -195,15 +202,22 @@ async def test_forwarder_killed_and_restarted_leaves_nothing_after_close(new_lab
 async def test_forwarder_killed_under_a_refreshing_client_is_healed_by_the_refresh(
         new_lab, node: str) -> None:
     """The client keeps refreshing while a forwarder is SIGKILLed and restarted: the restarted
-    forwarder sweeps its old half, the next refresh builds the connection again (same addresses),
-    and traffic flows; Close then leaves nothing."""
-    async with new_lab(FORWARDER_KILL, tag="h") as cluster:
+    forwarder keeps its old half, the next refresh that gets through adopts it (same addresses),
+    and traffic flows; Close then leaves nothing. (With a 3 s lifetime a slow restart may let
+    the connection expire on the other hops; the client's heal then builds a new path, which
+    takes over the pod's interface on the client's node, and what the earlier run left on the
+    endpoint's node goes after the grace period.)"""
+    grace = 2.0
+    flags = ["--adopt-grace", f"{grace:g}s"]
+    async with new_lab(FORWARDER_KILL, tag="h", extra_args={"forwarder.node1": flags,
+                                                            "forwarder.node2": flags}) as cluster:
         client, conn, pod = await cluster.connect("node1", "svc-f", lifetime=3.0)
         dst = ip_of(conn.context.ip_context.dst_ip_addrs[0])
         await cluster.assert_ping(pod, dst)
         await cluster.lab.kill(f"forwarder.{node}")
         await cluster.lab.start_daemon(f"forwarder.{node}")
-        assert "removed links left by an earlier run" in cluster.lab.logs()[f"forwarder.{node}"]
+        assert "found the datapath of connections an earlier run" in cluster.lab.logs()[
+            f"forwarder.{node}"]
 
         async def healed() -> bool:
             return (await cluster.ping(pod, dst, count=1, timeout=0.3)).received == 1
@@ -216,7 +230,7 @@ async def test_forwarder_killed_under_a_refreshing_client_is_healed_by_the_refre
         assert len(healed_conn.path.path_segments) == 6
         await cluster.assert_ping(pod, dst)
         await client.close(raise_errors=True)
-        await cluster.assert_clean()
+        await cluster.eventually_clean(grace + 5)
         assert await cluster.link_names(pod) == []
 
 

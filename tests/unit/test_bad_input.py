@@ -24,7 +24,8 @@ from nsm.elements.updatepath import UpdatePath, ts
 from nsm.elements.validate import Validate
 from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
 from nsm.forwarder.mechanism import PAIR, UPSTREAM
-from nsm.forwarder.vxlan import TablePool, Tunnel, VniPool, VxlanClient, VxlanServer, mac_for
+from nsm.forwarder.vxlan import Leftovers, TablePool, Tunnel, VniPool, VxlanClient, VxlanServer, mac_for
+from nsm.log import get_logger
 from nsm.mechanisms import DST_IP, DST_MAC, VNI, kernel, vxlan
 from nsm.transport import UNIX_PATH_MAX, Server, parse_url
 
@@ -259,14 +260,15 @@ class Answer(Element):
 async def test_vxlan_half_refuses_a_malformed_address_from_the_next_hop(side: str) -> None:
     tunnel = Tunnel(ip="10.9.0.1", dev=None, mtu=1450)
     vnis, tables = VniPool(), TablePool()
+    left = Leftovers(NoKernel(), "fwd", vnis, tables, grace=60.0, log=get_logger("test"))  # type: ignore[arg-type]
     if side == "server":
         up = vxlan("10.9.0.2", 5000, mac_for("vxlan", "peer"))
-        element: Element = VxlanServer(NoKernel(), tunnel, vnis, tables, "fwd")  # type: ignore[arg-type]
+        element: Element = VxlanServer(NoKernel(), tunnel, vnis, tables, "fwd", left)  # type: ignore[arg-type]
         answer = Answer(kernel("nse-1", NETNS))
         prefs = [kernel()]
     else:
         up = kernel("nsm-1", NETNS)
-        element = VxlanClient(NoKernel(), tunnel, vnis, tables, "fwd")  # type: ignore[arg-type]
+        element = VxlanClient(NoKernel(), tunnel, vnis, tables, "fwd", left)  # type: ignore[arg-type]
         answer = Answer(vxlan("10.9.0.2"))
         answer.mechanism.parameters.update({DST_IP: "10.9.0.2", DST_MAC: mac_for("vxlan", "x")})
         prefs = [vxlan(tunnel.ip)]

@@ -272,3 +272,31 @@ async def test_monitor_tracks_connections_and_filters_by_selector() -> None:
                        next(iter(monitor.connections.values())))
     await chain.close(Connection(id="a"))
     assert len(monitor.connections) == 1
+
+
+async def test_begin_unknown_close_runs_only_for_ids_it_holds_nothing_for() -> None:
+    """A role's ``unknown_close`` (the forwarder's, for what an earlier run left) gets the
+    caller's connection for an id Begin does not know, one at a time with that id's Requests;
+    a known id closes as usual."""
+    seen: list[tuple[str, str]] = []
+    gate = asyncio.Event()
+
+    async def unknown(ctx: Ctx, conn: Connection) -> None:
+        seen.append((ctx.conn_id, conn.labels["from"]))
+        await gate.wait()
+
+    begin, rec = Begin(unknown_close=unknown), Recorder()
+    chain = Chain([begin, rec])
+    await chain.request(req("known"))
+    await chain.close(Connection(id="known", labels={"from": "caller"}))
+    assert len(rec.closes) == 1 and seen == []
+    closing = asyncio.create_task(chain.close(Connection(id="left", labels={"from": "caller"})))
+    await asyncio.sleep(0.01)
+    requesting = asyncio.create_task(chain.request(req("left")))
+    await asyncio.sleep(0.01)
+    assert seen == [("left", "caller")] and len(rec.requests) == 1  # the Request waits
+    gate.set()
+    await asyncio.gather(closing, requesting)
+    assert len(rec.requests) == 2 and begin.ids() == ["left"]
+    await chain.close(Connection(id=""))  # no id: nothing to do
+    assert len(seen) == 1
