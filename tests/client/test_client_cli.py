@@ -6,8 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,7 @@ from nsm.api import networkservice_pb2_grpc
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.errors import NotFound, grpc_errors
+from nsm.lab.harness import eventually
 from nsm.transport import Server
 
 pytestmark = pytest.mark.timeout(30)
@@ -77,13 +77,6 @@ async def finish(proc: asyncio.subprocess.Process) -> tuple[str, str]:
             proc.kill()
             await proc.wait()
     return out.decode(), err.decode()
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_once_prints_the_connection_and_closes(manager) -> None:  # type: ignore[no-untyped-def]

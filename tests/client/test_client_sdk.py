@@ -8,7 +8,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +22,8 @@ from nsm.client.sdk import Client
 from nsm.elements.updatepath import expiry_of, ts
 from nsm.endpoint.endpoint import Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError, Unavailable, grpc_errors
+from nsm.lab import harness
+from nsm.lab.harness import eventually
 from nsm.mechanisms import NAME, NETNS_INODE_URL
 from nsm.transport import Server
 
@@ -30,22 +32,8 @@ pytestmark = pytest.mark.timeout(30)
 
 @pytest.fixture(autouse=True)
 async def no_leaked_tasks() -> AsyncIterator[None]:
-    before = asyncio.all_tasks()
-    yield
-    deadline = time.monotonic() + 2.0
-    while True:
-        leaked = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
-        if not leaked or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    assert not leaked, f"leaked tasks: {leaked}"
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+    async with harness.no_leaked_tasks():
+        yield
 
 
 class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
