@@ -84,7 +84,11 @@ def eventually() -> harness.Eventually:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.failed:
+        seen: set[int] = set()
         for name, value in getattr(item, "funcargs", {}).items():
+            if id(value) in seen:  # e.g. a per-test fixture handing out the session's object
+                continue
+            seen.add(id(value))
             for log, text in harness.failure_logs(value, LOG_LINES):
                 report.sections.append((f"{name}: daemon log {log} ({report.when})", text))
     return report

@@ -5,7 +5,7 @@ daemon logs, and :class:`LabHarness`, a running :class:`~nsm.lab.builder.Lab` wi
 - Waiting: :func:`eventually` (a sync or async check, a timeout, what is awaited).
 - Leak checks: :func:`no_leaked_tasks` (asyncio tasks), :func:`find_leftovers` (namespaces,
   processes and root-namespace links a run left, by the names it gave them), :func:`open_fds` and
-  :func:`namespace_fds` (file descriptors); per test, :meth:`LabHarness.scope` checks that what the
+  :func:`leaked_namespace_fds` (file descriptors); per test, :meth:`LabHarness.scope` checks that what the
   test made is gone: connections in every daemon's monitor, interfaces in endpoints' pods,
   per-connection links and policy routing on the nodes, processes in its pods, namespace file
   descriptors, daemons that stopped.
@@ -62,8 +62,8 @@ STANDARD_RULES = frozenset({0, 32766, 32767})
 #: Links the mesh or a lab make (client and endpoint interfaces, per-connection links, fabric
 #: ports named after nodes, the fabric bridge): none of them may ever appear in the root namespace.
 MESH_LINK = re.compile(r"^(ns[mvxb]|node\d|br0$)")
-#: Lines of a daemon's log that say nothing (grpc's debug output).
-LOG_NOISE = ("_cygrpc] Loaded running loop",)
+#: Lines of a daemon's log that say little and crowd out the rest (grpc's and pyroute2's debug output).
+LOG_NOISE = ("_cygrpc] Loaded running loop", "debug pyroute2.netlink.core ")
 
 # ---------------------------------------------------------------------------------- waiting
 
@@ -120,12 +120,25 @@ def open_fds() -> dict[int, str]:
     return fds
 
 
-def namespace_fds(before: Mapping[int, str] | None = None) -> list[str]:
-    """Open file descriptors that hold a network namespace (``net:[inode]``; one keeps a deleted
-    namespace, and its links, alive), other than those open in ``before``."""
-    before = before or {}
-    return [f"fd {fd} -> {target}" for fd, target in sorted(open_fds().items())
-            if target.startswith("net:[") and before.get(fd) != target]
+def namespace_fds() -> dict[int, int]:
+    """This process's file descriptors that hold a namespace (any kind, on the nsfs file
+    system), and the namespace's inode. One keeps a deleted namespace, and its links, alive."""
+    nsfs = os.stat("/proc/self/ns/net").st_dev
+    found = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(entry))
+        except OSError:  # the listing's own fd, closed meanwhile
+            continue
+        if st.st_dev == nsfs:
+            found[int(entry)] = st.st_ino
+    return found
+
+
+def leaked_namespace_fds(before: Mapping[int, int]) -> list[str]:
+    """Namespace file descriptors open now that were not in ``before`` (:func:`namespace_fds`)."""
+    return [f"fd {fd} holds namespace inode {ino}" for fd, ino in sorted(namespace_fds().items())
+            if before.get(fd) != ino]
 
 
 class NetnsGroup:
@@ -376,22 +389,24 @@ class LabHarness:
         self.logs.mark()
         previous, self.netlink = self.netlink, Netlink()  # its sockets must not pin deleted pods
         await previous.close()
-        fds = open_fds()
+        fds = namespace_fds()
         problems: list[str] = []
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                self._stack = stack
-                try:
-                    yield self
-                finally:
-                    self._stack = None
-            problems += await self._delete_scope_pods()
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    self._stack = stack
+                    try:
+                        yield self
+                    finally:
+                        self._stack = None
+            finally:
+                problems += await self._delete_scope_pods()
             if check:
                 await self.check_clean(grace=grace, problems=problems)
         finally:
             await self.netlink.close()
         if check:
-            self._blame(namespace_fds(fds), "the test left namespace file descriptors open")
+            self._blame(leaked_namespace_fds(fds), "the test left namespace file descriptors open")
 
     @property
     def stack(self) -> contextlib.AsyncExitStack:
