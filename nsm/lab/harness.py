@@ -3,19 +3,20 @@ daemon logs, and :class:`LabHarness`, a running :class:`~nsm.lab.builder.Lab` wi
 (or a benchmark phase) does with it.
 
 - Waiting: :func:`eventually` (a sync or async check, a timeout, what is awaited).
-- Leak checks: :func:`no_leaked_tasks` (asyncio tasks), :func:`find_leftovers` (namespaces,
-  processes and root-namespace links a run left, by the names it gave them), :func:`open_fds` and
-  :func:`leaked_namespace_fds` (file descriptors); per test, :meth:`LabHarness.scope` checks that what the
+- Leak checks: :func:`no_leaked_tasks` (asyncio tasks); :func:`find_leftovers` (namespaces,
+  processes and root-namespace links a run left, found by the names it gave them);
+  :func:`open_fds`, :func:`namespace_fds` (file descriptors); :class:`NetnsGroup` (namespaces
+  made for one test, removed together). Per test, :meth:`LabHarness.scope` checks that what the
   test made is gone: connections in every daemon's monitor, interfaces in endpoints' pods,
   per-connection links and policy routing on the nodes, processes in its pods, namespace file
-  descriptors, daemons that stopped.
+  descriptors, stopped daemons.
 - Monitor snapshots: :func:`monitor_snapshot` (the ``INITIAL_STATE_TRANSFER`` of
   ``MonitorConnections``) over :class:`Channels` (one cached channel per URL).
 - Daemon logs: :class:`LogMarks` (what each log got since a mark), :func:`failure_logs` (the
-  sections a test report gets when a test fails).
+  sections a failed test's report gets).
 
-Nothing here depends on pytest; ``tests/conftest.py`` makes fixtures and the report hook of it.
-Traffic (pings, scapy, TCP) is :mod:`nsm.lab.traffic`.
+Nothing here depends on pytest: ``tests/conftest.py`` makes the fixtures and the report hook of
+it. Traffic (pings, scapy, TCP) is :mod:`nsm.lab.traffic`.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ import pytest_asyncio
 
 from nsm.api.connection_pb2 import Connection
 from nsm.client.sdk import Client
-from nsm.lab import Daemon, NodeSpec, Topology
-from nsm.lab.harness import LabHarness, Nse
+from nsm.lab import Daemon, Lab, NodeSpec, Topology
+from nsm.lab.harness import CliResult, LabHarness, Nse
 
 #: The main endpoint's service and address pool (first pair: .1 endpoint, .2 client).
 SERVICE = "e2e-ip"
@@ -49,9 +49,10 @@ class Mesh(LabHarness):
     cidr = CIDR
     first_pair = FIRST_PAIR
 
-    def __init__(self, lab: Any) -> None:
+    def __init__(self, lab: Lab) -> None:
         super().__init__(lab)
         node = lab.node(NODE)
+        assert lab.workdir is not None
         self.work = lab.workdir
         self.registry_url = lab.registry_url
         self.manager_url = node.manager_url
@@ -102,7 +103,7 @@ class Mesh(LabHarness):
                                        wait=wait)
 
     async def run_cli_python(self, *args: str, env: Mapping[str, str] | None = None,
-                             timeout: float = 30.0) -> Any:
+                             timeout: float = 30.0) -> CliResult:
         """Run ``python ARGS`` to completion."""
         return await self.run_python(*args, env=env, timeout=timeout)
 
