@@ -24,7 +24,10 @@ What gets built (``P`` is the prefix, names are predictable):
 
 Nothing is created in the root namespace: veth ends are created directly in their namespaces.
 The daemons reach each other over the fabric (``tcp://`` URLs); the test process and the CLI,
-which live in the root namespace, use the unix sockets (the filesystem is shared).
+which live in the root namespace, use the unix sockets (the filesystem is shared). Daemons run
+the ``nsm`` package the lab was started from (it comes first on their ``PYTHONPATH``), with this
+process's environment less its ``NSM_*`` variables; :meth:`Lab.add_daemon` starts more of them
+in a node's namespace (a test's extra endpoint, say), stopped with the lab.
 
 Teardown always runs (failure midway, Ctrl-C, cancellation): daemons get SIGTERM then SIGKILL,
 any other process left inside the lab's namespaces is ended by pid, then the pod, node and fabric
