@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nse": ("nsm.endpoint.main", "run a network service endpoint"),
     "nsc": ("nsm.client.main", "request a network service for a namespace"),
     "demo": ("nsm.lab.demo", "build a throwaway mesh in namespaces and show it working"),
-    "lab": ("nsm.lab", "an emulated cluster of nodes in namespaces: lab up|down|status"),
+    "lab": ("nsm.lab.cli", "an emulated cluster of nodes in namespaces: lab up|down|status"),
 }
 
 

@@ -1,40 +1,41 @@
-"""Suite-wide: a name prefix unique to this test run (and xdist worker), and a hard check at the
-end of the session that nothing carrying it is left behind.
+"""Suite-wide fixtures on the one harness (:mod:`nsm.lab.harness`): a name prefix unique to this
+test run (and xdist worker) and a hard check at the end of the session that nothing carrying it
+is left behind; waiting and leak-check fixtures; the daemons' logs in a failed test's report.
 
 Tests that create network namespaces, temporary directories or processes put
-:func:`nsm_run_prefix` in their names (namespace names, socket paths, daemon names), so
-the check below finds exactly what *this* run made — never another run's or another worker's.
-At session end, a named namespace whose name starts with the prefix, or a live process whose
-command line contains it, fails the session with the list (then it is removed, so one broken
-run does not leave the machine dirty for the next).
+:func:`nsm_run_prefix` in their names (namespace names, socket paths, daemon names) — or, for
+labs, whose prefixes allow no ``-``, :func:`lab_prefix_base` — so the check below finds exactly
+what *this* run made, never another run's or another worker's. At session end, a named namespace
+whose name starts with either, a live process whose command line contains either, or a link of
+the mesh's kinds that appeared in the root namespace fails the session with the list (then
+namespaces and processes are removed, so one broken run does not leave the machine dirty for
+the next).
+
+When a test fails, each fixture value that runs daemons (a :class:`~nsm.lab.harness.LabHarness`
+such as the e2e ``mesh`` or the multi-node ``cluster``, or a :class:`~nsm.lab.Lab`) adds its
+daemons' logs to the report (:func:`nsm.lab.harness.failure_logs`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import secrets
-import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
 
-from nsm.api import connection_pb2_grpc
-from nsm.api.connection_pb2 import (
-    DOWN,
-    INITIAL_STATE_TRANSFER,
-    UPDATE,
-    Connection,
-    MonitorScopeSelector,
-    PathSegment,
-)
-from nsm.kernel import netns as nsns
+from nsm.api.connection_pb2 import MonitorScopeSelector, PathSegment
+from nsm.lab import harness
 
 #: ``nsmt-<worker>-<random>``: short (it goes into unix socket paths, 107 bytes at most).
 RUN_PREFIX = f"nsmt-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{secrets.token_hex(3)}"
+#: The run prefix as a lab prefix (``[A-Za-z0-9_]``).
+LAB_PREFIX = RUN_PREFIX.replace("-", "_")
+#: Lines of each daemon's log attached to a failed test's report.
+LOG_LINES = 200
 
 
 @pytest.fixture(scope="session")
@@ -43,93 +44,70 @@ def nsm_run_prefix() -> str:
     return RUN_PREFIX
 
 
-def leftovers(prefix: str) -> tuple[list[str], list[tuple[int, str]]]:
-    """Named namespaces starting with ``prefix`` and live processes whose command line contains it."""
-    namespaces = [n for n in nsns.list_netns() if n.startswith(prefix)]
-    procs: list[tuple[int, str]] = []
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                raw = f.read()
-        except OSError:  # exited meanwhile
-            continue
-        cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip()
-        if prefix in cmd:  # a zombie has an empty cmdline: only live processes count
-            procs.append((int(entry.name), cmd))
-    return namespaces, procs
-
-
-def _remove(namespaces: list[str], procs: list[tuple[int, str]]) -> None:
-    for pid, _ in procs:  # ours: their command lines carry this run's unique prefix
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    for name in namespaces:
-        with contextlib.suppress(Exception):
-            nsns.delete_netns(name)
+@pytest.fixture(scope="session")
+def lab_prefix_base() -> str:
+    """The run prefix as a lab prefix (``[A-Za-z0-9_]``); labs add ``_<tag>`` to it."""
+    return LAB_PREFIX
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_behind() -> Iterator[None]:
-    """Session end: fail hard if a namespace or process of this run's prefix remains."""
+    """Session end: fail hard if a namespace or process of this run's prefixes remains, or a
+    link of the mesh's kinds appeared in the root namespace."""
+    links = harness.root_links()
     yield
     deadline = time.monotonic() + 3.0  # let processes being stopped finish exiting
     while True:
-        namespaces, procs = leftovers(RUN_PREFIX)
-        if (not namespaces and not procs) or time.monotonic() > deadline:
+        found = harness.find_leftovers((RUN_PREFIX, LAB_PREFIX), links_before=links)
+        if not found or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    if namespaces or procs:
-        _remove(namespaces, procs)
-        lines = [f"test run {RUN_PREFIX!r} left things behind (now removed):"]
-        lines += [f"  network namespace {n}" for n in namespaces]
-        lines += [f"  process {pid}: {cmd[:200]}" for pid, cmd in procs]
-        pytest.fail("\n".join(lines), pytrace=False)
-
-
-class MonitorWatch:
-    """One ``MonitorConnections`` stream of a daemon, read event by event (tests of monitoring).
-    Each event must carry exactly one connection."""
-
-    def __init__(self, channel: grpc.aio.Channel, selector: MonitorScopeSelector) -> None:
-        self.call = connection_pb2_grpc.MonitorConnectionStub(channel).MonitorConnections(selector)
-
-    async def initial(self, timeout: float = 5.0) -> dict[str, Connection]:
-        event = await asyncio.wait_for(self.call.read(), timeout)
-        assert event is not grpc.aio.EOF and event.type == INITIAL_STATE_TRANSFER, event
-        return dict(event.connections)
-
-    async def next(self, timeout: float) -> tuple[int, Connection]:
-        event = await asyncio.wait_for(self.call.read(), timeout)
-        assert event is not grpc.aio.EOF and len(event.connections) == 1, event
-        (conn,) = event.connections.values()
-        return event.type, conn
-
-    async def until(self, kind: int, state: int | None, timeout: float) -> Connection:
-        """The next event of ``kind`` (and ``state``), skipping refreshes' UPDATEs before it;
-        a DOWN or any other event before it fails."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got, conn = await self.next(max(0.01, deadline - time.monotonic()))
-            if got == kind and (state is None or conn.state == state):
-                return conn
-            assert got == UPDATE and conn.state != DOWN, (got, conn)
+    if found:
+        found.remove()
+        pytest.fail("\n".join([f"test run {RUN_PREFIX!r} left things behind (now removed):",
+                               *found.lines()]), pytrace=False)
 
 
 @pytest.fixture
-def monitor_watch() -> Iterator[Callable[..., MonitorWatch]]:
-    """``monitor_watch(channel, segment_id=..., services=[...])``: a :class:`MonitorWatch` with
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """The test leaves no asyncio task of its own behind."""
+    async with harness.no_leaked_tasks():
+        yield
+
+
+@pytest.fixture
+def eventually() -> harness.Eventually:
+    """``await eventually(check, timeout=..., what=...)``: :func:`nsm.lab.harness.eventually`
+    (also importable; a fixture for the tests that take it as one)."""
+    return harness.eventually
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed:
+        seen: set[int] = set()
+        for name, value in getattr(item, "funcargs", {}).items():
+            if id(value) in seen:  # e.g. a per-test fixture handing out the session's object
+                continue
+            seen.add(id(value))
+            for log, text in harness.failure_logs(value, LOG_LINES):
+                report.sections.append((f"{name}: daemon log {log} ({report.when})", text))
+    return report
+
+
+@pytest.fixture
+def monitor_watch() -> Iterator[Callable[..., harness.MonitorWatch]]:
+    """``monitor_watch(channel, segment_id=..., services=[...])``: a :class:`harness.MonitorWatch` with
     that selector, cancelled at the end of the test."""
-    watches: list[MonitorWatch] = []
+    watches: list[harness.MonitorWatch] = []
 
     def open_watch(channel: grpc.aio.Channel, *, segment_id: str = "",
-                   services: Sequence[str] = ()) -> MonitorWatch:
+                   services: Sequence[str] = ()) -> harness.MonitorWatch:
         selector = MonitorScopeSelector(network_services=list(services))
         if segment_id:
             selector.path_segments.append(PathSegment(id=segment_id))
-        watch = MonitorWatch(channel, selector)
+        watch = harness.MonitorWatch(channel, selector)
         watches.append(watch)
         return watch
 

@@ -1,6 +1,6 @@
 """Named network namespaces without the ``ip`` command and without forking.
 
-For tests, the demo and the lab (emulated nodes and pods); the forwarder only uses the small
+For the lab (emulated nodes and pods), the demo and the tests; the forwarder only uses the small
 primitives :func:`open_netns` and :func:`entered_netns` (through :mod:`nsm.kernel.netlink`).
 Costs here: create 0.7 ms, delete 0.05 ms (the kernel destroys the namespace in the background),
 ``run_in_netns`` 0.5 ms (a fresh thread).
@@ -354,33 +354,6 @@ def run_in_netns(path: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
         return fn(*args, **kwargs)
 
     return _run_in_thread(call)
-
-
-class NetnsGroup:
-    """Namespaces made for one test, demo or lab run, all named ``<prefix>-<tag>``, removed
-    together by :meth:`cleanup` (also those made with a name from :meth:`name`)."""
-
-    def __init__(self, prefix: str) -> None:
-        netns_path(prefix)  # validates the characters
-        self.prefix = prefix
-        self.names: list[str] = []
-
-    def name(self, tag: str) -> str:
-        """A name in this group, for a namespace the caller creates itself."""
-        return f"{self.prefix}-{tag}"
-
-    def __call__(self, tag: str = "ns") -> str:
-        """Create ``<prefix>-<tag><n>`` and return its path."""
-        name = self.name(f"{tag}{len(self.names)}")
-        self.names.append(name)
-        return create_netns(name)
-
-    def leftovers(self) -> list[str]:
-        return [n for n in list_netns() if n.startswith(self.prefix + "-")]
-
-    def cleanup(self) -> None:
-        for name in self.leftovers():
-            delete_netns(name)
 
 
 async def arun_in_netns(path: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

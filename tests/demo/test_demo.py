@@ -10,25 +10,16 @@ import time
 
 import pytest
 
-from nsm.kernel import netns as nsns
+from nsm.lab.harness import find_leftovers
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, links)")]
 
 
 def leftovers(pid: int) -> tuple[list[str], list[int]]:
-    tag = f"nsmdemo{pid}"
-    namespaces = [n for n in nsns.list_netns() if n.startswith(tag + "-")]
-    procs = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if tag.encode() in f.read():
-                        procs.append(int(entry))
-            except OSError:
-                pass
-    return namespaces, procs
+    """The namespaces and processes of the demo run by ``pid`` (all named ``nsmdemo<pid>-...``)."""
+    found = find_leftovers([f"nsmdemo{pid}-"])
+    return found.namespaces, [p for p, _ in found.processes]
 
 
 def wait_clean(pid: int, timeout: float = 10.0) -> tuple[list[str], list[int]]:

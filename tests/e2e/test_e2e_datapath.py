@@ -5,10 +5,6 @@ released, and refreshes that change nothing in the kernel."""
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import socket
-import threading
 import time
 from typing import Any
 
@@ -17,83 +13,14 @@ import pytest
 from nsm.api import connection_pb2_grpc
 from nsm.api.connection_pb2 import DELETE, INITIAL_STATE_TRANSFER, UPDATE, Connection, MonitorScopeSelector
 from nsm.kernel.netns import run_in_netns
+from nsm.lab.traffic import icmp_echo as scapy_echo
+from nsm.lab.traffic import tcp_exchange
 
 pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="session")]
 
 
 def ip_of(cidr: str) -> str:
     return cidr.split("/")[0]
-
-
-def scapy_echo(src: str, dst: str, ident: int, payload: bytes) -> dict[str, Any] | None:
-    """An ICMP echo with scapy's ``sr1`` from the calling thread's namespace (run in a thread
-    that setns'd into the pod: scapy then sees that namespace's interfaces and routes)."""
-    logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
-    from scapy.all import ICMP, IP, Raw, conf, sr1
-
-    conf.ifaces.reload()
-    conf.route.resync()
-    iface = conf.route.route(dst)[0]
-    # The mesh's routes are on-link /32s without a preferred source, which scapy shows as
-    # 0.0.0.0: the source is given explicitly.
-    answer = sr1(IP(src=src, dst=dst) / ICMP(id=ident, seq=1) / Raw(payload), iface=iface,
-                 timeout=3, verbose=0)
-    if answer is None:
-        return None
-    return {"src": answer[IP].src, "dst": answer[IP].dst, "type": answer[ICMP].type,
-            "id": answer[ICMP].id, "payload": bytes(answer[Raw].load) if Raw in answer else b"",
-            "iface": iface}
-
-
-def family_of(addr: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in addr else socket.AF_INET
-
-
-def listening_socket(addr: str) -> socket.socket:
-    """A TCP server socket on ``addr`` (created in the calling thread's namespace)."""
-    srv = socket.create_server((addr, 0), family=family_of(addr))
-    srv.settimeout(10)
-    return srv
-
-
-def echo_once(srv: socket.socket, done: threading.Event, errors: list[BaseException]) -> None:
-    try:
-        conn, _ = srv.accept()
-        with conn:
-            conn.settimeout(10)
-            while data := conn.recv(65536):
-                conn.sendall(data)
-    except BaseException as exc:  # reported by the test
-        errors.append(exc)
-    finally:
-        done.set()
-
-
-def tcp_exchange(client_ns: str, server_ns: str, server_addr: str, size: int) -> bytes:
-    """Echo ``size`` bytes from a socket in ``client_ns`` off a server in ``server_ns``."""
-    srv = run_in_netns(server_ns, listening_socket, server_addr)
-    done, errors = threading.Event(), []
-    port = srv.getsockname()[1]
-    thread = threading.Thread(target=echo_once, args=(srv, done, errors), daemon=True)
-    thread.start()
-    try:
-        cli = run_in_netns(client_ns, socket.socket, family_of(server_addr), socket.SOCK_STREAM)
-        with cli:
-            cli.settimeout(10)
-            cli.connect((server_addr, port))
-            payload = os.urandom(size)
-            cli.sendall(payload)
-            cli.shutdown(socket.SHUT_WR)
-            received = b""
-            while chunk := cli.recv(65536):
-                received += chunk
-        assert done.wait(10), "echo server did not finish"
-        assert not errors, errors
-        assert received == payload, f"echoed {len(received)} of {size} bytes, content differs"
-        return received
-    finally:
-        srv.close()
-        thread.join(5)
 
 
 @pytest.mark.timeout(60)

@@ -62,10 +62,13 @@ async def test_endpoint_on_a_tcp_url_on_its_node_gets_a_kernel_link(mesh) -> Non
     url = f"tcp://127.0.0.1:{_free_port()}"
     nse_ns = await mesh.netns("tcpnse")
     name = mesh.name("tcpnse")
+    # Registered (and dialed by the forwarder, in the node's namespace) at its tcp URL; the
+    # unix one is only for the test to see it serving from outside the node.
+    sock = mesh.sock("tcpnse")
     await mesh.start_daemon("tcpnse", [
         "nse", "--name", name, "--service", service, "--cidr", "10.97.0.0/24", "--netns", nse_ns,
-        "--listen", url, "--registry", mesh.registry_url, "--node", "node1", "--expiry", "30s"],
-        url=url)
+        "--listen", sock, "--listen", url, "--advertise", url, "--registry", mesh.registry_url,
+        "--node", "node1", "--expiry", "30s"], url=sock)
     await mesh.wait_registered(name)
     pod = await mesh.netns("tcpnsc")
     client = mesh.client(pod, service=service, ifname="nsm-tcp")

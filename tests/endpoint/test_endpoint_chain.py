@@ -8,7 +8,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -30,6 +30,8 @@ from nsm.elements.updatepath import ts
 from nsm.endpoint.endpoint import Endpoint
 from nsm.endpoint.kernel import ifname_for
 from nsm.errors import InvalidArgument, NotFound, Unavailable
+from nsm.lab import harness
+from nsm.lab.harness import eventually
 from nsm.mechanisms import NAME, NETNS_INODE_URL, REMOTE, VXLAN, kernel
 from nsm.registry.client import RegistryClient
 from nsm.registry.main import RegistryDaemon
@@ -40,22 +42,8 @@ pytestmark = pytest.mark.timeout(30)
 
 @pytest.fixture(autouse=True)
 async def no_leaked_tasks() -> AsyncIterator[None]:
-    before = asyncio.all_tasks()
-    yield
-    deadline = time.monotonic() + 2.0
-    while True:
-        leaked = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()}
-        if not leaked or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    assert not leaked, f"leaked tasks: {leaked}"
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+    async with harness.no_leaked_tasks():
+        yield
 
 
 def forwarder_request(service: str = "blue", *, expires_in: float = 60.0,

@@ -15,21 +15,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from nsm.kernel import netns as nsmod
 from nsm.kernel.netlink import Netlink
+from nsm.lab.harness import NetnsGroup
 
 IS_ROOT = os.geteuid() == 0
 NOT_ROOT_REASON = "needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) for network namespaces"
 
 
 @pytest.fixture
-def netns_factory(nsm_run_prefix: str) -> Iterator[nsmod.NetnsGroup]:
+def netns_factory(nsm_run_prefix: str) -> Iterator[NetnsGroup]:
     """``netns_factory(tag)`` makes a namespace and returns its path; all are deleted at
     teardown, which then checks that none is left and the root namespace's links are as before."""
     if not IS_ROOT:
         pytest.skip(NOT_ROOT_REASON)
     root_links = {name for _, name in socket.if_nameindex()}
-    factory = nsmod.NetnsGroup(f"{nsm_run_prefix}-{secrets.token_hex(2)}")
+    factory = NetnsGroup(f"{nsm_run_prefix}-{secrets.token_hex(2)}")
     try:
         yield factory
     finally:
@@ -40,7 +40,7 @@ def netns_factory(nsm_run_prefix: str) -> Iterator[nsmod.NetnsGroup]:
 
 
 @pytest.fixture
-async def netlink(netns_factory: nsmod.NetnsGroup) -> AsyncIterator[Netlink]:
+async def netlink(netns_factory: NetnsGroup) -> AsyncIterator[Netlink]:
     """A Netlink closed at teardown (before the namespaces are deleted)."""
     nl = Netlink(prune_interval=0.2)
     try:

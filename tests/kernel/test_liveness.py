@@ -17,9 +17,10 @@ from nsm.errors import FailedPrecondition, InvalidArgument
 from nsm.kernel import netns as nsmod
 from nsm.kernel.liveness import Liveness, LivenessResult, LivenessTarget, destinations, target_of
 from nsm.kernel.netlink import Netlink
+from nsm.lab.harness import NetnsGroup
 from nsm.mechanisms import kernel as kernel_mechanism
 
-NetnsFactory = nsmod.NetnsGroup
+NetnsFactory = NetnsGroup
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")

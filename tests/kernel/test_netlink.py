@@ -26,8 +26,9 @@ from nsm.errors import (
 from nsm.kernel import netlink as nlmod
 from nsm.kernel import netns as nsmod
 from nsm.kernel.netlink import LinkInfo, Netlink
+from nsm.lab.harness import NetnsGroup
 
-NetnsFactory = nsmod.NetnsGroup
+NetnsFactory = NetnsGroup
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")

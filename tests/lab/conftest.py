@@ -1,18 +1,16 @@
-"""Fixtures for the emulated-cluster tests: lab prefixes unique to each test, cleanup of labs left
-by a test process that died, and the daemons' logs printed when a test fails."""
+"""Fixtures for the emulated-cluster tests: lab prefixes unique to each test and cleanup of labs
+left by a test process that died. (A failed test's report gets the logs of a lab it used, and
+``no_leaked_tasks`` come from the root conftest.)"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,13 +21,6 @@ from nsm.lab import Lab, Topology, cleanup
 #: may go on at the same time on this machine (with the same xdist worker names): a sweep only
 #: touches labs whose process is gone.
 _PREFIX = re.compile(r"^(lt(\d+)x[0-9a-f]{6})-")
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()  # type: ignore[attr-defined]
-    setattr(item, f"rep_{report.when}", report)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,27 +64,7 @@ def short_tmp(prefix: str) -> Iterator[Path]:
 
 
 @pytest.fixture
-async def lab2(prefix: str, request: pytest.FixtureRequest) -> AsyncIterator[Lab]:
-    """A running two-node lab (``Topology.simple(2)``); its daemons' logs are printed if the test
-    fails (before it is torn down)."""
+async def lab2(prefix: str) -> AsyncIterator[Lab]:
+    """A running two-node lab (``Topology.simple(2)``)."""
     async with Lab(Topology.simple(2), prefix=prefix, print_logs_on_error=False) as lab:
         yield lab
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(f"===== logs of lab {lab.prefix} =====\n{lab.format_logs()}")
-
-
-@pytest.fixture
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    """The test leaves no asyncio task of its own behind."""
-    before = asyncio.all_tasks()
-    yield
-    deadline = time.monotonic() + 2.0
-    leaked: set[asyncio.Task[Any]] = set()
-    while time.monotonic() < deadline:
-        leaked = {t for t in asyncio.all_tasks() - before
-                  if t is not asyncio.current_task() and not t.done()}
-        if not leaked:
-            break
-        await asyncio.sleep(0.02)
-    assert not leaked, f"leaked tasks: {leaked}"

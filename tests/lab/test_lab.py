@@ -38,7 +38,7 @@ from nsm.lab import (
     pids_in_netns,
     read_state,
 )
-from nsm.lab.processes import wait_serving
+from nsm.lab.processes import pids_naming, wait_serving
 from nsm.registry.client import RegistryClient
 from nsm.transport import dial
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
@@ -52,7 +52,7 @@ def kernel(fn: F) -> F:
         pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")(fn))
 
 _HEALTH = ("import asyncio, sys\n"
-           "from nsm.lab.processes import wait_serving\n"
+           "from nsm.lab.processes import pids_naming, wait_serving\n"
            "asyncio.run(wait_serving(sys.argv[1], timeout=5))\n")
 
 
@@ -68,18 +68,7 @@ async def health_from(netns: str, url: str) -> tuple[int, str]:
 
 def lab_processes(marker: str) -> list[int]:
     """Live processes whose command line mentions ``marker`` (a lab's work dir or prefix)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline and is_alive(int(entry)):
-            found.append(int(entry))
-    return found
+    return [pid for pid, _ in pids_naming(marker)]
 
 
 def assert_gone(lab: Lab, workdir: Path) -> None:

@@ -6,9 +6,7 @@ comes in as a fixture.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from nsm.lab import harness
 from nsm.registry.client import RegistryClient
 from nsm.registry.main import RegistryDaemon
 from nsm.registry.memory import MemoryStore
@@ -50,18 +49,8 @@ StartRegistry = Callable[..., Awaitable[Harness]]
 @pytest.fixture(autouse=True)
 async def no_leaked_tasks() -> AsyncIterator[None]:
     """Every test leaves no asyncio task of its own behind."""
-    before = asyncio.all_tasks()
-    yield
-    deadline = time.monotonic() + 2.0
-    while True:
-        leaked = {
-            t for t in asyncio.all_tasks() - before
-            if t is not asyncio.current_task() and not t.done()
-        }
-        if not leaked or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    assert not leaked, f"leaked tasks: {leaked}"
+    async with harness.no_leaked_tasks():
+        yield
 
 
 @pytest.fixture
@@ -90,21 +79,5 @@ async def reg(start_registry: StartRegistry) -> Harness:
     return await start_registry()
 
 
-async def _eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-Eventually = Callable[..., Awaitable[None]]
-
-
-@pytest.fixture
-def eventually() -> Eventually:
-    """``await eventually(check, timeout=3.0)`` waits until ``check()`` is true.
-
-    (A fixture rather than an importable helper, so the tests work whatever import mode and
-    root conftest the suite uses.)"""
-    return _eventually
+#: The root conftest's ``eventually`` fixture (:func:`nsm.lab.harness.eventually`).
+Eventually = harness.Eventually
