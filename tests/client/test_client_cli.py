@@ -22,6 +22,9 @@ from nsm.transport import Server
 pytestmark = pytest.mark.timeout(30)
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Against a fake manager no interface is ever built in this (the test's) namespace: no data-plane
+#: check (tests/client/test_client_heal.py has those, in namespaces of their own).
+LIVENESS_OFF = ("--no-liveness",)
 
 
 class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
@@ -71,7 +74,7 @@ async def spawn(*args: str) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NSM_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nsm.client.main", *args, cwd=ROOT, env=env,
+        sys.executable, "-m", "nsm.client.main", *args, *LIVENESS_OFF, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
