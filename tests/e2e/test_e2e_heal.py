@@ -1,0 +1,442 @@
+"""The client heals, with real daemons and traffic: a steady ICMP stream from the client pod
+(50 echoes a second) counts what is lost while a fault is healed, and each test prints the time
+from the fault to traffic restored.
+
+Faults: the endpoint's pod gone (its process killed, its namespace deleted) with another endpoint
+for the service (reselected) and without one (DOWN, retried until an endpoint appears); the
+endpoint's process killed with its namespace kept (reselected once the hops report the path
+DOWN); ``nsm-1`` set down in the client pod (the data-plane check finds it, a reselect rebuilds
+the link); the manager killed and restarted (re-requested, never reselected: nothing lost, same
+interface); ``nsm nsc`` killed and restarted with the same name (it adopts its connection: the
+same interface, nothing lost)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from nsm.api import connection_pb2_grpc
+from nsm.api.connection_pb2 import DOWN, Connection, ConnectionEvent, MonitorScopeSelector
+from nsm.client.notify import State, StateChange
+from nsm.kernel import netns as nsns
+from nsm.kernel.netns import run_in_netns
+
+pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="session")]
+
+RATE = 50.0
+
+
+def dst_of(conn: Connection) -> str:
+    return conn.context.ip_context.dst_ip_addrs[0].split("/")[0]
+
+
+@dataclass
+class Echo:
+    seq: int
+    sent: float
+    dst: str
+    answered: float | None = None
+
+
+@dataclass
+class Traffic:
+    """ICMP echoes at ``RATE``/s from inside ``netns`` to ``dst`` (which the test may change
+    when the connection moves), each reply matched by sequence number, in a thread."""
+
+    netns: str
+    dst: str
+    echoes: list[Echo] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Traffic:
+        self._thread = threading.Thread(target=run_in_netns, args=(self.netns, self._run), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    @staticmethod
+    def _packet(ident: int, seq: int) -> bytes:
+        body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"nsm-heal-traffic"
+        total = sum(struct.unpack(f"!{len(body) // 2}H", body))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+
+    def _run(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        sock.setblocking(False)
+        ident = (os.getpid() ^ id(self)) & 0xFFFF
+        by_seq: dict[int, Echo] = {}
+        next_at = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_at:
+                    echo = Echo(len(self.echoes) + 1, now, self.dst)
+                    self.echoes.append(echo)
+                    by_seq[echo.seq & 0xFFFF] = echo
+                    try:
+                        sock.sendto(self._packet(ident, echo.seq & 0xFFFF), (echo.dst, 0))
+                    except OSError as exc:
+                        self.errors.append(exc.strerror or str(exc))
+                    next_at += 1 / RATE
+                ready, _, _ = select.select([sock], [], [], max(0.0, next_at - time.monotonic()))
+                while ready:
+                    try:
+                        data, addr = sock.recvfrom(2048)
+                    except BlockingIOError:
+                        break
+                    ihl = (data[0] & 0x0F) * 4
+                    kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+                    hit = by_seq.get(rseq)
+                    if kind == 0 and rid == ident and hit is not None and addr[0] == hit.dst:
+                        hit.answered = hit.answered or time.monotonic()
+        finally:
+            sock.close()
+
+    # -- what it saw ------------------------------------------------------------------------
+
+    def lost(self, until: float | None = None) -> int:
+        """Echoes sent (up to 1 s before ``until``/now) that got no reply."""
+        end = (until or time.monotonic()) - 1.0
+        return sum(1 for e in self.echoes if e.sent <= end and e.answered is None)
+
+    def first_reply_after(self, t: float, dst: str | None = None) -> float | None:
+        times = [e.answered for e in self.echoes
+                 if e.answered is not None and e.sent >= t and (dst is None or e.dst == dst)]
+        return min(times) if times else None
+
+    def restored_after(self, t: float) -> float | None:
+        """When the first reply came after the first echo sent since ``t`` that got none."""
+        lost = next((e.sent for e in self.echoes if e.sent >= t and e.answered is None), None)
+        return None if lost is None else self.first_reply_after(lost)
+
+    def longest_gap(self, since: float) -> float:
+        """The longest time between two replies (by send time) to echoes sent since ``since``."""
+        sent = [e.sent for e in self.echoes if e.sent >= since and e.answered is not None]
+        return max((b - a for a, b in itertools.pairwise(sent)), default=0.0)
+
+    def replies_since(self, t: float) -> int:
+        return sum(1 for e in self.echoes if e.sent >= t and e.answered is not None)
+
+
+async def traffic_through(mesh, netns: str, conn: Connection) -> Traffic:  # type: ignore[no-untyped-def]
+    """A running :class:`Traffic` (stopped at the end of the test), once replies come."""
+    traffic = Traffic(netns, dst_of(conn)).start()
+    mesh.stack.callback(traffic.stop)
+    started = time.monotonic()
+    await mesh.eventually(lambda: _true(traffic.replies_since(started) >= 10), timeout=10,
+                          what="traffic flows before the fault")
+    return traffic
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def follow(traffic_box: list[Traffic], changes: list[StateChange]) -> Callable[[StateChange], None]:
+    """An on_change callback: record the change and aim the traffic at the connection's
+    (possibly new) endpoint address."""
+
+    def on_change(change: StateChange) -> None:
+        changes.append(change)
+        if change.connection is not None and change.state in (State.HEALED, State.REFRESHED) and traffic_box:
+            traffic_box[0].dst = dst_of(change.connection)
+
+    return on_change
+
+
+async def report(what: str, fault_at: float, restored: float | None, traffic: Traffic) -> float:
+    """Print the heal time and what was lost (once the last echoes had their chance)."""
+    assert restored is not None, f"{what}: traffic not restored"
+    took = restored - fault_at
+    await asyncio.sleep(1.2)
+    print(f"\nHEAL {what}: traffic through the new path {took * 1000:.0f} ms after the fault; "
+          f"{traffic.lost()} of {len(traffic.echoes)} echoes lost at {RATE:.0f}/s, longest gap "
+          f"{traffic.longest_gap(fault_at - 1) * 1000:.0f} ms")
+    return took
+
+
+async def index_of(mesh, netns: str, name: str = "nsm-1") -> int | None:  # type: ignore[no-untyped-def]
+    return await mesh.netlink.index(netns, name)
+
+
+async def watch_manager_for_down(mesh, conn_id: str, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the manager's monitor shows this client's connection DOWN within ``timeout``."""
+    stub = connection_pb2_grpc.MonitorConnectionStub(mesh.channel(mesh.manager_url))
+    call = stub.MonitorConnections(MonitorScopeSelector(), timeout=timeout)
+    try:
+        while True:
+            event = await call.read()
+            if event is grpc.aio.EOF:
+                return False
+            assert isinstance(event, ConnectionEvent)
+            for conn in event.connections.values():
+                segs = conn.path.path_segments
+                if segs and segs[0].id == conn_id and conn.state == DOWN:
+                    return True
+    except grpc.aio.AioRpcError:
+        return False
+    finally:
+        call.cancel()
+
+
+# -- the endpoint goes away -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_endpoint_pod_gone_reselects_onto_the_other_endpoint(mesh) -> None:
+    service = "e2e-heal-two"
+    a = await mesh.start_nse("hla", services=[service], cidr="10.61.1.0/24", expiry=60)
+    b = await mesh.start_nse("hlb", services=[service], cidr="10.61.2.0/24", expiry=60)
+    nses = {a.name: a, b.name: b}
+    ns = await mesh.netns()
+    box: list[Traffic] = []
+    changes: list[StateChange] = []
+    client = mesh.client(ns, service=service, on_change=follow(box, changes))
+    conn = await client.request()
+    victim = nses[conn.network_service_endpoint_name]
+    other = b if victim is a else a
+    traffic = await traffic_through(mesh, ns, conn)
+    box.append(traffic)
+
+    fault_at = time.monotonic()
+    await victim.daemon.kill()
+    nsns.delete_netns(os.path.basename(victim.netns))  # the pod is gone, and its veth end with it
+    await mesh.eventually(lambda: _true(State.HEALED in [c.state for c in changes]), timeout=15,
+                          what="healed onto the other endpoint")
+    healed = client.connection
+    assert healed is not None and healed.network_service_endpoint_name == other.name
+    await mesh.eventually(lambda: _true(traffic.first_reply_after(fault_at, dst_of(healed)) is not None),
+                          timeout=5, what="replies through the other endpoint")
+    took = await report("endpoint pod gone, another endpoint", fault_at,
+                  traffic.first_reply_after(fault_at, dst_of(healed)), traffic)
+    assert took < 5.0
+    down = next(c for c in changes if c.state is State.DOWN)
+    assert "data plane" in down.reason and "reselecting" in down.reason, down.reason
+    assert await mesh.link_names(ns) == ["nsm-1"]
+    assert len(await mesh.link_names(other.netns)) == 1
+    await client.close(raise_errors=True)
+    assert await mesh.link_names(ns) == [] and await mesh.link_names(other.netns) == []
+
+
+@pytest.mark.timeout(90)
+async def test_endpoint_process_killed_reselects_onto_the_other_endpoint(mesh) -> None:
+    """Only the process dies: its namespace (and the veth end in it) stays and still answers
+    pings, so only the control plane can tell — the hops report the path DOWN, the same path
+    cannot be requested again, and the client reselects."""
+    service = "e2e-heal-kill"
+    a = await mesh.start_nse("hka", services=[service], cidr="10.62.1.0/24", expiry=60)
+    b = await mesh.start_nse("hkb", services=[service], cidr="10.62.2.0/24", expiry=60)
+    nses = {a.name: a, b.name: b}
+    ns = await mesh.netns()
+    box: list[Traffic] = []
+    changes: list[StateChange] = []
+    client = mesh.client(ns, service=service, on_change=follow(box, changes))
+    conn = await client.request()
+    victim = nses[conn.network_service_endpoint_name]
+    other = b if victim is a else a
+    traffic = await traffic_through(mesh, ns, conn)
+    box.append(traffic)
+
+    watching = asyncio.create_task(watch_manager_for_down(mesh, client.conn_id, 3.0))
+    await asyncio.sleep(0.2)
+    fault_at = time.monotonic()
+    await victim.daemon.kill()
+    if not await watching and State.DOWN not in [c.state for c in changes]:
+        pytest.skip("the hops do not report a connection DOWN when its endpoint dies "
+                    "(issue 7 item 1: monitoring on every hop)")
+    await mesh.eventually(lambda: _true(State.HEALED in [c.state for c in changes]), timeout=15,
+                          what="healed onto the other endpoint")
+    healed = client.connection
+    assert healed is not None and healed.network_service_endpoint_name == other.name
+    await mesh.eventually(lambda: _true(traffic.first_reply_after(fault_at, dst_of(healed)) is not None),
+                          timeout=5, what="replies through the other endpoint")
+    took = await report("endpoint process killed, another endpoint", fault_at,
+                  traffic.first_reply_after(fault_at, dst_of(healed)), traffic)
+    assert took < 5.0
+    assert await mesh.link_names(ns) == ["nsm-1"]
+    assert await mesh.link_names(victim.netns) == []  # the old path was closed
+    await client.close(raise_errors=True)
+
+
+@pytest.mark.timeout(90)
+async def test_endpoint_gone_without_another_is_down_until_one_appears(mesh) -> None:
+    service = "e2e-heal-solo"
+    first = await mesh.start_nse("hso", services=[service], cidr="10.63.1.0/24", expiry=60)
+    ns = await mesh.netns()
+    box: list[Traffic] = []
+    changes: list[StateChange] = []
+    client = mesh.client(ns, service=service, on_change=follow(box, changes))
+    conn = await client.request()
+    traffic = await traffic_through(mesh, ns, conn)
+    box.append(traffic)
+
+    fault_at = time.monotonic()
+    await first.daemon.kill()
+    nsns.delete_netns(os.path.basename(first.netns))
+
+    def states() -> list[State]:
+        return [c.state for c in changes]
+
+    await mesh.eventually(lambda: _true(State.DOWN in states()), timeout=5, what="reported DOWN")
+    down_after = next(c for c in changes if c.state is State.DOWN)
+    await asyncio.sleep(2.0)  # no endpoint: it keeps trying
+    assert State.HEALED not in states()
+    failed = [c for c in changes if c.state is State.FAILED]
+    assert len(failed) >= 2, states()
+    assert client.connection is not None  # not given up
+
+    second = await mesh.start_nse("hsn", services=[service], cidr="10.63.2.0/24", expiry=60)
+    appeared_at = time.monotonic()  # registered (the manager learns of it by its registry watch)
+    await mesh.eventually(lambda: _true(State.HEALED in states()), timeout=15,
+                          what="healed onto the new endpoint")
+    healed = client.connection
+    assert healed is not None and healed.network_service_endpoint_name == second.name
+    await mesh.eventually(lambda: _true(traffic.first_reply_after(fault_at, dst_of(healed)) is not None),
+                          timeout=5, what="replies through the new endpoint")
+    restored = traffic.first_reply_after(fault_at, dst_of(healed))
+    assert restored is not None
+    print(f"\nHEAL endpoint gone, none other: DOWN reported with {down_after.reason!r}; "
+          f"{len(failed)} failed tries; traffic back {(restored - appeared_at) * 1000:.0f} ms after "
+          f"the new endpoint was registered")
+    assert await mesh.link_names(ns) == ["nsm-1"]
+    await client.close(raise_errors=True)
+
+
+# -- the client's interface -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_nsm1_set_down_in_the_pod_is_detected_and_healed(mesh) -> None:
+    service = "e2e-heal-down"
+    nse = await mesh.start_nse("hdn", services=[service], cidr="10.64.1.0/24", expiry=60)
+    ns = await mesh.netns()
+    box: list[Traffic] = []
+    changes: list[StateChange] = []
+    client = mesh.client(ns, service=service, on_change=follow(box, changes))
+    conn = await client.request()
+    traffic = await traffic_through(mesh, ns, conn)
+    box.append(traffic)
+
+    fault_at = time.monotonic()
+    await mesh.netlink.set_down(ns, "nsm-1")
+    await mesh.eventually(lambda: _true(State.HEALED in [c.state for c in changes]), timeout=10,
+                          what="healed")
+    await mesh.eventually(lambda: _true(traffic.restored_after(fault_at) is not None), timeout=5,
+                          what="replies again")
+    took = await report("nsm-1 set down in the client pod", fault_at, traffic.restored_after(fault_at),
+                        traffic)
+    assert took < 5.0
+    down = next(c for c in changes if c.state is State.DOWN)
+    assert "interface nsm-1 is down" in down.reason, down.reason
+    link = await mesh.netlink.link(ns, "nsm-1")
+    assert link is not None and await mesh.link_names(ns) == ["nsm-1"]
+    assert len(await mesh.link_names(nse.netns)) == 1
+    await client.close(raise_errors=True)
+
+
+# -- the manager restarts -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_manager_restart_re_requests_without_a_reselect_and_loses_nothing(mesh) -> None:
+    ns = await mesh.netns()
+    box: list[Traffic] = []
+    changes: list[StateChange] = []
+    client = mesh.client(ns, on_change=follow(box, changes))
+    conn = await client.request()
+    index = await index_of(mesh, ns)
+    traffic = await traffic_through(mesh, ns, conn)
+    box.append(traffic)
+
+    fault_at = time.monotonic()
+    await mesh.manager.kill()
+    await mesh.eventually(lambda: _true(State.DOWN in [c.state for c in changes]), timeout=5,
+                          what="the lost control plane reported")
+    await asyncio.sleep(1.0)
+    await mesh.manager.start()
+    back_at = time.monotonic()
+    await mesh.eventually(lambda: _true(State.HEALED in [c.state for c in changes]), timeout=20,
+                          what="re-requested once the manager is back")
+    healed_at = time.monotonic()
+    await asyncio.sleep(1.5)  # the last echoes have had their chance
+    lost = traffic.lost()
+    print(f"\nHEAL manager killed and restarted: re-requested {(healed_at - back_at) * 1000:.0f} ms "
+          f"after it was back ({(healed_at - fault_at):.1f} s after the kill), {lost} of "
+          f"{len(traffic.echoes)} echoes lost at {RATE:.0f}/s")
+    assert lost == 0
+    assert await index_of(mesh, ns) == index and await mesh.link_names(ns) == ["nsm-1"]
+    heals = [c for c in changes if c.state in (State.DOWN, State.HEALED)]
+    assert all("reselect" not in c.reason for c in heals), [c.reason for c in heals]
+    assert all("re-requesting the same path" in c.reason for c in heals), [c.reason for c in heals]
+    healed = client.connection
+    assert healed is not None and healed.network_service_endpoint_name == conn.network_service_endpoint_name
+    # The restarted manager knows the connection again, and Close still removes everything.
+    assert len(await mesh.connections(mesh.manager_url)) == 1
+    await client.close(raise_errors=True)
+    assert await mesh.link_names(ns) == []
+
+
+# -- nsm nsc restarts -------------------------------------------------------------------------
+
+
+async def _connected(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    if not line.startswith("connected "):
+        err = await asyncio.wait_for(proc.stderr.read(), 5) if proc.stderr is not None else b""
+        raise AssertionError(f"nsm nsc: {line!r} {err.decode()}")
+    return line
+
+
+@pytest.mark.timeout(90)
+async def test_restarted_nsc_adopts_its_live_connection(mesh) -> None:
+    ns = await mesh.netns()
+    name = mesh.name("nscr")
+    args = ("nsc", "--manager", mesh.manager_url, "--service", mesh.service, "--netns", ns,
+            "--name", name)
+    first = await mesh.spawn_cli(*args)
+    line = await _connected(first)
+    assert f"id={name}-0 " in line, line
+    index = await index_of(mesh, ns)
+    conn = next(iter((await mesh.connections(mesh.manager_url)).values()))
+    traffic = await traffic_through(mesh, ns, conn)
+
+    os.killpg(first.pid, signal.SIGKILL)  # no Close: the connection lives on in every hop
+    await first.wait()
+    killed_at = time.monotonic()
+    second = await mesh.spawn_cli(*args)
+    again = await _connected(second)
+    print(f"\nADOPT nsm nsc restarted: connected again {(time.monotonic() - killed_at) * 1000:.0f} ms "
+          f"after the kill")
+    assert again.split()[1:] == line.split()[1:], (line, again)  # same id, addresses, endpoint
+    assert await index_of(mesh, ns) == index and await mesh.link_names(ns) == ["nsm-1"]
+    assert len(await mesh.link_names(mesh.main.netns)) == 1  # no second link anywhere
+    snaps = await mesh.all_connections()
+    assert all(len(snaps[k]) == 1 for k in ("manager", "forwarder", mesh.main.name)), snaps
+    await asyncio.sleep(1.5)
+    print(f"ADOPT {traffic.lost()} of {len(traffic.echoes)} echoes lost at {RATE:.0f}/s")
+    assert traffic.lost() == 0
+
+    second.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(second.wait(), 15) == 0
+    assert await mesh.link_names(ns) == []
