@@ -59,18 +59,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="connection lifetime without a refresh, e.g. 10m (refreshed at a third of it)")
     flag(parser, "--timeout", type=duration, default=DEFAULT_TIMEOUT,
          help="timeout of each Request/Close, e.g. 15s")
-    flag(parser, "--heal", switch=True, default=True,
-         help="heal the connection when it breaks (monitor stream, data-plane check)")
-    flag(parser, "--liveness", switch=True, default=True,
-         help="check the data plane from the client's namespace (ICMP to the endpoint's addresses)")
-    flag(parser, "--liveness-interval", type=duration, default=DEFAULT_INTERVAL,
-         help="time between two data-plane checks, e.g. 200ms")
-    flag(parser, "--liveness-timeout", type=duration, default=DEFAULT_LIVENESS_TIMEOUT,
-         help="how long one data-plane check may take before the connection is dead, e.g. 1s")
+    heal_flags(parser)
     flag(parser, "--once", switch=True, default=False, help="request, print, close and exit")
     flag(parser, "--hold", type=duration,
          help="keep the connection this long (e.g. 30s), then close and exit")
     log_flags(parser, level="warning")
+
+
+def heal_flags(parser: argparse.ArgumentParser) -> None:
+    """``--heal``, ``--liveness`` and the data-plane check's ``--liveness-interval`` and
+    ``--liveness-timeout`` (read back by :func:`heal_options`)."""
+    for name, what in (("--heal", "heal connections that break (monitor stream, data-plane check)"),
+                       ("--liveness", "check the data plane from the client's namespace (ICMP to "
+                                      "the endpoint's addresses)")):
+        flag(parser, name, switch=True, default=True, help=what)
+    for name, default, what in (
+            ("--liveness-interval", DEFAULT_INTERVAL, "time between two data-plane checks, e.g. 200ms"),
+            ("--liveness-timeout", DEFAULT_LIVENESS_TIMEOUT,
+             "how long one data-plane check may take before the connection is dead, e.g. 1s")):
+        flag(parser, name, type=duration, default=default, help=what)
+
+
+def heal_options(args: argparse.Namespace) -> HealOptions | None:
+    """The :class:`HealOptions` of :func:`heal_flags` (None with ``--no-heal``)."""
+    if not args.heal:
+        return None
+    return HealOptions(liveness=args.liveness, interval=args.liveness_interval,
+                       timeout=args.liveness_timeout)
 
 
 def summary(conn: Connection, ifname: str = "") -> str:
@@ -101,12 +116,10 @@ async def run(args: argparse.Namespace) -> int:
             check_name(conn_id, "connection id (--id)")
         elif args.name is not None:
             conn_id = f"{args.name}-0"
-        heal = HealOptions(liveness=args.liveness, interval=args.liveness_interval,
-                           timeout=args.liveness_timeout) if args.heal else None
         client = Client(manager_url=args.manager, service=args.service, netns=args.netns,
                         ifname=args.ifname, name=args.name, labels=dict(args.label or []),
                         lifetime=args.lifetime, request_timeout=args.timeout, on_update=on_update,
-                        conn_id=conn_id, heal=heal)
+                        conn_id=conn_id, heal=heal_options(args))
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
 

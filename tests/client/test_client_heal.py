@@ -180,6 +180,9 @@ class FakeProbe:
 
 @dataclass
 class Rig:
+    """One client chain with its heal element, fake manager, monitor server and probe."""
+
+    changes: list[StateChange] = field(default_factory=list, kw_only=True)
     chain: Chain
     begin: ClientBegin
     heal: Heal
@@ -188,10 +191,6 @@ class Rig:
     probe: FakeProbe
     url: str
     server: Server
-    changes: list[StateChange] = field(default_factory=list)
-
-    def states(self, conn_id: str = "c1") -> list[State]:
-        return [c.state for c in self.changes if c.conn_id == conn_id]
 
     def kinds(self, conn_id: str = "c1") -> list[str]:
         """What each Request sent was: 'refresh' (a path kept) or 'reselect'/'fresh'."""
@@ -262,9 +261,14 @@ async def rig(tmp_path: Path, answer) -> AsyncIterator[Callable[..., Rig]]:  # t
         await channel.close()
 
 
+def states(r: Rig, conn_id: str = "c1") -> list[State]:
+    """The states the connection went through."""
+    return [c.state for c in r.changes if c.conn_id == conn_id]
+
+
 async def settled(r: Rig, eventually, conn_id: str = "c1") -> None:  # type: ignore[no-untyped-def]
     """Until no heal is in flight and the last state is a good one."""
-    await eventually(lambda: not r.heal.healing() and r.states(conn_id)[-1] in (
+    await eventually(lambda: not r.heal.healing() and states(r, conn_id)[-1] in (
         State.HEALED, State.ESTABLISHED, State.REFRESHED))
 
 
@@ -280,11 +284,11 @@ async def test_down_with_a_live_data_plane_re_requests_the_same_path(rig, eventu
     first = await r.request()
     await streaming(r, eventually)
     r.monitor.set_state(manager_id(first), DOWN)
-    await eventually(lambda: State.HEALED in r.states())
+    await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "refresh"] and r.tail.closes == []
     again = r.tail.sent()[-1].connection
     assert manager_id(again) == manager_id(first) and again.network_service_endpoint_name == "nse-1"
-    assert r.states() == [State.ESTABLISHED, State.DOWN, State.HEALED]
+    assert states(r) == [State.ESTABLISHED, State.DOWN, State.HEALED]
     down = r.changes[1]
     assert "DOWN" in down.reason and "data plane alive" in down.reason, down.reason
     await settled(r, eventually)
@@ -297,7 +301,7 @@ async def test_down_with_a_dead_data_plane_reselects(rig, eventually) -> None:  
     await streaming(r, eventually)
     r.probe.dead["c1"] = "no reply from 10.0.0.1"
     r.monitor.set_state(manager_id(first), DOWN)
-    await eventually(lambda: State.HEALED in r.states())
+    await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "reselect"]
     assert [c.id for c in r.tail.closes] == ["c1"]  # the old path, closed first
     sent = r.tail.sent()[-1].connection
@@ -316,9 +320,9 @@ async def test_a_path_down_whose_re_request_fails_reselects(rig, eventually) -> 
     await streaming(r, eventually)
     r.tail.fail = [Unavailable("endpoint nse-1 unreachable")]
     r.monitor.set_state(manager_id(first), DOWN)
-    await eventually(lambda: State.HEALED in r.states())
+    await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "refresh", "reselect"]
-    assert r.states() == [State.ESTABLISHED, State.DOWN, State.FAILED, State.HEALED]
+    assert states(r) == [State.ESTABLISHED, State.DOWN, State.FAILED, State.HEALED]
     assert "re-requesting the same path failed" in r.changes[-1].reason
 
 
@@ -327,7 +331,7 @@ async def test_delete_we_did_not_ask_for_heals(rig, eventually) -> None:  # type
     first = await r.request()
     await streaming(r, eventually)
     r.monitor.delete(manager_id(first))  # e.g. the manager timed it out
-    await eventually(lambda: State.HEALED in r.states())
+    await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "refresh"]
     assert "closed the connection" in r.changes[1].reason
 
@@ -337,12 +341,12 @@ async def test_without_a_probe_down_reselects_and_a_lost_stream_re_requests(rig,
     first = await r.request()
     await streaming(r, eventually)
     r.monitor.set_state(manager_id(first), DOWN)
-    await eventually(lambda: State.HEALED in r.states())
+    await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "reselect"] and "no data-plane check" in r.changes[1].reason
     await streaming(r, eventually)
     r.monitor.break_streams()
-    await eventually(lambda: len(r.states()) == 5)
-    assert r.kinds()[2:] == ["refresh"] and r.states()[3:] == [State.DOWN, State.HEALED]
+    await eventually(lambda: len(states(r)) == 5)
+    assert r.kinds()[2:] == ["refresh"] and states(r)[3:] == [State.DOWN, State.HEALED]
 
 
 async def test_a_manager_restart_re_requests_every_connection_and_never_reselects(rig, eventually) -> None:  # type: ignore[no-untyped-def]
@@ -355,14 +359,14 @@ async def test_a_manager_restart_re_requests_every_connection_and_never_reselect
     await asyncio.sleep(0.6)  # tries fail while it is away (several each, backoff 20..100 ms)
     assert not r.heal.stream_up
     for conn_id in ids:
-        assert r.states(conn_id)[:2] == [State.ESTABLISHED, State.DOWN]
+        assert states(r, conn_id)[:2] == [State.ESTABLISHED, State.DOWN]
         assert "monitor stream broke" in next(c.reason for c in r.changes if c.state is State.DOWN
                                               and c.conn_id == conn_id)
         assert len(r.kinds(conn_id)) > 2  # retried
     await r.start_manager()
     for conn_id in ids:
         await settled(r, eventually, conn_id)
-        assert r.states(conn_id)[-1] is State.HEALED
+        assert states(r, conn_id)[-1] is State.HEALED
         assert set(r.kinds(conn_id)[1:]) == {"refresh"}, r.kinds(conn_id)  # never a reselect
     assert r.tail.closes == []
     await streaming(r, eventually)
@@ -389,7 +393,7 @@ async def test_a_connection_the_restarted_manager_does_not_know_is_re_requested(
     await streaming(r, eventually)
     r.monitor.conns.clear()  # forgotten, but no event said so: the next snapshot tells
     r.monitor.break_streams()
-    await eventually(lambda: State.HEALED in r.states())
+    await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "refresh"]
 
 
@@ -412,14 +416,14 @@ async def test_our_own_close_and_reselect_are_not_trouble(rig, eventually) -> No
     await streaming(r, eventually)
     r.probe.dead["c1"] = "gone"
     r.monitor.set_state(manager_id(first), DOWN)
-    await eventually(lambda: State.HEALED in r.states())
+    await eventually(lambda: State.HEALED in states(r))
     r.probe.dead.clear()
     await asyncio.sleep(0.3)  # the DELETE of the old path has come and gone
     assert r.kinds() == ["fresh", "reselect"] and not r.heal.healing()
     await r.chain.close(Connection(id="c1"))
     await asyncio.sleep(0.3)
     assert r.kinds() == ["fresh", "reselect"]
-    assert r.states()[-1] is State.CLOSED and r.heal.watched() == 0 and r.heal.streams() == 0
+    assert states(r)[-1] is State.CLOSED and r.heal.watched() == 0 and r.heal.streams() == 0
 
 
 # -- data-plane trigger -----------------------------------------------------------------------
@@ -431,7 +435,7 @@ async def test_a_dead_data_plane_reselects_then_the_check_goes_on(rig, eventuall
     await asyncio.sleep(0.2)
     assert r.kinds() == ["fresh"] and r.probe.calls >= 2  # checked every 50 ms, alive
     r.probe.dead["c1"] = "interface nsm-1 is down"
-    await eventually(lambda: State.HEALED in r.states())
+    await eventually(lambda: State.HEALED in states(r))
     r.probe.dead.clear()
     assert r.kinds() == ["fresh", "reselect"]
     assert "data plane: interface nsm-1 is down" in r.changes[1].reason
@@ -445,7 +449,7 @@ async def test_dead_data_plane_heals_keep_trying_with_backoff(rig, eventually) -
     await r.request()
     r.tail.fail = [Unavailable("no endpoint")] * 6
     r.probe.dead["c1"] = "gone"
-    await eventually(lambda: State.HEALED in r.states(), timeout=10)
+    await eventually(lambda: State.HEALED in states(r), timeout=10)
     r.probe.dead.clear()
     times = [t for t, req in r.tail.requests if req.connection.state == RESELECT_REQUESTED]
     gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -453,9 +457,9 @@ async def test_dead_data_plane_heals_keep_trying_with_backoff(rig, eventually) -
     # 0.05, 0.1, 0.2, then capped at 0.2 (a sleep never ends early; room for a loaded machine)
     for gap, want in zip(gaps, [0.05, 0.1, 0.2, 0.2, 0.2, 0.2], strict=True):
         assert want * 0.9 < gap < want + 0.25, gaps
-    states = r.states()
-    assert states[:2] == [State.ESTABLISHED, State.DOWN] and states[-1] is State.HEALED
-    assert states[2:-1] == [State.FAILED] * 6
+    went = states(r)
+    assert went[:2] == [State.ESTABLISHED, State.DOWN] and went[-1] is State.HEALED
+    assert went[2:-1] == [State.FAILED] * 6
 
 
 async def test_one_heal_in_flight_per_connection(rig, eventually) -> None:  # type: ignore[no-untyped-def]
@@ -477,16 +481,22 @@ async def test_one_heal_in_flight_per_connection(rig, eventually) -> None:  # ty
     r.tail.gate.set()
     await settled(r, eventually)
     assert r.tail.most_in_flight == 1
-    assert r.states().count(State.DOWN) == 1
+    assert states(r).count(State.DOWN) == 1
 
 
-async def test_close_stops_a_heal_and_everything_of_the_connection(rig, eventually) -> None:  # type: ignore[no-untyped-def]
-    r = await rig()
+async def healing_in_vain(rig, eventually) -> Rig:  # type: ignore[no-untyped-def]
+    """Two connections; c1's data plane is dead and every try to heal it fails."""
+    r: Rig = await rig()
     await r.request()
     await r.request("c2")
     await streaming(r, eventually)
     r.tail.fail = [Unavailable("no endpoint")] * 1000
     r.probe.dead["c1"] = "gone"
+    return r
+
+
+async def test_close_stops_a_heal_and_everything_of_the_connection(rig, eventually) -> None:  # type: ignore[no-untyped-def]
+    r = await healing_in_vain(rig, eventually)
     await eventually(lambda: len(r.tail.sent()) >= 4)
     await asyncio.wait_for(r.chain.close(Connection(id="c1")), 1.0)
     count = len(r.tail.sent())
@@ -508,7 +518,7 @@ async def test_hundreds_of_connections_share_one_stream(rig, eventually) -> None
     (selector,) = r.monitor.selectors
     assert [(s.name, s.id) for s in selector.path_segments] == [(NAME, "")]
     r.monitor.set_state(manager_id(conns["c7"]), DOWN)
-    await eventually(lambda: State.HEALED in r.states("c7"))
+    await eventually(lambda: State.HEALED in states(r, "c7"))
     assert [i for i in ids if len(r.tail.sent(i)) > 1] == ["c7"]
     for i in ids[:100]:
         await r.chain.close(Connection(id=i))
@@ -516,12 +526,7 @@ async def test_hundreds_of_connections_share_one_stream(rig, eventually) -> None
 
 
 async def test_shutdown_without_close_stops_every_task(rig, eventually) -> None:  # type: ignore[no-untyped-def]
-    r = await rig()
-    await r.request()
-    await r.request("c2")
-    await streaming(r, eventually)
-    r.tail.fail = [Unavailable("no endpoint")] * 1000
-    r.probe.dead["c1"] = "gone"
+    r = await healing_in_vain(rig, eventually)
     await eventually(lambda: r.heal.healing() == ["c1"])
     await r.chain.shutdown()
     assert r.heal.watched() == 0 and r.heal.streams() == 0 and r.heal.healing() == []

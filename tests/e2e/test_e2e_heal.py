@@ -21,7 +21,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -30,6 +29,7 @@ import pytest
 from nsm.api import connection_pb2_grpc
 from nsm.api.connection_pb2 import DOWN, Connection, ConnectionEvent, MonitorScopeSelector
 from nsm.client.notify import State, StateChange
+from nsm.client.sdk import Client
 from nsm.kernel import netns as nsns
 from nsm.kernel.netns import run_in_netns
 
@@ -152,16 +152,55 @@ async def _true(value: bool) -> bool:
     return value
 
 
-def follow(traffic_box: list[Traffic], changes: list[StateChange]) -> Callable[[StateChange], None]:
-    """An on_change callback: record the change and aim the traffic at the connection's
-    (possibly new) endpoint address."""
+@dataclass
+class Healing:
+    """A client with a connection carrying traffic, and every state change it reported; the
+    traffic follows the connection to a new endpoint address."""
+
+    client: Client
+    conn: Connection
+    traffic: Traffic
+    changes: list[StateChange]
+
+    def states(self) -> list[State]:
+        return [c.state for c in self.changes]
+
+    def first(self, state: State) -> StateChange:
+        return next(c for c in self.changes if c.state is state)
+
+    async def until(self, mesh, state: State, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+        await mesh.eventually(lambda: _true(state in self.states()), timeout=timeout,
+                              what=f"the connection {state.value}")
+
+    async def through(self, mesh, since: float, new_path: bool = True) -> float:  # type: ignore[no-untyped-def]
+        """When traffic came back after ``since``: through the current connection's address, or
+        (``new_path`` False) after the first echo lost since."""
+        conn = self.client.connection
+        assert conn is not None
+
+        def back() -> float | None:
+            return (self.traffic.first_reply_after(since, dst_of(conn)) if new_path
+                    else self.traffic.restored_after(since))
+
+        await mesh.eventually(lambda: _true(back() is not None), timeout=5, what="replies again")
+        restored = back()
+        assert restored is not None
+        return restored
+
+
+async def healing(mesh, netns: str, service: str | None = None) -> Healing:  # type: ignore[no-untyped-def]
+    changes: list[StateChange] = []
+    box: list[Traffic] = []
 
     def on_change(change: StateChange) -> None:
         changes.append(change)
-        if change.connection is not None and change.state in (State.HEALED, State.REFRESHED) and traffic_box:
-            traffic_box[0].dst = dst_of(change.connection)
+        if change.connection is not None and change.state in (State.HEALED, State.REFRESHED) and box:
+            box[0].dst = dst_of(change.connection)
 
-    return on_change
+    client = mesh.client(netns, service=service or mesh.service, on_change=on_change)
+    conn = await client.request()
+    box.append(await traffic_through(mesh, netns, conn))
+    return Healing(client, conn, box[0], changes)
 
 
 async def report(what: str, fault_at: float, restored: float | None, traffic: Traffic) -> float:
@@ -199,45 +238,48 @@ async def watch_manager_for_down(mesh, conn_id: str, timeout: float) -> bool:  #
         call.cancel()
 
 
+async def one_endpoint(mesh, service: str, label: str, cidr: str):  # type: ignore[no-untyped-def]
+    """One endpoint for ``service`` and a client's connection to it with traffic: (endpoint,
+    client namespace, healing)."""
+    nse = await mesh.start_nse(label, services=[service], cidr=cidr, expiry=60)
+    ns = await mesh.netns()
+    return nse, ns, await healing(mesh, ns, service)
+
+
+async def other_endpoint(mesh, service: str, label: str, net: str):  # type: ignore[no-untyped-def]
+    """Two endpoints for ``service`` (CIDRs ``<net>.1.0/24`` and ``<net>.2.0/24``) and a
+    client's connection with traffic: (healing, the endpoint it got, the other one)."""
+    a = await mesh.start_nse(f"{label}a", services=[service], cidr=f"{net}.1.0/24", expiry=60)
+    b = await mesh.start_nse(f"{label}b", services=[service], cidr=f"{net}.2.0/24", expiry=60)
+    ns = await mesh.netns()
+    h = await healing(mesh, ns, service)
+    victim = a if h.conn.network_service_endpoint_name == a.name else b
+    return h, ns, victim, (b if victim is a else a)
+
+
 # -- the endpoint goes away -------------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
 async def test_endpoint_pod_gone_reselects_onto_the_other_endpoint(mesh) -> None:
-    service = "e2e-heal-two"
-    a = await mesh.start_nse("hla", services=[service], cidr="10.61.1.0/24", expiry=60)
-    b = await mesh.start_nse("hlb", services=[service], cidr="10.61.2.0/24", expiry=60)
-    nses = {a.name: a, b.name: b}
-    ns = await mesh.netns()
-    box: list[Traffic] = []
-    changes: list[StateChange] = []
-    client = mesh.client(ns, service=service, on_change=follow(box, changes))
-    conn = await client.request()
-    victim = nses[conn.network_service_endpoint_name]
-    other = b if victim is a else a
-    traffic = await traffic_through(mesh, ns, conn)
-    box.append(traffic)
-
+    h, ns, victim, other = await other_endpoint(mesh, "e2e-heal-two", "hl", "10.61")
     fault_at = time.monotonic()
     await victim.daemon.kill()
     nsns.delete_netns(os.path.basename(victim.netns))  # the pod is gone, and its veth end with it
-    await mesh.eventually(lambda: _true(State.HEALED in [c.state for c in changes]), timeout=15,
-                          what="healed onto the other endpoint")
-    healed = client.connection
-    assert healed is not None and healed.network_service_endpoint_name == other.name
-    await mesh.eventually(lambda: _true(traffic.first_reply_after(fault_at, dst_of(healed)) is not None),
-                          timeout=5, what="replies through the other endpoint")
-    took = await report("endpoint pod gone, another endpoint", fault_at,
-                  traffic.first_reply_after(fault_at, dst_of(healed)), traffic)
+    await h.until(mesh, State.HEALED)
+    assert h.client.connection is not None
+    assert h.client.connection.network_service_endpoint_name == other.name
+    took = await report("endpoint pod gone, another endpoint", fault_at, await h.through(mesh, fault_at),
+                        h.traffic)
     assert took < 5.0
     # The data-plane check (the veth went with the namespace) or the hops' DOWN (its process),
     # whichever came first, and a reselect either way.
-    downs = [c for c in changes if c.state is State.DOWN]
+    downs = [c for c in h.changes if c.state is State.DOWN]
     assert len(downs) == 1 and ("data plane" in downs[0].reason or "DOWN" in downs[0].reason), downs
-    assert any(c.state is State.HEALED and "reselecting" in c.reason for c in changes), changes
+    assert any(c.state is State.HEALED and "reselecting" in c.reason for c in h.changes), h.changes
     assert await mesh.link_names(ns) == ["nsm-1"]
     assert len(await mesh.link_names(other.netns)) == 1
-    await client.close(raise_errors=True)
+    await h.client.close(raise_errors=True)
     assert await mesh.link_names(ns) == [] and await mesh.link_names(other.netns) == []
 
 
@@ -246,85 +288,52 @@ async def test_endpoint_process_killed_reselects_onto_the_other_endpoint(mesh) -
     """Only the process dies: its namespace (and the veth end in it) stays and still answers
     pings, so only the control plane can tell — the hops report the path DOWN, the same path
     cannot be requested again, and the client reselects."""
-    service = "e2e-heal-kill"
-    a = await mesh.start_nse("hka", services=[service], cidr="10.62.1.0/24", expiry=60)
-    b = await mesh.start_nse("hkb", services=[service], cidr="10.62.2.0/24", expiry=60)
-    nses = {a.name: a, b.name: b}
-    ns = await mesh.netns()
-    box: list[Traffic] = []
-    changes: list[StateChange] = []
-    client = mesh.client(ns, service=service, on_change=follow(box, changes))
-    conn = await client.request()
-    victim = nses[conn.network_service_endpoint_name]
-    other = b if victim is a else a
-    traffic = await traffic_through(mesh, ns, conn)
-    box.append(traffic)
-
-    watching = asyncio.create_task(watch_manager_for_down(mesh, client.conn_id, 3.0))
+    h, ns, victim, other = await other_endpoint(mesh, "e2e-heal-kill", "hk", "10.62")
+    watching = asyncio.create_task(watch_manager_for_down(mesh, h.client.conn_id, 3.0))
     await asyncio.sleep(0.2)
     fault_at = time.monotonic()
     await victim.daemon.kill()
-    if not await watching and State.DOWN not in [c.state for c in changes]:
+    if not await watching and State.DOWN not in h.states():
         pytest.skip("the hops do not report a connection DOWN when its endpoint dies "
                     "(issue 7 item 1: monitoring on every hop)")
-    await mesh.eventually(lambda: _true(State.HEALED in [c.state for c in changes]), timeout=15,
-                          what="healed onto the other endpoint")
-    healed = client.connection
-    assert healed is not None and healed.network_service_endpoint_name == other.name
-    await mesh.eventually(lambda: _true(traffic.first_reply_after(fault_at, dst_of(healed)) is not None),
-                          timeout=5, what="replies through the other endpoint")
+    await h.until(mesh, State.HEALED)
+    assert h.client.connection is not None
+    assert h.client.connection.network_service_endpoint_name == other.name
     took = await report("endpoint process killed, another endpoint", fault_at,
-                  traffic.first_reply_after(fault_at, dst_of(healed)), traffic)
+                        await h.through(mesh, fault_at), h.traffic)
     assert took < 5.0
     assert await mesh.link_names(ns) == ["nsm-1"]
     assert await mesh.link_names(victim.netns) == []  # the old path was closed
-    await client.close(raise_errors=True)
+    await h.client.close(raise_errors=True)
 
 
 @pytest.mark.timeout(90)
 async def test_endpoint_gone_without_another_is_down_until_one_appears(mesh) -> None:
     service = "e2e-heal-solo"
-    first = await mesh.start_nse("hso", services=[service], cidr="10.63.1.0/24", expiry=60)
-    ns = await mesh.netns()
-    box: list[Traffic] = []
-    changes: list[StateChange] = []
-    client = mesh.client(ns, service=service, on_change=follow(box, changes))
-    conn = await client.request()
-    traffic = await traffic_through(mesh, ns, conn)
-    box.append(traffic)
-
+    first, ns, h = await one_endpoint(mesh, service, "hso", "10.63.1.0/24")
     fault_at = time.monotonic()
     await first.daemon.kill()
     nsns.delete_netns(os.path.basename(first.netns))
-
-    def states() -> list[State]:
-        return [c.state for c in changes]
-
-    await mesh.eventually(lambda: _true(State.DOWN in states()), timeout=5, what="reported DOWN")
-    down_after = next(c for c in changes if c.state is State.DOWN)
+    await h.until(mesh, State.DOWN, timeout=5)
     await asyncio.sleep(2.0)  # no endpoint: it keeps trying
-    assert State.HEALED not in states()
-    failed = [c for c in changes if c.state is State.FAILED]
-    assert len(failed) >= 2, states()
-    assert client.connection is not None  # not given up
+    assert State.HEALED not in h.states()
+    failed = h.states().count(State.FAILED)
+    assert failed >= 2, h.states()
+    assert h.client.connection is not None  # not given up
 
     starting_at = time.monotonic()
     second = await mesh.start_nse("hsn", services=[service], cidr="10.63.2.0/24", expiry=60)
     registered_at = time.monotonic()
-    await mesh.eventually(lambda: _true(State.HEALED in states()), timeout=15,
-                          what="healed onto the new endpoint")
-    healed = client.connection
-    assert healed is not None and healed.network_service_endpoint_name == second.name
-    await mesh.eventually(lambda: _true(traffic.first_reply_after(fault_at, dst_of(healed)) is not None),
-                          timeout=5, what="replies through the new endpoint")
-    restored = traffic.first_reply_after(fault_at, dst_of(healed))
-    assert restored is not None
-    print(f"\nHEAL endpoint gone, none other: DOWN reported with {down_after.reason!r}; "
-          f"{len(failed)} failed tries; traffic back {(restored - starting_at) * 1000:.0f} ms after "
+    await h.until(mesh, State.HEALED)
+    assert h.client.connection is not None
+    assert h.client.connection.network_service_endpoint_name == second.name
+    restored = await h.through(mesh, fault_at)
+    print(f"\nHEAL endpoint gone, none other: DOWN reported with {h.first(State.DOWN).reason!r}; "
+          f"{failed} failed tries; traffic back {(restored - starting_at) * 1000:.0f} ms after "
           f"the new endpoint's process was started (its start and registration took "
           f"{(registered_at - starting_at) * 1000:.0f} ms)")
     assert await mesh.link_names(ns) == ["nsm-1"]
-    await client.close(raise_errors=True)
+    await h.client.close(raise_errors=True)
 
 
 # -- the client's interface -------------------------------------------------------------------
@@ -332,31 +341,18 @@ async def test_endpoint_gone_without_another_is_down_until_one_appears(mesh) -> 
 
 @pytest.mark.timeout(90)
 async def test_nsm1_set_down_in_the_pod_is_detected_and_healed(mesh) -> None:
-    service = "e2e-heal-down"
-    nse = await mesh.start_nse("hdn", services=[service], cidr="10.64.1.0/24", expiry=60)
-    ns = await mesh.netns()
-    box: list[Traffic] = []
-    changes: list[StateChange] = []
-    client = mesh.client(ns, service=service, on_change=follow(box, changes))
-    conn = await client.request()
-    traffic = await traffic_through(mesh, ns, conn)
-    box.append(traffic)
-
+    nse, ns, h = await one_endpoint(mesh, "e2e-heal-down", "hdn", "10.64.1.0/24")
     fault_at = time.monotonic()
     await mesh.netlink.set_down(ns, "nsm-1")
-    await mesh.eventually(lambda: _true(State.HEALED in [c.state for c in changes]), timeout=10,
-                          what="healed")
-    await mesh.eventually(lambda: _true(traffic.restored_after(fault_at) is not None), timeout=5,
-                          what="replies again")
-    took = await report("nsm-1 set down in the client pod", fault_at, traffic.restored_after(fault_at),
-                        traffic)
+    await h.until(mesh, State.HEALED, timeout=10)
+    took = await report("nsm-1 set down in the client pod", fault_at,
+                        await h.through(mesh, fault_at, new_path=False), h.traffic)
     assert took < 5.0
-    down = next(c for c in changes if c.state is State.DOWN)
-    assert "interface nsm-1 is down" in down.reason, down.reason
+    assert "interface nsm-1 is down" in h.first(State.DOWN).reason, h.changes
     link = await mesh.netlink.link(ns, "nsm-1")
     assert link is not None and await mesh.link_names(ns) == ["nsm-1"]
     assert len(await mesh.link_names(nse.netns)) == 1
-    await client.close(raise_errors=True)
+    await h.client.close(raise_errors=True)
 
 
 # -- the manager restarts -------------------------------------------------------------------
@@ -365,39 +361,31 @@ async def test_nsm1_set_down_in_the_pod_is_detected_and_healed(mesh) -> None:
 @pytest.mark.timeout(120)
 async def test_manager_restart_re_requests_without_a_reselect_and_loses_nothing(mesh) -> None:
     ns = await mesh.netns()
-    box: list[Traffic] = []
-    changes: list[StateChange] = []
-    client = mesh.client(ns, on_change=follow(box, changes))
-    conn = await client.request()
+    h = await healing(mesh, ns)
     index = await index_of(mesh, ns)
-    traffic = await traffic_through(mesh, ns, conn)
-    box.append(traffic)
-
     fault_at = time.monotonic()
     await mesh.manager.kill()
-    await mesh.eventually(lambda: _true(State.DOWN in [c.state for c in changes]), timeout=5,
-                          what="the lost control plane reported")
+    await h.until(mesh, State.DOWN, timeout=5)  # the lost control plane is reported
     await asyncio.sleep(1.0)
     await mesh.manager.start()
     back_at = time.monotonic()
-    await mesh.eventually(lambda: _true(State.HEALED in [c.state for c in changes]), timeout=20,
-                          what="re-requested once the manager is back")
+    await h.until(mesh, State.HEALED, timeout=20)  # re-requested once the manager is back
     healed_at = time.monotonic()
     await asyncio.sleep(1.5)  # the last echoes have had their chance
-    lost = traffic.lost()
+    lost = h.traffic.lost()
     print(f"\nHEAL manager killed and restarted: re-requested {(healed_at - back_at) * 1000:.0f} ms "
           f"after it was back ({(healed_at - fault_at):.1f} s after the kill), {lost} of "
-          f"{len(traffic.echoes)} echoes lost at {RATE:.0f}/s")
+          f"{len(h.traffic.echoes)} echoes lost at {RATE:.0f}/s")
     assert lost == 0
     assert await index_of(mesh, ns) == index and await mesh.link_names(ns) == ["nsm-1"]
-    heals = [c for c in changes if c.state in (State.DOWN, State.HEALED)]
-    assert all("reselect" not in c.reason for c in heals), [c.reason for c in heals]
-    assert all("re-requesting the same path" in c.reason for c in heals), [c.reason for c in heals]
-    healed = client.connection
-    assert healed is not None and healed.network_service_endpoint_name == conn.network_service_endpoint_name
+    heals = [c.reason for c in h.changes if c.state in (State.DOWN, State.HEALED)]
+    assert all("reselect" not in r and "re-requesting the same path" in r for r in heals), heals
+    healed = h.client.connection
+    assert healed is not None
+    assert healed.network_service_endpoint_name == h.conn.network_service_endpoint_name
     # The restarted manager knows the connection again, and Close still removes everything.
     assert len(await mesh.connections(mesh.manager_url)) == 1
-    await client.close(raise_errors=True)
+    await h.client.close(raise_errors=True)
     assert await mesh.link_names(ns) == []
 
 
