@@ -433,8 +433,10 @@ class Heal(Hook):
 
     # -- triggers -------------------------------------------------------------------------
 
-    def _trigger(self, w: _Watch, *, lost: str = "", down: str = "", dead: str = "") -> None:
-        """Something is wrong with the connection: note it and heal (one heal in flight)."""
+    def _trigger(self, w: _Watch, *, lost: str = "", down: str = "", dead: str = "",
+                 now: bool = False) -> None:
+        """Something is wrong with the connection: note it and heal (one heal in flight; ``now``:
+        its next try without waiting for the backoff, e.g. when the manager is back)."""
         if not self._active(w):
             return
         new = False
@@ -442,7 +444,7 @@ class Heal(Hook):
             if value and not getattr(w, attr):
                 setattr(w, attr, value)
                 new = True
-        if new or w.heal is None or w.heal.done():
+        if new or now or w.heal is None or w.heal.done():
             if new:
                 w.log.info("connection in trouble", trouble=lost or down or dead)
             self._heal_now(w)
@@ -614,7 +616,8 @@ class Heal(Hook):
                 # Only if our last Request was before this stream began (else the snapshot may
                 # predate it, and its UPDATE follows).
                 if w.seen < attempt:
-                    self._trigger(w, lost="control plane: the manager does not know the connection")
+                    self._trigger(w, lost="control plane: the manager does not know the connection",
+                                  now=True)
             elif conn.state == DOWN:
                 self._trigger(w, down="the manager reports the connection DOWN")
             else:
