@@ -45,10 +45,13 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True)
 class Event:
-    """The event in flight: its kind and why it was started ("" for the caller's own)."""
+    """The event in flight: its kind, why it was started ("" for the caller's own) and whether
+    it heals a connection found broken (:mod:`nsm.client.heal`; the connection is DOWN until it
+    succeeds, whatever its kind)."""
 
     kind: Kind
     reason: str = ""
+    heal: bool = False
 
 
 #: The event in flight for this connection.
@@ -66,12 +69,14 @@ class Events:
         self._begin = begin
         self.conn_id = conn_id
 
-    async def request(self, kind: Kind = Kind.REFRESH, *, reason: str = "") -> Connection | None:
+    async def request(self, kind: Kind = Kind.REFRESH, *, reason: str = "",
+                      heal: bool = False) -> Connection | None:
         """Re-send the connection (``kind`` REFRESH, FRESH or RESELECT); None when it has been
-        closed meanwhile. Raises the domain error of a failed Request."""
+        closed meanwhile. ``heal``: the connection was found broken (reported DOWN until an
+        event succeeds). Raises the domain error of a failed Request."""
         if kind in (Kind.REQUEST, Kind.CLOSE):
             raise ValueError(f"an event of kind {kind.value} is not started by the chain")
-        return await self._begin._internal(self.conn_id, Event(kind, reason))
+        return await self._begin._internal(self.conn_id, Event(kind, reason, heal))
 
     async def close(self, *, reason: str = "") -> None:
         """Close the connection (a no-op when it is closed already)."""
@@ -90,10 +95,12 @@ def _copy(conn: Connection) -> Connection:
 
 def refresh_request(template: NetworkServiceRequest, last: Connection) -> NetworkServiceRequest:
     """The last connection again (same id, path, endpoint, mechanism), with the template's
-    labels and mechanism preferences; the client's segment is index 0."""
+    labels and mechanism preferences; the client's segment is index 0 and the state UP (a
+    refresh never asks for a reselect, whatever state the last answer carried)."""
     request = NetworkServiceRequest()
     request.connection.CopyFrom(last)
     request.connection.path.index = 0
+    request.connection.state = UP
     request.connection.labels.update(template.connection.labels)
     request.mechanism_preferences.extend(template.mechanism_preferences)
     return request

@@ -3,10 +3,12 @@
 The client is the first hop of every path: its segment ``{name, id = connection id, expires =
 now + lifetime}`` is segment 0. Its chain, in order::
 
-    ClientBegin → Validate → Notify → UpdatePath(name) → Refresh → (hooks: heal) → ManagerConnect
+    ClientBegin → Validate → Notify → UpdatePath(name) → Refresh → Heal → (hooks) → ManagerConnect
 
 The SDK's :class:`~nsm.client.sdk.Client` (one connection), ``nsm nsc`` and a long-lived agent
-holding many connections all run it through :class:`Connections`::
+holding many connections all run it through :class:`Connections`, which heals every connection
+(:mod:`nsm.client.heal`: one monitor stream to the manager for all of them, a data-plane check of
+each) unless told ``heal=None``::
 
     async with Connections(manager_url="unix:///run/nsm/nsm.sock", name="agent") as conns:
         conn = await conns.request(new_request(service="blue", name=conns.name, mechanisms=[...]))
@@ -17,24 +19,31 @@ holding many connections all run it through :class:`Connections`::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 
-from nsm.api.connection_pb2 import Connection, Mechanism
+import grpc
+
+from nsm.api.connection_pb2 import UP, Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Chain, Element
-from nsm.client.begin import ClientBegin
-from nsm.client.connect import DEFAULT_TIMEOUT, ManagerConnect
+from nsm.client.begin import ClientBegin, refresh_request
+from nsm.client.connect import DEFAULT_TIMEOUT, ManagerConnect, close_once
+from nsm.client.heal import Heal, HealOptions, find_connection
 from nsm.client.notify import Notify, StateChange
 from nsm.client.refresh import Refresh
 from nsm.elements.updatepath import UpdatePath, ts
 from nsm.elements.validate import Validate
 from nsm.errors import InvalidArgument, NsmError
+from nsm.log import get_logger
 from nsm.names import check_name
 from nsm.retry import MAX_DELAY, MIN_DELAY
 from nsm.transport import Channels, parse_url
+
+log = get_logger("nsm.client")
 
 DEFAULT_LIFETIME = 600.0
 MIN_BACKOFF = MIN_DELAY
@@ -42,7 +51,8 @@ MAX_BACKOFF = MAX_DELAY
 
 
 def client_chain(*, name: str, lifetime: float, connect: Element, begin: ClientBegin,
-                 notify: Notify, refresh: Refresh, hooks: Sequence[Element] = ()) -> Chain:
+                 notify: Notify, refresh: Refresh, heal: Heal | None = None,
+                 hooks: Sequence[Element] = ()) -> Chain:
     """The client's chain, top-down."""
     return Chain([
         begin,                                # one event at a time per connection id; refresh/heal events
@@ -50,9 +60,23 @@ def client_chain(*, name: str, lifetime: float, connect: Element, begin: ClientB
         notify,                               # every state change: callbacks, iterators, a log line
         UpdatePath(name, lifetime=lifetime),  # segment 0 is ours, with a fresh expiry every time
         refresh,                              # re-sent at 1/3 of the time left; afresh once expired
-        *hooks,                               # heal: monitor stream, data-plane liveness
+        *([heal] if heal is not None else []),  # monitor stream, data-plane liveness: refresh/reselect
+        *hooks,                               # whatever else watches live connections
         connect,                              # the RPC to the manager
     ], name="client")
+
+
+def adopt_request(template: NetworkServiceRequest, found: Connection) -> NetworkServiceRequest:
+    """A restarted client's request for a connection the manager still has (``found``, as
+    :func:`~nsm.client.heal.find_connection` gives it): that connection again on its own path
+    (a refresh: every hop keeps what it built), with the template's labels, mechanism
+    preferences and, when of the same kind, its mechanism (this process's namespace URL)."""
+    request = refresh_request(template, found)
+    request.connection.state = UP
+    prefs = template.mechanism_preferences
+    if prefs and (prefs[0].cls, prefs[0].type) == (found.mechanism.cls, found.mechanism.type):
+        request.connection.mechanism.CopyFrom(prefs[0])
+    return request
 
 
 def new_request(
@@ -83,7 +107,8 @@ class Connections:
     ``name`` is this client's path segment name (default ``nsc-<random>``), ``lifetime`` the
     expiry written into it (every hop closes a connection not refreshed by then),
     ``request_timeout`` bounds each RPC, ``min_backoff``/``max_backoff`` the retries of refreshes,
-    ``hooks`` are elements that watch live connections (:class:`~nsm.client.hooks.Hook`: heal),
+    ``heal`` how connections heal (:class:`~nsm.client.heal.HealOptions`; None: not at all),
+    ``hooks`` are more elements that watch live connections (:class:`~nsm.client.hooks.Hook`),
     ``on_change`` gets every :class:`~nsm.client.notify.StateChange`."""
 
     def __init__(
@@ -95,6 +120,7 @@ class Connections:
         request_timeout: float = DEFAULT_TIMEOUT,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+        heal: HealOptions | None = HealOptions(),
         hooks: Sequence[Element] = (),
         on_change: Callable[[StateChange], None] | None = None,
     ) -> None:
@@ -113,10 +139,17 @@ class Connections:
         self._notify = Notify()
         if on_change is not None:
             self._notify.subscribe(on_change)
+        #: The heal element (None when not healing).
+        self.heal = (Heal(name=self.name, channel=self._channel, options=heal)
+                     if heal is not None else None)
         self.chain = client_chain(
             name=self.name, lifetime=self.lifetime, begin=self._begin, notify=self._notify,
-            refresh=Refresh(min_backoff=min_backoff, max_backoff=max_backoff), hooks=hooks,
+            refresh=Refresh(min_backoff=min_backoff, max_backoff=max_backoff), heal=self.heal,
+            hooks=hooks,
             connect=ManagerConnect(self._channels, self.manager_url, timeout=self.request_timeout))
+
+    def _channel(self) -> grpc.aio.Channel:
+        return self._channels.get(self.manager_url)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -130,6 +163,43 @@ class Connections:
             raise InvalidArgument(f"path segment 0 is {segments[0].name!r}, not this client's "
                                   f"{self.name!r}")
         return await self.chain.request(request)
+
+    async def find(self, conn_id: str) -> Connection | None:
+        """The manager's live connection ``conn_id`` of this client (by its monitor), as this
+        client sees it; None when the manager does not know it."""
+        return await find_connection(self._channel(), name=self.name, conn_id=conn_id,
+                                     timeout=self.request_timeout)
+
+    async def adopt(self, request: NetworkServiceRequest,
+                    present: Callable[[Connection], Awaitable[bool]] | None = None) -> Connection | None:
+        """After a restart: when the manager still has this client's connection
+        ``request.connection.id`` and ``present(found)`` (e.g. its interface is still in the
+        namespace), request that connection again on its own path (:func:`adopt_request`) instead
+        of building a second one, and keep it from then on. None when there is nothing to adopt,
+        also when adopting failed (the found connection is then closed, best effort, so that a
+        fresh Request can build it again)."""
+        conn_id = request.connection.id
+        if not conn_id or self.connection(conn_id) is not None:
+            return None
+        try:
+            found = await self.find(conn_id)
+        except NsmError as exc:
+            log.info("cannot ask the manager for a connection to adopt", conn=conn_id,
+                     code=exc.code.name, error=exc.message)
+            return None
+        if found is None or (present is not None and not await present(found)):
+            return None
+        try:
+            conn = await self.request(adopt_request(request, found))
+        except NsmError as exc:
+            log.warning("adopting the live connection failed; closing it", conn=conn_id,
+                        code=exc.code.name, error=exc.message)
+            with contextlib.suppress(NsmError):
+                await close_once(self._channel(), found, timeout=self.request_timeout)
+            return None
+        log.info("adopted the live connection", conn=conn_id,
+                 endpoint=conn.network_service_endpoint_name)
+        return conn
 
     async def refresh(self, conn_id: str) -> Connection | None:
         """Re-send the connection now (same path); None when there is no such connection.

@@ -1,9 +1,10 @@
 """hooks (client side): where watching a live connection plugs into the client chain.
 
-The healing (a monitor stream to the manager, a liveness probe from the client's namespace) is a
-:class:`Hook`: an element between refresh and the tail that learns of every successful Request
-of a connection (first, refresh, heal), every failed one and every Close, and starts new events
-of its own through :class:`~nsm.client.begin.Events`::
+The healing (:class:`nsm.client.heal.Heal`: a monitor stream to the manager, a liveness probe
+from the client's namespace) is a :class:`Hook`, and so is anything else given as ``hooks``: an
+element between refresh and the tail that learns of every successful Request of a connection
+(first, refresh, heal), every failed one and every Close, and starts new events of its own
+through :class:`~nsm.client.begin.Events`::
 
     class Heal(Hook):
         async def on_update(self, ctx, conn):

@@ -7,7 +7,16 @@ On success prints one line to stdout::
     connected id=<connection id> ifname=nsm-1 src=172.16.0.2/32 dst=172.16.0.1/32 endpoint=nse-1
 
 (and an ``updated ...`` line whenever a refresh or heal changes the endpoint or the addresses),
-then refreshes the connection until SIGTERM/SIGINT, Closes it and exits 0. ``--once`` closes right
+then refreshes and heals the connection until SIGTERM/SIGINT, Closes it and exits 0.
+
+Healing (:mod:`nsm.client.heal`) watches the manager's monitor stream and checks the data plane
+from the client's namespace every ``--liveness-interval`` (200 ms; each check at most
+``--liveness-timeout``, 1 s; ``--no-liveness`` turns the check off, ``--no-heal`` all healing).
+
+The connection id is ``--id``, else ``<name>-0`` when ``--name`` is given (else random). With a
+stable id a restarted ``nsm nsc`` (killed without Close) adopts the connection the manager still
+has when its interface is still in the namespace: it refreshes it instead of building a second
+one, and the interface keeps its index. ``--once`` closes right
 after printing; ``--hold SECONDS`` keeps the connection that long. A failed request prints
 ``nsm nsc: request failed: CODE: message`` on stderr and exits 1; bad flags exit 2. Each state
 change of the connection is a log line on stderr (down, failed and healed are warnings, so they
@@ -22,6 +31,8 @@ from collections.abc import Sequence
 
 from nsm import log as nsm_log
 from nsm.api.connection_pb2 import Connection
+from nsm.client.heal import DEFAULT_INTERVAL, HealOptions
+from nsm.client.heal import DEFAULT_TIMEOUT as DEFAULT_LIVENESS_TIMEOUT
 from nsm.client.sdk import DEFAULT_IFNAME, DEFAULT_LIFETIME, DEFAULT_TIMEOUT, Client
 from nsm.config import EXIT_USAGE, StopSignals, duration, fail, flag, label, log_flags, run_command
 from nsm.errors import NsmError
@@ -40,16 +51,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "client's interface (default: this process's)")
     flag(parser, "--ifname", default=DEFAULT_IFNAME, help="interface name in the client's namespace")
     flag(parser, "--name", help="this client's path segment name (default nsc-<random>)")
+    flag(parser, "--id", help="the connection id (default <name>-0 with --name, else random): a "
+                              "restarted client with the same id adopts its live connection")
     flag(parser, "--label", many=True, type=label, default=[],
          help="connection label key=value (matched against the service's matches); repeatable")
     flag(parser, "--lifetime", type=duration, default=DEFAULT_LIFETIME,
          help="connection lifetime without a refresh, e.g. 10m (refreshed at a third of it)")
     flag(parser, "--timeout", type=duration, default=DEFAULT_TIMEOUT,
          help="timeout of each Request/Close, e.g. 15s")
+    heal_flags(parser)
     flag(parser, "--once", switch=True, default=False, help="request, print, close and exit")
     flag(parser, "--hold", type=duration,
          help="keep the connection this long (e.g. 30s), then close and exit")
     log_flags(parser, level="warning")
+
+
+def heal_flags(parser: argparse.ArgumentParser) -> None:
+    """``--heal``, ``--liveness`` and the data-plane check's ``--liveness-interval`` and
+    ``--liveness-timeout`` (read back by :func:`heal_options`)."""
+    for name, what in (("--heal", "heal connections that break (monitor stream, data-plane check)"),
+                       ("--liveness", "check the data plane from the client's namespace (ICMP to "
+                                      "the endpoint's addresses)")):
+        flag(parser, name, switch=True, default=True, help=what)
+    for name, default, what in (
+            ("--liveness-interval", DEFAULT_INTERVAL, "time between two data-plane checks, e.g. 200ms"),
+            ("--liveness-timeout", DEFAULT_LIVENESS_TIMEOUT,
+             "how long one data-plane check may take before the connection is dead, e.g. 1s")):
+        flag(parser, name, type=duration, default=default, help=what)
+
+
+def heal_options(args: argparse.Namespace) -> HealOptions | None:
+    """The :class:`HealOptions` of :func:`heal_flags` (None with ``--no-heal``)."""
+    if not args.heal:
+        return None
+    return HealOptions(liveness=args.liveness, interval=args.liveness_interval,
+                       timeout=args.liveness_timeout)
 
 
 def summary(conn: Connection, ifname: str = "") -> str:
@@ -75,9 +111,15 @@ async def run(args: argparse.Namespace) -> int:
     try:
         if args.name is not None:
             check_name(args.name, "client name (--name)")
+        conn_id = args.id
+        if conn_id is not None:
+            check_name(conn_id, "connection id (--id)")
+        elif args.name is not None:
+            conn_id = f"{args.name}-0"
         client = Client(manager_url=args.manager, service=args.service, netns=args.netns,
                         ifname=args.ifname, name=args.name, labels=dict(args.label or []),
-                        lifetime=args.lifetime, request_timeout=args.timeout, on_update=on_update)
+                        lifetime=args.lifetime, request_timeout=args.timeout, on_update=on_update,
+                        conn_id=conn_id, heal=heal_options(args))
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
 

@@ -1,8 +1,9 @@
 """notify (client side): every state change of every connection, to the user and the log.
 
 A connection is ESTABLISHED by its first successful Request and REFRESHED by each later one. It
-is DOWN when the chain gives its path up (expired without a refresh; a heal that reselects), and
-HEALED by the next successful Request after that. Each failed Request is FAILED (the caller gets
+is DOWN when the chain gives its path up (expired without a refresh) or a heal starts
+(:mod:`nsm.client.heal`: the reason says what broke and what the heal does), and HEALED by the
+next successful Request after that. Each failed Request is FAILED (the caller gets
 the error too; refreshes and heals are retried), and Close makes it CLOSED. Subscribers get a
 :class:`StateChange` by callback (:meth:`Notify.subscribe`, called inside the event, before the
 caller sees its result) or by async iteration (:meth:`Notify.changes`); each is also a log line.
@@ -107,7 +108,8 @@ class Notify(Element):
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         event = ctx.meta.get(EVENT) or Event(Kind.REQUEST)
         before = ctx.meta.get(_LAST)
-        if event.kind in (Kind.FRESH, Kind.RESELECT) and before is not None and not ctx.meta.get(_DOWN):
+        gives_up = event.heal or event.kind in (Kind.FRESH, Kind.RESELECT)
+        if gives_up and before is not None and not ctx.meta.get(_DOWN):
             ctx.meta.set(_DOWN, True)
             self._emit(ctx, State.DOWN, before, reason=event.reason)
         try:

@@ -12,8 +12,11 @@ or ``await client.request()`` ... ``await client.close()``.
 A :class:`Client` is one connection over its own :class:`~nsm.client.chain.Connections` (the
 client chain): refreshed at a third of the time left before its segment expires, retried with
 backoff, requested afresh when it expired anyway (same id, only its own segment, its addresses
-kept). Every state change reaches ``on_change`` and :meth:`Client.changes`; every new
-connection ``on_update``.
+kept), and healed when it breaks (:mod:`nsm.client.heal`: the manager's monitor stream and a
+data-plane check from ``netns``; ``heal=None`` turns it off). A client given a stable
+``conn_id`` that finds the manager still holding that connection, with its interface in
+``netns``, adopts it (``adopt``) instead of building a second one. Every state change reaches
+``on_change`` and :meth:`Client.changes`; every new connection ``on_update``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Element
 from nsm.client.chain import DEFAULT_LIFETIME, MAX_BACKOFF, MIN_BACKOFF, Connections, new_request
 from nsm.client.connect import DEFAULT_TIMEOUT, close_once, request_once
+from nsm.client.heal import HealOptions, interface_present
 from nsm.client.notify import State, StateChange
 from nsm.client.refresh import REFRESH_FRACTION
 from nsm.elements.updatepath import expiry_of
@@ -34,7 +38,7 @@ from nsm.elements.validate import validate_connection
 from nsm.errors import NsmError
 from nsm.kernel.netns import resolve_netns
 from nsm.log import get_logger
-from nsm.mechanisms import kernel, netns_url, validate_ifname, validate_mechanism
+from nsm.mechanisms import NAME, kernel, netns_url, validate_ifname, validate_mechanism
 
 __all__ = ["DEFAULT_IFNAME", "DEFAULT_LIFETIME", "DEFAULT_TIMEOUT", "MAX_BACKOFF", "MIN_BACKOFF",
            "REFRESH_FRACTION", "Client", "close_once", "new_request", "request_once"]
@@ -51,7 +55,10 @@ class Client:
     ``lifetime`` (seconds) is the expiry this client writes into its own path segment: every hop
     closes the connection if it is not refreshed by then. ``on_update`` is called with each new
     connection (first request, refreshes, heals), ``on_change`` with each state change;
-    ``hooks`` watch the live connection (:class:`~nsm.client.hooks.Hook`).
+    ``heal`` says how it heals (None: not at all), ``hooks`` watch the live connection too
+    (:class:`~nsm.client.hooks.Hook`). ``adopt`` (default: when ``conn_id`` is given): the first
+    :meth:`request` takes over the manager's live connection ``conn_id`` when its interface is
+    in ``netns`` (a restarted client), instead of requesting afresh.
     """
 
     def __init__(
@@ -71,7 +78,9 @@ class Client:
         on_change: Callable[[StateChange], None] | None = None,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+        heal: HealOptions | None = HealOptions(),
         hooks: Sequence[Element] = (),
+        adopt: bool | None = None,
     ) -> None:
         self.service = service
         self.ifname = validate_ifname(ifname, "client interface name")
@@ -79,7 +88,8 @@ class Client:
         self.labels = dict(labels or {})
         self.connections = Connections(manager_url=manager_url, name=name, lifetime=lifetime,
                                        request_timeout=request_timeout, min_backoff=min_backoff,
-                                       max_backoff=max_backoff, hooks=hooks, on_change=self._changed)
+                                       max_backoff=max_backoff, heal=heal, hooks=hooks,
+                                       on_change=self._changed)
         self.manager_url = self.connections.manager_url
         self.name = self.connections.name
         self.lifetime = self.connections.lifetime
@@ -89,6 +99,7 @@ class Client:
         for m in self.mechanisms:
             validate_mechanism(m)
         self.conn_id = conn_id or str(uuid.uuid4())
+        self.adopt = bool(conn_id) if adopt is None else adopt
         self.on_update = on_update
         self.on_change = on_change
         # Check the whole first request once, so that bad input never reaches the wire.
@@ -127,13 +138,23 @@ class Client:
         return self.connections.changes(self.conn_id)
 
     async def request(self) -> Connection:
-        """Request the connection (or refresh it now when already connected); it is refreshed
-        in the background from then on. Raises the domain error of a failed Request."""
+        """Request the connection (or refresh it now when already connected; or adopt the live
+        one, see ``adopt``); it is refreshed and healed in the background from then on. Raises
+        the domain error of a failed Request."""
         if self.connection is not None:
             conn = await self.connections.refresh(self.conn_id)
             if conn is not None:
                 return conn
+        if self.adopt:
+            adopted = await self.connections.adopt(self._fresh(), self._ours)
+            if adopted is not None:
+                return adopted
         return await self.connections.request(self._fresh())
+
+    async def _ours(self, found: Connection) -> bool:
+        """Whether a connection the manager still has is this client's: its interface is here."""
+        name = found.mechanism.parameters.get(NAME) or self.ifname
+        return name == self.ifname and await interface_present(self.netns, self.ifname)
 
     async def close(self, *, raise_errors: bool = False) -> None:
         """Stop refreshing and Close the connection (errors are logged, raised only when

@@ -9,6 +9,15 @@ interface) returns at once (:data:`nsm.errors.RETRYABLE`).
 The forwarder is told only the endpoint's *name* (``network_service_endpoint_name``): it
 resolves the name through this manager's registry proxy itself, so no caller can make it dial a
 URL of its choosing.
+
+A Request with ``state=RESELECT_REQUESTED`` (a client healing a path that broke) is chosen
+afresh: any forwarder and any endpoint may take it. The endpoint name it may still carry is
+ignored, and the endpoint and forwarder the old path used (that name, or what this manager still
+remembers of the connection) are tried *last*: the old path broke, so any other is the better
+bet, and the old one is still tried when it is the only one (with one forwarder per node, the
+usual case, the forwarder stays the same). Any other Request keeps what is on its path: the
+endpoint it names and the forwarder of its path (or the last one used), so a refresh, or a heal
+that only re-requests, changes nothing in the datapath.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 
-from nsm.api.connection_pb2 import Connection
+from nsm.api.connection_pb2 import RESELECT_REQUESTED, Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
@@ -31,6 +40,18 @@ from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
 _CANDIDATES: Key[list[NetworkServiceEndpoint]] = Key("select.candidates")
 _FORWARDER: Key[str] = Key("select.forwarder")
 _ENDPOINT: Key[str] = Key("select.endpoint")
+#: The endpoint of the path a reselect replaces (tried last).
+_OLD_ENDPOINT: Key[str] = Key("select.old-endpoint")
+
+
+def reselecting(conn: Connection) -> bool:
+    """Whether the client asks for a new path (its old one broke)."""
+    return conn.state == RESELECT_REQUESTED
+
+
+def last_of(items: list[NetworkServiceEndpoint], names: set[str]) -> list[NetworkServiceEndpoint]:
+    """``items`` in order, those named in ``names`` moved to the end."""
+    return [i for i in items if i.name not in names] + [i for i in items if i.name in names]
 
 
 class Discover(Element):
@@ -48,6 +69,11 @@ class Discover(Element):
         if ns is None:
             raise NotFound(f"network service {conn.network_service!r} not found")
         conn.payload = conn.payload or ns.payload or PAYLOAD_IP
+        old = ""
+        if reselecting(conn):  # a stale name must not pin the new path to the old endpoint
+            old = conn.network_service_endpoint_name or ctx.meta.get(_ENDPOINT) or ""
+            conn.network_service_endpoint_name = ""
+        ctx.meta.set(_OLD_ENDPOINT, old)
         candidates: list[NetworkServiceEndpoint] = []
         if conn.network_service_endpoint_name:
             chosen = await self.cache.endpoint(conn.network_service_endpoint_name)
@@ -64,7 +90,8 @@ class Discover(Element):
 
 
 class SelectForwarder(Element):
-    """Picks a forwarder registered for this manager; the one on the path first (restore)."""
+    """Picks a forwarder registered for this manager: the one on the path (or used last) first,
+    except on a reselect, which tries it last."""
 
     def __init__(self, cache: RegistryCache, *, manager_urls: Callable[[], Iterable[str]]) -> None:
         self.cache = cache
@@ -80,10 +107,12 @@ class SelectForwarder(Element):
         forwarders = await self.forwarders()
         if not forwarders:
             raise Unavailable("no forwarder is registered for this manager")
-        previous = ctx.meta.get(_FORWARDER)
         path = request.connection.path
-        on_path = {s.name for s in path.path_segments[path.index + 1:]}
-        forwarders.sort(key=lambda f: 0 if f.name == previous or f.name in on_path else 1)
+        old = {s.name for s in path.path_segments[path.index + 1:]} | {ctx.meta.get(_FORWARDER) or ""}
+        if reselecting(request.connection):
+            forwarders = last_of(forwarders, old)
+        else:
+            forwarders = last_of(forwarders, {f.name for f in forwarders} - old)
         error: NsmError | None = None
         for fwd in forwarders:
             ctx.meta.set(_FORWARDER, fwd.name)
@@ -111,6 +140,9 @@ class RoundRobin(Element):
         if len(candidates) > 1 and not conn.network_service_endpoint_name:
             start = next_index(self._counters, conn.network_service) % len(candidates)
             candidates = candidates[start:] + candidates[:start]
+        old = ctx.meta.pop(_OLD_ENDPOINT)
+        if old:
+            candidates = last_of(candidates, {old})
         error: NsmError | None = None
         for nse in candidates:
             conn.network_service_endpoint_name = nse.name

@@ -22,6 +22,9 @@ from nsm.transport import Server
 pytestmark = pytest.mark.timeout(30)
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Against a fake manager no interface is ever built in this (the test's) namespace: no data-plane
+#: check (tests/client/test_client_heal.py has those, in namespaces of their own).
+LIVENESS_OFF = ("--no-liveness",)
 
 
 class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
@@ -71,7 +74,7 @@ async def spawn(*args: str) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NSM_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nsm.client.main", *args, cwd=ROOT, env=env,
+        sys.executable, "-m", "nsm.client.main", *args, *LIVENESS_OFF, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
@@ -141,6 +144,19 @@ async def test_state_changes_are_log_lines(manager, eventually) -> None:  # type
     assert len(fake.closes) == 1
 
 
+async def test_the_connection_id_is_given_or_derived_from_the_name(manager) -> None:  # type: ignore[no-untyped-def]
+    fake, url = manager
+    for args, want in ((["--name", "pod-a"], "pod-a-0"), (["--name", "pod-a", "--id", "conn-7"], "conn-7")):
+        proc = await spawn("--manager", url, "--service", "blue", "--once", *args)
+        out, err = await finish(proc)
+        assert proc.returncode == 0, err
+        assert out.startswith(f"connected id={want} "), out
+        assert fake.requests[-1].connection.path.path_segments[0].id == want
+    proc = await spawn("--manager", url, "--service", "blue", "--once")  # no name: random
+    out, _ = await finish(proc)
+    assert out.startswith("connected id=") and "-0 " not in out
+
+
 async def test_hold_seconds(manager) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     proc = await spawn("--manager", url, "--service", "blue", "--hold", "0.3s")
@@ -170,6 +186,9 @@ async def test_unreachable_manager_exits_1(tmp_path: Path) -> None:
     (["--netns", "/nonexistent/ns"], "does not exist"),
     (["--manager", "http://x"], "unsupported URL"),
     (["--lifetime", "soon"], "not a duration"),
+    (["--liveness-interval", "0s"], "must be positive"),
+    (["--liveness-timeout", "often"], "not a duration"),
+    (["--id", ""], "connection id (--id) is empty"),
 ])
 async def test_bad_flags_exit_2(args: list[str], message: str) -> None:
     proc = await spawn("--manager", "unix:///tmp/none.sock", "--service", "blue", *args)

@@ -18,6 +18,7 @@ from nsm.api import networkservice_pb2_grpc
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.client.chain import Connections, new_request
+from nsm.client.heal import HealOptions
 from nsm.client.notify import State, StateChange
 from nsm.client.sdk import Client
 from nsm.elements.updatepath import expiry_of
@@ -27,6 +28,10 @@ from nsm.mechanisms import NAME, NETNS_INODE_URL, kernel
 from nsm.transport import Server
 
 pytestmark = pytest.mark.timeout(30)
+
+#: These clients are in the test's own namespace, with interfaces no forwarder built: heal on the
+#: control plane only (tests/client/test_client_heal.py checks the data plane in namespaces).
+NO_LIVENESS = HealOptions(liveness=False)
 
 
 class FakeManager(networkservice_pb2_grpc.NetworkServiceServicer):
@@ -76,7 +81,8 @@ async def closing(client: Client) -> AsyncIterator[Client]:
 
 async def test_first_request(manager) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
-    async with closing(Client(manager_url=url, service="blue", labels={"app": "x"}, lifetime=120)) as client:
+    async with closing(Client(heal=NO_LIVENESS, manager_url=url, service="blue", labels={"app": "x"},
+                              lifetime=120)) as client:
         conn = await client.request()
         assert client.connection == conn
         _, sent = fake.requests[0]
@@ -97,7 +103,7 @@ async def test_first_request(manager) -> None:  # type: ignore[no-untyped-def]
 async def test_refreshes_before_expiry(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     updates: list[Connection] = []
-    client = Client(manager_url=url, service="blue", lifetime=0.6, on_update=updates.append)
+    client = Client(heal=NO_LIVENESS, manager_url=url, service="blue", lifetime=0.6, on_update=updates.append)
     async with closing(client):
         first = await client.request()
         await eventually(lambda: len(fake.requests) >= 4 and len(updates) >= 4)  # answered too
@@ -120,7 +126,8 @@ async def test_refreshes_before_expiry(manager, eventually) -> None:  # type: ig
 
 async def test_transient_refresh_failures_are_retried(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
-    async with closing(Client(manager_url=url, service="blue", lifetime=1.5, min_backoff=0.02)) as client:
+    async with closing(Client(heal=NO_LIVENESS, manager_url=url, service="blue", lifetime=1.5,
+                              min_backoff=0.02)) as client:
         first = await client.request()
         fake.fail = [Unavailable("forwarder restarting"), Unavailable("still")]
         await eventually(lambda: len(fake.requests) >= 4 and not fake.fail)
@@ -131,8 +138,8 @@ async def test_transient_refresh_failures_are_retried(manager, eventually) -> No
 
 async def test_heals_from_scratch_after_expiry(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
-    async with closing(Client(manager_url=url, service="blue", lifetime=0.5, min_backoff=0.05,
-                              max_backoff=0.1)) as client:
+    async with closing(Client(heal=NO_LIVENESS, manager_url=url, service="blue", lifetime=0.5,
+                              min_backoff=0.05, max_backoff=0.1)) as client:
         first = await client.request()
         fake.fail = [Unavailable("down")] * 12
         await eventually(lambda: not fake.fail and client.connection is not None
@@ -146,7 +153,7 @@ async def test_heals_from_scratch_after_expiry(manager, eventually) -> None:  # 
 
 async def test_close_sends_close_once(manager) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
-    client = Client(manager_url=url, service="blue")
+    client = Client(heal=NO_LIVENESS, manager_url=url, service="blue")
     async with client.connect() as conn:
         assert conn.network_service_endpoint_name == "nse-1"
     assert [c.id for c in fake.closes] == [conn.id] and client.connection is None
@@ -157,7 +164,7 @@ async def test_close_sends_close_once(manager) -> None:  # type: ignore[no-untyp
 async def test_request_failure_is_a_domain_error(manager) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     fake.fail = [NotFound("network service 'x' not found")]
-    client = Client(manager_url=url, service="x")
+    client = Client(heal=NO_LIVENESS, manager_url=url, service="x")
     with pytest.raises(NotFound, match="network service 'x' not found"):
         async with client.connect():
             pass
@@ -165,7 +172,8 @@ async def test_request_failure_is_a_domain_error(manager) -> None:  # type: igno
 
 
 async def test_unreachable_manager_is_unavailable(tmp_path: Path) -> None:
-    client = Client(manager_url=f"unix://{tmp_path}/none.sock", service="x", request_timeout=2)
+    client = Client(heal=NO_LIVENESS, manager_url=f"unix://{tmp_path}/none.sock", service="x",
+                    request_timeout=2)
     try:
         with pytest.raises(Unavailable):
             await client.request()
@@ -196,7 +204,8 @@ async def test_against_a_real_endpoint(tmp_path: Path) -> None:
     """No manager: the endpoint appends its segment after the client's and answers."""
     async with Endpoint(name="nse-e", services=["blue"], cidr="10.9.0.0/24",
                         listen=[f"unix://{tmp_path}/nse.sock"], grace=0.1) as endpoint:
-        client = Client(manager_url=endpoint.url, service="blue", ifname="nsm-9", lifetime=0.9)
+        client = Client(heal=NO_LIVENESS, manager_url=endpoint.url, service="blue", ifname="nsm-9",
+                        lifetime=0.9)
         async with client.connect() as conn:
             assert conn.id == client.conn_id and conn.path.index == 0
             assert [s.name for s in conn.path.path_segments] == [client.name, "nse-e"]
@@ -212,7 +221,7 @@ async def test_against_a_real_endpoint(tmp_path: Path) -> None:
 async def test_state_changes_reach_the_callback_and_the_iterator(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     _, url = manager
     seen: list[StateChange] = []
-    client = Client(manager_url=url, service="blue", lifetime=0.6, on_change=seen.append)
+    client = Client(heal=NO_LIVENESS, manager_url=url, service="blue", lifetime=0.6, on_change=seen.append)
     iterated: list[State] = []
 
     async def iterate() -> None:
@@ -236,7 +245,7 @@ async def test_state_changes_reach_the_callback_and_the_iterator(manager, eventu
 async def test_many_connections_over_one_channel_each_refreshed(manager, eventually) -> None:  # type: ignore[no-untyped-def]
     fake, url = manager
     mech = [kernel("nsm-1", f"file:///proc/{os.getpid()}/ns/net")]
-    async with Connections(manager_url=url, name="agent", lifetime=0.6) as conns:
+    async with Connections(heal=NO_LIVENESS, manager_url=url, name="agent", lifetime=0.6) as conns:
         ids = [f"conn-{i}" for i in range(5)]
         for conn_id in ids:
             conn = await conns.request(new_request(service="blue", name="agent", mechanisms=mech,
@@ -259,7 +268,7 @@ async def test_many_connections_over_one_channel_each_refreshed(manager, eventua
 
 async def test_a_request_for_another_clients_path_is_refused(manager) -> None:  # type: ignore[no-untyped-def]
     _, url = manager
-    async with Connections(manager_url=url, name="agent") as conns:
+    async with Connections(heal=NO_LIVENESS, manager_url=url, name="agent") as conns:
         with pytest.raises(InvalidArgument, match="not this client's"):
             await conns.request(new_request(service="blue", name="other", mechanisms=[kernel("nsm-1")]))
         assert conns.ids() == []
