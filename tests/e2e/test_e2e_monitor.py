@@ -25,7 +25,7 @@ async def test_endpoint_killed_is_down_at_the_manager_then_up_after_a_refresh_th
         mesh, monitor_watch) -> None:
     service = mesh.name("e2e-mon")
     nse = await mesh.start_nse("mon", services=[service], cidr="10.91.0.0/24")
-    client = mesh.client(await mesh.netns(), service=service)
+    client = mesh.client(await mesh.netns(), service=service, heal=None)  # the DOWN must stay
     conn = await client.request()
     manager_id = conn.path.path_segments[1].id
     watch = monitor_watch(mesh.channel(mesh.manager_url), segment_id=client.conn_id)

@@ -31,7 +31,7 @@ HOPS = ("manager.node1", "forwarder.node1", "manager.node2", "forwarder.node2")
 async def test_remote_endpoint_killed_is_down_on_every_hop_then_up_after_a_refresh(
         new_lab, monitor_watch) -> None:
     async with new_lab(TOPOLOGY, tag="mon") as cluster:
-        client, conn, _ = await cluster.connect("node1", "svc-mon")
+        client, conn, _ = await cluster.connect("node1", "svc-mon", heal=None)  # the DOWN must stay
         assert [s.name for s in conn.path.path_segments][1:] == [
             "node1", "node1-fwd", "node2", "node2-fwd", "nse-mon"]
         urls = cluster.monitor_urls()
