@@ -60,12 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
-import ipaddress
 import socket
-import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -87,10 +82,9 @@ from nsm.chain import Ctx, NextClose
 from nsm.client.begin import EVENT, EVENTS, Events, Kind
 from nsm.client.hooks import Hook
 from nsm.errors import InvalidArgument, NsmError, from_rpc_error
-from nsm.kernel.netns import run_in_netns
-from nsm.kernel.ping import ping_here
+from nsm.kernel.liveness import Liveness, target_of
+from nsm.kernel.netns import interface_flags, run_in_netns
 from nsm.log import Logger, get_logger
-from nsm.mechanisms import KERNEL, NAME, NETNS_INODE_URL, netns_path
 from nsm.retry import Backoff
 
 #: The reference's defaults (cmd-nsc): a liveness check every 200 ms, 1 s for each.
@@ -108,10 +102,6 @@ ECHOES = 4
 
 #: Stream errors that say nothing about the connections: reconnect, and the snapshot tells.
 NOT_A_FAULT = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED})
-
-_SIOCGIFFLAGS = 0x8913
-_IFF_UP = 0x1
-_IFF_RUNNING = 0x40
 
 
 # -- the data-plane check ---------------------------------------------------------------------
@@ -134,101 +124,43 @@ class Probe(Protocol):
     async def __call__(self, conn: Connection, timeout: float) -> Verdict: ...
 
 
-@dataclass(frozen=True)
-class KernelTarget:
-    """Where and what a kernel probe checks: the client's namespace (path), its interface, and the
-    IPv4 destination addresses to ping (no prefix length)."""
-
-    netns: str
-    ifname: str
-    addresses: tuple[str, ...]
-
-
-def kernel_target(conn: Connection) -> KernelTarget | None:
-    """The target of a client connection with a KERNEL mechanism (its ``inodeURL`` and ``name``;
-    the endpoint-side addresses of the families the client side has, IPv4 only here); None when
-    there is nothing to check from here."""
-    mech = conn.mechanism
-    url = mech.parameters.get(NETNS_INODE_URL, "")
-    if mech.type != KERNEL or not url:
-        return None
-    try:
-        path = netns_path(url)
-    except InvalidArgument:
-        return None
-    ip = conn.context.ip_context
-    v4 = any(_version(a) == 4 for a in ip.src_ip_addrs)
-    addresses = tuple(dict.fromkeys(a.split("/")[0] for a in ip.dst_ip_addrs if v4 and _version(a) == 4))
-    ifname = mech.parameters.get(NAME, "")
-    if not ifname and not addresses:
-        return None
-    return KernelTarget(path, ifname, addresses)
-
-
-def _version(cidr: str) -> int:
-    try:
-        return ipaddress.ip_interface(cidr).version
-    except ValueError:
-        return 0
-
-
 def _if_flags(ifname: str) -> int | None:
     """The interface's flags in the calling thread's namespace; None when there is none."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            data = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, struct.pack("16sH22x", ifname.encode(), 0))
-        except OSError as exc:
-            if exc.errno in (errno.ENODEV, errno.ENXIO):
-                return None
-            raise
-    return int(struct.unpack_from("16sH", data)[1])
-
-
-def _check_here(target: KernelTarget, timeout: float, echoes: int) -> Verdict:
-    """The kernel check, from inside the target's namespace (a thread that entered it)."""
-    if target.ifname:
-        flags = _if_flags(target.ifname)
-        if flags is None:
-            return Verdict(False, f"interface {target.ifname} is gone")
-        if not flags & _IFF_UP:
-            return Verdict(False, f"interface {target.ifname} is down")
-        if not flags & _IFF_RUNNING:
-            return Verdict(False, f"interface {target.ifname} has no carrier")
-    deadline = time.monotonic() + timeout
-    gap = timeout / echoes
-    for addr in target.addresses:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return Verdict(False, f"no reply from {addr} within {timeout:g} s")
-            result = ping_here(addr, count=1, timeout=min(gap, left))
-            if result.received:
-                break
-            if result.errors:
-                return Verdict(False, f"{addr}: {result.errors[0]}")
-    return Verdict(True)
+        return interface_flags(s.fileno(), ifname)
 
 
 class KernelProbe:
-    """The built-in data-plane check (:func:`kernel_target`): the interface is there, up and has
-    carrier, then every IPv4 destination address answers an ICMP echo (up to ``echoes`` spread
-    over the timeout). Each check runs in a thread that enters the namespace (``nsm.kernel.ping``);
-    a connection with no KERNEL interface cannot be checked (``Verdict(None)``)."""
+    """The built-in data-plane check, :class:`nsm.kernel.liveness.Liveness` (one per probe,
+    hence one per client chain: one ICMP socket per namespace and family, driven by the event
+    loop, no thread per check): the interface is there, up and has carrier, then every
+    destination address of the families the client has answers an echo (up to ``echoes``
+    spread over the timeout). A connection with no KERNEL interface cannot be checked
+    (``Verdict(None)``)."""
 
     def __init__(self, *, echoes: int = ECHOES) -> None:
         if echoes < 1:
             raise InvalidArgument(f"echoes must be at least 1, not {echoes}")
         self.echoes = echoes
+        self._liveness: Liveness | None = None
 
     async def __call__(self, conn: Connection, timeout: float) -> Verdict:
-        target = kernel_target(conn)
+        target = target_of(conn)
         if target is None:
             return Verdict(None, "no kernel interface to check")
+        if self._liveness is None:
+            self._liveness = Liveness()
         try:
-            return await asyncio.to_thread(run_in_netns, target.netns, _check_here, target, timeout,
-                                           self.echoes)
-        except NsmError as exc:  # the namespace is gone or is not one
+            result = await self._liveness.check(target.netns, target.addresses, ifname=target.ifname,
+                                                timeout=timeout, echoes=self.echoes)
+        except NsmError as exc:  # the namespace is not one, or checks cannot run here
             return Verdict(False, exc.message)
+        return Verdict(result.alive, result.reason)
+
+    async def close(self) -> None:
+        liveness, self._liveness = self._liveness, None
+        if liveness is not None:
+            await liveness.close()
 
 
 async def interface_present(netns: str, ifname: str) -> bool:
@@ -402,6 +334,9 @@ class Heal(Hook):
         await asyncio.gather(*tasks, return_exceptions=True)
         self._stream = None
         self._stream_up = False
+        close = getattr(self.probe, "close", None)
+        if close is not None:
+            await close()
 
     # -- bookkeeping ----------------------------------------------------------------------
 
