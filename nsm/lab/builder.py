@@ -433,6 +433,7 @@ class Lab:
             mgr = self._new_daemon(f"manager.{n.name}", [
                 "manager", "--name", n.name, "--listen", mgr_url, "--listen", mgr_tcp,
                 "--registry", self.registry_tcp_url,
+                *(["--advertise", mgr_url] if n.advertise_unix else []),
             ], mgr_url, self._node_ns[n.name])
             fwd = self._new_daemon(f"forwarder.{n.name}", [
                 "forwarder", "--name", fwd_name, "--node", n.name, "--listen", fwd_url,

@@ -48,9 +48,12 @@ def _check_name(name: str, what: str) -> None:
 @dataclass(frozen=True)
 class NodeSpec:
     """A node: a namespace on the fabric running a manager and a forwarder. The name is also the
-    fabric-side interface name, so at most 15 characters."""
+    fabric-side interface name, so at most 15 characters. ``advertise_unix``: other nodes reach
+    its manager by its unix socket (the lab's nodes share one file system) instead of its tcp URL,
+    as with a manager whose socket is shared through a hostPath."""
 
     name: str
+    advertise_unix: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.name, "node")
