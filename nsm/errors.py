@@ -93,6 +93,13 @@ class Conflict(NsmError):
     code = grpc.StatusCode.ABORTED
 
 
+class EndpointUnreachable(Unavailable):
+    """The endpoint a connection goes to cannot be reached (its process died, it unregistered):
+    a heal must reselect, not wait for it, unlike a manager or forwarder being restarted."""
+
+    reason = "ENDPOINT_UNREACHABLE"
+
+
 #: Failures that may be the peer's (or the moment's) fault rather than the caller's: the same
 #: call may succeed later, or with another peer. The one list every retry and every fallback
 #: to another candidate uses; caller-side failures (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
@@ -101,7 +108,8 @@ RETRYABLE: tuple[type[NsmError], ...] = (Unavailable, DeadlineExceeded, Internal
                                          ResourceExhausted)
 
 #: Errors that carry a reason of their own, restored by :func:`from_rpc_error`.
-_BY_REASON: dict[str, type[NsmError]] = {VniConflict.reason: VniConflict}
+_BY_REASON: dict[str, type[NsmError]] = {cls.reason: cls for cls in (VniConflict,
+                                                                       EndpointUnreachable)}
 
 
 _BY_CODE: dict[grpc.StatusCode, type[NsmError]] = {

@@ -81,7 +81,7 @@ from nsm.api.connection_pb2_grpc import MonitorConnectionStub
 from nsm.chain import Ctx, NextClose
 from nsm.client.begin import EVENT, EVENTS, Events, Kind
 from nsm.client.hooks import Hook
-from nsm.errors import InvalidArgument, NsmError, from_rpc_error
+from nsm.errors import EndpointUnreachable, InvalidArgument, NsmError, from_rpc_error
 from nsm.kernel.liveness import Liveness, target_of
 from nsm.kernel.netns import interface_flags, run_in_netns
 from nsm.log import Logger, get_logger
@@ -418,13 +418,14 @@ class Heal(Hook):
                 kind, reason = await self._decide(w)
                 if not w.broken():
                     break  # mended while the data plane was checked
-                error, result = "", None
+                error, result, gone = "", None, False
                 async with self._slots:
                     try:
                         async with asyncio.timeout(self.options.try_timeout):
                             result = await w.events.request(kind, reason=reason, heal=True)
                     except NsmError as exc:
                         error = f"{exc.code.name}: {exc.message}"
+                        gone = exc.reason == EndpointUnreachable.reason
                     except TimeoutError:
                         error = f"no answer within {self.options.try_timeout:g} s"
                 if not error:
@@ -432,8 +433,11 @@ class Heal(Hook):
                         return  # closed meanwhile
                     backoff.reset()
                     continue  # healed: the update cleared what was wrong (unless still dead)
-                if kind is Kind.REFRESH and w.down and self._stream_up and not w.escalated:
-                    w.escalated = f"{w.down}, and re-requesting the same path failed ({error})"
+                # A path whose endpoint is gone is reselected even when the data plane still
+                # answers (the endpoint's process died, its namespace lives on); a manager or
+                # forwarder being restarted is waited for: the kernel still carries the traffic.
+                if kind is Kind.REFRESH and w.down and gone and not w.escalated:
+                    w.escalated = f"{w.down}, and its endpoint is gone ({error})"
                 delay = backoff.next_delay()
                 w.log.debug("heal try failed", kind=kind.value, error=error, retry_in=round(delay, 3))
                 with contextlib.suppress(TimeoutError):

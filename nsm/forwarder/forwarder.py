@@ -33,7 +33,7 @@ from nsm.elements.begin import Begin
 from nsm.elements.connect import SENT_URL, Connect
 from nsm.elements.monitornext import MonitorNext
 from nsm.elements.updatepath import DEFAULT_LIFETIME
-from nsm.errors import FailedPrecondition, InvalidArgument, NsmError, Unavailable, Unsupported
+from nsm.errors import EndpointUnreachable, FailedPrecondition, InvalidArgument, NsmError, Unsupported
 from nsm.forwarder.kernel import KernelLocal
 from nsm.forwarder.mechanism import NextHop, SelectMechanism
 from nsm.forwarder.vxlan import (
@@ -119,8 +119,8 @@ class Forwarder(Role):
                                   "endpoint its manager chose")
         nse = await self.endpoints.endpoint(name)
         if nse is None or not nse.url:
-            raise Unavailable(f"endpoint {name} is not known to the registry of node {self.node} "
-                              "(yet)")
+            raise EndpointUnreachable(f"endpoint {name} is not known to the registry of node "
+                                      f"{self.node}")
         node = node_of(nse, conn.network_service)
         if not node:
             raise FailedPrecondition(f"endpoint {name} has no {NODE_LABEL} label: register it "

@@ -47,7 +47,7 @@ from nsm.client.heal import (
 from nsm.client.notify import Notify, State, StateChange
 from nsm.client.refresh import Refresh
 from nsm.elements.monitor import matches
-from nsm.errors import InvalidArgument, NsmError, Unavailable
+from nsm.errors import EndpointUnreachable, InvalidArgument, NsmError, Unavailable
 from nsm.kernel import netns as nsns
 from nsm.kernel.liveness import target_of
 from nsm.kernel.netlink import Netlink
@@ -318,12 +318,26 @@ async def test_a_path_down_whose_re_request_fails_reselects(rig, eventually) -> 
     r = await rig()
     first = await r.request()
     await streaming(r, eventually)
-    r.tail.fail = [Unavailable("endpoint nse-1 unreachable")]
+    r.tail.fail = [EndpointUnreachable("endpoint nse-1 unreachable")]
     r.monitor.set_state(manager_id(first), DOWN)
     await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "refresh", "reselect"]
     assert states(r) == [State.ESTABLISHED, State.DOWN, State.FAILED, State.HEALED]
-    assert "re-requesting the same path failed" in r.changes[-1].reason
+    assert "its endpoint is gone" in r.changes[-1].reason
+
+
+async def test_a_path_down_behind_a_restarting_hop_is_re_requested_not_reselected(rig, eventually) -> None:  # type: ignore[no-untyped-def]
+    """A forwarder or a remote manager being restarted: re-requests fail for a while (no reason
+    saying the endpoint is gone) and the data plane still answers, so the same path is asked
+    for until it works again: the datapath is adopted, not torn down."""
+    r = await rig()
+    first = await r.request()
+    await streaming(r, eventually)
+    r.tail.fail = [Unavailable("forwarder restarting"), Unavailable("forwarder restarting")]
+    r.monitor.set_state(manager_id(first), DOWN)
+    await eventually(lambda: State.HEALED in states(r))
+    assert r.kinds() == ["fresh", "refresh", "refresh", "refresh"]
+    assert states(r) == [State.ESTABLISHED, State.DOWN, State.FAILED, State.FAILED, State.HEALED]
 
 
 async def test_delete_we_did_not_ask_for_heals(rig, eventually) -> None:  # type: ignore[no-untyped-def]
