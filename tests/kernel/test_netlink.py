@@ -23,9 +23,9 @@ from nsm.errors import (
     NotFound,
     Unsupported,
 )
-from nsm.kernel import netlink as nlmod
 from nsm.kernel import netns as nsmod
 from nsm.kernel.netlink import LinkInfo, Netlink
+from nsm.kernel.netlink import messages as nlmsg
 
 NetnsFactory = nsmod.NetnsGroup
 
@@ -629,8 +629,8 @@ def test_error_mapping() -> None:
         errno.ENETUNREACH: FailedPrecondition, errno.EIO: Internal,
     }
     for code, cls in cases.items():
-        err = nlmod._domain_error(NetlinkError(code), "do x on eth0 in ns y")
+        err = nlmsg.domain_error(NetlinkError(code), "do x on eth0 in ns y")
         assert type(err) is cls and err.message.startswith("do x on eth0 in ns y: ")
-    err = nlmod._domain_error(NetlinkError(errno.EOPNOTSUPP, "Unknown device type"), "add")
+    err = nlmsg.domain_error(NetlinkError(errno.EOPNOTSUPP, "Unknown device type"), "add")
     assert "Unknown device type" in err.message and "not supported by this kernel" in err.message
 
