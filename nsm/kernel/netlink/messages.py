@@ -11,8 +11,8 @@ Kernel facts the builders rely on (kernel 6.18):
   with a second message. A veth *peer* cannot be created up (the kernel answers ENOTCONN).
 - ``RTM_NEWLINK`` honours ``ifi_index`` for a new link, and for a veth the ``ifi_index`` of the
   peer's ``ifinfomsg`` inside ``VETH_INFO_PEER`` -- but the peer's only when the link's own index
-  is given too (otherwise the kernel picks the peer's). An index already taken in its namespace
-  is EBUSY, a name EEXIST.
+  is given too (otherwise the kernel picks the peer's). A name already taken is EEXIST, so is the
+  link's index (the kernel finds that link by index), the peer's index EBUSY.
 - IPv6 addresses get ``IFA_F_NODAD``: usable at once, no 1-2 s of "tentative".
 """
 

@@ -83,7 +83,6 @@ _SOL_NETLINK = 270
 _NETLINK_EXT_ACK = 11
 _SIOCGIFNAME = 0x8910
 _SIOCGIFINDEX = 0x8933
-_SIOCGIFFLAGS = 0x8913
 
 
 @dataclass(eq=False)
@@ -135,12 +134,6 @@ class Handle:
         """Whether a link of this namespace has ``index``."""
         return self._ioctl(_SIOCGIFNAME, struct.pack("16si12x", b"", index),
                            f"look up interface index {index}") is not None
-
-    def flags(self, name: str) -> int | None:
-        """The interface's flags (``IFF_*``), None if there is no such interface."""
-        out = self._ioctl(_SIOCGIFFLAGS, struct.pack("16sH14x", name.encode(), 0),
-                          f"read flags of {name}")
-        return None if out is None else int(struct.unpack_from("16sH", out)[1])
 
 
 def netns_key(netns: str | None) -> str | None:
