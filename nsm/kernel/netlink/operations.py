@@ -33,11 +33,13 @@ milliseconds:
 - :meth:`Netlink.create_veth` gives the two ends different indexes (``ifi_index`` of the link and
   of the peer, both chosen at random among the free ones above :data:`VETH_INDEX_FIRST`, chosen
   again if one got taken meanwhile): both ends' carrier changes are urgent.
-- :meth:`Netlink.wait_ready` asks with ``RTM_GETLINK``, which first applies the link's pending
-  link-watch work (``linkwatch_sync_dev``: operstate, then the queueing discipline) under RTNL, so
-  "running" in the answer means the device transmits. ``IFF_RUNNING`` alone (an ioctl) is also
-  set for a device whose state linkwatch has not evaluated yet (operstate UNKNOWN); an end that is
-  up before its peer then looks ready while its queueing discipline still drops packets.
+- :meth:`Netlink.wait_ready` first makes the kernel apply the link's pending link-watch work
+  (``linkwatch_sync_dev``: operstate, then the queueing discipline, under RTNL; through the
+  ``ETHTOOL_GLINK`` ioctl, as ``RTM_GETLINK`` would at ten times the cost), then reads
+  ``IFF_RUNNING``. ``IFF_RUNNING`` alone is also set for a device whose state the link watcher
+  has not evaluated yet (operstate UNKNOWN): the end brought up first then looked ready while its
+  queueing discipline still dropped packets until the link watcher ran (measured under load: in
+  11% of new veths, the end was still UNKNOWN right after ``IFF_RUNNING`` was seen).
 """
 
 from __future__ import annotations
@@ -222,35 +224,30 @@ class Netlink:
             await self._sockets.one(h, msg, RTM_NEWLINK, m.CREATE,
                                     f"create bridge {name} in {m.where(key)}")
 
-    async def _get_link(self, h: Handle, name: str) -> Any | None:
-        """The kernel's ``RTM_GETLINK`` answer for ``name``, None if there is no such link. The
-        kernel first applies the link's pending link-watch work (see the module docstring)."""
-        if h.index(name) is None:  # an ioctl: no round trip for a missing link
-            return None
-        res = await self._sockets.one(h, m.get_link_msg(name), RTM_GETLINK, NLM_F_REQUEST,
-                                      f"get {name} in {h.where}", ok=(errno.ENODEV,))
-        return res[0] if res else None
-
     async def link(self, netns: str | None, name: str) -> LinkInfo | None:
         """The link, or None if there is no such interface (NotFound if no such namespace)."""
         validate_ifname(name)
         async with self._use(netns) as h:
-            msg = await self._get_link(h, name)
-            return None if msg is None else m.link_info(msg)
+            if h.index(name) is None:  # an ioctl: no round trip for a missing link
+                return None
+            res = await self._sockets.one(h, m.get_link_msg(name), RTM_GETLINK, NLM_F_REQUEST,
+                                          f"get {name} in {h.where}", ok=(errno.ENODEV,))
+            return m.link_info(res[0]) if res else None
 
     async def wait_ready(self, netns: str | None, name: str, timeout: float = 1.0) -> bool:
         """Wait until the kernel's link watcher has brought the link up: running (operstate UP,
         or UNKNOWN for a device without carrier changes) and its queueing discipline attached, so
         that the first packets are not dropped; False if it did not within ``timeout``. Each check
-        is one ``RTM_GETLINK``, which first applies the link's pending link-watch work (see the
-        module docstring)."""
+        first makes the kernel apply the link's pending link-watch work (see the module
+        docstring), then reads the flags: two ioctls, no netlink round trip."""
         validate_ifname(name)
         deadline = time.monotonic() + timeout
         delay = 0.0005
         while True:
             async with self._use(netns) as h:
-                msg = await self._get_link(h, name)
-            if msg is not None and msg["flags"] & m.IFF_RUNNING:
+                h.sync_link_watch(name)
+                flags = h.flags(name)
+            if flags is not None and flags & m.IFF_RUNNING:
                 return True
             if time.monotonic() >= deadline:
                 return False

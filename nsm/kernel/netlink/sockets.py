@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -82,6 +83,9 @@ Answer = list[Any] | NetlinkError
 _SOL_NETLINK = 270
 _NETLINK_EXT_ACK = 11
 _SIOCGIFNAME = 0x8910
+_SIOCGIFFLAGS = 0x8913
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GLINK = 0x0A
 _SIOCGIFINDEX = 0x8933
 
 
@@ -134,6 +138,26 @@ class Handle:
         """Whether a link of this namespace has ``index``."""
         return self._ioctl(_SIOCGIFNAME, struct.pack("16si12x", b"", index),
                            f"look up interface index {index}") is not None
+
+    def flags(self, name: str) -> int | None:
+        """The interface's flags (``IFF_*``), None if there is no such interface."""
+        out = self._ioctl(_SIOCGIFFLAGS, struct.pack("16sH14x", name.encode(), 0),
+                          f"read flags of {name}")
+        return None if out is None else int(struct.unpack_from("16sH", out)[1])
+
+    def sync_link_watch(self, name: str) -> None:
+        """Make the kernel apply the link's pending link-watch work now (operstate, and the
+        queueing discipline of a device whose carrier just came on), as the link watcher would
+        later: ``ETHTOOL_GLINK``, whose ``ethtool_op_get_link`` calls ``linkwatch_sync_dev``
+        (under RTNL; ~10-70 µs, against ~0.25 ms for ``RTM_GETLINK``, which does the same).
+        Nothing for a missing link or one without ``get_link``."""
+        value = ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_GLINK, 0), 8)
+        ifr = struct.pack("16sP16x", name.encode(), ctypes.addressof(value))
+        try:
+            self._ioctl(_SIOCETHTOOL, ifr, f"read the carrier of {name}")
+        except Internal as exc:
+            if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno != errno.EOPNOTSUPP:
+                raise
 
 
 def netns_key(netns: str | None) -> str | None:
