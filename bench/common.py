@@ -1,5 +1,8 @@
 """Shared pieces of the benchmarks: statistics, machine facts, CPU accounting, a scratch area
-(namespaces, daemons, a work directory) that is always removed, and the bench registry types.
+(namespaces, daemons, a work directory) that is always removed, connections through the SDK
+(timed, checked, counted when they fail), lab facts (daemons' pids, memory, log problems),
+hand-built nodes, the bench registry types and the command line of a benchmark. Every benchmark
+takes its helpers from here; a benchmark module imports another only for its floor.
 
 Every benchmark is a :class:`Bench`: an async function taking :class:`Options` and returning one
 JSON-serialisable dict with at least ``name``, ``failures`` (int) and ``bars`` (list of
@@ -9,9 +12,12 @@ the registered ones and gathers their dicts into one document.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as _dt
+import ipaddress
+import json
 import math
 import os
 import platform
@@ -21,19 +27,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from nsm.api.connection_pb2 import Connection
+from nsm.client.sdk import Client
+from nsm.errors import NotFound, NsmError, Unavailable
 from nsm.kernel import netns as nsns
+from nsm.kernel.netlink import Netlink
+from nsm.lab import Lab, Topology, end_processes_in
 from nsm.lab.processes import Daemon
 
 #: Prefix of every namespace a benchmark creates: ``nsmb<pid>-...`` (see :func:`sweep_stale`).
 NS_PREFIX = "nsmb"
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def summary(doc: str | None) -> str:
+    """The first paragraph of a module's docstring, on one line."""
+    return (doc or "").split("\n\n")[0].replace("\n", " ")
 
 
 def say(text: str = "") -> None:
@@ -160,10 +177,11 @@ class CpuMeter:
 
 
 def sweep_stale() -> list[str]:
-    """Delete namespaces left by a benchmark process that died without cleaning up (killed
-    with SIGKILL): names ``nsmb<pid>-...`` whose ``<pid>`` is no longer running. Namespaces of
-    running benchmarks and everything else are left alone. Returns the names removed."""
-    removed = []
+    """Remove what a benchmark process that died without cleaning up (killed with SIGKILL)
+    left: the processes (daemons, iperf3) inside its namespaces, then the namespaces, named
+    ``nsmb<pid>-...`` with a ``<pid>`` no longer running. Namespaces of running benchmarks and
+    everything else are left alone. Returns the names removed."""
+    stale = []
     for name in nsns.list_netns():
         if not name.startswith(NS_PREFIX):
             continue
@@ -172,10 +190,43 @@ def sweep_stale() -> list[str]:
             continue
         if Path(f"/proc/{pid_text}").exists():
             continue
+        stale.append(name)
+    if stale:
+        end_processes_in([nsns.netns_path(name) for name in stale], timeout=3.0)
+    removed = []
+    for name in stale:
         with contextlib.suppress(Exception):
             nsns.delete_netns(name)
             removed.append(name)
     return removed
+
+
+def log_problems(logs: Iterable[tuple[str, str]], limit: int = 5) -> dict[str, Any]:
+    """Warning and error lines and tracebacks in daemons' logs (``(name, text)`` pairs): a count
+    and the first few."""
+    lines: list[str] = []
+    count = 0
+    for name, text in logs:
+        for line in text.splitlines():
+            parts = line.split(maxsplit=2)
+            if (len(parts) >= 2 and parts[1] in ("warning", "error", "critical")) \
+                    or line.startswith("Traceback"):
+                count += 1
+                if len(lines) < limit:
+                    lines.append(f"{name}: {line[:300]}")
+    return {"count": count, "first": lines}
+
+
+def begin(name: str, needs: str, **fields: Any) -> tuple[Failures, dict[str, Any], float]:
+    """The start of a benchmark run: root or PermissionError (``needs``: what for), leftovers of
+    killed runs removed; a new :class:`Failures`, the result (``name``, ``machine`` and
+    ``fields``) and the start time (for :meth:`Failures.report`)."""
+    if os.geteuid() != 0:
+        raise PermissionError(f"{name} needs root ({needs})")
+    stale = sweep_stale()
+    if stale:
+        say(f"removed {len(stale)} namespaces left by a killed benchmark")
+    return Failures(), {"name": name, **fields, "machine": machine()}, time.perf_counter()
 
 
 class Scratch:
@@ -217,22 +268,8 @@ class Scratch:
 
     def log_problems(self, limit: int = 5) -> dict[str, Any]:
         """Warning and error lines in the daemons' logs: a count and the first few."""
-        lines: list[str] = []
-        count = 0
-        for d in self.daemons:
-            if d.log_path is None or not d.log_path.exists():
-                continue
-            for line in d.log_path.read_text(errors="replace").splitlines():
-                parts = line.split(maxsplit=2)
-                if len(parts) >= 2 and parts[1] in ("warning", "error", "critical"):
-                    count += 1
-                    if len(lines) < limit:
-                        lines.append(f"{d.name}: {line[:300]}")
-                elif line.startswith("Traceback"):
-                    count += 1
-                    if len(lines) < limit:
-                        lines.append(f"{d.name}: {line[:300]}")
-        return {"count": count, "first": lines}
+        return log_problems(((d.name, d.log_path.read_text(errors="replace")) for d in self.daemons
+                             if d.log_path is not None and d.log_path.exists()), limit)
 
     async def stop_daemons(self) -> None:
         """Stop the daemons (SIGTERM, then SIGKILL after 5 s), last started first; their logs
@@ -268,6 +305,438 @@ async def settle(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
+# ------------------------------------------------------------------------------------ connections
+
+#: The client's interface in every benchmark.
+IFNAME = "nsm-1"
+
+
+class CheckFailed(Exception):
+    """The kernel state is not what the connection says."""
+
+
+@dataclass
+class Failures:
+    """Failed operations: a count and the first few messages."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, what: str, exc: BaseException) -> None:
+        self.count += 1
+        if len(self.first) < 10:
+            text = exc.message if isinstance(exc, NsmError) else repr(exc)
+            self.first.append(f"{what}: {text}"[:400])
+
+    @contextlib.contextmanager
+    def recording(self, result: dict[str, Any], started: float) -> Iterator[None]:
+        """Around a benchmark's run: an exception counts as a failure ("benchmark aborted") and
+        goes on; at the end, whatever happened, :meth:`report`."""
+        try:
+            yield
+        except BaseException as exc:
+            self.add("benchmark aborted", exc)
+            raise
+        finally:
+            self.report(result, started)
+
+    def report(self, result: dict[str, Any], started: float) -> None:
+        """Into a benchmark's result: the failures, their first messages and the wall time
+        since ``started`` (``time.perf_counter()``)."""
+        result["failures"] = self.count
+        result["failure_examples"] = self.first
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+
+
+def ms(t0: float, t1: float) -> float:
+    return (t1 - t0) * 1e3
+
+
+async def for_each(n: int, concurrency: int, fn: Callable[[int], Awaitable[None]]) -> float:
+    """Run ``fn(0..n-1)``, ``concurrency`` at a time (in order when 1); wall time in s."""
+    t0 = time.perf_counter()
+    if concurrency <= 1:
+        for i in range(n):
+            await fn(i)
+    else:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def bounded(i: int) -> None:
+            async with sem:
+                await fn(i)
+
+        await asyncio.gather(*(bounded(i) for i in range(n)))
+    return time.perf_counter() - t0
+
+
+async def timed(count: int, fn: Callable[[int], Awaitable[None]]) -> dict[str, float]:
+    """:func:`summarize` of ``fn(0..count-1)``'s times, one after the other (ms)."""
+    values = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        await fn(i)
+        values.append(ms(t0, time.perf_counter()))
+    return summarize(values)
+
+
+async def verify_up(nl: Netlink, netns: str, conn: Connection, ifname: str = IFNAME,
+                    mtu: int | None = None) -> None:
+    """The client's interface exists, is up, has every address of the connection (and the MTU
+    ``mtu`` when given)."""
+    link = await nl.link(netns, ifname)
+    if link is None:
+        raise CheckFailed(f"{ifname} does not exist in {netns}")
+    if not link.admin_up:
+        raise CheckFailed(f"{ifname} in {netns} is down")
+    if mtu is not None and link.mtu != mtu:
+        raise CheckFailed(f"{ifname} in {netns} has MTU {link.mtu}, not {mtu}")
+    want = list(conn.context.ip_context.src_ip_addrs)
+    have = set(await nl.addresses(netns, ifname))
+    missing = [a for a in want if a not in have]
+    if not want or missing:
+        raise CheckFailed(f"{ifname} in {netns} lacks {missing or 'an address'} (has {sorted(have)})")
+
+
+async def warm_one(make: Callable[[], Client], nl: Netlink, netns: str, failures: Failures,
+                   what: str, *, wait: float = 20.0, mtu: int | None = None) -> float:
+    """One connection (not counted) from ``netns``: set up, verified, closed; its request time
+    in ms. Retries NOT_FOUND/UNAVAILABLE for up to ``wait`` s (the endpoint's registration on
+    its way to the client's manager)."""
+    deadline = time.monotonic() + wait
+    while True:
+        client = make()
+        t0 = time.perf_counter()
+        try:
+            conn = await client.request()
+        except (NotFound, Unavailable) as exc:
+            await client.close()
+            if time.monotonic() > deadline:
+                failures.add(what, exc)
+                raise
+            await asyncio.sleep(0.1)
+            continue
+        took = round(ms(t0, time.perf_counter()), 2)
+        try:
+            await verify_up(nl, netns, conn, mtu=mtu)
+        finally:
+            await client.close(raise_errors=True)
+            nl.forget(netns)
+        return took
+
+
+async def timed_request(client: Client, nl: Netlink, netns: str, failures: Failures, what: str,
+                        request_ms: list[float], verified_ms: list[float] | None = None, *,
+                        verify: bool = True, mtu: int | None = None,
+                        verify_ms: list[float] | None = None) -> Connection | None:
+    """Request (timed into ``request_ms``), then check the interface from here (request +
+    check timed into ``verified_ms``, the check alone into ``verify_ms``). The connection, or
+    None after a counted failure."""
+    t0 = time.perf_counter()
+    try:
+        conn = await client.request()
+    except Exception as exc:
+        failures.add(f"{what} request", exc)
+        return None
+    t1 = time.perf_counter()
+    request_ms.append(ms(t0, t1))
+    if not verify:
+        return conn
+    try:
+        await verify_up(nl, netns, conn, mtu=mtu)
+    except Exception as exc:
+        failures.add(f"{what} verify", exc)
+        return None
+    t2 = time.perf_counter()
+    if verified_ms is not None:
+        verified_ms.append(ms(t0, t2))
+    if verify_ms is not None:
+        verify_ms.append(ms(t1, t2))
+    return conn
+
+
+async def timed_close(client: Client | None, nl: Netlink, netns: str, failures: Failures,
+                      what: str, close_ms: list[float]) -> None:
+    """Close (timed into ``close_ms``) if connected, then check the interface is gone."""
+    if client is None or client.connection is None:
+        return
+    t0 = time.perf_counter()
+    try:
+        await client.close(raise_errors=True)
+    except Exception as exc:
+        failures.add(f"{what} close", exc)
+        return
+    close_ms.append(ms(t0, time.perf_counter()))
+    try:
+        if await nl.link(netns, IFNAME) is not None:
+            raise CheckFailed(f"{IFNAME} is still in {netns} after Close")
+    except Exception as exc:
+        failures.add(f"{what} verify close", exc)
+    finally:
+        nl.forget(netns)
+
+
+def new_clients(manager_url: str, service: str, namespaces: Sequence[str],
+                label: str) -> Callable[[int], Client]:
+    """``i`` → a new SDK ``Client`` of ``service`` from ``namespaces[i]``, as a new pod would
+    make (its Request also connects its channel to the manager)."""
+    def make(i: int) -> Client:
+        return Client(manager_url=manager_url, service=service, netns=namespaces[i],
+                      ifname=IFNAME, name=f"bench-nsc-{label}-{i}")
+
+    return make
+
+
+async def phase(nl: Netlink, make_client: Callable[[int], Client], namespaces: Sequence[str],
+                concurrency: int, failures: Failures, label: str, pids: Mapping[str, int | None],
+                *, verify: bool = True, mtu: int | None = None,
+                at_peak: Callable[[dict[int, Connection]], Awaitable[None]] | None = None
+                ) -> dict[str, Any]:
+    """Set up one connection per namespace (client ``make_client(i)`` in ``namespaces[i]``,
+    ``concurrency`` at a time), call ``at_peak`` with the verified ones, then close them all the
+    same way; per-connection timings, rates and CPU per process (``pids``)."""
+    n = len(namespaces)
+    clients: list[Client | None] = [None] * n
+    conns: dict[int, Connection] = {}
+    request_ms: list[float] = []
+    verified_ms: list[float] = []
+    verify_ms: list[float] = []
+    close_ms: list[float] = []
+    cpu = CpuMeter({**pids, "bench (client SDK + checks)": None})
+
+    async def setup(i: int) -> None:
+        client = clients[i] = make_client(i)
+        conn = await timed_request(client, nl, namespaces[i], failures, f"{label} {i}",
+                                   request_ms, verified_ms, verify=verify, mtu=mtu,
+                                   verify_ms=verify_ms)
+        if conn is not None:
+            conns[i] = conn
+
+    async def close(i: int) -> None:
+        await timed_close(clients[i], nl, namespaces[i], failures, f"{label} {i}", close_ms)
+
+    try:
+        cpu.start()
+        setup_wall = await for_each(n, concurrency, setup)
+        cpu_setup = cpu.stop(n)
+        if at_peak is not None:
+            await at_peak(conns)
+        cpu.start()
+        close_wall = await for_each(n, concurrency, close)
+        cpu_close = cpu.stop(n)
+    finally:
+        for c in clients:  # whatever is still open (failure, Ctrl-C)
+            if c is not None:
+                await asyncio.shield(c.close())
+        for ns in namespaces:
+            nl.forget(ns)
+    return {**rates(n, concurrency, setup_wall, close_wall), "verified": len(conns),
+            "request_ms": summarize(request_ms), "request_verified_ms": summarize(verified_ms),
+            "verify_ms": summarize(verify_ms), "close_ms": summarize(close_ms),
+            "cpu_ms_per_setup": cpu_setup, "cpu_ms_per_close": cpu_close}
+
+
+def rates(n: int, concurrency: int, setup_wall: float, close_wall: float) -> dict[str, Any]:
+    """How a phase of ``n`` set-ups then ``n`` closes went as a whole (walls in s, rates /s)."""
+    return {"n": n, "concurrency": concurrency, "setup_wall_s": round(setup_wall, 3),
+            "setups_per_s": round(n / setup_wall, 1), "close_wall_s": round(close_wall, 3),
+            "closes_per_s": round(n / close_wall, 1)}
+
+
+#: The two phases of a setup benchmark (each beside its floor, ``floor_<mode>`` in the result).
+MODES = (("sequential", "seq"), ("concurrent", "conc"))
+
+
+def setup_ratios(result: dict[str, Any], bar: float, prefix: str = "") -> tuple[dict[str, Any],
+                                                                                list[Bar]]:
+    """Per phase of a setup benchmark, ours against the floor of the same run (both results of
+    :func:`phase`-like dicts: ``request_ms``, ``close_ms``, ``setups_per_s``...), and the bar on
+    the request p50 (named ``<prefix><mode> request p50 / floor p50``)."""
+    ratios: dict[str, Any] = {}
+    bars: list[Bar] = []
+    for mode, _ in MODES:
+        ours, floor = result.get(mode), result.get(f"floor_{mode}")
+        if not ours or not floor:
+            continue
+        fp50 = floor["setup_ms"].get("p50")
+        ratios[mode] = {
+            "request_p50": ratio(ours["request_ms"].get("p50"), fp50),
+            "request_p95": ratio(ours["request_ms"].get("p95"), floor["setup_ms"].get("p95")),
+            "request_verified_p50": ratio(ours["request_verified_ms"].get("p50"), fp50),
+            "close_p50": ratio(ours["close_ms"].get("p50"), floor["close_ms"].get("p50")),
+            "floor_rate_over_ours": ratio(floor["setups_per_s"], ours["setups_per_s"]),
+        }
+        bars.append(Bar(f"{prefix}{mode} request p50 / floor p50", ratios[mode]["request_p50"], bar))
+    return ratios, bars
+
+
+def setup_table(result: dict[str, Any]) -> list[str]:
+    """The latency table of a setup benchmark's phases beside their floors (ms)."""
+    head = (f"{'phase':<11} {'metric':<17} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} "
+            f"| {'floor p50':>9} {'fl p95':>8} {'ratio':>6}")
+    lines = [head, "-" * len(head)]
+    for mode, _ in MODES:
+        ours = result.get(mode)
+        if not ours:
+            continue
+        floor = result.get(f"floor_{mode}") or {}
+        r = (result.get("ratios") or {}).get(mode) or {}
+        rows = [("request", ours["request_ms"], floor.get("setup_ms"), r.get("request_p50")),
+                ("request+verified", ours["request_verified_ms"], floor.get("setup_ms"),
+                 r.get("request_verified_p50")),
+                ("close", ours["close_ms"], floor.get("close_ms"), r.get("close_p50"))]
+        for metric, s, f, rr in rows:
+            f = f or {}
+            lines.append(f"{mode:<11} {metric:<17} {fmt(s.get('p50'))} {fmt(s.get('p95'))} "
+                         f"{fmt(s.get('p99'))} {fmt(s.get('max'))} | {fmt(f.get('p50'), 9)} "
+                         f"{fmt(f.get('p95'))} {fmt(rr, 6)}")
+        for rate in ("setups/s", "closes/s"):
+            key = rate.replace("/s", "_per_s")
+            lines.append(f"{'':<11} {rate:<17} {fmt(ours[key])}{'':>27} | "
+                         f"{fmt(floor.get(key), 9, 1)}")
+    for mode, _ in MODES:
+        ours = result.get(mode)
+        if ours:
+            cpu = ", ".join(f"{k} {v['total']:.2f}" for k, v in ours["cpu_ms_per_setup"].items())
+            lines.append(f"CPU ms per setup ({mode}): {cpu}")
+    return lines
+
+
+def setup_headline(result: dict[str, Any], bar: float) -> dict[str, float | None]:
+    """The figures of a setup benchmark compared across repeated runs."""
+    out: dict[str, float | None] = {}
+    for mode, short in MODES:
+        ours, floor = result.get(mode), result.get(f"floor_{mode}")
+        r = (result.get("ratios") or {}).get(mode) or {}
+        if ours:
+            for q in ("p50", "p95", "p99", "max"):
+                out[f"{short} request {q} ms"] = ours["request_ms"].get(q)
+            out[f"{short} request+verified p50 ms"] = ours["request_verified_ms"].get("p50")
+            out[f"{short} close p50 ms"] = ours["close_ms"].get("p50")
+            out[f"{short} setups/s"] = ours["setups_per_s"]
+        if floor:
+            out[f"{short} floor setup p50 ms"] = floor["setup_ms"].get("p50")
+            out[f"{short} floor close p50 ms"] = floor["close_ms"].get("p50")
+            out[f"{short} floor setups/s"] = floor["setups_per_s"]
+        if r:
+            out[f"{short} ratio request p50 (bar {bar:g})"] = r.get("request_p50")
+    return out
+
+
+# ------------------------------------------------------------------------------------ the lab
+
+
+def rss_kb(pid: int | None) -> dict[str, int | None]:
+    """``VmRSS`` and ``VmHWM`` (peak RSS) of a process in KiB, from ``/proc/<pid>/status``."""
+    out: dict[str, int | None] = {"rss_kb": None, "hwm_kb": None}
+    if not pid:
+        return out
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss_kb"] = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    out["hwm_kb"] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+#: The forwarders' policy tables (``vxlan.TablePool``): rules toward these are ours.
+TABLE_FIRST, TABLE_COUNT = 0x4E530000, 1 << 16
+#: Our link names on a node (``vxlan.names_for``).
+LINK_PREFIXES = ("nsv", "nsx", "nsb")
+
+
+async def node_state(nl: Netlink, netns: str) -> dict[str, int]:
+    """Our links (``nsv``/``nsx``/``nsb``) and rules toward connection tables on a node."""
+    links = [link.name for link in await nl.links(netns)]
+    rules = [r for r in await nl.rules(netns) if TABLE_FIRST <= r.table < TABLE_FIRST + TABLE_COUNT]
+    out = {p: sum(1 for name in links if name.startswith(p)) for p in LINK_PREFIXES}
+    out["rules"] = len(rules)
+    return out
+
+
+class BenchLab(Lab):
+    """The demo's cluster (:class:`nsm.lab.Lab`) for a benchmark: its namespaces are
+    ``nsmb<pid>-<name>`` (so :func:`sweep_stale` finds them after a SIGKILL), 60 s to start, and
+    what the benchmarks read of it."""
+
+    def __init__(self, topology: Topology) -> None:
+        super().__init__(topology, prefix=f"{NS_PREFIX}{os.getpid()}", start_timeout=60.0)
+
+    def pids(self) -> dict[str, int | None]:
+        return {key: d.pid for key, d in self.daemons.items()}
+
+    def memory(self) -> dict[str, dict[str, int | None]]:
+        """VmRSS and VmHWM of every daemon (KiB)."""
+        return {key: rss_kb(pid) for key, pid in self.pids().items()}
+
+    def log_problems(self, limit: int = 5) -> dict[str, Any]:
+        """:func:`log_problems` of the daemons' logs."""
+        return log_problems(self.logs().items(), limit)
+
+    async def leftovers(self, nl: Netlink) -> dict[str, dict[str, int]]:
+        """:func:`node_state` of every node; all zero when every connection was removed."""
+        return {name: await node_state(nl, node.netns) for name, node in self.nodes.items()}
+
+    async def check_leftovers(self, nl: Netlink, failures: Failures, what: str
+                              ) -> dict[str, dict[str, int]]:
+        """:meth:`leftovers`, counted as a failure unless all zero."""
+        left = await self.leftovers(nl)
+        if any(v for node in left.values() for v in node.values()):
+            failures.add(what, CheckFailed(f"left on the nodes: {left}"))
+        return left
+
+
+# ------------------------------------------------------------------------------------ hand-built
+
+UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
+UNDERLAY_MTU = 1500
+#: Underlay MTU minus the VXLAN/IPv4 overhead: what the forwarders give both pod interfaces.
+TUNNEL_MTU = UNDERLAY_MTU - 50
+NODE_IF = "eth0"
+
+
+@dataclass(frozen=True)
+class HandNode:
+    """A hand-built node: its namespace and underlay address."""
+
+    name: str
+    netns: str
+    ip: str
+
+
+class Fabric:
+    """Nodes built directly with Netlink, the way :mod:`nsm.lab` builds them: a fabric
+    namespace with bridge ``br0``; per node a namespace whose ``eth0`` (172.30.0.<i>/24, MTU
+    1500) is a port of the bridge, and ``ip_forward=1``. Everything lives in ``scratch``."""
+
+    def __init__(self, scratch: Scratch, nl: Netlink) -> None:
+        self.scratch = scratch
+        self.nl = nl
+        self.nodes: list[HandNode] = []
+
+    async def build(self, n_nodes: int = 2) -> list[HandNode]:
+        nl = self.nl
+        fabric = self.scratch.netns("fab")
+        await nl.create_bridge("br0", fabric, mtu=UNDERLAY_MTU)
+        await nl.set_up(fabric, "br0")
+        for i in range(1, n_nodes + 1):
+            name = f"node{i}"
+            ns = self.scratch.netns(name)
+            ip = str(UNDERLAY.network_address + i)
+            await nl.create_veth(NODE_IF, ns, name, fabric, mtu=UNDERLAY_MTU)
+            await nl.set_master(fabric, name, "br0")
+            await nl.set_up(fabric, name)
+            await nl.setup_interface(ns, NODE_IF, addresses=[f"{ip}/{UNDERLAY.prefixlen}"],
+                                     routes=[], mtu=UNDERLAY_MTU)
+            await nl.set_sysctl_in_netns(ns, "net.ipv4.ip_forward", 1)
+            self.nodes.append(HandNode(name, ns, ip))
+        nl.forget(fabric)
+        return self.nodes
+
+
 # ------------------------------------------------------------------------------------ registry
 
 
@@ -284,6 +753,10 @@ class Options:
     settle: float = 1.0
     #: Bench-specific settings (``--set key=value``).
     extra: dict[str, str] = field(default_factory=dict)
+
+    def flag(self, key: str) -> bool:
+        """A bench-specific switch, on unless set to 0, false or no."""
+        return self.extra.get(key, "1") not in ("0", "false", "no")
 
 
 @dataclass
@@ -379,3 +852,47 @@ def fmt(value: float | None, width: int = 8, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"{'-':>{width}}"
     return f"{value:>{width}.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def cli(module_doc: str, runner: Callable[..., Awaitable[dict[str, Any]]],
+        render: Callable[[dict[str, Any]], str], argv: list[str] | None,
+        extra: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The ``main()`` of a benchmark run on its own: JSON on stdout (and ``--json``), the human
+    table on stderr; exit 0, 1 (failures), 2 (not root) or 130 (interrupted)."""
+    parser = argparse.ArgumentParser(description=summary(module_doc))
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke)")
+    parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
+    if extra is not None:
+        extra(parser)
+    args = vars(parser.parse_args(argv))
+    json_path = args.pop("json")
+    if os.geteuid() != 0:
+        say("needs root (network namespaces)")
+        return 2
+    try:
+        result = asyncio.run(runner(**args))
+    except KeyboardInterrupt:
+        say("interrupted; everything it created was removed")
+        return 130
+    emit_json(result, json_path)
+    say(render(result))
+    return 1 if result.get("failures") else 0
+
+
+def emit_json(doc: dict[str, Any], path: str | None) -> None:
+    """The JSON document on stdout, and into ``path`` when given."""
+    text = json.dumps(doc, indent=2, default=str)
+    print(text, flush=True)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+def size_options(parser: argparse.ArgumentParser, default_n: int, default_concurrency: int) -> None:
+    """``--n`` and ``--concurrency``, None when not given (the benchmark's default)."""
+    parser.add_argument("--n", type=int, default=None, help=f"connections ({default_n})")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help=f"in flight at once ({default_concurrency})")

@@ -16,17 +16,23 @@ Per connection:
 - **close**: ``await client.close()`` (the forwarder deletes the veth before answering), then
   checked (untimed) that the interface is gone.
 
-Phases: ``n`` connections one at a time, then ``n`` more ``concurrency`` at a time (all set up,
-then all closed, like the floor). In the same run, :func:`bench.netlink_floor.measure_floor`
-does the same kernel work with the same ``n`` and concurrency, and the ratio
-p50(ours) / p50(floor) is compared with the bar (3x). A short **breakdown** then times the
-hops separately over warm channels: an empty gRPC call (health check), a Request straight to
-the NSE, straight to the forwarder (with the next-hop header the manager would send), and
-through the manager. Last, a **timeline**: a fresh mesh whose daemons timestamp each hop (an
-instrumentation loaded as ``sitecustomize`` into that mesh only, see :data:`_TIMELINE_SITE`)
-splits one Request into its gRPC legs, chains and netlink work.
+Phases: the **first requests** of the freshly started mesh, one at a time (``WARMUP``, not
+counted in the phases after; the first waits until the endpoint's registration is in the
+registry, so that it is one Request and not a retry); ``n`` connections one at a time, then
+``n`` more ``concurrency`` at a time (all set up, then all closed, like the floor). In the same
+run, :func:`bench.netlink_floor.measure_floor` does the same kernel work with the same ``n`` and
+concurrency. Then ``fresh`` more **freshly started single nodes** (registry, manager, forwarder,
+NSE started anew), each timing its first Request only. Bars, against the floor's sequential
+p50 of the same run: request p50 ≤ 3x (sequential and concurrent); the first Request of a
+freshly started single node (the slowest of the main mesh's and the fresh ones') ≤ 5x; the
+slowest of the ``n`` sequential requests ≤ 10x. A short **breakdown** then times the hops separately over warm
+channels: an empty gRPC call (health check), a Request straight to the NSE, straight to the
+forwarder (with the next-hop header the manager would send), and through the manager. Last, a
+**timeline**: a fresh mesh whose daemons timestamp each hop (an instrumentation loaded as
+``sitecustomize`` into that mesh only, see :data:`_TIMELINE_SITE`) splits one Request into its
+gRPC legs, chains and netlink work; its first Request is reported, not judged.
 
-    python -m bench.local_setup [--n 200] [--concurrency 20] [--quick] [--repeat K]
+    python -m bench.local_setup [--n 200] [--concurrency 20] [--quick] [--repeat K] [--fresh K]
                                 [--no-floor] [--no-breakdown] [--no-timeline] [--json F]
 
 (``python -m bench.run --only local_setup --set floor=0 ...`` is the same.)
@@ -42,34 +48,45 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import (
+    IFNAME,
     Bar,
     Bench,
-    CpuMeter,
+    Failures,
     Options,
     Scratch,
+    begin,
     fmt,
-    machine,
+    ms,
+    new_clients,
     outcome_lines,
+    phase,
     ratio,
     say,
     settle,
+    setup_headline,
+    setup_ratios,
+    setup_table,
     summarize,
-    sweep_stale,
+    summary,
+    timed,
+    warm_one,
 )
 from bench.netlink_floor import measure_floor
 from nsm.api.connection_pb2 import Connection
+from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.client.sdk import Client, close_once, new_request, request_once
-from nsm.errors import NotFound, NsmError, Unavailable
+from nsm.errors import NsmError
 from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import kernel, netns_url
+from nsm.registry.client import RegistryClient
 from nsm.transport import dial
 from nsm.wellknown import NEXT_HOP_HEADER
 
@@ -78,18 +95,21 @@ DEFAULT_N = 200
 DEFAULT_CONCURRENCY = 20
 QUICK_N = 20
 QUICK_CONCURRENCY = 5
-#: The bar: our p50 within this factor of the floor's p50, measured in the same run.
+#: The bars, against the floor's sequential p50 measured in the same run: our request p50
+#: (sequential and concurrent); the first Request of a freshly started single node; the slowest
+#: of the ``n`` sequential requests.
 BAR = 3.0
+BAR_FIRST = 5.0
+BAR_MAX = 10.0
 SERVICE = "bench-ip"
+NSE_NAME = "bench-nse"
 CIDR = "172.30.0.0/16"
-IFNAME = "nsm-1"
 WARMUP = 3
+#: Freshly started single nodes timed for their first Request (besides the main mesh and the
+#: timeline's).
+DEFAULT_FRESH, QUICK_FRESH = 3, 1
 #: Connections per breakdown measurement (at most ``n``).
 BREAKDOWN_N = 100
-
-
-class CheckFailed(Exception):
-    """The interface is not what the connection says (missing, down, addresses missing)."""
 
 
 @dataclass
@@ -103,22 +123,6 @@ class _Mesh:
     pids: dict[str, int | None]
 
 
-@dataclass
-class _Failures:
-    count: int = 0
-    first: list[str] = field(default_factory=list)
-
-    def add(self, what: str, exc: BaseException) -> None:
-        self.count += 1
-        if len(self.first) < 10:
-            text = exc.message if isinstance(exc, NsmError) else repr(exc)
-            self.first.append(f"{what}: {text}"[:400])
-
-
-def _ms(t0: float, t1: float) -> float:
-    return (t1 - t0) * 1e3
-
-
 async def _start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> _Mesh:
     nse_ns = scratch.netns("nse")
     reg, mgr, fwd, nse = (scratch.url(n) for n in ("registry", "manager", "forwarder", "nse"))
@@ -127,167 +131,63 @@ async def _start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> _M
                                      "--registry", reg], mgr, env)
     await scratch.daemon("forwarder", ["forwarder", "--name", "bench-fwd", "--node", "bench-node",
                                        "--listen", fwd, "--manager", mgr, "--registry", reg], fwd, env)
-    await scratch.daemon("nse", ["nse", "--name", "bench-nse", "--service", SERVICE, "--cidr", CIDR,
+    await scratch.daemon("nse", ["nse", "--name", NSE_NAME, "--service", SERVICE, "--cidr", CIDR,
                                  "--netns", nse_ns, "--listen", nse, "--registry", reg], nse, env)
     pids = {d.name: d.pid for d in scratch.daemons}
     return _Mesh(scratch, reg, mgr, fwd, nse, nse_ns, pids)
 
 
-async def verify_up(nl: Netlink, netns: str, conn: Connection, ifname: str = IFNAME) -> None:
-    """The client's interface exists, is up and has every address of the connection."""
-    link = await nl.link(netns, ifname)
-    if link is None:
-        raise CheckFailed(f"{ifname} does not exist in {netns}")
-    if not link.admin_up:
-        raise CheckFailed(f"{ifname} in {netns} is down")
-    want = list(conn.context.ip_context.src_ip_addrs)
-    if not want:
-        raise CheckFailed("the connection has no client address")
-    have = set(await nl.addresses(netns, ifname))
-    missing = [a for a in want if a not in have]
-    if missing:
-        raise CheckFailed(f"{ifname} in {netns} lacks {', '.join(missing)} (has {sorted(have)})")
-
-
-async def verify_gone(nl: Netlink, netns: str, ifname: str = IFNAME) -> None:
-    if await nl.link(netns, ifname) is not None:
-        raise CheckFailed(f"{ifname} is still in {netns} after Close")
-
-
-async def _for_each(n: int, concurrency: int, fn: Callable[[int], Awaitable[None]]) -> float:
-    """Run ``fn(0..n-1)``, ``concurrency`` at a time (in order when 1); wall time in s."""
-    t0 = time.perf_counter()
-    if concurrency <= 1:
-        for i in range(n):
-            await fn(i)
-    else:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def bounded(i: int) -> None:
-            async with sem:
-                await fn(i)
-
-        await asyncio.gather(*(bounded(i) for i in range(n)))
-    return time.perf_counter() - t0
-
-
-async def _phase(mesh: _Mesh, nl: Netlink, namespaces: Sequence[str], concurrency: int,
-                 failures: _Failures, label: str) -> dict[str, Any]:
-    """Set up one connection per namespace, then close them all; timings and CPU."""
-    n = len(namespaces)
-    clients: list[Client | None] = [None] * n
-    request_ms: list[float] = []
-    verified_ms: list[float] = []
-    verify_ms: list[float] = []
-    close_ms: list[float] = []
-    cpu = CpuMeter({**mesh.pids, "bench (client SDK + checks)": None})
-
-    async def setup(i: int) -> None:
-        client = Client(manager_url=mesh.manager_url, service=SERVICE, netns=namespaces[i],
-                        ifname=IFNAME, name=f"bench-nsc-{label}-{i}")
-        clients[i] = client
-        t0 = time.perf_counter()
-        try:
-            conn = await client.request()
-        except Exception as exc:
-            failures.add(f"{label} request {i}", exc)
-            return
-        t1 = time.perf_counter()
-        try:
-            await verify_up(nl, namespaces[i], conn)
-        except Exception as exc:
-            failures.add(f"{label} verify {i}", exc)
-            return
-        t2 = time.perf_counter()
-        request_ms.append(_ms(t0, t1))
-        verified_ms.append(_ms(t0, t2))
-        verify_ms.append(_ms(t1, t2))
-
-    async def close(i: int) -> None:
-        client = clients[i]
-        if client is None or client.connection is None:
-            return
-        t0 = time.perf_counter()
-        try:
-            await client.close(raise_errors=True)
-        except Exception as exc:
-            failures.add(f"{label} close {i}", exc)
-            return
-        t1 = time.perf_counter()
-        close_ms.append(_ms(t0, t1))
-        try:
-            await verify_gone(nl, namespaces[i])
-        except Exception as exc:
-            failures.add(f"{label} verify close {i}", exc)
-
+async def _registered(mesh: _Mesh, wait: float = 15.0) -> None:
+    """Wait until the registry has the endpoint (asked from here, on a channel of our own), and
+    a little more for the manager's registry watch to bring it, so that the mesh's first Request
+    is one Request, not a retry after NOT_FOUND."""
+    channel = dial(mesh.registry_url)
     try:
-        cpu.start()
-        setup_wall = await _for_each(n, concurrency, setup)
-        cpu_setup = cpu.stop(n)
-        cpu.start()
-        close_wall = await _for_each(n, concurrency, close)
-        cpu_close = cpu.stop(n)
+        registry = RegistryClient(channel, timeout=5.0)
+        deadline = time.monotonic() + wait
+        while not await registry.find_nse(NetworkServiceEndpoint(name=NSE_NAME)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{NSE_NAME} not registered after {wait} s")
+            await asyncio.sleep(0.05)
     finally:
-        for c in clients:  # whatever is still open (failure, Ctrl-C)
-            if c is not None:
-                await asyncio.shield(c.close())
-        for ns in namespaces:
-            nl.forget(ns)
-    return {
-        "n": n,
-        "concurrency": concurrency,
-        "request_ms": summarize(request_ms),
-        "request_verified_ms": summarize(verified_ms),
-        "verify_ms": summarize(verify_ms),
-        "close_ms": summarize(close_ms),
-        "setup_wall_s": round(setup_wall, 3),
-        "setups_per_s": round(n / setup_wall, 1),
-        "close_wall_s": round(close_wall, 3),
-        "closes_per_s": round(n / close_wall, 1),
-        "cpu_ms_per_setup": cpu_setup,
-        "cpu_ms_per_close": cpu_close,
-    }
+        await channel.close()
+    await asyncio.sleep(0.1)
 
 
-async def _warmup(mesh: _Mesh, nl: Netlink, count: int, failures: _Failures) -> list[float]:
-    """First requests (channels between the daemons connect, caches fill); not counted. The
-    very first waits (up to 15 s) until the endpoint's registration has reached the manager."""
-    namespaces = mesh.scratch.netns_many("warm", count)
+async def _first_requests(mesh: _Mesh, nl: Netlink, count: int, failures: Failures,
+                          label: str) -> list[float]:
+    """The mesh's first ``count`` Requests (ms), one at a time, each from a new namespace and a
+    new ``Client``, verified and closed; they warm the mesh up for what follows."""
+    await _registered(mesh)
     out = []
-    for i, ns in enumerate(namespaces):
-        deadline = time.monotonic() + 15.0
-        while True:
-            client = Client(manager_url=mesh.manager_url, service=SERVICE, netns=ns,
-                            ifname=IFNAME, name=f"bench-warm-{i}")
-            t0 = time.perf_counter()
-            try:
-                conn = await client.request()
-            except (NotFound, Unavailable) as exc:
-                await client.close()
-                if time.monotonic() > deadline:
-                    failures.add(f"warm-up request {i}", exc)
-                    raise
-                await asyncio.sleep(0.1)
-                continue
-            out.append(_ms(t0, time.perf_counter()))
-            try:
-                await verify_up(nl, ns, conn)
-            finally:
-                await client.close(raise_errors=True)
-            break
+    for i, ns in enumerate(mesh.scratch.netns_many(f"{label}w", count)):
+
+        def make(i: int = i, ns: str = ns) -> Client:
+            return Client(manager_url=mesh.manager_url, service=SERVICE, netns=ns, ifname=IFNAME,
+                          name=f"bench-{label}-first-{i}")
+
+        out.append(await warm_one(make, nl, ns, failures, f"{label} first request {i}", wait=15.0))
     return out
 
 
-async def _timed(count: int, fn: Callable[[int], Awaitable[None]]) -> dict[str, float]:
-    values = []
-    for i in range(count):
-        t0 = time.perf_counter()
-        await fn(i)
-        values.append(_ms(t0, time.perf_counter()))
-    return summarize(values)
+async def _fresh_node(k: int, failures: Failures, keep_logs: bool) -> float:
+    """Start a single node anew (registry, manager, forwarder, NSE) and time its first Request."""
+    scratch = Scratch(f"fresh{k}", keep_logs=keep_logs)
+    nl = Netlink()
+    try:
+        mesh = await _start_mesh(scratch)
+        (first,) = await _first_requests(mesh, nl, 1, failures, f"fresh{k}")
+        await scratch.stop_daemons()
+        problems = scratch.log_problems()
+        if problems["count"]:
+            failures.add(f"fresh node {k}", RuntimeError(f"daemon log problems: {problems}"))
+        return first
+    finally:
+        await nl.close()
+        await scratch.aclose()
 
 
-async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: _Failures) -> dict[str, Any]:
+async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: Failures) -> dict[str, Any]:
     """Sequential p50s of each hop over warm channels (see the module docstring)."""
     nse_ch, fwd_ch, mgr_ch = dial(mesh.nse_url), dial(mesh.forwarder_url), dial(mesh.manager_url)
     out: dict[str, Any] = {"n": count}
@@ -299,7 +199,7 @@ async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: _Failures) 
         async def empty(i: int) -> None:
             await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
 
-        out["grpc_empty_call_ms"] = await _timed(count, empty)
+        out["grpc_empty_call_ms"] = await timed(count, empty)
 
         def request_for(ns: str) -> Any:
             return new_request(service=SERVICE, name="bench-direct",
@@ -326,7 +226,7 @@ async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: _Failures) 
                         failures.add(f"breakdown {what} close {i}", exc)
 
             try:
-                return await _timed(count, req), await _timed(count, close)
+                return await timed(count, req), await timed(count, close)
             finally:
                 for ns in own:
                     nl.forget(ns)
@@ -413,10 +313,10 @@ _LEGS = [
 ]
 
 
-async def _timeline(count: int, failures: _Failures, keep_logs: bool) -> dict[str, Any]:
+async def _timeline(count: int, failures: Failures, keep_logs: bool) -> dict[str, Any]:
     """A fresh mesh whose daemons timestamp each hop (see :data:`_TIMELINE_SITE`); ``count``
     sequential requests; the p50 of each leg. Its own mesh, so the instrumentation never
-    touches the main measurements."""
+    touches the main measurements. Its first requests are reported too (a fresh node's)."""
     scratch = Scratch("timeline", keep_logs=keep_logs)
     nl = Netlink()
     stamps: list[tuple[str, float, float]] = []
@@ -431,7 +331,7 @@ async def _timeline(count: int, failures: _Failures, keep_logs: bool) -> dict[st
                "PYTHONPATH": f"{site}:{path}" if path else str(site)}
         namespaces = scratch.netns_many("t", count)
         mesh = await _start_mesh(scratch, env)
-        await _warmup(mesh, nl, WARMUP, failures)
+        first = await _first_requests(mesh, nl, WARMUP, failures, "timeline")
         clients = []
         try:
             for i, ns in enumerate(namespaces):
@@ -463,16 +363,17 @@ async def _timeline(count: int, failures: _Failures, keep_logs: bool) -> dict[st
         if not all(a in e and b in e for a, b, _ in _LEGS):
             continue
         for a, b, name in _LEGS:
-            legs[name].append(_ms(e[a], e[b]))
-        total.append(_ms(t0, t1))
+            legs[name].append(ms(e[a], e[b]))
+        total.append(ms(t0, t1))
     if not total:
         return {"n": count, "error": "no timeline events (instrumentation out of date?)",
-                "daemon_log_problems": problems}
+                "first_requests_ms": first, "daemon_log_problems": problems}
     p50 = {name: round(statistics.median(v), 3) for name, v in legs.items()}
     grpc_legs = sum(v for k, v in p50.items() if k.startswith("gRPC"))
     netlink = p50["forwarder after the NSE (netlink: veth, addresses)"]
     chains = sum(v for k, v in p50.items() if not k.startswith("gRPC")) - netlink
-    return {"n": len(total), "total_ms": summarize(total), "legs_p50_ms": p50,
+    return {"n": len(total), "first_requests_ms": first, "total_ms": summarize(total),
+            "legs_p50_ms": p50,
             "groups_p50_ms": {"gRPC (6 one-way legs)": round(grpc_legs, 3),
                               "netlink programming (forwarder)": round(netlink, 3),
                               "chains (3 daemons)": round(chains, 3)},
@@ -483,85 +384,91 @@ async def run(options: Options) -> dict[str, Any]:
     """The whole benchmark (see the module docstring); one result dict."""
     n = options.n or (QUICK_N if options.quick else DEFAULT_N)
     concurrency = options.concurrency or (QUICK_CONCURRENCY if options.quick else DEFAULT_CONCURRENCY)
-    with_floor = options.extra.get("floor", "1") not in ("0", "false", "no")
-    with_breakdown = options.extra.get("breakdown", "1") not in ("0", "false", "no")
-    with_timeline = options.extra.get("timeline", "1") not in ("0", "false", "no")
-    if os.geteuid() != 0:
-        raise PermissionError("local_setup needs root (network namespaces, veth)")
-    stale = sweep_stale()
-    if stale:
-        say(f"removed {len(stale)} namespaces left by a killed benchmark")
-    failures = _Failures()
-    result: dict[str, Any] = {"name": NAME, "n": n, "concurrency": concurrency,
-                              "machine": machine()}
-    started = time.perf_counter()
+    with_floor, with_breakdown, with_timeline = (options.flag(k) for k in ("floor", "breakdown",
+                                                                            "timeline"))
+    fresh = int(options.extra.get("fresh") or (QUICK_FRESH if options.quick else DEFAULT_FRESH))
+    failures, result, started = begin(NAME, "network namespaces, veth", n=n,
+                                      concurrency=concurrency)
     scratch = Scratch("local", keep_logs=options.keep_logs)
     nl = Netlink()
-    try:
-        t0 = time.perf_counter()
-        seq_ns = scratch.netns_many("s", n)
-        conc_ns = scratch.netns_many("c", n)
-        say(f"local_setup: {2 * n} client namespaces in {time.perf_counter() - t0:.1f} s; "
-            "starting registry, manager, forwarder, nse")
-        mesh = await _start_mesh(scratch)
-        result["pids"] = mesh.pids
-        result["warmup_ms"] = [round(v, 2) for v in await _warmup(mesh, nl, WARMUP, failures)]
-        say(f"  warm-up requests (ms): {result['warmup_ms']}")
+    with failures.recording(result, started):
+        try:
+            t0 = time.perf_counter()
+            seq_ns = scratch.netns_many("s", n)
+            conc_ns = scratch.netns_many("c", n)
+            say(f"local_setup: {2 * n} client namespaces in {time.perf_counter() - t0:.1f} s; "
+                "starting registry, manager, forwarder, nse")
+            mesh = await _start_mesh(scratch)
+            result["pids"] = mesh.pids
+            result["warmup_ms"] = [round(v, 2) for v in
+                                   await _first_requests(mesh, nl, WARMUP, failures, "main")]
+            say(f"  first requests of the mesh (ms): {result['warmup_ms']}")
 
-        say(f"  ours: {n} connections, one at a time")
-        result["sequential"] = await _phase(mesh, nl, seq_ns, 1, failures, "seq")
-        await settle(options.settle)
-        if with_floor:
-            say(f"  floor: {n} connections, one at a time")
-            result["floor_sequential"] = await measure_floor(n, 1)
+            say(f"  ours: {n} connections, one at a time")
+            result["sequential"] = await phase(nl, new_clients(mesh.manager_url, SERVICE, seq_ns, "seq"),
+                                               seq_ns, 1, failures, "seq", mesh.pids)
             await settle(options.settle)
-        say(f"  ours: {n} connections, {concurrency} at a time")
-        result["concurrent"] = await _phase(mesh, nl, conc_ns, concurrency, failures, "conc")
-        await settle(options.settle)
-        if with_floor:
-            say(f"  floor: {n} connections, {concurrency} at a time")
-            result["floor_concurrent"] = await measure_floor(n, concurrency)
+            if with_floor:
+                say(f"  floor: {n} connections, one at a time")
+                result["floor_sequential"] = await measure_floor(n, 1)
+                await settle(options.settle)
+            say(f"  ours: {n} connections, {concurrency} at a time")
+            result["concurrent"] = await phase(nl, new_clients(mesh.manager_url, SERVICE, conc_ns, "conc"),
+                                               conc_ns, concurrency, failures, "conc", mesh.pids)
             await settle(options.settle)
-        if with_breakdown:
-            count = min(n, BREAKDOWN_N)
-            say(f"  breakdown: {count} sequential requests per hop, warm channels")
-            result["breakdown"] = await _breakdown(mesh, nl, count, failures)
-        await scratch.stop_daemons()
-        result["daemon_log_problems"] = scratch.log_problems()
-        await scratch.aclose()
-        if with_timeline:
-            count = min(n, BREAKDOWN_N)
-            say(f"  timeline: {count} sequential requests, daemons timestamping each hop")
-            result["timeline"] = await _timeline(count, failures, options.keep_logs)
-    except BaseException as exc:
-        failures.add("benchmark aborted", exc)
-        raise
-    finally:
-        await nl.close()
-        await scratch.aclose()
-        result["failures"] = failures.count
-        result["failure_examples"] = failures.first
-        result["wall_s"] = round(time.perf_counter() - started, 1)
+            if with_floor:
+                say(f"  floor: {n} connections, {concurrency} at a time")
+                result["floor_concurrent"] = await measure_floor(n, concurrency)
+                await settle(options.settle)
+            if with_breakdown:
+                count = min(n, BREAKDOWN_N)
+                say(f"  breakdown: {count} sequential requests per hop, warm channels")
+                result["breakdown"] = await _breakdown(mesh, nl, count, failures)
+            await scratch.stop_daemons()
+            result["daemon_log_problems"] = scratch.log_problems()
+            await scratch.aclose()
+            say(f"  {fresh} freshly started single nodes, the first Request of each")
+            result["fresh_nodes_first_ms"] = [round(await _fresh_node(k, failures, options.keep_logs), 2)
+                                              for k in range(fresh)]
+            if with_timeline:
+                count = min(n, BREAKDOWN_N)
+                say(f"  timeline: {count} sequential requests, daemons timestamping each hop")
+                result["timeline"] = await _timeline(count, failures, options.keep_logs)
+        finally:
+            await nl.close()
+            await scratch.aclose()
+    result["first_requests"] = _first_of_fresh_nodes(result)
     _ratios(result)
     return result
 
 
+def _first_of_fresh_nodes(result: dict[str, Any]) -> dict[str, Any]:
+    """The first Request of every freshly started single node of the run (ms): the main mesh's
+    and the ``fresh`` ones'; the slowest is judged. The timeline mesh's is reported beside them,
+    not judged (its daemons are instrumented)."""
+    each: dict[str, float] = {}
+    if result.get("warmup_ms"):
+        each["main mesh"] = result["warmup_ms"][0]
+    for k, v in enumerate(result.get("fresh_nodes_first_ms") or []):
+        each[f"fresh node {k + 1}"] = v
+    timeline_first = (result.get("timeline") or {}).get("first_requests_ms")
+    return {"each_ms": each, "max_ms": max(each.values(), default=None),
+            "timeline_mesh_ms": round(timeline_first[0], 2) if timeline_first else None}
+
+
 def _ratios(result: dict[str, Any]) -> None:
-    ratios: dict[str, Any] = {}
-    bars: list[Bar] = []
-    for mode in ("sequential", "concurrent"):
-        ours, floor = result.get(mode), result.get(f"floor_{mode}")
-        if not ours or not floor:
-            continue
-        fp50 = floor["setup_ms"]["p50"]
-        r = {
-            "request_p50": ratio(ours["request_ms"].get("p50"), fp50),
-            "request_verified_p50": ratio(ours["request_verified_ms"].get("p50"), fp50),
-            "close_p50": ratio(ours["close_ms"].get("p50"), floor["delete_ms"]["p50"]),
-            "throughput": ratio(floor["setups_per_s"], ours["setups_per_s"]),
-        }
-        ratios[mode] = r
-        bars.append(Bar(f"{mode} request p50 / floor p50", r["request_p50"], BAR))
+    ratios, bars = setup_ratios(result, BAR)
+    seq, floor = result.get("sequential"), result.get("floor_sequential")
+    if seq and floor:
+        fp50 = floor["setup_ms"].get("p50")
+        r = ratios["sequential"]
+        r["request_p99"] = ratio(seq["request_ms"].get("p99"), fp50)
+        r["request_max"] = ratio(seq["request_ms"].get("max"), fp50)
+        r["first_request_max"] = ratio((result.get("first_requests") or {}).get("max_ms"), fp50)
+        bars.append(Bar("first request of a fresh single node (slowest) / floor p50",
+                        r["first_request_max"], BAR_FIRST))
+        bars.append(Bar(f"sequential request max (of {seq['request_ms'].get('n')}) / floor p50",
+                        r["request_max"], BAR_MAX))
     result["ratios"] = ratios
     result["bars"] = [b.as_dict() for b in bars]
 
@@ -571,30 +478,20 @@ def table(result: dict[str, Any]) -> str:
     n, c = result.get("n"), result.get("concurrency")
     lines = [f"local_setup: {n} local connections, one at a time and {c} at a time "
              f"(latency per connection, ms)"]
-    head = (f"{'phase':<11} {'metric':<17} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} "
-            f"| {'floor p50':>9} {'ratio':>6}")
-    lines += [head, "-" * len(head)]
-    for mode in ("sequential", "concurrent"):
-        ours = result.get(mode)
-        if not ours:
-            continue
-        floor = result.get(f"floor_{mode}") or {}
-        r = (result.get("ratios") or {}).get(mode) or {}
-        rows = [("request", ours["request_ms"], floor.get("setup_ms"), r.get("request_p50")),
-                ("request+verified", ours["request_verified_ms"], floor.get("setup_ms"),
-                 r.get("request_verified_p50")),
-                ("close", ours["close_ms"], floor.get("delete_ms"), r.get("close_p50"))]
-        for metric, s, f, rr in rows:
-            lines.append(f"{mode:<11} {metric:<17} {fmt(s.get('p50'))} {fmt(s.get('p95'))} "
-                         f"{fmt(s.get('p99'))} {fmt(s.get('max'))} | "
-                         f"{fmt((f or {}).get('p50'), 9)} {fmt(rr, 6)}")
-        lines.append(f"{'':<11} {'setups/s':<17} {fmt(ours['setups_per_s'])}"
-                     f"{'':>27} | {fmt(floor.get('setups_per_s'), 9, 1)}")
-    for mode in ("sequential", "concurrent"):
-        ours = result.get(mode)
-        if ours:
-            cpu = ", ".join(f"{k} {v['total']:.2f}" for k, v in ours["cpu_ms_per_setup"].items())
-            lines.append(f"CPU ms per setup ({mode}): {cpu}")
+    lines += setup_table(result)
+    r = (result.get("ratios") or {}).get("sequential") or {}
+    if r:
+        lines.append(f"sequential request p99 {fmt(r.get('request_p99'), 0)} x, max "
+                     f"{fmt(r.get('request_max'), 0)} x the floor's p50")
+    first = result.get("first_requests") or {}
+    if first.get("each_ms"):
+        each = ", ".join(f"{k} {v:.1f}" for k, v in first["each_ms"].items())
+        lines.append(f"first Request of a freshly started single node (ms): {each}; slowest "
+                     f"{fmt(first.get('max_ms'), 0, 1)} = {fmt(r.get('first_request_max'), 0)} x "
+                     f"the floor's p50 (timeline mesh, instrumented: "
+                     f"{fmt(first.get('timeline_mesh_ms'), 0, 1)})")
+    if result.get("warmup_ms"):
+        lines.append(f"first requests of the main mesh, one by one (ms): {result['warmup_ms']}")
     bd = result.get("breakdown")
     if bd:
         p = {k: v.get("p50") for k, v in bd.items() if isinstance(v, dict)}
@@ -616,42 +513,34 @@ def table(result: dict[str, Any]) -> str:
         lines.append("  = " + ", ".join(f"{k} {fmt(v, 0)}" for k, v in tl["groups_p50_ms"].items()))
     elif tl:
         lines.append(f"timeline: {tl.get('error')}")
-    if result.get("warmup_ms"):
-        lines.append(f"warm-up (first requests, not counted): {result['warmup_ms']} ms")
     lines += outcome_lines(result)
     return "\n".join(lines)
 
 
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
     """The figures compared across repeated runs (see :class:`bench.common.Bench`)."""
-    out: dict[str, float | None] = {}
-    for mode, short in (("sequential", "seq"), ("concurrent", "conc")):
-        ours, floor = result.get(mode), result.get(f"floor_{mode}")
-        r = (result.get("ratios") or {}).get(mode) or {}
-        if ours:
-            out[f"{short} request p50 ms"] = ours["request_ms"].get("p50")
-            out[f"{short} request+verified p50 ms"] = ours["request_verified_ms"].get("p50")
-            out[f"{short} close p50 ms"] = ours["close_ms"].get("p50")
-            out[f"{short} setups/s"] = ours["setups_per_s"]
-        if floor:
-            out[f"{short} floor setup p50 ms"] = floor["setup_ms"]["p50"]
-            out[f"{short} floor setups/s"] = floor["setups_per_s"]
-        if r:
-            out[f"{short} ratio request p50 (bar {BAR:g})"] = r.get("request_p50")
+    out = setup_headline(result, BAR)
+    r = (result.get("ratios") or {}).get("sequential") or {}
+    out[f"seq ratio request max (bar {BAR_MAX:g})"] = r.get("request_max")
+    out["first request of a fresh node, slowest, ms"] = (result.get("first_requests") or {}).get("max_ms")
+    out[f"ratio first request of a fresh node (bar {BAR_FIRST:g})"] = r.get("first_request_max")
     for group, value in ((result.get("timeline") or {}).get("groups_p50_ms") or {}).items():
         out[f"timeline {group} ms"] = value
     return out
 
 
-BENCH = Bench(name=NAME, doc=__doc__.split("\n\n")[0], run=run, table=table, headline=headline)
+BENCH = Bench(name=NAME, doc=summary(__doc__), run=run, table=table, headline=headline)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--n", type=int, default=None, help=f"connections per phase ({DEFAULT_N})")
     parser.add_argument("--concurrency", type=int, default=None,
                         help=f"in flight in the concurrent phase ({DEFAULT_CONCURRENCY})")
     parser.add_argument("--quick", action="store_true", help=f"n={QUICK_N}, concurrency={QUICK_CONCURRENCY}")
+    parser.add_argument("--fresh", type=int, default=None, metavar="K",
+                        help=f"freshly started single nodes timed for their first Request "
+                             f"({DEFAULT_FRESH}; quick {QUICK_FRESH})")
     parser.add_argument("--no-floor", action="store_true", help="skip the raw netlink floor")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-hop breakdown")
     parser.add_argument("--no-timeline", action="store_true", help="skip the per-leg timeline")
@@ -661,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = {"floor": "0" if args.no_floor else "1", "breakdown": "0" if args.no_breakdown else "1",
              "timeline": "0" if args.no_timeline else "1"}
+    if args.fresh is not None:
+        extra["fresh"] = str(args.fresh)
     options = Options(quick=args.quick, n=args.n, concurrency=args.concurrency,
                       keep_logs=args.keep_logs, extra=extra)
     from bench.run import run_benches  # the same signal handling and output as bench.run

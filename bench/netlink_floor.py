@@ -20,27 +20,19 @@ import ipaddress
 import json
 import os
 import secrets
-import statistics
 import sys
 import time
 from typing import Any
 
+from bench.common import IFNAME, for_each, ms, rates, summarize
 from nsm.kernel import netns as nsmod
 from nsm.kernel.netlink import Netlink
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": 0.0, "p95": 0.0, "mean": 0.0, "max": 0.0}
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"p50": round(statistics.median(ordered), 3), "p95": round(p95, 3),
-            "mean": round(statistics.fmean(ordered), 3), "max": round(ordered[-1], 3)}
-
-
 async def measure_floor(n: int, concurrency: int) -> dict[str, Any]:
     """Set up ``n`` local connections, ``concurrency`` at a time, then delete them the same way.
-    Returns per-connection latencies (ms) and throughput."""
+    Returns per-connection latencies (ms) and throughput (a deletion is the close of a local
+    connection: ``close_ms``, ``closes_per_s``)."""
     if n < 1 or concurrency < 1:
         raise ValueError("n and concurrency must be positive")
     prefix = f"nf{os.getpid() % 100000}-{secrets.token_hex(2)}"
@@ -54,52 +46,36 @@ async def measure_floor(n: int, concurrency: int) -> dict[str, Any]:
             clients.append(nsmod.create_netns(f"{prefix}-c{i}"))
             names.append(f"{prefix}-c{i}")
         net = ipaddress.ip_network("172.31.0.0/16")
-        sem = asyncio.Semaphore(concurrency)
         setup_ms: list[float] = []
-        delete_ms: list[float] = []
+        close_ms: list[float] = []
 
         async def setup(i: int) -> None:
             nse_ip, nsc_ip = net[2 * i + 1], net[2 * i + 2]
-            async with sem:
-                t0 = time.perf_counter()
-                await nl.create_veth("nsm-1", clients[i], f"nse-{i}", nse, mtu=1500)
-                await asyncio.gather(
-                    nl.setup_interface(clients[i], "nsm-1", addresses=[f"{nsc_ip}/32"],
-                                       routes=[(f"{nse_ip}/32", None)], mtu=1500,
-                                       alias=f"client-{i}"),
-                    nl.setup_interface(nse, f"nse-{i}", addresses=[f"{nse_ip}/32"],
-                                       routes=[(f"{nsc_ip}/32", None)], mtu=1500,
-                                       alias=f"server-{i}"))
-                setup_ms.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            await nl.create_veth(IFNAME, clients[i], f"nse-{i}", nse, mtu=1500)
+            await asyncio.gather(
+                nl.setup_interface(clients[i], IFNAME, addresses=[f"{nsc_ip}/32"],
+                                   routes=[(f"{nse_ip}/32", None)], mtu=1500,
+                                   alias=f"client-{i}"),
+                nl.setup_interface(nse, f"nse-{i}", addresses=[f"{nse_ip}/32"],
+                                   routes=[(f"{nsc_ip}/32", None)], mtu=1500,
+                                   alias=f"server-{i}"))
+            setup_ms.append(ms(t0, time.perf_counter()))
 
-        async def delete(i: int) -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                if not await nl.delete_link(clients[i], "nsm-1"):
-                    raise RuntimeError(f"connection {i}: veth already gone")
-                delete_ms.append((time.perf_counter() - t0) * 1e3)
+        async def close(i: int) -> None:
+            t0 = time.perf_counter()
+            if not await nl.delete_link(clients[i], IFNAME):
+                raise RuntimeError(f"connection {i}: veth already gone")
+            close_ms.append(ms(t0, time.perf_counter()))
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(setup(i) for i in range(n)))
-        setup_wall = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        await asyncio.gather(*(delete(i) for i in range(n)))
-        delete_wall = time.perf_counter() - t0
+        setup_wall = await for_each(n, concurrency, setup)
+        close_wall = await for_each(n, concurrency, close)
     finally:
         await nl.close()
         for name in names:
             nsmod.delete_netns(name)
-    return {
-        "n": n,
-        "concurrency": concurrency,
-        "setup_ms": _stats(setup_ms),
-        "delete_ms": _stats(delete_ms),
-        "setup_wall_s": round(setup_wall, 3),
-        "delete_wall_s": round(delete_wall, 3),
-        "setups_per_s": round(n / setup_wall, 1),
-        "deletes_per_s": round(n / delete_wall, 1),
-    }
-
+    return {**rates(n, concurrency, setup_wall, close_wall), "setup_ms": summarize(setup_ms),
+            "close_ms": summarize(close_ms)}
 
 def _table(results: list[dict[str, Any]]) -> str:
     head = (f"{'n':>5} {'conc':>5} | {'setup p50':>9} {'p95':>7} | {'delete p50':>10} {'p95':>7} "
@@ -108,8 +84,8 @@ def _table(results: list[dict[str, Any]]) -> str:
     for r in results:
         rows.append(
             f"{r['n']:>5} {r['concurrency']:>5} | {r['setup_ms']['p50']:>9.2f} "
-            f"{r['setup_ms']['p95']:>7.2f} | {r['delete_ms']['p50']:>10.2f} "
-            f"{r['delete_ms']['p95']:>7.2f} | {r['setups_per_s']:>8.1f} {r['deletes_per_s']:>9.1f}")
+            f"{r['setup_ms']['p95']:>7.2f} | {r['close_ms']['p50']:>10.2f} "
+            f"{r['close_ms']['p95']:>7.2f} | {r['setups_per_s']:>8.1f} {r['closes_per_s']:>9.1f}")
     return "\n".join(rows) + "\n(latencies in ms per connection)"
 
 

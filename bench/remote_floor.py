@@ -27,8 +27,7 @@ forwarder must for a new pod.
     python -m bench.remote_floor [--n 200] [--concurrency 20] [--quick]
 
 ``await measure_remote_floor(n, concurrency)`` returns the figures for a benchmark in the same
-run (:mod:`bench.remote_setup`). The module also holds what the cross-node benchmarks share:
-:class:`Fabric` (hand-built nodes), :func:`sweep` (leftovers of killed runs), :func:`rss_kb`.
+run (:mod:`bench.remote_setup`). The hand-built nodes are :class:`bench.common.Fabric`.
 """
 
 from __future__ import annotations
@@ -47,13 +46,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import NS_PREFIX, Scratch, fmt, machine, say, summarize, sweep_stale
+from bench.common import (
+    IFNAME,
+    NODE_IF,
+    TUNNEL_MTU,
+    Fabric,
+    HandNode,
+    Scratch,
+    fmt,
+    machine,
+    rates,
+    say,
+    summarize,
+    sweep_stale,
+)
 from nsm.endpoint.kernel import ifname_for
 from nsm.forwarder.kernel import alias_for
 from nsm.forwarder.vxlan import GATEWAY_V4, RULE_PRIORITY, VNI_MAX, VNI_MIN, TablePool, mac_for, names_for
-from nsm.kernel import netns as nsns
 from nsm.kernel.netlink import Netlink
-from nsm.lab import end_processes_in
 from nsm.mechanisms import VXLAN_PORT
 
 NAME = "remote_floor"
@@ -61,87 +71,7 @@ DEFAULT_N = 200
 DEFAULT_CONCURRENCY = 20
 QUICK_N = 20
 QUICK_CONCURRENCY = 5
-UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
-UNDERLAY_MTU = 1500
-#: Underlay MTU minus the VXLAN/IPv4 overhead: what the forwarders give both pod interfaces.
-TUNNEL_MTU = UNDERLAY_MTU - 50
-NODE_IF = "eth0"
-CLIENT_IF = "nsm-1"
 FLOOR_CIDR = ipaddress.IPv4Network("172.31.0.0/16")
-
-
-# ------------------------------------------------------------------------------ shared helpers
-
-
-def sweep() -> list[str]:
-    """Remove what a benchmark killed with SIGKILL left: processes (daemons, iperf3) inside
-    namespaces ``nsmb<pid>-*`` of dead benchmark processes, then those namespaces."""
-    stale: list[str] = []
-    for name in nsns.list_netns():
-        if not name.startswith(NS_PREFIX):
-            continue
-        pid = name[len(NS_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
-            stale.append(nsns.netns_path(name))
-    if stale:
-        end_processes_in(stale, timeout=3.0)
-    return sweep_stale()
-
-
-def rss_kb(pid: int | None) -> dict[str, int | None]:
-    """``VmRSS`` and ``VmHWM`` (peak RSS) of a process in KiB, from ``/proc/<pid>/status``."""
-    out: dict[str, int | None] = {"rss_kb": None, "hwm_kb": None}
-    if not pid:
-        return out
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    out["rss_kb"] = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    out["hwm_kb"] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
-
-
-@dataclass(frozen=True)
-class HandNode:
-    """A hand-built node: its namespace and underlay address."""
-
-    name: str
-    netns: str
-    ip: str
-
-
-class Fabric:
-    """Nodes built directly with Netlink, the way :mod:`nsm.lab` builds them: a fabric
-    namespace with bridge ``br0``; per node a namespace whose ``eth0`` (172.30.0.<i>/24, MTU
-    1500) is a port of the bridge, and ``ip_forward=1``. Everything lives in ``scratch``."""
-
-    def __init__(self, scratch: Scratch, nl: Netlink) -> None:
-        self.scratch = scratch
-        self.nl = nl
-        self.nodes: list[HandNode] = []
-
-    async def build(self, n_nodes: int = 2) -> list[HandNode]:
-        nl = self.nl
-        fabric = self.scratch.netns("fab")
-        await nl.create_bridge("br0", fabric, mtu=UNDERLAY_MTU)
-        await nl.set_up(fabric, "br0")
-        for i in range(1, n_nodes + 1):
-            name = f"node{i}"
-            ns = self.scratch.netns(name)
-            ip = str(UNDERLAY.network_address + i)
-            await nl.create_veth(NODE_IF, ns, name, fabric, mtu=UNDERLAY_MTU)
-            await nl.set_master(fabric, name, "br0")
-            await nl.set_up(fabric, name)
-            await nl.setup_interface(ns, NODE_IF, addresses=[f"{ip}/{UNDERLAY.prefixlen}"],
-                                     routes=[], mtu=UNDERLAY_MTU)
-            await nl.set_sysctl_in_netns(ns, "net.ipv4.ip_forward", 1)
-            self.nodes.append(HandNode(name, ns, ip))
-        nl.forget(fabric)
-        return self.nodes
 
 
 # ------------------------------------------------------------------------------ one half
@@ -261,7 +191,7 @@ def connection_halves(i: int, node1: HandNode, node2: HandNode, client_ns: str, 
                   remote_mac=mac_for("vxlan", id1), table=table2, pod_addrs=(f"{nse_ip}/32",),
                   pod_routes=((f"{nsc_ip}/32", None),), peer_addrs=(f"{nsc_ip}/32",))
     client = Half(conn_id=id1, node_ns=node1.netns, local=node1.ip, pod_ns=client_ns,
-                  pod_if=CLIENT_IF, vni=vni, remote=node2.ip, remote_mac=mac_for("vxlan", id2),
+                  pod_if=IFNAME, vni=vni, remote=node2.ip, remote_mac=mac_for("vxlan", id2),
                   table=table1, pod_addrs=(f"{nsc_ip}/32",), pod_routes=((f"{nse_ip}/32", None),),
                   peer_addrs=(f"{nse_ip}/32",))
     return server, client
@@ -343,17 +273,12 @@ async def measure_remote_floor(n: int, concurrency: int, *, settle: float = 0.5)
             await each.close()
         await scratch.aclose()
     return {
-        "n": n,
-        "concurrency": concurrency,
+        **rates(n, concurrency, setup_wall, close_wall),
         "setup_ms": summarize(setup_ms),
         "server_half_ms": summarize(server_ms),
         "client_half_ms": summarize(client_ms),
         "close_ms": summarize(close_ms),
         "steps_ms_per_half": steps.summary(),
-        "setup_wall_s": round(setup_wall, 3),
-        "setups_per_s": round(n / setup_wall, 1),
-        "close_wall_s": round(close_wall, 3),
-        "closes_per_s": round(n / close_wall, 1),
         "failures": len(failures),
         "failure_examples": failures[:5],
     }
@@ -383,7 +308,7 @@ async def run(quick: bool = False, *, n: int | None = None,
     concurrency = concurrency or (QUICK_CONCURRENCY if quick else DEFAULT_CONCURRENCY)
     if os.geteuid() != 0:
         raise PermissionError("remote_floor needs root (network namespaces)")
-    sweep()
+    sweep_stale()
     seq = await measure_remote_floor(n, 1)
     conc = await measure_remote_floor(n, concurrency)
     return {"name": NAME, "machine": machine(), "n": n, "concurrency": concurrency,

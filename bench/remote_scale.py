@@ -33,29 +33,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from bench.common import Bench, CpuMeter, Options, fmt, machine, outcome_lines, say, summarize
-from bench.remote_floor import sweep
-from bench.remote_setup import (
+from bench.common import (
     IFNAME,
+    TUNNEL_MTU,
+    Bench,
+    BenchLab,
     CheckFailed,
     Failures,
-    daemon_pids,
-    for_each,
-    lab_prefix,
-    leftovers,
-    log_problems,
-    memory,
-    timed_close,
-    timed_request,
+    Options,
+    begin,
+    cli,
+    fmt,
+    outcome_lines,
+    phase,
+    say,
+    size_options,
+    summarize,
+    summary,
     warm_one,
 )
 from nsm.api.connection_pb2 import Connection, MonitorScopeSelector
@@ -111,7 +112,8 @@ async def warmup(lab: Lab, nl: Netlink, failures: Failures) -> list[float]:
             def make(pod: str = pod, name: str = f"scale-warm-{node}-{i}") -> Client:
                 return _client(lab, pod, name)
 
-            out.append(await warm_one(make, nl, lab.pod(pod).netns, failures, f"warm-up {pod}"))
+            out.append(await warm_one(make, nl, lab.pod(pod).netns, failures, f"warm-up {pod}",
+                                      mtu=TUNNEL_MTU))
     return out
 
 
@@ -156,86 +158,46 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
     n = n or (QUICK_N if quick else DEFAULT_N)
     concurrency = concurrency or (QUICK_CONCURRENCY if quick else DEFAULT_CONCURRENCY)
     sample = min(n, sample or (QUICK_SAMPLE if quick else DEFAULT_SAMPLE))
-    if os.geteuid() != 0:
-        raise PermissionError("remote_scale needs root (network namespaces, veth, vxlan)")
-    stale = sweep()
-    if stale:
-        say(f"removed {len(stale)} namespaces left by a killed benchmark")
-    failures = Failures()
-    result: dict[str, Any] = {"name": NAME, "n": n, "concurrency": concurrency, "sample": sample,
-                              "machine": machine(), "bars": []}
-    started = time.perf_counter()
-    nl = Netlink()
-    clients: dict[str, Client] = {}
-    try:
-        lab = Lab(topology(n), prefix=lab_prefix(), start_timeout=60.0)
-        async with lab:
+    failures, result, started = begin(NAME, "network namespaces, veth, vxlan", n=n,
+                                      concurrency=concurrency, sample=sample, bars=[])
+    with failures.recording(result, started):
+        async with BenchLab(topology(n)) as lab, Netlink() as nl:
             say(f"remote_scale: lab with {n + 2 * WARMUP} client pods up in "
                 f"{lab.build_seconds:.1f} s")
-            pids = daemon_pids(lab)
+            pids = lab.pids()
             result["pids"] = pids
             result["warmup_ms"] = await warmup(lab, nl, failures)
             await asyncio.sleep(settle)
-            result["memory_before_kb"] = memory(lab)
+            result["memory_before_kb"] = lab.memory()
             pods = [f"p{i}" for i in range(n)]
-            cpu = CpuMeter({**pids, "bench (client SDK + checks)": None})
+            namespaces = [lab.pod(pod).netns for pod in pods]
 
             async def cycle(tag: str) -> dict[str, Any]:
                 """Set up ``n`` connections, look at the peak, close them all."""
-                conns: dict[str, Connection] = {}
-                request_ms: list[float] = []
-                close_ms: list[float] = []
+                peak: dict[str, Any] = {}
 
-                async def setup(i: int) -> None:
-                    pod = pods[i]
-                    client = clients[pod] = _client(lab, pod, f"scale-nsc-{tag}-{i}")
-                    conn = await timed_request(client, nl, lab.pod(pod).netns, failures,
-                                               f"{tag} {pod}", request_ms)
-                    if conn is not None:
-                        conns[pod] = conn
-
-                async def close(i: int) -> None:
-                    pod = pods[i]
-                    await timed_close(clients.get(pod), nl, lab.pod(pod).netns, failures,
-                                      f"{tag} {pod}", close_ms)
+                async def at_peak(conns: dict[int, Connection]) -> None:
+                    say(f"  [{tag}] {len(conns)} set up and verified; the peak")
+                    peak["open"] = len(conns)
+                    peak["memory_kb"] = lab.memory()
+                    peak["nodes"] = await lab.leftovers(nl)
+                    peak["monitored"] = await monitored(lab)
+                    by_pod = {pods[i]: conn for i, conn in conns.items()}
+                    picked = random.Random(n).sample(sorted(by_pod), min(sample, len(by_pod)))
+                    peak["ping"] = await ping_sample(lab, picked, by_pod, failures)
+                    for node, state in peak["nodes"].items():  # every connection has a half on each
+                        if state.get("nsx") != len(conns):
+                            failures.add(f"{tag} peak {node}", CheckFailed(
+                                f"{state.get('nsx')} VXLAN devices for {len(conns)} connections"))
+                    say(f"  [{tag}] closing {n}, {concurrency} at a time")
 
                 say(f"  [{tag}] {n} cross-node connections (half each way), {concurrency} at a time")
-                cpu.start()
-                setup_wall = await for_each(n, concurrency, setup)
-                cpu_setup = cpu.stop(n)
-                say(f"  [{tag}] set up in {setup_wall:.1f} s ({len(conns)} verified); the peak")
-                peak: dict[str, Any] = {"open": len(conns)}
-                peak["memory_kb"] = memory(lab)
-                peak["nodes"] = await leftovers(nl, lab)
-                peak["monitored"] = await monitored(lab)
-                picked = random.Random(n).sample(sorted(conns), min(sample, len(conns)))
-                peak["ping"] = await ping_sample(lab, picked, conns, failures)
-                for node, state in peak["nodes"].items():  # every connection has a half on each
-                    if state.get("nsx") != len(conns):
-                        failures.add(f"{tag} peak {node}", CheckFailed(
-                            f"{state.get('nsx')} VXLAN devices for {len(conns)} connections"))
-                say(f"  [{tag}] closing {n}, {concurrency} at a time")
-                cpu.start()
-                close_wall = await for_each(n, concurrency, close)
-                cpu_close = cpu.stop(n)
+                out = await phase(nl, lambda i: _client(lab, pods[i], f"scale-nsc-{tag}-{i}"),
+                                  namespaces, concurrency, failures, tag, pids, mtu=TUNNEL_MTU,
+                                  at_peak=at_peak)
                 await asyncio.sleep(settle)
-                left = await leftovers(nl, lab)
-                if any(v for node in left.values() for v in node.values()):
-                    failures.add(f"{tag} leftovers", CheckFailed(f"left on the nodes: {left}"))
-                return {
-                    "peak": peak,
-                    "memory_after_kb": memory(lab),
-                    "leftovers": left,
-                    "request_ms": summarize(request_ms),
-                    "close_ms": summarize(close_ms),
-                    "setup_wall_s": round(setup_wall, 2),
-                    "setups_per_s": round(n / setup_wall, 1),
-                    "close_wall_s": round(close_wall, 2),
-                    "closes_per_s": round(n / close_wall, 1),
-                    "cpu_ms_per_setup": cpu_setup,
-                    "cpu_ms_per_close": cpu_close,
-                    "verified": len(conns),
-                }
+                left = await lab.check_leftovers(nl, failures, f"{tag} leftovers")
+                return {**out, "peak": peak, "memory_after_kb": lab.memory(), "leftovers": left}
 
             first = await cycle("1")
             result.update(first)
@@ -254,18 +216,7 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
                     key: (after2[key]["rss_kb"] - a["rss_kb"]
                           if a.get("rss_kb") and after2[key].get("rss_kb") else None)
                     for key, a in after1.items()}
-            await nl.close()
-            result["daemon_log_problems"] = log_problems(lab)
-    except BaseException as exc:
-        failures.add("benchmark aborted", exc)
-        raise
-    finally:
-        for c in clients.values():  # whatever is still open (failure, Ctrl-C)
-            await asyncio.shield(c.close())
-        await nl.close()
-        result["failures"] = failures.count
-        result["failure_examples"] = failures.first
-        result["wall_s"] = round(time.perf_counter() - started, 1)
+            result["daemon_log_problems"] = lab.log_problems()
     result["bars"] = [{"name": f"failures among {n} connections (x{2 if again else 1})",
                        "value": result["failures"],
                        "limit": 0, "unit": "", "op": "<=", "ok": result["failures"] == 0}]
@@ -335,20 +286,16 @@ async def run_options(options: Options) -> dict[str, Any]:
     sample = options.extra.get("sample")
     return await run(options.quick, n=options.n, concurrency=options.concurrency,
                      sample=int(sample) if sample else None, settle=options.settle,
-                     again=options.extra.get("again", "1") not in ("0", "false", "no"))
+                     again=options.flag("again"))
 
 
-BENCH = Bench(name=NAME, doc=__doc__.split("\n\n")[0].replace("\n", " "), run=run_options,
+BENCH = Bench(name=NAME, doc=summary(__doc__), run=run_options,
               table=table, headline=headline)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.remote_setup import cli
-
     def extra(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--n", type=int, default=None, help=f"connections ({DEFAULT_N})")
-        p.add_argument("--concurrency", type=int, default=None,
-                       help=f"in flight ({DEFAULT_CONCURRENCY})")
+        size_options(p, DEFAULT_N, DEFAULT_CONCURRENCY)
         p.add_argument("--sample", type=int, default=None,
                        help=f"connections pinged at the peak ({DEFAULT_SAMPLE})")
         p.add_argument("--no-again", dest="again", action="store_false",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import traceback
@@ -29,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import local_setup, remote_scale, remote_setup, throughput
-from bench.common import Bench, Options, machine, say, sigterm_cancels, spread, spread_table
+from bench.common import Bench, Options, emit_json, machine, say, sigterm_cancels, spread, spread_table
 
 #: Every benchmark, in the order they run.
 BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH, remote_setup.BENCH,
@@ -85,11 +84,8 @@ def run_benches(benches: Sequence[Bench], options: Options, *, json_path: str | 
     except (KeyboardInterrupt, asyncio.CancelledError):
         say("bench: interrupted; everything it created was removed")
         return 130
-    text = json.dumps(doc, indent=2, default=str)
-    print(text, flush=True)
+    emit_json(doc, json_path)
     if json_path:
-        with open(json_path, "w") as f:
-            f.write(text + "\n")
         say(f"JSON written to {json_path}")
     for name, bar in doc["bars"].items():
         values = ", ".join("-" if v is None else f"{v:g}" for v in bar["values"])

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -40,9 +39,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import Bench, Options, Scratch, fmt, machine, outcome_lines, say
-from bench.remote_floor import TUNNEL_MTU, Fabric, sweep
-from bench.remote_setup import Failures, lab_prefix, log_problems
+from bench.common import (
+    IFNAME,
+    TUNNEL_MTU,
+    Bench,
+    BenchLab,
+    Fabric,
+    Failures,
+    Options,
+    Scratch,
+    begin,
+    cli,
+    fmt,
+    outcome_lines,
+    say,
+    summary,
+)
 from nsm.client.sdk import Client
 from nsm.errors import NotFound, Unavailable
 from nsm.kernel.netlink import Netlink
@@ -56,7 +68,6 @@ BAR = 0.95
 SERVICE_IP = "tput-ip"
 SERVICE_ETH = "tput-eth"
 NSE_CIDR = "172.21.0.0/24"
-IFNAME = "nsm-1"
 PORT = 5201
 DEFAULT_SECONDS, QUICK_SECONDS = 4, 2
 DEFAULT_ROUNDS, QUICK_ROUNDS = 6, 2
@@ -263,13 +274,8 @@ async def run(quick: bool = False, *, rounds: int | None = None,
     """The whole benchmark (see the module docstring); one JSON-able dict."""
     rounds = rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
     seconds = seconds or (QUICK_SECONDS if quick else DEFAULT_SECONDS)
-    if os.geteuid() != 0:
-        raise PermissionError("throughput needs root (network namespaces)")
-    sweep()
-    failures = Failures()
-    result: dict[str, Any] = {"name": NAME, "machine": machine(), "rounds": rounds,
-                              "seconds": seconds, "omit_seconds": OMIT_SECONDS, "bar": BAR}
-    started = time.perf_counter()
+    failures, result, started = begin(NAME, "network namespaces", rounds=rounds, seconds=seconds,
+                                      omit_seconds=OMIT_SECONDS, bar=BAR)
     topo = Topology(
         nodes=(NodeSpec("node1"), NodeSpec("node2")),
         pods=(PodSpec("tc-ip", "node1"), PodSpec("tc-eth", "node1")),
@@ -281,59 +287,54 @@ async def run(quick: bool = False, *, rounds: int | None = None,
     servers = IperfServers()
     clients: list[Client] = []
     samples: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    try:
-        async with Lab(topo, prefix=lab_prefix(), start_timeout=60.0) as lab:
-            clients, ours_ip, ours_eth = await ours(lab, failures)
-            ours_ip, ours_eth = [
-                dataclasses.replace(link, server_if=await server_ifname(nl, link.server_ns,
-                                                                        link.server_ip))
-                for link in (ours_ip, ours_eth)]
-            hand_routed, hand_bridged = await hand_built(scratch, nl)
-            links = {v.name: v for v in (ours_ip, hand_routed, ours_eth, hand_bridged)}
-            result["mtu"] = {name: await mtus(nl, link) for name, link in links.items()}
-            for name, m in result["mtu"].items():
-                if set(m.values()) != {TUNNEL_MTU}:
-                    failures.add(f"MTU of {name}", RuntimeError(f"pod MTUs {m}, not {TUNNEL_MTU}"))
-            await nl.close()
-            for ns in {link.server_ns for link in links.values()}:
-                await servers.start(ns)
-            for link in links.values():
-                res = await asyncio.to_thread(ping, link.client_ns, link.server_ip, count=3,
-                                              interval=0.05)
-                if not res.received:
-                    failures.add(f"ping over {link.name}", RuntimeError(", ".join(res.errors)))
-            say(f"throughput: {rounds} rounds of {len(VARIANTS)} links x {seconds} s")
-            for r in range(rounds):
-                # Counterbalanced: each pair runs ours first in even rounds and the hand-built
-                # link first in odd ones, so a drift of the machine's load favours neither.
-                order = [name for a, b in PAIRS for name in ((a, b) if r % 2 == 0 else (b, a))]
-                for name in order:
-                    try:
-                        sample = await iperf(links[name], seconds)
-                    except RuntimeError as exc:
-                        failures.add(f"iperf3 round {r} {name}", exc)
-                        continue
-                    samples[name].append(sample)
-                    say(f"  round {r + 1} {name:<24} {sample['gbps']:6.2f} Gbit/s "
-                        f"(retr {sample['retransmits']}, mss {sample['mss']})")
+    result["samples"] = samples
+    with failures.recording(result, started):
+        try:
+            async with BenchLab(topo) as lab:
+                clients, ours_ip, ours_eth = await ours(lab, failures)
+                ours_ip, ours_eth = [
+                    dataclasses.replace(link, server_if=await server_ifname(nl, link.server_ns,
+                                                                            link.server_ip))
+                    for link in (ours_ip, ours_eth)]
+                hand_routed, hand_bridged = await hand_built(scratch, nl)
+                links = {v.name: v for v in (ours_ip, hand_routed, ours_eth, hand_bridged)}
+                result["mtu"] = {name: await mtus(nl, link) for name, link in links.items()}
+                for name, m in result["mtu"].items():
+                    if set(m.values()) != {TUNNEL_MTU}:
+                        failures.add(f"MTU of {name}", RuntimeError(f"pod MTUs {m}, not {TUNNEL_MTU}"))
+                await nl.close()
+                for ns in {link.server_ns for link in links.values()}:
+                    await servers.start(ns)
+                for link in links.values():
+                    res = await asyncio.to_thread(ping, link.client_ns, link.server_ip, count=3,
+                                                  interval=0.05)
+                    if not res.received:
+                        failures.add(f"ping over {link.name}", RuntimeError(", ".join(res.errors)))
+                say(f"throughput: {rounds} rounds of {len(VARIANTS)} links x {seconds} s")
+                for r in range(rounds):
+                    # Counterbalanced: each pair runs ours first in even rounds and the hand-built
+                    # link first in odd ones, so a drift of the machine's load favours neither.
+                    order = [name for a, b in PAIRS for name in ((a, b) if r % 2 == 0 else (b, a))]
+                    for name in order:
+                        try:
+                            sample = await iperf(links[name], seconds)
+                        except RuntimeError as exc:
+                            failures.add(f"iperf3 round {r} {name}", exc)
+                            continue
+                        samples[name].append(sample)
+                        say(f"  round {r + 1} {name:<24} {sample['gbps']:6.2f} Gbit/s "
+                            f"(retr {sample['retransmits']}, mss {sample['mss']})")
+                await servers.stop()
+                for c in clients:
+                    await c.close()
+                clients = []
+                result["daemon_log_problems"] = lab.log_problems()
+        finally:
             await servers.stop()
             for c in clients:
-                await c.close()
-            clients = []
-            result["daemon_log_problems"] = log_problems(lab)
-    except BaseException as exc:
-        failures.add("benchmark aborted", exc)
-        raise
-    finally:
-        await servers.stop()
-        for c in clients:
-            await asyncio.shield(c.close())
-        await nl.close()
-        await scratch.aclose()
-        result["samples"] = samples
-        result["failures"] = failures.count
-        result["failure_examples"] = failures.first
-        result["wall_s"] = round(time.perf_counter() - started, 1)
+                await asyncio.shield(c.close())
+            await nl.close()
+            await scratch.aclose()
     result["median_gbps"] = {name: (round(statistics.median(s["gbps"] for s in v), 3) if v else None)
                              for name, v in samples.items()}
     result["spread_gbps"] = {name: [min(s["gbps"] for s in v), max(s["gbps"] for s in v)]
@@ -398,13 +399,11 @@ async def run_options(options: Options) -> dict[str, Any]:
                      seconds=int(extra["seconds"]) if "seconds" in extra else None)
 
 
-BENCH = Bench(name=NAME, doc=__doc__.split("\n\n")[0].replace("\n", " "), run=run_options,
+BENCH = Bench(name=NAME, doc=summary(__doc__), run=run_options,
               table=table, headline=headline)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.remote_setup import cli
-
     def extra(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rounds", type=int, default=None,
                        help=f"interleaved rounds ({DEFAULT_ROUNDS}; quick {QUICK_ROUNDS})")

@@ -14,6 +14,7 @@ import time
 
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_NEWLINK
 
 from nsm.errors import (
     AlreadyExists,
@@ -23,9 +24,10 @@ from nsm.errors import (
     NotFound,
     Unsupported,
 )
-from nsm.kernel import netlink as nlmod
 from nsm.kernel import netns as nsmod
 from nsm.kernel.netlink import LinkInfo, Netlink
+from nsm.kernel.netlink import messages as nlmsg
+from nsm.kernel.netlink import operations as nlops
 from nsm.lab.harness import NetnsGroup
 
 NetnsFactory = NetnsGroup
@@ -241,6 +243,116 @@ async def test_veth_ipv6_and_same_namespace(netlink: Netlink, netns_factory: Net
     assert "same-a" in names and "same-b" in names
     with pytest.raises(InvalidArgument):
         await netlink.create_veth("dup", a, "dup", a)
+
+
+async def _old_style_veth(nl: Netlink, a: str, name_a: str, b: str, name_b: str) -> tuple[int, int]:
+    """A veth made as before the fix: the kernel picks both indexes (2 and 2 in fresh
+    namespaces). Returns them."""
+    async with nl._use(a) as h, nl._use(b) as ph:
+        msg = nlmsg.veth_msg(name_a, name_b, peer_ns_fd=ph.ns_fd)
+        await nl._sockets.one(h, msg, RTM_NEWLINK, nlmsg.CREATE, "create an old-style veth")
+        return h.index(name_a) or 0, ph.index(name_b) or 0
+
+
+async def _operstates(nl: Netlink, a: str, name_a: str, b: str, name_b: str) -> tuple[str, str]:
+    """Both ends' operstate from link dumps: unlike RTM_GETLINK of one link, a dump does not make
+    the kernel apply pending link-watch work first, so this is what everyone else sees."""
+    one = {link.name: link.operstate for link in await nl.links(a)}
+    other = {link.name: link.operstate for link in await nl.links(b)}
+    return one.get(name_a, ""), other.get(name_b, "")
+
+
+async def _both_up(nl: Netlink, a: str, name_a: str, b: str, name_b: str) -> None:
+    """Both ends up as the forwarder does it: one datagram each, concurrently."""
+    await asyncio.gather(nl.setup_interface(a, name_a, addresses=[], routes=[], mtu=1500),
+                         nl.setup_interface(b, name_b, addresses=[], routes=[], mtu=1500))
+
+
+async def _until_up(nl: Netlink, a: str, name_a: str, b: str, name_b: str,
+                    limit: float = 3.0) -> float:
+    """Seconds until both ends' operstate is UP (polling dumps)."""
+    t0 = time.monotonic()
+    while await _operstates(nl, a, name_a, b, name_b) != ("UP", "UP"):
+        assert time.monotonic() - t0 < limit, "the link never came up"
+        await asyncio.sleep(0.001)
+    return time.monotonic() - t0
+
+
+async def _link_watch_just_ran(nl: Netlink, netns_factory: NetnsFactory) -> None:
+    """Make the kernel's link watcher run its once-a-second batch now, so that the next one is a
+    full second away: an old-style veth between two fresh namespaces, both ends up; the end
+    brought up last is only handled by that batch."""
+    a, b = netns_factory("olda"), netns_factory("oldb")
+    assert await _old_style_veth(nl, a, "old-a", b, "old-b") == (2, 2), \
+        "fresh namespaces no longer give a new link index 2"
+    await _both_up(nl, a, "old-a", b, "old-b")
+    await _until_up(nl, a, "old-a", b, "old-b")
+
+
+@needs_root
+async def test_new_veth_between_fresh_namespaces_is_up_in_milliseconds(
+        netlink: Netlink, netns_factory: NetnsFactory) -> None:
+    """Both ends of a veth between two fresh namespaces (a pod's and a node's) would get index 2;
+    the link watcher then treats the carrier-on of one end as not urgent
+    (``linkwatch_urgent_event``: index equal to the iflink, the peer's index) and applies it in
+    its once-a-second batch. ``create_veth`` gives the ends different indexes."""
+    await _link_watch_just_ran(netlink, netns_factory)
+    pod, node = netns_factory("pod"), netns_factory("node")
+    await netlink.create_veth("nsm-1", pod, "nsv-1", node, mtu=1500)
+    await _both_up(netlink, pod, "nsm-1", node, "nsv-1")
+    elapsed = await _until_up(netlink, pod, "nsm-1", node, "nsv-1")
+    assert elapsed < 0.2, f"a new veth took {elapsed * 1e3:.0f} ms to be up"
+    one, other = await netlink.link(pod, "nsm-1"), await netlink.link(node, "nsv-1")
+    assert one is not None and other is not None
+    assert one.index != other.index and one.link == other.index and other.link == one.index
+
+
+@needs_root
+async def test_wait_ready_returns_once_the_kernel_applied_the_carrier(
+        netlink: Netlink, netns_factory: NetnsFactory) -> None:
+    """``wait_ready`` on a veth whose ends share an index (one made by someone else): it neither
+    waits for the link watcher's next batch (~1 s) nor answers before the link watcher has
+    applied the carrier (operstate still UNKNOWN, queueing discipline not attached)."""
+    await _link_watch_just_ran(netlink, netns_factory)
+    a, b = netns_factory("a"), netns_factory("b")
+    assert await _old_style_veth(netlink, a, "eq-a", b, "eq-b") == (2, 2)
+    await _both_up(netlink, a, "eq-a", b, "eq-b")
+    t0 = time.monotonic()
+    ready = await asyncio.gather(netlink.wait_ready(a, "eq-a"), netlink.wait_ready(b, "eq-b"))
+    elapsed = time.monotonic() - t0
+    states = await _operstates(netlink, a, "eq-a", b, "eq-b")
+    assert ready == [True, True] and elapsed < 0.2, \
+        f"wait_ready answered {ready} after {elapsed * 1e3:.0f} ms"
+    assert states == ("UP", "UP"), f"ready, but the link watcher had not applied it yet: {states}"
+
+
+@needs_root
+async def test_veth_index_taken_meanwhile_is_retried(netlink: Netlink,
+                                                     netns_factory: NetnsFactory,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = netns_factory("a"), netns_factory("b")
+    await netlink.create_veth("first-a", a, "first-b", b)
+    taken_a, taken_b = await netlink.index(a, "first-a"), await netlink.index(b, "first-b")
+    assert taken_a is not None and taken_b is not None and taken_a != taken_b
+    assert taken_a >= nlops.VETH_INDEX_FIRST and taken_b >= nlops.VETH_INDEX_FIRST
+    real = netlink._veth_indexes
+    calls = []
+
+    def racing(h, ph):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:  # as if both had been taken between the check and the request
+            return taken_a, taken_b
+        if len(calls) == 2:
+            return real(h, ph)[0], taken_b
+        return real(h, ph)
+
+    monkeypatch.setattr(netlink, "_veth_indexes", racing)
+    await netlink.create_veth("second-a", a, "second-b", b)
+    assert len(calls) == 3
+    got_a, got_b = await netlink.index(a, "second-a"), await netlink.index(b, "second-b")
+    assert got_a not in (None, taken_a) and got_b not in (None, taken_b) and got_a != got_b
+    assert sorted(link.name for link in await netlink.links(a)) == ["first-a", "lo", "second-a"]
+    assert sorted(link.name for link in await netlink.links(b)) == ["first-b", "lo", "second-b"]
 
 
 @needs_root
@@ -483,7 +595,7 @@ async def test_own_namespace_ends(netlink: Netlink, netns_factory: NetnsFactory)
             return [link.name for link in await nl.links(None)]
 
     own_links = await asyncio.to_thread(nsmod.run_in_netns, node, asyncio.run, daemon())
-    assert own_links == ["lo", "topod", "own-a"]
+    assert sorted(own_links) == ["lo", "own-a", "topod"]  # (dumps go by index: chosen at random)
     assert {link.name for link in await netlink.links(node)} == {"lo", "topod", "own-a"}
     assert {link.name for link in await netlink.links(pod)} == {"lo", "eth9", "own-b"}
     await netlink.setup_interface(pod, "eth9", addresses=["10.77.0.2/32"],
@@ -630,8 +742,8 @@ def test_error_mapping() -> None:
         errno.ENETUNREACH: FailedPrecondition, errno.EIO: Internal,
     }
     for code, cls in cases.items():
-        err = nlmod._domain_error(NetlinkError(code), "do x on eth0 in ns y")
+        err = nlmsg.domain_error(NetlinkError(code), "do x on eth0 in ns y")
         assert type(err) is cls and err.message.startswith("do x on eth0 in ns y: ")
-    err = nlmod._domain_error(NetlinkError(errno.EOPNOTSUPP, "Unknown device type"), "add")
+    err = nlmsg.domain_error(NetlinkError(errno.EOPNOTSUPP, "Unknown device type"), "add")
     assert "Unknown device type" in err.message and "not supported by this kernel" in err.message
 
