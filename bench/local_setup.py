@@ -88,7 +88,6 @@ from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import kernel, netns_url
 from nsm.registry.client import RegistryClient
 from nsm.transport import dial
-from nsm.wellknown import NEXT_HOP_HEADER
 
 NAME = "local_setup"
 DEFAULT_N = 200
@@ -132,7 +131,8 @@ async def _start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> _M
     await scratch.daemon("forwarder", ["forwarder", "--name", "bench-fwd", "--node", "bench-node",
                                        "--listen", fwd, "--manager", mgr, "--registry", reg], fwd, env)
     await scratch.daemon("nse", ["nse", "--name", NSE_NAME, "--service", SERVICE, "--cidr", CIDR,
-                                 "--netns", nse_ns, "--listen", nse, "--registry", reg], nse, env)
+                                 "--netns", nse_ns, "--listen", nse, "--registry", reg,
+                                 "--node", "bench-node"], nse, env)
     pids = {d.name: d.pid for d in scratch.daemons}
     return _Mesh(scratch, reg, mgr, fwd, nse, nse_ns, pids)
 
@@ -206,22 +206,23 @@ async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: Failures) -
                                mechanisms=[kernel(IFNAME, netns_url(ns))], conn_id=str(uuid.uuid4()))
 
         async def direct(channel: grpc.aio.Channel, namespaces: Sequence[str] | None,
-                         metadata: Sequence[tuple[str, str]] | None, what: str
-                         ) -> tuple[dict[str, float], dict[str, float]]:
+                         endpoint: str, what: str) -> tuple[dict[str, float], dict[str, float]]:
             own = mesh.scratch.netns_many(f"bd{what}", count) if namespaces is None else namespaces
             conns: list[Connection] = []
 
             async def req(i: int) -> None:
                 try:
-                    conns.append(await request_once(channel, request_for(own[i]),
-                                                    metadata=metadata))
+                    request = request_for(own[i])
+                    # A forwarder serves the endpoint its manager chose: named in the connection.
+                    request.connection.network_service_endpoint_name = endpoint
+                    conns.append(await request_once(channel, request))
                 except NsmError as exc:
                     failures.add(f"breakdown {what} request {i}", exc)
 
             async def close(i: int) -> None:
                 if i < len(conns):
                     try:
-                        await close_once(channel, conns[i], metadata=metadata)
+                        await close_once(channel, conns[i])
                     except NsmError as exc:
                         failures.add(f"breakdown {what} close {i}", exc)
 
@@ -233,11 +234,11 @@ async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: Failures) -
 
         # The NSE programs nothing: any existing namespace will do for its mechanism.
         same = [mesh.nse_netns] * count
-        out["nse_request_ms"], out["nse_close_ms"] = await direct(nse_ch, same, None, "nse")
+        out["nse_request_ms"], out["nse_close_ms"] = await direct(nse_ch, same, "", "nse")
         out["forwarder_request_ms"], out["forwarder_close_ms"] = await direct(
-            fwd_ch, None, [(NEXT_HOP_HEADER, mesh.nse_url)], "fwd")
+            fwd_ch, None, NSE_NAME, "fwd")
         out["manager_request_ms"], out["manager_close_ms"] = await direct(
-            mgr_ch, None, None, "mgr")
+            mgr_ch, None, "", "mgr")
     finally:
         for ch in (nse_ch, fwd_ch, mgr_ch):
             await ch.close()
