@@ -8,6 +8,7 @@ the empty name) and server reflection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -27,6 +28,9 @@ from nsm.errors import FailedPrecondition, InvalidArgument
 #: Longest path of a unix socket (sun_path is 108 bytes with its NUL).
 UNIX_PATH_MAX = 107
 
+#: How long a replaced channel lives on for the calls still on it (:meth:`Channels.renew`).
+STALE_GRACE = 5.0
+
 #: Channel options shared by every dialed connection.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 20_000),
@@ -36,6 +40,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # Each channel its own subchannels: gRPC core otherwise shares them between channels to one
+    # target, so a new channel to a restarted peer inherits the old one's reconnect backoff.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
@@ -272,6 +279,8 @@ class Channels:
     def __init__(self, factory: Callable[[str], grpc.aio.Channel] | None = None) -> None:
         self._factory = factory or dial
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stale: set[grpc.aio.Channel] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def get(self, url: str) -> grpc.aio.Channel:
         channel = self._channels.get(url)
@@ -285,7 +294,33 @@ class Channels:
         if channel is not None:
             await channel.close()
 
+    def renew(self, url: str, stale: grpc.aio.Channel) -> grpc.aio.Channel:
+        """A new channel to ``url`` in place of ``stale`` (one that could not connect and waits
+        out its reconnect backoff), unless another caller renewed it already: then that one.
+        The stale channel is closed a little later, so that calls still on it end by
+        themselves instead of being cancelled."""
+        current = self._channels.get(url)
+        if current is not None and current is not stale:
+            return current
+        channel = self._channels[url] = self._factory(url)
+        self._stale.add(stale)
+
+        async def retire() -> None:
+            await asyncio.sleep(STALE_GRACE)
+            self._stale.discard(stale)
+            await stale.close()
+
+        task = asyncio.get_running_loop().create_task(retire(), name=f"channel-retire:{url}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return channel
+
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        stale, self._stale = self._stale, set()
+        for channel in stale:
+            await channel.close()
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()

@@ -50,8 +50,7 @@ class Connect(Element):
             if (exc.code() != grpc.StatusCode.UNAVAILABLE
                     or channel.get_state() == grpc.ChannelConnectivity.READY):
                 raise
-        await self.channels.drop(url)
-        return await rpc(NetworkServiceStub(self.channels.get(url)))
+        return await rpc(NetworkServiceStub(self.channels.renew(url, channel)))
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         url = self._url(ctx, request) if self._url else ctx.meta.get(NEXT_URL)

@@ -197,7 +197,7 @@ async def test_close_before_the_refresh_removes_what_the_earlier_run_left(new_la
     endpoints) are clean at once, long before any expiry or grace period."""
     async with new_lab(RESTART, tag="c") as cluster:
         services = ("ip", "eth", "loc") if node == "node1" else ("ip", "eth")
-        conns = await connect_all(cluster, services)
+        conns = await connect_all(cluster, services, heal=None)  # no heal: nothing refreshes first
         await cluster.lab.kill(f"forwarder.{node}")
         await cluster.lab.start_daemon(f"forwarder.{node}")
         for client, *_ in conns.values():

@@ -1,0 +1,52 @@
+"""transport.Channels.renew: a channel stuck in reconnect backoff is replaced once, however
+many callers notice it at the same time, and the stale one is closed only after a grace (calls
+still on it end by themselves)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nsm import transport
+from nsm.transport import Channels
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class FakeChannel:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_concurrent_renewals_make_one_new_channel_and_retire_the_stale_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "STALE_GRACE", 0.05)
+    made: list[FakeChannel] = []
+
+    def factory(url: str) -> FakeChannel:
+        made.append(FakeChannel(url))
+        return made[-1]
+
+    channels = Channels(factory)  # type: ignore[arg-type]
+    stale = channels.get("unix:///x")
+    first = channels.renew("unix:///x", stale)
+    second = channels.renew("unix:///x", stale)  # a second caller saw the same stale channel
+    assert first is second is channels.get("unix:///x") and first is not stale
+    assert len(made) == 2 and not stale.closed  # calls on it may still be ending
+    await asyncio.sleep(0.15)
+    assert stale.closed and not first.closed
+    await channels.close()
+    assert first.closed
+
+
+async def test_close_closes_channels_still_retiring() -> None:
+    channels = Channels(FakeChannel)  # type: ignore[arg-type]
+    stale = channels.get("unix:///y")
+    fresh = channels.renew("unix:///y", stale)
+    await channels.close()
+    assert stale.closed and fresh.closed
