@@ -67,13 +67,13 @@ from typing import Any, Protocol
 
 import grpc
 
+from nsm.api import connection_pb2
 from nsm.api.connection_pb2 import (
     DELETE,
     DOWN,
     INITIAL_STATE_TRANSFER,
     UP,
     Connection,
-    ConnectionEvent,
     MonitorScopeSelector,
     PathSegment,
 )
@@ -514,7 +514,7 @@ class Heal(Hook):
             reason, fault = "the stream ended", True
             try:
                 while (event := await call.read()) is not grpc.aio.EOF:
-                    assert isinstance(event, ConnectionEvent)
+                    assert isinstance(event, connection_pb2.ConnectionEvent)
                     if event.type == INITIAL_STATE_TRANSFER:
                         self._stream_up = True
                         backoff.reset()
@@ -546,7 +546,7 @@ class Heal(Hook):
         segments = conn.path.path_segments
         return not segments or segments[0].id == w.conn_id
 
-    def _snapshot(self, event: ConnectionEvent, attempt: int) -> None:
+    def _snapshot(self, event: connection_pb2.ConnectionEvent, attempt: int) -> None:
         for w in list(self._watches.values()):
             if not w.manager_id:
                 continue
@@ -562,7 +562,7 @@ class Heal(Hook):
             else:
                 self._mended(w)
 
-    def _changed(self, event: ConnectionEvent) -> None:
+    def _changed(self, event: connection_pb2.ConnectionEvent) -> None:
         for key, conn in event.connections.items():
             w = self._by_manager_id.get(key)
             if w is None or not self._ours(w, conn):
@@ -595,7 +595,7 @@ async def find_connection(channel: grpc.aio.Channel, *, name: str, conn_id: str,
         call.cancel()
     if event is grpc.aio.EOF:
         return None
-    assert isinstance(event, ConnectionEvent)
+    assert isinstance(event, connection_pb2.ConnectionEvent)
     for conn in event.connections.values():
         segments = conn.path.path_segments
         if segments and segments[0].id == conn_id and segments[0].name == name:

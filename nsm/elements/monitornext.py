@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from nsm.api import connection_pb2
 from nsm.api.connection_pb2 import (
     DELETE,
     DOWN,
@@ -42,8 +43,6 @@ from nsm.api.connection_pb2 import (
     UP,
     Connection,
     ConnectionEvent,
-    MonitorScopeSelector,
-    PathSegment,
 )
 from nsm.api.connection_pb2_grpc import MonitorConnectionStub
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
@@ -83,7 +82,8 @@ class MonitorNext(Element):
                  min_delay: float = 0.1, max_delay: float = 2.0) -> None:
         self.channels = channels
         self.monitor = monitor
-        self.selector = MonitorScopeSelector(path_segments=[PathSegment(name=name)])
+        self.selector = connection_pb2.MonitorScopeSelector(
+            path_segments=[connection_pb2.PathSegment(name=name)])
         self.min_delay = min_delay
         self.max_delay = max_delay
         self.log = get_logger("nsm.monitornext").bind(name=name)

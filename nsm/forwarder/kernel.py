@@ -25,7 +25,7 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Key, NextClose, NextRequest
 from nsm.errors import AlreadyExists, InvalidArgument, NsmError
-from nsm.forwarder.mechanism import UPSTREAM, Datapath
+from nsm.forwarder.mechanism import UPSTREAM, Datapath, answered
 from nsm.kernel.netlink import LinkInfo, Netlink
 from nsm.mechanisms import (
     KERNEL,
@@ -102,10 +102,7 @@ class KernelLocal(Datapath):
 
         conn = await next(ctx, request)
         try:
-            down = conn.mechanism
-            if not is_kernel_local(down):
-                raise InvalidArgument(
-                    f"endpoint answered with {down.type}/{down.cls}, not KERNEL/LOCAL")
+            down = answered(conn, LOCAL, KERNEL, "endpoint")
             nse_ns = existing_netns_path(down.parameters.get(NETNS_INODE_URL, ""))
             nse_if = validate_ifname(down.parameters.get(NAME, ""), "endpoint interface name")
             ip = conn.context.ip_context

@@ -23,7 +23,7 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
 from nsm.elements.connect import NEXT_URL
-from nsm.errors import EndpointUnreachable, PermissionDenied, Unavailable, Unsupported
+from nsm.errors import EndpointUnreachable, InvalidArgument, PermissionDenied, Unavailable, Unsupported
 from nsm.wellknown import NEXT_HOP_HEADER
 
 #: The mechanism chosen toward the previous hop.
@@ -123,6 +123,15 @@ class SelectMechanism(Element):
         if down is not None:
             out.mechanism.CopyFrom(down)
         await next(ctx, out)
+
+
+def answered(conn: Connection, cls: str, type_: str, who: str) -> Mechanism:
+    """The mechanism the next hop answered with, when it is the one offered; INVALID_ARGUMENT
+    otherwise (nothing is built from a wrong answer)."""
+    down = conn.mechanism
+    if (down.cls, down.type) != (cls, type_):
+        raise InvalidArgument(f"{who} answered {down.type}/{down.cls}, not {type_}/{cls}")
+    return down
 
 
 class Datapath(Element):

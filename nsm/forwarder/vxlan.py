@@ -56,14 +56,15 @@ from nsm.errors import (
     ResourceExhausted,
     VniConflict,
 )
-from nsm.forwarder.kernel import alias_for, is_kernel_local
-from nsm.forwarder.mechanism import UPSTREAM, Datapath
+from nsm.forwarder.kernel import alias_for
+from nsm.forwarder.mechanism import UPSTREAM, Datapath, answered
 from nsm.kernel.netlink import LinkInfo, Netlink, RuleInfo
 from nsm.log import Logger
 from nsm.mechanisms import (
     DST_IP,
     DST_MAC,
     KERNEL,
+    LOCAL,
     MTU,
     NAME,
     NETNS_INODE_URL,
@@ -282,6 +283,7 @@ class Leftover:
                 "table": "" if self.table is None else str(self.table)}
 
 
+@dataclass(eq=False)
 class Leftovers:
     """What an earlier run of forwarder ``owner`` left in its namespace, by connection, until a
     Request of the connection claims it (:meth:`claim`) or the grace period is over.
@@ -291,17 +293,15 @@ class Leftovers:
     unclaimed is removed and logged; :meth:`give_back` returns a claim whose Request failed (its
     grace starts again)."""
 
-    def __init__(self, netlink: Netlink, owner: str, vnis: VniPool, tables: TablePool, *,
-                 grace: float, log: Logger) -> None:
-        self.netlink = netlink
-        self.owner = owner
-        self.vnis = vnis
-        self.tables = tables
-        self.grace = grace
-        self.log = log
-        self._items: dict[str, Leftover] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+    netlink: Netlink
+    owner: str
+    vnis: VniPool
+    tables: TablePool
+    grace: float = field(kw_only=True)
+    log: Logger = field(kw_only=True)
+    _items: dict[str, Leftover] = field(init=False, default_factory=dict)
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -637,6 +637,30 @@ class _Side(Datapath):
             raise
         return half
 
+    async def _failed(self, ctx: Ctx, conn: Connection, exc: BaseException,
+                      half: _Half | None) -> None:
+        """A first Request failed after the next hop answered: undo the next hop's part and give
+        the VNI back (a refresh that fails keeps what it had)."""
+        if half is None:
+            await self._undo(ctx, conn, exc)
+            self._release_vni(ctx)
+
+    def _release_vni(self, ctx: Ctx) -> None:
+        vni = ctx.meta.pop(_VNI)
+        if vni is not None:
+            self.vnis.release(vni, ctx.conn_id)
+        self._give_back(ctx)  # after the release: it reserves the leftover's VNI again
+
+    async def _place(self, ctx: Ctx, half: _Half | None, want: _Half) -> None:
+        """Keep the half the kernel holds when it is exactly ``want`` (a refresh, or an adopted
+        half); else remove it and build ``want``."""
+        if half is not None and _same(half, want):
+            return
+        if half is not None:
+            await self.datapath.remove(half)
+            ctx.meta.pop(_HALF)
+        ctx.meta.set(_HALF, await self._install(ctx, want))
+
     async def _undo(self, ctx: Ctx, conn: Connection, exc: BaseException) -> None:
         ctx.log.warning("VXLAN datapath failed; closing downstream", error=str(exc))
         try:
@@ -699,18 +723,18 @@ class VxlanClient(_Side):
                 break
             except VniConflict:
                 if half is not None or attempt == 3:
-                    self._forget_vni(ctx, half)
+                    if half is None:
+                        self._release_vni(ctx)
                     raise
                 self.vnis.release(vni, ctx.conn_id)
                 vni = self.vnis.allocate(ctx.conn_id)
                 ctx.meta.set(_VNI, vni)
             except BaseException:
-                self._forget_vni(ctx, half)
+                if half is None:
+                    self._release_vni(ctx)
                 raise
         try:
-            down = conn.mechanism
-            if not is_vxlan(down):
-                raise InvalidArgument(f"remote side answered {down.type}/{down.cls}, not VXLAN")
+            down = answered(conn, REMOTE, VXLAN, "remote side")
             remote = _check_ip(down.parameters.get(DST_IP, ""), "remote address")
             remote_mac = down.parameters.get(DST_MAC, "")
             if not remote_mac:
@@ -721,17 +745,10 @@ class VxlanClient(_Side):
             conn.context.MTU = mtu
             want = self._half(ctx, conn, pod_ns=pod_ns, pod_if=pod_if, vni=vni, remote=remote,
                               remote_mac=remote_mac, mtu=mtu, client=True)
-            if half is not None and _same(half, want):
-                return conn
-            if half is not None:
-                await self.datapath.remove(half)
-                ctx.meta.pop(_HALF)
-            ctx.meta.set(_HALF, await self._install(ctx, want))
+            await self._place(ctx, half, want)
             return conn
         except BaseException as exc:
-            if half is None:
-                await self._undo(ctx, conn, exc)
-                self._forget_vni(ctx, None)
+            await self._failed(ctx, conn, exc, half)
             raise
 
     async def _replaces(self, ctx: Ctx, existing: LinkInfo) -> bool:
@@ -748,13 +765,6 @@ class VxlanClient(_Side):
                      "connection of this interface", interface=existing.name, **old.describe())
         await self.leftovers.remove(old)
         return True
-
-    def _forget_vni(self, ctx: Ctx, half: _Half | None) -> None:
-        if half is None:
-            vni = ctx.meta.pop(_VNI)
-            if vni is not None:
-                self.vnis.release(vni, ctx.conn_id)
-            self._give_back(ctx)  # after the release: it reserves the leftover's VNI again
 
 
 class VxlanServer(_Side):
@@ -791,12 +801,10 @@ class VxlanServer(_Side):
             conn = await next(ctx, request)
         except BaseException:
             if half is None:
-                self._forget(ctx, vni)
+                self._release_vni(ctx)
             raise
         try:
-            down = conn.mechanism
-            if not is_kernel_local(down):
-                raise InvalidArgument(f"endpoint answered {down.type}/{down.cls}, not KERNEL/LOCAL")
+            down = answered(conn, LOCAL, KERNEL, "endpoint")
             pod_ns = existing_netns_path(down.parameters.get(NETNS_INODE_URL, ""))
             pod_if = validate_ifname(down.parameters.get(NAME, ""), "endpoint interface name")
             offered = int(up.parameters.get(MTU, "0") or 0) or self.tunnel.mtu
@@ -804,25 +812,14 @@ class VxlanServer(_Side):
             conn.context.MTU = mtu
             want = self._half(ctx, conn, pod_ns=pod_ns, pod_if=pod_if, vni=vni, remote=remote,
                               remote_mac=remote_mac, mtu=mtu, client=False)
-            if half is None or not _same(half, want):
-                if half is not None:
-                    await self.datapath.remove(half)
-                    ctx.meta.pop(_HALF)
-                ctx.meta.set(_HALF, await self._install(ctx, want))
+            await self._place(ctx, half, want)
             up.parameters[DST_IP] = self.tunnel.ip
             up.parameters[DST_MAC] = mac_for("vxlan", ctx.conn_id)
             up.parameters[MTU] = str(mtu)
             return conn
         except BaseException as exc:
-            if half is None:
-                await self._undo(ctx, conn, exc)
-                self._forget(ctx, vni)
+            await self._failed(ctx, conn, exc, half)
             raise
-
-    def _forget(self, ctx: Ctx, vni: int) -> None:
-        ctx.meta.pop(_VNI)
-        self.vnis.release(vni, ctx.conn_id)
-        self._give_back(ctx)  # after the release: it reserves the leftover's VNI again
 
 
 def _same(a: _Half, b: _Half) -> bool:

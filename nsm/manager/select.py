@@ -23,7 +23,7 @@ that only re-requests, changes nothing in the datapath.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from nsm.api.connection_pb2 import RESELECT_REQUESTED, Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
@@ -113,18 +113,13 @@ class SelectForwarder(Element):
             forwarders = last_of(forwarders, old)
         else:
             forwarders = last_of(forwarders, {f.name for f in forwarders} - old)
-        error: NsmError | None = None
-        for fwd in forwarders:
+
+        async def through(fwd: NetworkServiceEndpoint) -> Connection:
             ctx.meta.set(_FORWARDER, fwd.name)
             ctx.meta.set(NEXT_URL, fwd.url)
-            try:
-                return await next(ctx, request)
-            except RETRYABLE as exc:
-                ctx.log.warning("forwarder failed; trying the next", forwarder=fwd.name,
-                                error=exc.message)
-                error = exc
-        assert error is not None
-        raise error
+            return await next(ctx, request)
+
+        return await in_turn(ctx, forwarders, through, "forwarder")
 
 
 class RoundRobin(Element):
@@ -143,23 +138,40 @@ class RoundRobin(Element):
         old = ctx.meta.pop(_OLD_ENDPOINT)
         if old:
             candidates = last_of(candidates, {old})
-        error: NsmError | None = None
-        for nse in candidates:
+        if not candidates:
+            raise NotFound(f"no endpoint for network service {conn.network_service!r}")
+
+        async def to(nse: NetworkServiceEndpoint) -> Connection:
             conn.network_service_endpoint_name = nse.name
             ctx.meta.set(_ENDPOINT, nse.name)
-            try:
-                return await next(ctx, request)
-            except RETRYABLE as exc:
-                ctx.log.warning("endpoint failed; trying the next", endpoint=nse.name,
-                                error=exc.message)
-                error = exc
-        conn.network_service_endpoint_name = ""
-        if error is None:
-            raise NotFound(f"no endpoint for network service {conn.network_service!r}")
-        raise error
+            return await next(ctx, request)
+
+        try:
+            return await in_turn(ctx, candidates, to, "endpoint")
+        except BaseException:
+            conn.network_service_endpoint_name = ""
+            raise
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         await next(ctx, conn)
+
+
+async def in_turn(ctx: Ctx, candidates: Sequence[NetworkServiceEndpoint],
+                  attempt: Callable[[NetworkServiceEndpoint], Awaitable[Connection]],
+                  what: str) -> Connection:
+    """The first of ``candidates`` (at least one) that ``attempt`` succeeds with; a failure
+    that may be the candidate's (:data:`nsm.errors.RETRYABLE`) moves on to the next, any other
+    returns at once; when all fail, the last failure."""
+    error: NsmError | None = None
+    for candidate in candidates:
+        try:
+            return await attempt(candidate)
+        except RETRYABLE as exc:
+            ctx.log.warning(f"{what} failed; trying the next", **{what: candidate.name},
+                            error=exc.message)
+            error = exc
+    assert error is not None, "in_turn needs at least one candidate"
+    raise error
 
 
 def next_index(counters: dict[str, itertools.count[int]], key: str) -> int:
