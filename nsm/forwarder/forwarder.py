@@ -1,7 +1,7 @@
 """The forwarder daemon: its chain, composed in one place, its registration and lifecycle.
 
 Chain: (Begin → Validate → UpdatePath → Timeout → Monitor, see :mod:`nsm.role`) →
-SelectMechanism → KernelLocal → VxlanClient → VxlanServer → Connect (to the next hop the
+SelectMechanism → KernelLocal → VxlanClient → VxlanServer → MonitorNext → Connect (to the next hop the
 forwarder resolved itself from the endpoint's name: the endpoint, or another node's manager).
 The (upstream, downstream) mechanism pair selects the one datapath element that acts:
 

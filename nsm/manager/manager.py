@@ -1,7 +1,7 @@
 """The manager daemon: its chain, composed in one place, and what it serves.
 
 Chain: (Begin → Validate → UpdatePath → Timeout → Monitor, see :mod:`nsm.role`) → Discover →
-SelectForwarder → RoundRobin → Connect (to the chosen forwarder, which resolves the chosen
+SelectForwarder → RoundRobin → MonitorNext → Connect (to the chosen forwarder, which resolves the chosen
 endpoint by name through this manager's registry proxy and connects on to it).
 
 It also serves the registry's two services as a proxy (:mod:`nsm.manager.proxy`): the node's
