@@ -478,9 +478,11 @@ async def timed_close(client: Client | None, nl: Netlink, netns: str, failures: 
 def new_clients(manager_url: str, service: str, namespaces: Sequence[str],
                 label: str) -> Callable[[int], Client]:
     """``i`` → a new SDK ``Client`` of ``service`` from ``namespaces[i]``, as a new pod would
-    make (its Request also connects its channel to the manager)."""
+    make (its Request also connects its channel to the manager). The setup benchmarks measure
+    the Request path, so their clients do not heal (no monitor stream, no liveness probe per
+    client): what healing costs is measured by ``bench.heal`` and ``bench.liveness``."""
     def make(i: int) -> Client:
-        return Client(manager_url=manager_url, service=service, netns=namespaces[i],
+        return Client(heal=None, manager_url=manager_url, service=service, netns=namespaces[i],
                       ifname=IFNAME, name=f"bench-nsc-{label}-{i}")
 
     return make

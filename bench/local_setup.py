@@ -163,7 +163,7 @@ async def _first_requests(mesh: _Mesh, nl: Netlink, count: int, failures: Failur
     for i, ns in enumerate(mesh.scratch.netns_many(f"{label}w", count)):
 
         def make(i: int = i, ns: str = ns) -> Client:
-            return Client(manager_url=mesh.manager_url, service=SERVICE, netns=ns, ifname=IFNAME,
+            return Client(heal=None, manager_url=mesh.manager_url, service=SERVICE, netns=ns, ifname=IFNAME,
                           name=f"bench-{label}-first-{i}")
 
         out.append(await warm_one(make, nl, ns, failures, f"{label} first request {i}", wait=15.0))
@@ -336,7 +336,7 @@ async def _timeline(count: int, failures: Failures, keep_logs: bool) -> dict[str
         clients = []
         try:
             for i, ns in enumerate(namespaces):
-                client = Client(manager_url=mesh.manager_url, service=SERVICE, netns=ns,
+                client = Client(heal=None, manager_url=mesh.manager_url, service=SERVICE, netns=ns,
                                 ifname=IFNAME, name=f"bench-tl-{i}")
                 clients.append(client)
                 t0 = time.perf_counter()

@@ -98,7 +98,7 @@ def topology(n: int, warm: int = WARMUP) -> Topology:
 def _client(lab: Lab, pod: str, name: str) -> Client:
     p = lab.pod(pod)
     service = ENDPOINTS[OTHER[p.node]][1]
-    return Client(manager_url=lab.node(p.node).manager_url, service=service, netns=p.netns,
+    return Client(heal=None, manager_url=lab.node(p.node).manager_url, service=service, netns=p.netns,
                   ifname=IFNAME, name=name)
 
 

@@ -84,7 +84,7 @@ async def warmup(lab: BenchLab, nl: Netlink, pods: Sequence[str], service: str,
         ns = lab.pod(pod).netns
 
         def make(i: int = i, ns: str = ns) -> Client:
-            return Client(manager_url=node1.manager_url, service=service, netns=ns,
+            return Client(heal=None, manager_url=node1.manager_url, service=service, netns=ns,
                           ifname=IFNAME, name=f"bench-warm-{i}")
 
         out.append(await warm_one(make, nl, ns, failures, f"warm-up request {i}", mtu=TUNNEL_MTU))

@@ -229,7 +229,7 @@ async def ours(lab: Lab, failures: Failures) -> tuple[list[Client], Link, Link]:
         ns = lab.pod(pod).netns
         deadline = time.monotonic() + 20.0
         while True:  # the first waits until the NSE's registration reached node1's manager
-            client = Client(manager_url=node1.manager_url, service=service, netns=ns,
+            client = Client(heal=None, manager_url=node1.manager_url, service=service, netns=ns,
                             ifname=IFNAME, name=f"bench-{pod}")
             try:
                 conn = await client.request()
