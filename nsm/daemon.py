@@ -1,22 +1,66 @@
-"""Running a daemon until SIGTERM/SIGINT, shared by every ``nsm`` subcommand."""
+"""Running a daemon until SIGTERM/SIGINT, shared by every ``nsm`` subcommand; and its status on
+SIGUSR1.
+
+**Status** (:func:`status_on_signal`): on SIGUSR1 a daemon logs one ``status`` line (at info)
+with what it holds, counted: connections, expiry timers, monitor watchers, next-hop streams, and
+what its role owns (a forwarder's VNIs and routing tables, an endpoint's IPAM pairs, the
+registry's records), plus its asyncio tasks. Read-only, no RPC: an operator (``kill -USR1``) or
+a test (:meth:`nsm.lab.harness.LabHarness.daemon_status`) counts what a daemon leaked.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from nsm.log import get_logger
 
 log = get_logger("nsm.daemon")
 
+#: The signal that makes a daemon log its status, and the message of that line.
+STATUS_SIGNAL = signal.SIGUSR1
+STATUS_MESSAGE = "status"
+
+Status = Callable[[], Mapping[str, int]]
+
+
+@contextlib.contextmanager
+def status_on_signal(status: Status) -> Iterator[None]:
+    """While entered (in a running event loop), :data:`STATUS_SIGNAL` logs ``status()`` and the
+    number of asyncio tasks as one ``status`` line."""
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        try:
+            fields = dict(status())
+        except Exception as exc:  # a status must never take the daemon down
+            log.warning("status failed", error=repr(exc))
+            return
+        log.info(STATUS_MESSAGE, **fields, tasks=len(asyncio.all_tasks(loop)))
+
+    loop.add_signal_handler(STATUS_SIGNAL, dump)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(STATUS_SIGNAL)
+
 
 async def serve_until_signal(start: Callable[[], Awaitable[Any]],
-                             stop: Callable[[], Awaitable[Any]]) -> None:
+                             stop: Callable[[], Awaitable[Any]], *,
+                             status: Status | None = None) -> None:
     """Start, serve until SIGTERM/SIGINT, stop. A signal during start (e.g. while waiting for
-    the registry) cancels the start and still stops cleanly."""
+    the registry) cancels the start and still stops cleanly. With ``status``, SIGUSR1 logs it
+    meanwhile (:func:`status_on_signal`)."""
+    with status_on_signal(status) if status is not None else contextlib.nullcontext():
+        await _serve_until_signal(start, stop)
+
+
+async def _serve_until_signal(start: Callable[[], Awaitable[Any]],
+                              stop: Callable[[], Awaitable[Any]]) -> None:
     loop = asyncio.get_running_loop()
     got = asyncio.Event()
     sigs = (signal.SIGTERM, signal.SIGINT)

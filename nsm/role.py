@@ -7,6 +7,7 @@
   ``connection.MonitorConnection`` (the Monitor element), plus the role's own services
   (:meth:`Role.grpc_services`, e.g. the manager's registry proxy), all through
   :meth:`nsm.transport.Server.add`, which also reports them by health and reflection.
+- **Status**: :meth:`Role.status` counts what the hop holds (logged on SIGUSR1 by the daemons).
 - **Lifecycle**: ``async with Role(...)`` or ``await start()`` / ``await stop()``. :meth:`Role.setup`
   learns the facts the chain needs (a tunnel address, ...) *before* the chain is built, so nothing
   is patched afterwards; each step registers its own undo on an exit stack as it succeeds, so a
@@ -94,6 +95,14 @@ class Role:
 
     async def serving(self, stack: contextlib.AsyncExitStack) -> None:
         """Called once the server listens (register at the registry, start watchers)."""
+
+    def status(self) -> dict[str, int]:
+        """What this hop holds, counted (the daemon logs it on SIGUSR1, see
+        :func:`nsm.daemon.status_on_signal`): connections (per-connection metadata), expiry
+        timers, connections in the monitor and its watchers; roles add their own."""
+        return {"connections": len(self.begin), "timers": self.timeout.pending(),
+                "monitored": len(self.monitor.connections),
+                "watchers": self.monitor.watcher_count()}
 
     # -- lifecycle ------------------------------------------------------------------------
 

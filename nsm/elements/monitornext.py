@@ -97,6 +97,10 @@ class MonitorNext(Element):
         """Connections watched now, over every next hop."""
         return sum(len(hop.conns) for hop in self._hops.values())
 
+    def status(self) -> dict[str, int]:
+        """:meth:`streams` and :meth:`watched` (for a daemon's status)."""
+        return {"next_streams": self.streams(), "next_watched": self.watched()}
+
     # -- the chain ------------------------------------------------------------------------
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:

@@ -121,6 +121,9 @@ class Endpoint(Role):
     def elements(self) -> list[Element]:
         return [self.kernel, self.ipam, *self.extra]
 
+    def status(self) -> dict[str, int]:
+        return {**super().status(), "ipam_pairs": self.ipam.connections, "ipam_free": self.ipam.free}
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def setup(self, stack: contextlib.AsyncExitStack) -> None:

@@ -26,6 +26,7 @@ from nsm.config import (
     log_flags,
     run_command,
 )
+from nsm.daemon import status_on_signal
 from nsm.endpoint.endpoint import DEFAULT_EXPIRY, Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError
 from nsm.log import get_logger
@@ -76,8 +77,9 @@ async def run(args: argparse.Namespace) -> int:
     status = 0
     async with StopSignals() as stop:
         try:
-            await stop.first(endpoint.start())
-            await stop.wait()
+            with status_on_signal(endpoint.status):
+                await stop.first(endpoint.start())
+                await stop.wait()
             log.info("endpoint stopping", name=endpoint.name)
         except NsmError as exc:
             usage = isinstance(exc, InvalidArgument | NotFound)

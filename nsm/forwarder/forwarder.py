@@ -89,6 +89,7 @@ class Forwarder(Role):
                                    grace=adopt_grace, log=self.log)
         self.kernel_local = KernelLocal(self.netlink)
         self.begin = Begin(unknown_close=self._close_leftover)
+        self.monitor_next = MonitorNext(self.channels, self.monitor, name=self.name)
         self._registry_channel: grpc.aio.Channel | None = None
         self.registry: RegistryClient  # set up at start: the registry as this node sees it
         self.endpoints: RegistryCache
@@ -106,9 +107,14 @@ class Forwarder(Role):
             SelectMechanism(supported=[(LOCAL, KERNEL), (REMOTE, VXLAN)], pairs=pairs,
                             next_hop=self.next_hop, offer=self.offer),
             *datapath,
-            MonitorNext(self.channels, self.monitor, name=self.name),
+            self.monitor_next,
             Connect(self.channels, timeout=self.request_timeout),
         ]
+
+    def status(self) -> dict[str, int]:
+        return {**super().status(), **self.monitor_next.status(), "vnis": len(self.vnis),
+                "tables": len(self.tables), "leftovers": len(self.leftovers),
+                "netlink_sockets": len(self.netlink.cached())}
 
     async def next_hop(self, ctx: Ctx, conn: Connection) -> NextHop:
         """The endpoint the manager chose, resolved by name in the registry as this node sees

@@ -42,7 +42,7 @@ async def run(args: argparse.Namespace) -> int:
                     registry_url=args.registry, node=args.node or "", lifetime=args.lifetime,
                     request_timeout=args.request_timeout, expiry=args.expiry,
                     tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace)
-    await serve_until_signal(fwd.start, fwd.stop)
+    await serve_until_signal(fwd.start, fwd.stop, status=fwd.status)
     return 0
 
 

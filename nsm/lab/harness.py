@@ -10,6 +10,9 @@ daemon logs, and :class:`LabHarness`, a running :class:`~nsm.lab.builder.Lab` wi
   test made is gone: connections in every daemon's monitor, interfaces in endpoints' pods,
   per-connection links and policy routing on the nodes, processes in its pods, namespace file
   descriptors, stopped daemons.
+- Counting what a lab holds (:mod:`nsm.lab.census`): :meth:`LabHarness.census` (kernel objects
+  per namespace, each daemon's file descriptors and ``status``, registrations, this process's
+  tasks and fds), :meth:`LabHarness.daemon_status` (one daemon's SIGUSR1 status).
 - Monitor snapshots: :func:`monitor_snapshot` (the ``INITIAL_STATE_TRANSFER`` of
   ``MonitorConnections``) over :class:`Channels` (one cached channel per URL).
 - Daemon logs: :class:`LogMarks` (what each log got since a mark), :func:`failure_logs` (the
@@ -48,13 +51,15 @@ from nsm.api.connection_pb2 import (
     ConnectionEvent,
     MonitorScopeSelector,
 )
-from nsm.api.registry_pb2 import NetworkServiceEndpoint
+from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint
 from nsm.client.sdk import Client
+from nsm.daemon import STATUS_SIGNAL
 from nsm.kernel import netns as nsns
 from nsm.kernel.netlink import LinkInfo, Netlink
 from nsm.kernel.ping import PingResult, ping
 from nsm.lab import traffic
 from nsm.lab.builder import Lab
+from nsm.lab.census import Census, fd_counts, kernel_counts, parse_status, rss_kib
 from nsm.lab.leftovers import cleanup
 from nsm.lab.processes import NSM_ROOT, Daemon, daemon_env, end_processes_in, pids_naming, tail
 from nsm.lab.topology import Topology
@@ -737,6 +742,68 @@ class LabHarness:
             if time.monotonic() - t0 > timeout:
                 raise AssertionError(f"not clean after {timeout}s:\n  " + "\n  ".join(problems))
             await asyncio.sleep(0.1)
+
+    # -- counting what the lab holds -------------------------------------------------------
+
+    async def daemon_status(self, key: str, timeout: float = 10.0) -> dict[str, int]:
+        """What a running daemon holds, as it counts it: the ``status`` line it logs on
+        SIGUSR1 (see :mod:`nsm.daemon`), read back from its log."""
+        daemon = self.lab.daemon(key)
+        if daemon.pid is None or daemon.log_path is None or not daemon.running:
+            raise AssertionError(f"daemon {key} does not run (or has no log)")
+        start = daemon.log_path.stat().st_size
+        os.kill(daemon.pid, STATUS_SIGNAL)
+        deadline = time.monotonic() + timeout
+        while True:
+            with daemon.log_path.open("rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            for line in text.split("\n")[:-1]:  # whole lines only
+                status = parse_status(line)
+                if status is not None:
+                    return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon {key} logged no status within {timeout}s")
+            await asyncio.sleep(0.02)
+
+    def census_namespaces(self, pods: Sequence[str] = ()) -> dict[str, str]:
+        """The namespaces :meth:`census` counts, by label: nodes, the fabric, the endpoints'
+        pods and ``pods`` (paths or names)."""
+        spaces = {f"node {name}": node.netns for name, node in self.lab.nodes.items()}
+        spaces["fabric"] = self.lab.fabric_netns
+        spaces.update({f"pod of {name}": ep.netns for name, ep in self.lab.endpoints.items()})
+        spaces.update({f"pod of {name}": nse.netns for name, nse in self.nses.items()})
+        spaces.update({f"pod {os.path.basename(p)}": p for p in pods})
+        return {label: os.path.basename(path) for label, path in spaces.items()}
+
+    async def census(self, pods: Sequence[str] = ()) -> Census:
+        """Everything the lab holds, counted (see :mod:`nsm.lab.census`): per namespace of
+        :meth:`census_namespaces` its links, addresses, routes, rules and permanent neighbours;
+        the root namespace's links; the lab's named namespaces; per running daemon its fds (by
+        kind), resident memory (``rss_kib``) and its ``status``; the services and endpoints a
+        Find at the registry returns; this process's asyncio tasks (but the caller's) and fds."""
+        census = Census()
+        census.counts["test: tasks"] = len(asyncio.all_tasks()) - 1  # before this makes any
+        registry = self.registry_client()
+        census.counts["registry: endpoints found"] = len(await registry.find_nse())
+        census.counts["registry: services found"] = len(await registry.find_ns(NetworkService()))
+        census.add("test", fd_counts())  # after the registry channel is up: it stays
+        spaces = self.census_namespaces(pods)
+        for label, counts in zip(spaces, await asyncio.gather(
+                *(asyncio.to_thread(kernel_counts, ns) for ns in spaces.values())), strict=True):
+            census.add(label, counts)
+        census.add("root", await asyncio.to_thread(kernel_counts, None))
+        census.counts["namespaces"] = sum(1 for n in nsns.list_netns() if n.startswith(self.prefix))
+        running = {key: d for key, d in self.lab.daemons.items() if d.running and d.pid}
+        statuses = await asyncio.gather(*(self.daemon_status(key) for key in running))
+        for (key, daemon), status in zip(running.items(), statuses, strict=True):
+            assert daemon.pid is not None
+            census.add(key, fd_counts(daemon.pid))
+            rss = rss_kib(daemon.pid)
+            if rss is not None:
+                census.counts[f"{key}: rss_kib"] = rss
+            census.add(key, status)
+        return census
 
     def daemon_log(self, daemon: Daemon) -> str:
         """What ``daemon`` logged since the scope began."""

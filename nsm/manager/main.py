@@ -33,7 +33,7 @@ async def run(args: argparse.Namespace) -> int:
     mgr = Manager(name=args.name, listen=args.listen, registry_url=args.registry,
                   advertise=args.advertise, lifetime=args.lifetime,
                   request_timeout=args.request_timeout)
-    await serve_until_signal(mgr.start, mgr.stop)
+    await serve_until_signal(mgr.start, mgr.stop, status=mgr.status)
     return 0
 
 

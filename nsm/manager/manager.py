@@ -49,6 +49,7 @@ class Manager(Role):
         self.cache: RegistryCache
         self.replay: Replay
         self._replaying: asyncio.Task[None] | None = None
+        self.monitor_next = MonitorNext(self.channels, self.monitor, name=self.name)
 
     # -- the chain ------------------------------------------------------------------------
 
@@ -57,7 +58,7 @@ class Manager(Role):
             Discover(self.cache, node=self.name),
             SelectForwarder(self.cache, manager_urls=self.urls),
             RoundRobin(),
-            MonitorNext(self.channels, self.monitor, name=self.name),
+            self.monitor_next,
             Connect(self.channels, timeout=self.request_timeout),
         ]
 
@@ -71,6 +72,10 @@ class Manager(Role):
                     NseProxy(self.registry, local=self.local, advertise=self.public_url,
                              own_urls=self.urls, node=self.name, replay=self.replay)),
         ]
+
+    def status(self) -> dict[str, int]:
+        return {**super().status(), **self.monitor_next.status(), "local_endpoints": len(self.local),
+                "replay_endpoints": len(self.replay.endpoints)}
 
     # -- facts ----------------------------------------------------------------------------
 

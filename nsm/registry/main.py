@@ -113,8 +113,11 @@ async def run(args: argparse.Namespace) -> int:
             log.info("registry stopping")
             await daemon.stop()
 
+    def status() -> dict[str, int]:
+        return serving[0].registry.status() if serving else {}
+
     try:
-        await serve_until_signal(start, stop)
+        await serve_until_signal(start, stop, status=status)
     except NsmError as exc:  # e.g. a bad or busy listen URL
         log.error("registry failed", error=exc.message)
         return 1

@@ -172,6 +172,15 @@ class Registry:
         await self.ns_store.close()
         await self.nse_store.close()
 
+    def status(self) -> dict[str, int]:
+        """Records and watch streams of each in-memory store (the daemon logs it on SIGUSR1)."""
+        out = {}
+        for kind, store in (("services", self.ns_store), ("endpoints", self.nse_store)):
+            if isinstance(store, MemoryStore):
+                out[kind] = len(store)
+                out[f"{kind}_watchers"] = store.watcher_count
+        return out
+
     async def __aenter__(self) -> Registry:
         await self.start()
         return self

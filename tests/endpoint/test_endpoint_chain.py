@@ -125,6 +125,24 @@ async def test_request_as_a_forwarder_would(nse) -> None:  # type: ignore[no-unt
     await stub.Close(refreshed, timeout=5)  # idempotent
 
 
+async def test_status_counts_what_the_endpoint_holds(nse) -> None:  # type: ignore[no-untyped-def]
+    """What the daemon logs on SIGUSR1: each count goes up with a connection, back to 0 with
+    its Close."""
+    endpoint, stub, channel = nse
+    idle = {"connections": 0, "timers": 0, "monitored": 0, "watchers": 0, "ipam_pairs": 0,
+            "ipam_free": 254}
+    assert endpoint.status() == idle
+    conn = await stub.Request(forwarder_request(), timeout=5)
+    watch = connection_pb2_grpc.MonitorConnectionStub(channel).MonitorConnections(
+        MonitorScopeSelector())
+    await watch.read()
+    assert endpoint.status() == {"connections": 1, "timers": 1, "monitored": 1, "watchers": 1,
+                                 "ipam_pairs": 1, "ipam_free": 252}
+    watch.cancel()
+    await stub.Close(conn, timeout=5)
+    await eventually(lambda: endpoint.status() == idle)
+
+
 async def test_concurrent_requests_get_distinct_pairs(nse) -> None:  # type: ignore[no-untyped-def]
     endpoint, stub, _ = nse
     conns = await asyncio.gather(*(stub.Request(forwarder_request(), timeout=5) for _ in range(20)))

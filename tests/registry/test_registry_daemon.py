@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
+from nsm.lab.census import parse_status
 from nsm.registry.client import RegistryClient
 from nsm.registry.main import DEFAULT_LISTEN, RegistryDaemon, add_arguments
 from nsm.registry.matching import expiration
@@ -150,6 +151,35 @@ async def test_daemon_process_serves_and_stops_on_sigterm(tmp_path: Path) -> Non
         print("non-JSON stderr lines:", [line for line in text if line.strip() and line[0] != "{"])
         messages = [line["msg"] for line in lines]
         assert "registry serving" in messages and "registry stopped" in messages
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_daemon_process_logs_its_status_on_sigusr1(tmp_path: Path) -> None:
+    """SIGUSR1: one ``status`` line with what the registry holds; the daemon serves on."""
+    sock = tmp_path / "status.sock"
+    proc = await start_process("--listen", f"unix://{sock}")
+    try:
+        await wait_serving(f"unix:{sock}", proc)
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            client = RegistryClient(channel)
+            await client.register_nse(
+                NetworkServiceEndpoint(network_service_names=["svc"], url="unix:///x.sock"))
+            async with client.watch_nse() as watch:
+                await anext(watch)
+                proc.send_signal(signal.SIGUSR1)
+                assert proc.stderr is not None
+                while (status := parse_status((await asyncio.wait_for(
+                        proc.stderr.readline(), 10)).decode())) is None:
+                    pass
+                assert status["endpoints"] == 1 and status["endpoints_watchers"] == 1, status
+                assert status["tasks"] > 0
+                assert len(await client.find_nse()) == 1  # still serving
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0
     finally:
         if proc.returncode is None:
             proc.kill()
