@@ -47,9 +47,17 @@ from typing import Any
 
 from bench.common import Bar, Bench, Options, fmt, machine, say, summarize
 from bench.echoes import Echoes
-from bench.heal import Tracked, daemon_errors, dst_of, prepare, request_retrying, wait_for
+from bench.heal import (
+    Tracked,
+    daemon_errors,
+    dst_of,
+    lab_harness,
+    prepare,
+    request_retrying,
+    wait_for,
+)
 from bench.remote_floor import rss_kb
-from bench.remote_setup import Failures, lab_prefix
+from bench.remote_setup import Failures
 from nsm.client.notify import State
 from nsm.client.sdk import Client
 from nsm.config import duration as parse_duration
@@ -251,8 +259,10 @@ def _daemon_state(h: LabHarness) -> dict[str, dict[str, Any]]:
 
 async def run(quick: bool = False, *, duration: float | None = None,
               connections: int = DEFAULT_CONNECTIONS, rate: float = DEFAULT_RATE, seed: int = 1,
-              targets: Sequence[str] = KINDS, heal_timeout: float = HEAL_TIMEOUT) -> dict[str, Any]:
-    """The whole soak (see the module docstring); one JSON-able dict."""
+              targets: Sequence[str] = KINDS, heal_timeout: float = HEAL_TIMEOUT,
+              logs: str | None = None) -> dict[str, Any]:
+    """The whole soak (see the module docstring); one JSON-able dict. ``logs``: a directory to
+    copy the daemons' logs to."""
     duration = duration or (QUICK_DURATION if quick else DEFAULT_DURATION)
     prepare(NAME)
     rng = random.Random(seed)
@@ -265,8 +275,7 @@ async def run(quick: bool = False, *, duration: float | None = None,
     conns: list[Conn] = []
     echoes = Echoes().start()
     try:
-        async with LabHarness.running(topology(), prefix=lab_prefix(), start_timeout=60.0,
-                                      print_logs_on_error=False) as h:
+        async with lab_harness(topology(), logs, NAME) as h:
             say(f"chaos: 3 nodes up in {h.lab.build_seconds:.1f} s; {connections} connections")
             conns = await _connect(h, connections, echoes, rate, failures)
             t_up = time.monotonic()
@@ -472,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"kinds of daemon to kill (default all): {', '.join(KINDS)}")
         p.add_argument("--heal-timeout", type=float, default=HEAL_TIMEOUT,
                        help=f"seconds a connection has to recover after a fault ({HEAL_TIMEOUT:g})")
+        p.add_argument("--logs", metavar="DIR", help="copy the daemons' logs into DIR")
 
     def runner(*, targets: list[list[str]] | None = None, **kwargs: Any) -> Any:
         return run(targets=[n for group in targets for n in group] if targets else KINDS, **kwargs)

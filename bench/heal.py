@@ -42,10 +42,12 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.common import Bar, Bench, Options, fmt, machine, say, summarize
@@ -423,10 +425,19 @@ def prepare(what: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _lab() -> Any:
-    async with LabHarness.running(TOPOLOGY, prefix=lab_prefix(), start_timeout=60.0,
+async def lab_harness(topology: Topology, logs: str | None, tag: str) -> Any:
+    """A running lab harness; with ``logs``, the daemons' logs are copied to ``<logs>/<tag>``
+    before the lab is torn down (its work directory goes with it)."""
+    async with LabHarness.running(topology, prefix=lab_prefix(), start_timeout=60.0,
                                   print_logs_on_error=False) as h:
-        yield h
+        try:
+            yield h
+        finally:
+            if logs:
+                target = Path(logs) / tag
+                with contextlib.suppress(OSError):
+                    shutil.copytree(h.lab.log_dir, target, dirs_exist_ok=True)
+                    say(f"  daemons' logs copied to {target}")
 
 
 def _summary(fault: Fault, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -458,8 +469,9 @@ def _summary(fault: Fault, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def run(quick: bool = False, *, runs: int | None = None,
               faults: Sequence[str] | None = None, down: float = DOWN,
-              heal_timeout: float = HEAL_TIMEOUT) -> dict[str, Any]:
-    """The whole benchmark (see the module docstring); one JSON-able dict."""
+              heal_timeout: float = HEAL_TIMEOUT, logs: str | None = None) -> dict[str, Any]:
+    """The whole benchmark (see the module docstring); one JSON-able dict. ``logs``: a
+    directory to copy each lab's daemon logs to."""
     runs = runs or (QUICK_RUNS if quick else DEFAULT_RUNS)
     chosen = [FAULTS[name] for name in (faults or FAULTS)]
     prepare(NAME)
@@ -481,7 +493,8 @@ async def run(quick: bool = False, *, runs: int | None = None,
                 for i in range(runs):
                     if h is None or per_run_lab:
                         await stack.aclose()
-                        h = await stack.enter_async_context(_lab())
+                        tag = f"{fault.name}-{i + 1}" if per_run_lab else fault.name
+                        h = await stack.enter_async_context(lab_harness(TOPOLOGY, logs, tag))
                     r = await one_run(h, fault, i, down=down, heal_timeout=heal_timeout,
                                       failures=failures)
                     done.append(r)
@@ -581,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"seconds a restarted daemon stays down ({DOWN:g})")
         p.add_argument("--heal-timeout", type=float, default=HEAL_TIMEOUT,
                        help=f"seconds after which a run counts as not healed ({HEAL_TIMEOUT:g})")
+        p.add_argument("--logs", metavar="DIR", help="copy each lab's daemon logs into DIR")
 
     def runner(*, faults: list[list[str]] | None = None, **kwargs: Any) -> Awaitable[dict[str, Any]]:
         return run(faults=[n for group in faults for n in group] if faults else None, **kwargs)
