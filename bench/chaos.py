@@ -121,13 +121,17 @@ class Fault:
     at: float
     #: When every connection carried traffic again (None: not within the heal timeout).
     recovered: float | None = None
+    #: Connections that were healing or without traffic when the fault came (not judged by it).
+    sick: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
 
 
 def _figures(fault: Fault, conns: Sequence[Conn], end: float) -> dict[str, Any]:
-    """What the fault cost, from the kill to ``end`` (the next fault, or the end)."""
+    """What the fault cost, from the kill to ``end`` (the next fault, or the end), to the
+    connections that carried traffic when it came."""
     t0 = fault.at
+    conns = [c for c in conns if c.index not in fault.sick]
     lost, restored, gaps, reselected = [], [], [], 0
     for c in conns:
         flow = c.track.flow
@@ -157,11 +161,13 @@ def _figures(fault: Fault, conns: Sequence[Conn], end: float) -> dict[str, Any]:
     }
 
 
-def _line(f: Fault, started: float) -> str:
+def _line(f: Fault, started: float, heal_timeout: float) -> str:
     g = f.figures
     head = f"[{f.at - started:6.1f} s] #{f.index} {f.target} down {f.down:.1f} s: "
+    if f.sick:
+        head += f"({len(f.sick)} connections still healing from before) "
     if f.recovered is None:
-        head += f"NOT RECOVERED within {HEAL_TIMEOUT:g} s ({g.get('not_restored')} without traffic)"
+        head += f"NOT RECOVERED within {heal_timeout:g} s ({g.get('not_restored')} without traffic)"
     else:
         head += f"recovered in {fmt(g.get('heal_s'), 0, 2)} s"
     return (head + f", {g.get('lost')} lost ({g.get('connections_losing')} connections, worst "
@@ -207,8 +213,13 @@ async def _connect(h: LabHarness, n: int, echoes: Echoes, rate: float,
     return [c for c in conns if c.track.flow is not None]
 
 
+def _carries(c: Conn, since: float) -> bool:
+    """No heal in flight since ``since`` and traffic through the connection."""
+    return c.track.up(since) and c.track.carries(c.client)
+
+
 def _all_carry(conns: Sequence[Conn], since: float) -> bool:
-    return all(c.track.up(since) and c.track.carries(c.client) for c in conns)
+    return all(_carries(c, since) for c in conns)
 
 
 async def _leaks(h: LabHarness, conns: Sequence[Conn]) -> dict[str, list[str]]:
@@ -295,20 +306,22 @@ async def run(quick: bool = False, *, duration: float | None = None,
                 if faults:
                     prev = faults[-1]
                     prev.figures = _figures(prev, conns, time.monotonic() - 0.5)
-                    say("  " + _line(prev, started))
+                    say("  " + _line(prev, started, heal_timeout))
                 fault = Fault(len(faults) + 1, rng.choice(keys), round(rng.uniform(*DOWN), 2),
                               time.monotonic())
+                fault.sick = [c.index for c in conns if not _carries(c, 0.0)]
+                judged = [c for c in conns if c.index not in fault.sick]
                 faults.append(fault)
                 await _restart(h, fault)
-                if await wait_for(lambda f=fault: _all_carry(conns, f.at), heal_timeout):
+                if await wait_for(lambda f=fault, j=judged: _all_carry(j, f.at), heal_timeout):
                     fault.recovered = time.monotonic()
                 else:
-                    fault.errors += [f"connection {c.index}: {_why(c, fault.at)}" for c in conns
-                                     if not (c.track.up(fault.at) and c.track.carries(c.client))]
+                    fault.errors += [f"connection {c.index}: {_why(c, fault.at)}" for c in judged
+                                     if not _carries(c, fault.at)]
                 await asyncio.sleep(rng.uniform(*PAUSE))
             if faults:
                 faults[-1].figures = _figures(faults[-1], conns, time.monotonic() - 0.5)
-                say("  " + _line(faults[-1], started))
+                say("  " + _line(faults[-1], started, heal_timeout))
             result["chaos_s"] = round(time.monotonic() - started, 1)
             # The end: every connection carries traffic.
             t_end = time.monotonic()
@@ -344,6 +357,7 @@ async def run(quick: bool = False, *, duration: float | None = None,
                 await asyncio.shield(c.client.close())
         result["faults"] = [{"index": f.index, "target": f.target, "down_s": f.down,
                              "recovered": f.recovered is not None, "errors": f.errors,
+                             "still_healing_before": f.sick,
                              **f.figures} for f in faults]
         not_recovered = [f for f in faults if f.recovered is None]
         for f in not_recovered:
@@ -372,7 +386,9 @@ async def run(quick: bool = False, *, duration: float | None = None,
 def _why(c: Conn, since: float = 0.0) -> str:
     conn = c.client.connection
     flow = c.track.flow
-    changes = [f"{ch.state.value}: {ch.reason}"[:160] for ch in c.track.since(since)[-3:]]
+    changes = [f"{ch.state.value}: {ch.reason}"[:160]
+               + (f" ({ch.error.code.name}: {ch.error.message})"[:200] if ch.error else "")
+               for ch in c.track.since(since)[-3:]]
     return (f"endpoint {conn.network_service_endpoint_name if conn else None}, "
             f"dst {dst_of(conn) if conn else None}, echoes to {flow.dst if flow else None}, "
             f"healthy {flow.healthy() if flow else None}, changes {changes}")
