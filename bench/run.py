@@ -27,12 +27,15 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from bench import local_setup, remote_scale, remote_setup, throughput
+from bench import chaos, heal, local_setup, remote_scale, remote_setup, throughput
 from bench.common import Bench, Options, emit_json, machine, say, sigterm_cancels, spread, spread_table
 
 #: Every benchmark, in the order they run.
 BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH, remote_setup.BENCH,
-                                                  throughput.BENCH, remote_scale.BENCH)}
+                                                  throughput.BENCH, remote_scale.BENCH,
+                                                  heal.BENCH, chaos.BENCH)}
+#: Long runs (10-15 min each), only with ``--only``: heal time per fault, the chaos soak.
+ON_REQUEST = ("heal", "chaos")
 
 
 async def _run_all(benches: Sequence[Bench], options: Options, repeat: int) -> dict[str, Any]:
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{what} must be positive")
     options = Options(quick=args.quick, n=args.n, concurrency=args.concurrency,
                       keep_logs=args.keep_logs, settle=args.settle, extra=dict(args.extra))
-    chosen = [BENCHES[name] for name in (args.only or BENCHES)]
+    chosen = [BENCHES[name] for name in (args.only or [n for n in BENCHES if n not in ON_REQUEST])]
     return run_benches(chosen, options, json_path=args.json, strict=args.strict,
                        repeat=args.repeat)
 
