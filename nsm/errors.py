@@ -87,6 +87,13 @@ class VniConflict(AlreadyExists):
     reason = "VNI_CONFLICT"
 
 
+class EndpointUnreachable(Unavailable):
+    """The hop before the endpoint (its node's forwarder) could not reach it: the endpoint is
+    gone or going, not just a hop on the way (which a restart brings back)."""
+
+    reason = "ENDPOINT_UNREACHABLE"
+
+
 class Conflict(NsmError):
     """A compare-and-set lost: the record changed since it was read. Read it again and retry."""
 
@@ -101,7 +108,7 @@ RETRYABLE: tuple[type[NsmError], ...] = (Unavailable, DeadlineExceeded, Internal
                                          ResourceExhausted)
 
 #: Errors that carry a reason of their own, restored by :func:`from_rpc_error`.
-_BY_REASON: dict[str, type[NsmError]] = {VniConflict.reason: VniConflict}
+_BY_REASON: dict[str, type[NsmError]] = {cls.reason: cls for cls in (VniConflict, EndpointUnreachable)}
 
 
 _BY_CODE: dict[grpc.StatusCode, type[NsmError]] = {

@@ -27,8 +27,12 @@ from nsm.errors import FailedPrecondition, InvalidArgument
 #: Longest path of a unix socket (sun_path is 108 bytes with its NUL).
 UNIX_PATH_MAX = 107
 
-#: Channel options shared by every dialed connection.
+#: Channel options shared by every dialed connection. Each channel has subchannels of its own
+#: (``use_local_subchannel_pool``): by default a process shares one subchannel per target among
+#: its channels, so a new channel to a peer that was down would inherit the old one's reconnect
+#: backoff (up to 2 s) instead of connecting at once to the restarted peer.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.use_local_subchannel_pool", 1),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -11,12 +11,15 @@ from nsm.api.connection_pb2 import Connection, MonitorScopeSelector, PathSegment
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Chain, Ctx, Element, Key, NextClose, NextRequest
 from nsm.elements.begin import Begin
+from nsm.elements.connect import Connect
 from nsm.elements.monitor import Monitor, matches
 from nsm.elements.timeout import Timeout
 from nsm.elements.updatepath import UpdatePath, enter, expiry_of, ts
 from nsm.elements.validate import Validate
-from nsm.errors import InvalidArgument, Unavailable
+from nsm.errors import EndpointUnreachable, InvalidArgument, Unavailable
 from nsm.mechanisms import kernel
+from nsm.role import network_service
+from nsm.transport import Channels, Server
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -240,6 +243,20 @@ async def test_timeout_closes_an_unrefreshed_connection_through_the_whole_chain(
     assert len(rec.closes) == 1 and timeout.pending() == 0
 
 
+async def test_timeout_of_a_caller_without_expiry_is_this_hops_lifetime() -> None:
+    """A caller whose segment carries no expiry (a client of another implementation, or one
+    that sets none): the hop times the connection out at its own lifetime instead of never, so
+    a caller that dies without Close does not leak it here."""
+    rec, timeout = Recorder(), Timeout()
+    chain = Chain([Begin(), UpdatePath("mgr", lifetime=0.3), timeout, rec])
+    r = req("c")
+    r.connection.path.path_segments.add(name="nsc", id="c")  # no expires
+    await chain.request(r)
+    assert timeout.pending() == 1
+    await asyncio.sleep(0.6)
+    assert len(rec.closes) == 1 and timeout.pending() == 0
+
+
 async def test_timeout_is_rearmed_by_refresh_and_cancelled_by_close() -> None:
     rec, timeout = Recorder(), Timeout()
     chain = Chain([Begin(), UpdatePath("mgr"), timeout, rec])
@@ -300,3 +317,64 @@ async def test_begin_unknown_close_runs_only_for_ids_it_holds_nothing_for() -> N
     assert len(rec.requests) == 2 and begin.ids() == ["left"]
     await chain.close(Connection(id=""))  # no id: nothing to do
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("to_endpoint", [False, True], ids=["a-hop-on-the-way", "the-endpoint"])
+async def test_connect_tells_an_unreachable_endpoint_from_an_unreachable_hop(
+        tmp_path, to_endpoint: bool) -> None:  # type: ignore[no-untyped-def]
+    """Nothing listens at the next hop's URL: a hop whose next hop is the endpoint reports
+    EndpointUnreachable (the endpoint is gone: a healing client reselects), any other hop a
+    plain UNAVAILABLE (a hop on the way restarts: the client re-requests the same path)."""
+    sock = tmp_path / "gone.sock"
+    sock.touch()  # refused
+    channels = Channels()
+    chain = Chain([Connect(channels, url=lambda ctx, r: f"unix://{sock}", timeout=2,
+                           to_endpoint=lambda ctx: to_endpoint)])
+    try:
+        with pytest.raises(Unavailable) as err:
+            await chain.request(req())
+    finally:
+        await channels.close()
+    assert isinstance(err.value, EndpointUnreachable) is to_endpoint, err.value
+    assert (err.value.reason == "ENDPOINT_UNREACHABLE") is to_endpoint
+
+
+class SlowClose(Element):
+    """A next hop whose Close takes ``delay`` seconds; records the Closes it finished."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.closed: list[str] = []
+
+    async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
+        await asyncio.sleep(self.delay)
+        self.closed.append(conn.id)
+
+
+async def test_a_close_goes_on_when_the_next_hop_does_not_answer_in_time(tmp_path, eventually) -> None:  # type: ignore[no-untyped-def]
+    """The next hop takes 1.5 s to answer a Close (a lost node's address black-holes the
+    connect the same way): this hop's Close returns after ``close_wait``, and the Close still
+    reaches the next hop in the background; a prompt next hop is waited for as before."""
+    slow = SlowClose(1.5)
+    server = Server([f"unix://{tmp_path}/next.sock"])
+    server.add(network_service(Chain([slow])))
+    await server.start()
+    channels = Channels()
+    connect = Connect(channels, url=lambda ctx, r: f"unix://{tmp_path}/next.sock", close_wait=0.3)
+    chain = Chain([Begin(), connect])
+    try:
+        conn = await chain.request(req("slow"))
+        started = time.monotonic()
+        await chain.close(conn)
+        assert 0.25 < time.monotonic() - started < 1.0
+        assert slow.closed == [] and connect.closing() == 1
+        await eventually(lambda: slow.closed == ["slow"] and connect.closing() == 0, timeout=5)
+
+        slow.delay = 0.05
+        conn = await chain.request(req("prompt"))
+        await chain.close(conn)
+        assert slow.closed == ["slow", "prompt"]  # waited for
+    finally:
+        await chain.shutdown()
+        await channels.close()
+        await server.stop()
