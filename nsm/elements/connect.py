@@ -3,10 +3,6 @@ forwarder chains).
 
 Which URL to dial and which headers to send are decided by the elements before it (through
 the per-connection metadata); the URL is remembered so that Close goes where Request went.
-A Close waits for the next hop at most ``close_wait`` (1 s): a next hop that does not answer by
-then (a node lost: its address black-holes, the connect hangs) gets the Close in the background,
-still bounded by ``close_timeout``, and this hop's Close goes on, so that a client reselecting
-away from a lost node is not held up for the whole timeout.
 A hop whose next hop is the endpoint (``to_endpoint(ctx)``) reports an endpoint it cannot reach
 as :class:`~nsm.errors.EndpointUnreachable`, so that a healing client can tell an endpoint gone
 from a hop on the way that restarts.
@@ -14,7 +10,6 @@ from a hop on the way that restarts.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -29,9 +24,6 @@ from nsm.transport import Channels
 
 T = TypeVar("T")
 
-#: How long a Close waits for the next hop before it goes on (the next hop still gets it).
-CLOSE_WAIT = 1.0
-
 #: The next hop's URL, set by the element that chose it.
 NEXT_URL: Key[str] = Key("connect.url")
 #: The URL the last successful Request went to (where Close goes; what is monitored); set here,
@@ -42,20 +34,14 @@ SENT_URL: Key[str] = Key("connect.sent-url")
 
 class Connect(Element):
     def __init__(self, channels: Channels, *, timeout: float = 15.0,
-                 close_timeout: float = 5.0, close_wait: float = CLOSE_WAIT,
+                 close_timeout: float = 5.0,
                  url: Callable[[Ctx, NetworkServiceRequest], str] | None = None,
                  to_endpoint: Callable[[Ctx], bool] | None = None) -> None:
         self.channels = channels
         self.timeout = timeout
         self.close_timeout = close_timeout
-        self.close_wait = min(close_wait, close_timeout)
         self._url = url
         self._to_endpoint = to_endpoint
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def closing(self) -> int:
-        """Closes still on their way to a next hop that did not answer within ``close_wait``."""
-        return len(self._closing)
 
     async def _call(self, url: str, rpc: Callable[[NetworkServiceStub], Awaitable[T]]) -> T:
         """One RPC to ``url``. When it fails because the channel could not connect (the peer was
@@ -92,30 +78,9 @@ class Connect(Element):
         url = ctx.meta.get(SENT_URL)
         if not url:
             return
-        task = asyncio.get_running_loop().create_task(self._close(ctx, url, conn),
-                                                      name=f"close:{url}")
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-        # Not cancelled with this Close either: the next hop still gets it.
-        done, _ = await asyncio.wait({task}, timeout=self.close_wait)
-        if done:
-            await task
-        else:
-            ctx.log.info("the next hop has not answered the Close yet: going on, it is sent in "
-                         "the background", url=url, waited=self.close_wait)
-
-    async def _close(self, ctx: Ctx, url: str, conn: Connection) -> None:
         try:
             await self._call(url, lambda stub: stub.Close(conn, timeout=self.close_timeout))
-        except asyncio.CancelledError:
-            raise
         except grpc.aio.AioRpcError as exc:
             # The next hop cleans up at its own expiry; our side of the close goes on.
             ctx.log.warning("close on next hop failed", url=url, code=exc.code().name,
                             details=exc.details())
-
-    async def shutdown(self) -> None:
-        tasks, self._closing = list(self._closing), set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -18,8 +18,7 @@ from nsm.elements.updatepath import UpdatePath, enter, expiry_of, ts
 from nsm.elements.validate import Validate
 from nsm.errors import EndpointUnreachable, InvalidArgument, Unavailable
 from nsm.mechanisms import kernel
-from nsm.role import network_service
-from nsm.transport import Channels, Server
+from nsm.transport import Channels
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -337,44 +336,3 @@ async def test_connect_tells_an_unreachable_endpoint_from_an_unreachable_hop(
         await channels.close()
     assert isinstance(err.value, EndpointUnreachable) is to_endpoint, err.value
     assert (err.value.reason == "ENDPOINT_UNREACHABLE") is to_endpoint
-
-
-class SlowClose(Element):
-    """A next hop whose Close takes ``delay`` seconds; records the Closes it finished."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.closed: list[str] = []
-
-    async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
-        await asyncio.sleep(self.delay)
-        self.closed.append(conn.id)
-
-
-async def test_a_close_goes_on_when_the_next_hop_does_not_answer_in_time(tmp_path, eventually) -> None:  # type: ignore[no-untyped-def]
-    """The next hop takes 1.5 s to answer a Close (a lost node's address black-holes the
-    connect the same way): this hop's Close returns after ``close_wait``, and the Close still
-    reaches the next hop in the background; a prompt next hop is waited for as before."""
-    slow = SlowClose(1.5)
-    server = Server([f"unix://{tmp_path}/next.sock"])
-    server.add(network_service(Chain([slow])))
-    await server.start()
-    channels = Channels()
-    connect = Connect(channels, url=lambda ctx, r: f"unix://{tmp_path}/next.sock", close_wait=0.3)
-    chain = Chain([Begin(), connect])
-    try:
-        conn = await chain.request(req("slow"))
-        started = time.monotonic()
-        await chain.close(conn)
-        assert 0.25 < time.monotonic() - started < 1.0
-        assert slow.closed == [] and connect.closing() == 1
-        await eventually(lambda: slow.closed == ["slow"] and connect.closing() == 0, timeout=5)
-
-        slow.delay = 0.05
-        conn = await chain.request(req("prompt"))
-        await chain.close(conn)
-        assert slow.closed == ["slow", "prompt"]  # waited for
-    finally:
-        await chain.shutdown()
-        await channels.close()
-        await server.stop()
