@@ -87,17 +87,15 @@ class VniConflict(AlreadyExists):
     reason = "VNI_CONFLICT"
 
 
-class Conflict(NsmError):
-    """A compare-and-set lost: the record changed since it was read. Read it again and retry."""
-
-    code = grpc.StatusCode.ABORTED
-
-
 class EndpointUnreachable(Unavailable):
-    """The endpoint a connection goes to cannot be reached (its process died, it unregistered):
-    a heal must reselect, not wait for it, unlike a manager or forwarder being restarted."""
+    """The hop before the endpoint (its node's forwarder) could not reach it: the endpoint is
+    gone or going, not just a hop on the way (which a restart brings back)."""
 
     reason = "ENDPOINT_UNREACHABLE"
+
+
+class Conflict(NsmError, code=grpc.StatusCode.ABORTED):
+    """A compare-and-set lost: the record changed since it was read. Read it again and retry."""
 
 
 #: Failures that may be the peer's (or the moment's) fault rather than the caller's: the same

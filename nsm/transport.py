@@ -31,8 +31,12 @@ UNIX_PATH_MAX = 107
 #: How long a replaced channel lives on for the calls still on it (:meth:`Channels.renew`).
 STALE_GRACE = 5.0
 
-#: Channel options shared by every dialed connection.
+#: Channel options shared by every dialed connection. Each channel has subchannels of its own
+#: (``use_local_subchannel_pool``): by default a process shares one subchannel per target among
+#: its channels, so a new channel to a peer that was down would inherit the old one's reconnect
+#: backoff (up to 2 s) instead of connecting at once to the restarted peer.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.use_local_subchannel_pool", 1),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -40,9 +44,6 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    # Each channel its own subchannels: gRPC core otherwise shares them between channels to one
-    # target, so a new channel to a restarted peer inherits the old one's reconnect backoff.
-    ("grpc.use_local_subchannel_pool", 1),
 )
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),

@@ -36,8 +36,8 @@ class Kind(enum.Enum):
     #: Afresh: same id, only this client's segment, no endpoint or mechanism chosen, the addresses
     #: kept (an endpoint that still knows them gives them back). After the connection expired.
     FRESH = "fresh"
-    #: Close the old path first, then afresh with state RESELECT_REQUESTED (heal: the endpoint or
-    #: the data plane is gone).
+    #: Close the old path first, then afresh with state RESELECT_REQUESTED and the old endpoint's
+    #: name, which the manager tries last (heal: the endpoint or the data plane is gone).
     RESELECT = "reselect"
     #: Close.
     CLOSE = "close"
@@ -109,14 +109,17 @@ def refresh_request(template: NetworkServiceRequest, last: Connection) -> Networ
 def fresh_request(template: NetworkServiceRequest, last: Connection | None, *,
                   reselect: bool = False) -> NetworkServiceRequest:
     """The template from scratch: same id, no path (the client adds its own segment), no
-    endpoint or mechanism chosen, the last addresses kept; state RESELECT_REQUESTED when
-    ``reselect``."""
+    mechanism chosen, the last addresses kept. No endpoint chosen either; but with
+    ``reselect`` (state RESELECT_REQUESTED) the last endpoint's name goes along: the manager
+    chooses afresh and tries that one last (it broke; after a restart, or with its node lost,
+    the manager has no other way to know it)."""
     request = NetworkServiceRequest()
     request.CopyFrom(template)
     conn = request.connection
     conn.ClearField("path")
     conn.ClearField("mechanism")
-    conn.network_service_endpoint_name = ""
+    conn.network_service_endpoint_name = (last.network_service_endpoint_name
+                                          if reselect and last is not None else "")
     conn.state = RESELECT_REQUESTED if reselect else UP
     if last is not None and last.HasField("context"):
         conn.context.CopyFrom(last.context)

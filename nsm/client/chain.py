@@ -35,7 +35,7 @@ from nsm.client.connect import DEFAULT_TIMEOUT, ManagerConnect, close_once
 from nsm.client.heal import Heal, HealOptions, find_connection
 from nsm.client.notify import Notify, StateChange
 from nsm.client.refresh import Refresh
-from nsm.elements.updatepath import UpdatePath, ts
+from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath, ts
 from nsm.elements.validate import Validate
 from nsm.errors import InvalidArgument, NsmError
 from nsm.log import get_logger
@@ -45,7 +45,6 @@ from nsm.transport import Channels, parse_url
 
 log = get_logger("nsm.client")
 
-DEFAULT_LIFETIME = 600.0
 MIN_BACKOFF = MIN_DELAY
 MAX_BACKOFF = MAX_DELAY
 

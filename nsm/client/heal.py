@@ -31,21 +31,29 @@ stream broke / the manager does not know it    REFRESH             RESELECT     
 the manager reports it DOWN or DELETEs it      REFRESH, then       RESELECT         RESELECT
                                                RESELECT if that
                                                fails while the
-                                               manager answers
+                                               manager answers,
+                                               unless only a hop
+                                               on the way is out
 the data-plane check failed                    —                   RESELECT         —
 ============================================  ==================  ===============  ==============
 
 REFRESH re-requests the same path (every hop keeps what it built: no packet lost); RESELECT
-closes the old path (best effort), clears the endpoint and the mechanism and requests afresh with
-``state=RESELECT_REQUESTED`` (:class:`~nsm.client.begin.ClientBegin`). A manager that restarts
+closes the old path (best effort), clears the mechanism and requests afresh with
+``state=RESELECT_REQUESTED`` and the old endpoint's name, which the manager tries last
+(:class:`~nsm.client.begin.ClientBegin`). A manager that restarts
 breaks the stream of every connection: each is re-requested on its own path (REFRESH) until the
 manager answers, never reselected while its data plane is alive. A DOWN with a live data plane
 is first taken for a hop that restarts (re-request); when the manager answers and the re-request
-still fails (an endpoint process that died while its namespace still answers pings), it
-reselects.
+still fails because of the endpoint (the forwarder before it cannot reach it:
+:class:`~nsm.errors.EndpointUnreachable`, as for an endpoint process that died while its
+namespace still answers pings; or a hop refused the Request), it reselects. A re-request that
+fails only because a manager or forwarder on the way cannot be reached or does not answer in
+time (UNAVAILABLE, DEADLINE_EXCEEDED: it restarts) is tried again until that hop is back: the
+kernel carries the traffic meanwhile, and a reselect would cut it.
 
 **Tries**: one heal in flight per connection (a new trigger only updates what it knows), each try
-bounded by ``try_timeout``, tries continuous with :class:`nsm.retry.Backoff` (100 ms doubling up
+bounded by ``try_timeout`` (a re-request also by the data plane: checked meanwhile, found dead,
+it is given up for a reselect at once), tries continuous with :class:`nsm.retry.Backoff` (100 ms doubling up
 to 1 s) until healed or closed, and at most ``concurrency`` tries of all connections at once.
 Every heal is a :class:`~nsm.client.notify.State` change: DOWN when it starts (the reason says
 what broke and what the heal does), FAILED for each failed try, HEALED when it succeeds. Close
@@ -81,7 +89,14 @@ from nsm.api.connection_pb2_grpc import MonitorConnectionStub
 from nsm.chain import Ctx, NextClose
 from nsm.client.begin import EVENT, EVENTS, Events, Kind
 from nsm.client.hooks import Hook
-from nsm.errors import EndpointUnreachable, InvalidArgument, NsmError, from_rpc_error
+from nsm.errors import (
+    DeadlineExceeded,
+    EndpointUnreachable,
+    InvalidArgument,
+    NsmError,
+    Unavailable,
+    from_rpc_error,
+)
 from nsm.kernel.liveness import Liveness, target_of
 from nsm.kernel.netns import interface_flags, run_in_netns
 from nsm.log import Logger, get_logger
@@ -169,6 +184,17 @@ async def interface_present(netns: str, ifname: str) -> bool:
         return await asyncio.to_thread(run_in_netns, netns, _if_flags, ifname) is not None
     except NsmError:
         return False
+
+
+def passing_outage(exc: NsmError) -> bool:
+    """Whether a failed re-request says only that a hop on the way could not be reached or did
+    not answer in time (a manager or forwarder restarting: the kernel still carries the
+    traffic, and the hop will be back), not that the endpoint is gone or refused."""
+    return isinstance(exc, Unavailable | DeadlineExceeded) and not isinstance(exc, EndpointUnreachable)
+
+
+class _DataPlaneDied(Exception):
+    """A re-request was given up: the data plane died meanwhile (the message says how)."""
 
 
 # -- options --------------------------------------------------------------------------------
@@ -418,26 +444,28 @@ class Heal(Hook):
                 kind, reason = await self._decide(w)
                 if not w.broken():
                     break  # mended while the data plane was checked
-                error, result, gone = "", None, False
+                error, result, endpoint_side = "", None, False
                 async with self._slots:
                     try:
                         async with asyncio.timeout(self.options.try_timeout):
-                            result = await w.events.request(kind, reason=reason, heal=True)
+                            result = await self._try(w, kind, reason)
                     except NsmError as exc:
                         error = f"{exc.code.name}: {exc.message}"
-                        gone = exc.reason == EndpointUnreachable.reason
+                        endpoint_side = not passing_outage(exc)
                     except TimeoutError:
                         error = f"no answer within {self.options.try_timeout:g} s"
+                    except _DataPlaneDied as exc:
+                        w.log.info("the data plane died while re-requesting the same path",
+                                   error=str(exc))
+                        continue  # reselect at once
                 if not error:
                     if result is None:
                         return  # closed meanwhile
                     backoff.reset()
                     continue  # healed: the update cleared what was wrong (unless still dead)
-                # A path whose endpoint is gone is reselected even when the data plane still
-                # answers (the endpoint's process died, its namespace lives on); a manager or
-                # forwarder being restarted is waited for: the kernel still carries the traffic.
-                if kind is Kind.REFRESH and w.down and gone and not w.escalated:
-                    w.escalated = f"{w.down}, and its endpoint is gone ({error})"
+                if (kind is Kind.REFRESH and w.down and self._stream_up and endpoint_side
+                        and not w.escalated):
+                    w.escalated = f"{w.down}, and re-requesting the same path failed ({error})"
                 delay = backoff.next_delay()
                 w.log.debug("heal try failed", kind=kind.value, error=error, retry_in=round(delay, 3))
                 with contextlib.suppress(TimeoutError):
@@ -448,6 +476,34 @@ class Heal(Hook):
                 w.heal = None
             if self._active(w) and not w.broken():
                 self._start_probe(w)
+
+    async def _try(self, w: _Watch, kind: Kind, reason: str) -> Connection | None:
+        """One try. A re-request of the same path (which may hang on a hop that is gone: a
+        lost node's address black-holes the connect) is given up as soon as the data plane is
+        found dead meanwhile (``_DataPlaneDied``): only a new path helps then."""
+        if kind is not Kind.REFRESH or self.probe is None:
+            return await w.events.request(kind, reason=reason, heal=True)
+        request = asyncio.ensure_future(w.events.request(kind, reason=reason, heal=True))
+        dies = asyncio.ensure_future(self._dies(w.conn))
+        try:
+            await asyncio.wait({request, dies}, return_when=asyncio.FIRST_COMPLETED)
+            if request.done():
+                return request.result()
+            w.dead = dies.result()
+            raise _DataPlaneDied(w.dead)
+        finally:
+            for task in (dies, request):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(dies, request, return_exceptions=True)
+
+    async def _dies(self, conn: Connection) -> str:
+        """Check the data plane every ``interval`` until it is found dead; why."""
+        while True:
+            await asyncio.sleep(self.options.interval)
+            verdict = await self._check(conn)
+            if verdict.alive is False:
+                return verdict.reason
 
     async def _decide(self, w: _Watch) -> tuple[Kind, str]:
         if w.escalated:

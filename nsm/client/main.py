@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--label", many=True, type=label, default=[],
          help="connection label key=value (matched against the service's matches); repeatable")
     flag(parser, "--lifetime", type=duration, default=DEFAULT_LIFETIME,
-         help="connection lifetime without a refresh, e.g. 10m (refreshed at a third of it)")
+         help="connection lifetime without a refresh, e.g. 45s (refreshed at a third of the "
+              "shortest on its path: each hop caps it at its own --lifetime)")
     flag(parser, "--timeout", type=duration, default=DEFAULT_TIMEOUT,
          help="timeout of each Request/Close, e.g. 15s")
     heal_flags(parser)

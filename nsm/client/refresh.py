@@ -1,7 +1,8 @@
 """refresh (client side): keeps each connection alive by re-sending it before it expires.
 
 After every successful Request a timer is (re)armed at ``fraction`` (a third) of the time left
-before this client's segment expires; every hop times the connection out at that instant. When
+before the earliest expiry on the connection's path: this client's segment, or a hop's that caps
+the lifetime shorter (every hop times the connection out at its previous hop's expiry). When
 it fires, the connection is re-sent from the head of the chain (:class:`~nsm.client.begin.Events`,
 kind REFRESH). A failed refresh is retried with backoff (:class:`nsm.retry.Backoff`), never later
 than the expiry; once the connection has expired it is requested afresh (kind FRESH: same id,
@@ -28,11 +29,11 @@ _TIMER: Key[asyncio.Task[None]] = Key("client.refresh.timer")
 
 
 def _expiry(conn: Connection, request: NetworkServiceRequest) -> float | None:
+    """The earliest expiry on the path the Request got back (else on the one it sent)."""
     for path in (conn.path, request.connection.path):
-        if path.path_segments:
-            expires = expiry_of(path.path_segments[0])
-            if expires is not None:
-                return expires
+        found = [e for e in map(expiry_of, path.path_segments) if e is not None]
+        if found:
+            return min(found)
     return None
 
 

@@ -3,6 +3,9 @@ forwarder chains).
 
 Which URL to dial and which headers to send are decided by the elements before it (through
 the per-connection metadata); the URL is remembered so that Close goes where Request went.
+A hop whose next hop is the endpoint (``to_endpoint(ctx)``) reports an endpoint it cannot reach
+as :class:`~nsm.errors.EndpointUnreachable`, so that a healing client can tell an endpoint gone
+from a hop on the way that restarts.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.api.networkservice_pb2_grpc import NetworkServiceStub
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
-from nsm.errors import Unavailable, from_rpc_error
+from nsm.errors import EndpointUnreachable, Unavailable, from_rpc_error, reason_of
 from nsm.transport import Channels
 
 T = TypeVar("T")
@@ -32,11 +35,13 @@ SENT_URL: Key[str] = Key("connect.sent-url")
 class Connect(Element):
     def __init__(self, channels: Channels, *, timeout: float = 15.0,
                  close_timeout: float = 5.0,
-                 url: Callable[[Ctx, NetworkServiceRequest], str] | None = None) -> None:
+                 url: Callable[[Ctx, NetworkServiceRequest], str] | None = None,
+                 to_endpoint: Callable[[Ctx], bool] | None = None) -> None:
         self.channels = channels
         self.timeout = timeout
         self.close_timeout = close_timeout
         self._url = url
+        self._to_endpoint = to_endpoint
 
     async def _call(self, url: str, rpc: Callable[[NetworkServiceStub], Awaitable[T]]) -> T:
         """One RPC to ``url``. When it fails because the channel could not connect (the peer was
@@ -60,6 +65,10 @@ class Connect(Element):
             conn: Connection = await self._call(url, lambda stub: stub.Request(
                 request, timeout=self.timeout))
         except grpc.aio.AioRpcError as exc:
+            if (exc.code() == grpc.StatusCode.UNAVAILABLE and not reason_of(exc)
+                    and self._to_endpoint is not None and self._to_endpoint(ctx)):
+                raise EndpointUnreachable(f"{url}: the endpoint cannot be reached: "
+                                          f"{exc.details() or exc.code().name}") from exc
             raise from_rpc_error(exc, f"{url}") from exc
         ctx.meta.set(SENT_URL, url)
         return conn

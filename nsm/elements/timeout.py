@@ -1,7 +1,8 @@
 """timeout: closes a connection whose caller stopped refreshing it.
 
 After each successful Request, a timer is (re)armed for the expiry of the previous hop's path
-segment (the caller's token lifetime), or this hop's own when it is the first. When it fires the
+segment (the caller's token lifetime), or this hop's own when it is the first or the caller's
+segment carries none (so a caller that dies without Close never leaks it here). When it fires the
 connection is closed from the head of the chain, so every element below undoes its work.
 """
 
@@ -31,8 +32,10 @@ class Timeout(Element):
         path = request.connection.path
         segments = path.path_segments
         index = path.index
-        source = segments[index - 1] if index > 0 else segments[index] if segments else None
-        expires = expiry_of(source) if source is not None else None
+        expires = None
+        for i in (index - 1, index):  # the caller's segment, else this hop's own
+            if expires is None and 0 <= i < len(segments):
+                expires = expiry_of(segments[i])
         self._cancel(ctx)
         if expires is not None:
             conn_id = ctx.conn_id

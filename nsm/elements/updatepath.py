@@ -17,7 +17,11 @@ from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest, new_id
 from nsm.errors import InvalidArgument
 
-DEFAULT_LIFETIME = 600.0
+#: The lifetime of a path segment unless the caller's is shorter: the client's default expiry
+#: (``nsm nsc``, the SDK) and every hop's longest (``--lifetime`` of the manager, forwarder and
+#: endpoint), one value. A client refreshes at a third of it (15 s); one that dies without Close
+#: is released by every hop at its expiry, within 45 s (the reference leaks it for 10 minutes).
+DEFAULT_LIFETIME = 45.0
 
 #: The range of a protobuf Timestamp: 0001-01-01T00:00:00Z ..= 9999-12-31T23:59:59.999999999Z.
 TS_MIN_SECONDS = -62135596800

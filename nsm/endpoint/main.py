@@ -27,6 +27,7 @@ from nsm.config import (
     run_command,
 )
 from nsm.daemon import status_on_signal
+from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.endpoint.endpoint import DEFAULT_EXPIRY, Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError
 from nsm.log import get_logger
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="endpoint label key=value (for the services' matches); repeatable")
     flag(parser, "--expiry", type=duration, default=DEFAULT_EXPIRY,
          help="registration lifetime, refreshed at a third of it, e.g. 60s")
-    flag(parser, "--lifetime", type=duration, default=600.0,
+    flag(parser, "--lifetime", type=duration, default=DEFAULT_LIFETIME,
          help="longest a connection lives without a refresh, e.g. 10m")
     log_flags(parser)
 

@@ -35,7 +35,7 @@ from nsm.elements.monitornext import MonitorNext
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.errors import EndpointUnreachable, FailedPrecondition, InvalidArgument, NsmError, Unsupported
 from nsm.forwarder.kernel import KernelLocal
-from nsm.forwarder.mechanism import NextHop, SelectMechanism
+from nsm.forwarder.mechanism import PAIR, NextHop, SelectMechanism
 from nsm.forwarder.vxlan import (
     DEFAULT_ADOPT_GRACE,
     Leftovers,
@@ -108,7 +108,7 @@ class Forwarder(Role):
                             next_hop=self.next_hop, offer=self.offer),
             *datapath,
             self.monitor_next,
-            Connect(self.channels, timeout=self.request_timeout),
+            Connect(self.channels, timeout=self.request_timeout, to_endpoint=to_endpoint),
         ]
 
     def status(self) -> dict[str, int]:
@@ -237,3 +237,10 @@ def node_of(nse: NetworkServiceEndpoint, service: str) -> str:
         if labels.labels.get(NODE_LABEL):
             return labels.labels[NODE_LABEL]
     return ""
+
+
+def to_endpoint(ctx: Ctx) -> bool:
+    """Whether the connection's next hop is its endpoint (a KERNEL link downstream), not
+    another node's manager."""
+    pair = ctx.meta.get(PAIR)
+    return pair is not None and pair[1] == KERNEL

@@ -8,6 +8,7 @@ import asyncio
 from nsm import log as nsmlog
 from nsm.config import duration, flag
 from nsm.daemon import serve_until_signal
+from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.forwarder.forwarder import Forwarder
 from nsm.forwarder.vxlan import DEFAULT_ADOPT_GRACE
 from nsm.names import check_name
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--registry", help="registry URL to register at", required=True)
     flag(parser, "--node", help="node name (default: the forwarder name)", default=None)
     flag(parser, "--lifetime", help="max lifetime of this hop's path segment", type=duration,
-         default=600.0)
+         default=DEFAULT_LIFETIME)
     flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
          default=15.0)
     flag(parser, "--expiry", help="registration expiry to ask for", type=duration, default=None)

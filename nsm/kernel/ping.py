@@ -109,13 +109,17 @@ def ping(netns: str, dst: str, **kwargs: object) -> PingResult:
 @dataclass
 class StreamResult:
     """What an :class:`EchoStream` saw: echoes sent, the sequence numbers never answered, and
-    send errors (e.g. no route while an interface is gone)."""
+    send errors (e.g. no route while an interface is gone); per echo (by index, seq - 1) when it
+    was sent, where to, and when its reply came (monotonic clock)."""
 
     dst: str
     rate: float
     sent: int = 0
     lost: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)
+    dsts: list[str] = field(default_factory=list)
+    answered_at: dict[int, float] = field(default_factory=dict)
 
     @property
     def received(self) -> int:
@@ -132,12 +136,37 @@ class StreamResult:
             previous = seq
         return longest / self.rate
 
+    def lost_since(self, t: float) -> int:
+        """Echoes sent at or after ``t`` that got no reply."""
+        return sum(1 for i, at in enumerate(self.sent_at) if at >= t and i not in self.answered_at)
+
+    def first_reply_after(self, t: float, dst: str | None = None) -> float | None:
+        """When the first reply came to an echo sent at or after ``t`` (to ``dst``, if given)."""
+        return first_reply(self.sent_at, self.dsts, self.answered_at, t, dst)
+
+    def restored_after(self, t: float) -> float | None:
+        """When replies came back after the first echo sent since ``t`` that got none (None:
+        nothing was lost since ``t``, or nothing came back)."""
+        lost = next((at for i, at in enumerate(self.sent_at) if at >= t and i not in self.answered_at),
+                    None)
+        return None if lost is None else self.first_reply_after(lost)
+
+
+def first_reply(sent_at: list[float], dsts: list[str], answered_at: dict[int, float], t: float,
+                dst: str | None = None) -> float | None:
+    times = [answered_at[i] for i in list(answered_at)
+             if sent_at[i] >= t and (dst is None or dsts[i] == dst)]
+    return min(times) if times else None
+
 
 class EchoStream:
     """A steady ICMP echo stream from inside a namespace (IPv4): ``rate`` echoes a second to
-    ``dst`` from :meth:`start` until :meth:`stop`, replies matched by sequence number; an echo
-    counts as lost if no reply came by the end (``linger`` seconds after the last one). One raw
-    socket in one thread that entered the namespace; a late scheduler does not make losses.
+    ``dst`` from :meth:`start` until :meth:`stop`, replies matched by sequence number and
+    source; an echo counts as lost if no reply came by the end (``linger`` seconds after the
+    last one). :meth:`retarget` sends the next echoes elsewhere (a connection that moved to an
+    endpoint with other addresses); :meth:`first_reply_after` looks at the replies while it
+    runs. One raw socket in one thread that entered the namespace; a late scheduler does not
+    make losses.
     """
 
     def __init__(self, netns: str, dst: str, *, rate: float = 50.0, linger: float = 1.0) -> None:
@@ -148,6 +177,10 @@ class EchoStream:
         self._thread: threading.Thread | None = None
         self._result: StreamResult | None = None
         self._error: BaseException | None = None
+        # Appended by the stream's thread only (read while it runs).
+        self._sent_at: list[float] = []
+        self._dsts: list[str] = []
+        self._answered_at: dict[int, float] = {}
 
     def start(self) -> EchoStream:
         def run() -> None:
@@ -159,6 +192,26 @@ class EchoStream:
         self._thread = threading.Thread(target=run, name=f"echo-stream:{self.dst}", daemon=True)
         self._thread.start()
         return self
+
+    def retarget(self, dst: str) -> None:
+        """Send the next echoes to ``dst`` (replies to earlier ones still count)."""
+        self.dst = dst
+
+    def first_reply_after(self, t: float, dst: str | None = None) -> float | None:
+        """While it runs: when the first reply came to an echo sent at or after ``t`` (to
+        ``dst``, if given); None when none came yet."""
+        return first_reply(self._sent_at, self._dsts, self._answered_at, t, dst)
+
+    def seen(self, *, grace: float = 1.0) -> StreamResult:
+        """While it runs: what it saw so far, as a result, without the echoes of the last
+        ``grace`` seconds (their replies may still come)."""
+        until = time.monotonic() - grace
+        sent_at = [at for at in list(self._sent_at) if at <= until]
+        answered = {i: at for i, at in list(self._answered_at.items()) if i < len(sent_at)}
+        return StreamResult(self.dst, self.rate, sent=len(sent_at),
+                            lost=[i + 1 for i in range(len(sent_at)) if i not in answered],
+                            sent_at=sent_at, dsts=list(self._dsts[:len(sent_at)]),
+                            answered_at=answered)
 
     def stop(self) -> StreamResult:
         """Stop sending, wait ``linger`` for the last replies; the result."""
@@ -172,9 +225,10 @@ class EchoStream:
         return self._result
 
     def _run(self) -> StreamResult:
-        result = StreamResult(self.dst, self.rate)
+        result = StreamResult(self.dst, self.rate, sent_at=self._sent_at, dsts=self._dsts,
+                              answered_at=self._answered_at)
         ident = (os.getpid() ^ id(self)) & 0xFFFF
-        answered: set[int] = set()
+        index_of: dict[int, int] = {}  # seq -> index of the last echo sent with it
         interval = 1.0 / self.rate
         payload = bytes(range(56))
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
@@ -189,9 +243,13 @@ class EchoStream:
                     break
                 if end is None and now >= next_send:
                     seq = result.sent % 0xFFFF + 1
+                    dst = self.dst
+                    index_of[seq] = result.sent
                     result.sent += 1
+                    self._sent_at.append(now)
+                    self._dsts.append(dst)
                     try:
-                        sock.sendto(echo_request(ident, seq, payload), (self.dst, 0))
+                        sock.sendto(echo_request(ident, seq, payload), (dst, 0))
                     except OSError as exc:
                         result.errors.append(f"send {result.sent}: {exc.strerror or exc}")
                     next_send += interval
@@ -202,10 +260,12 @@ class EchoStream:
                     data, addr = sock.recvfrom(65535)
                     ihl = (data[0] & 0x0F) * 4
                     kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-                    if kind == 0 and rid == ident and addr[0] == self.dst:
-                        answered.add(rseq)
+                    index = index_of.get(rseq)
+                    if (kind == 0 and rid == ident and index is not None
+                            and addr[0] == self._dsts[index]):
+                        self._answered_at.setdefault(index, time.monotonic())
                     ready, _, _ = select.select([sock], [], [], 0)
         finally:
             sock.close()
-        result.lost = [n for n in range(1, result.sent + 1) if (n - 1) % 0xFFFF + 1 not in answered]
+        result.lost = [i + 1 for i in range(result.sent) if i not in self._answered_at]
         return result

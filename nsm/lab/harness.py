@@ -557,6 +557,17 @@ class LabHarness:
         """``python -m nsm.cli ARGS`` with piped output, killed at the end of the scope."""
         return await self.spawn_python("-m", "nsm.cli", *args, env=env, stdin=False)
 
+    @staticmethod
+    async def nsc_connected(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> str:
+        """The first line an ``nsm nsc`` process printed (``connected id=... ...``, from
+        :meth:`spawn_cli`); AssertionError with what it said otherwise."""
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout)).decode()
+        if not line.startswith("connected "):
+            err = await asyncio.wait_for(proc.stderr.read(), 5) if proc.stderr is not None else b""
+            raise AssertionError(f"nsm nsc: {line!r} {err.decode()}")
+        return line
+
     async def run_python(self, *args: str, env: Mapping[str, str] | None = None,
                          timeout: float = 30.0) -> CliResult:
         """Run ``python ARGS`` to completion."""

@@ -8,6 +8,7 @@ import asyncio
 from nsm import log as nsmlog
 from nsm.config import duration, flag
 from nsm.daemon import serve_until_signal
+from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.manager.manager import Manager
 from nsm.names import check_name
 
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--advertise", help="other URL(s) this manager is reached by", many=True,
          default=[])
     flag(parser, "--lifetime", help="max lifetime of this hop's path segment", type=duration,
-         default=600.0)
+         default=DEFAULT_LIFETIME)
     flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
          default=15.0)
     flag(parser, "--log-level", help="log level", default="info")

@@ -48,6 +48,7 @@ class Manager(Role):
         self.registry: RegistryClient  # set up at start (they need the registry channel)
         self.cache: RegistryCache
         self.replay: Replay
+        self.nse_proxy: NseProxy
         self._replaying: asyncio.Task[None] | None = None
         self.monitor_next = MonitorNext(self.channels, self.monitor, name=self.name)
 
@@ -69,8 +70,7 @@ class Manager(Role):
                     NsProxy(self.registry, self.replay)),
             Service("registry.NetworkServiceEndpointRegistry",
                     registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server,
-                    NseProxy(self.registry, local=self.local, advertise=self.public_url,
-                             own_urls=self.urls, node=self.name, replay=self.replay)),
+                    self.nse_proxy),
         ]
 
     def status(self) -> dict[str, int]:
@@ -107,6 +107,9 @@ class Manager(Role):
         self.registry = RegistryClient(self._registry_channel)
         self.cache = RegistryCache(self.registry)
         self.replay = Replay(self.registry)
+        self.nse_proxy = NseProxy(self.registry, local=self.local, advertise=self.public_url,
+                                  own_urls=self.urls, node=self.name, replay=self.replay)
+        stack.push_async_callback(self.nse_proxy.shutdown)
         await self.cache.start()
         stack.push_async_callback(self.cache.stop)
 

@@ -13,6 +13,11 @@ it when its registry channel reconnects, so a restarted (in-memory) registry kno
 endpoints within a second or two instead of at their next refresh. Endpoints whose records have
 expired are not brought back.
 
+An endpoint that dies without unregistering (SIGKILL, its pod deleted) is unregistered by the
+proxy it registered through, about a second after it became unreachable
+(:class:`~nsm.manager.alive.EndpointLiveness`), instead of lingering until its registration
+expires.
+
 Every call to the registry goes through the one :class:`~nsm.registry.client.RegistryClient`.
 """
 
@@ -30,6 +35,7 @@ from nsm.api import registry_pb2, registry_pb2_grpc
 from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint
 from nsm.errors import NsmError, grpc_errors
 from nsm.log import get_logger
+from nsm.manager.alive import DEFAULT_GRACE, EndpointLiveness
 from nsm.registry.client import RegistryClient
 from nsm.registry.matching import expiration
 from nsm.transport import normalize_url, parse_url
@@ -125,17 +131,38 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
     Finds answer the records of endpoints registered through this manager with their real URL
     (what the node's forwarder dials), and leave out records that name this manager but that it
     does not know (yet: after a restart, until the endpoint registers again), so a forwarder
-    never mistakes its manager for an endpoint."""
+    never mistakes its manager for an endpoint.
+
+    ``gone_grace``: an endpoint registered here that stays unreachable this long after it was
+    reached is unregistered (:meth:`gone`); None: never (its registration expires). Stop the
+    watches with :meth:`shutdown`."""
 
     def __init__(self, registry: RegistryClient, *, local: LocalEndpoints,
                  advertise: Callable[[], str | None], own_urls: Callable[[], Iterable[str]] = list,
-                 node: str = "", replay: Replay | None = None) -> None:
+                 node: str = "", replay: Replay | None = None,
+                 gone_grace: float | None = DEFAULT_GRACE) -> None:
         self.registry = registry
         self.replay = replay or Replay(registry)
         self.local = local
         self.advertise = advertise
         self.own_urls = own_urls
         self.node = node
+        self.liveness = (EndpointLiveness(self.gone, grace=gone_grace)
+                         if gone_grace is not None else None)
+
+    async def gone(self, name: str) -> None:
+        """The endpoint ``name`` died without unregistering: unregister it on its behalf."""
+        try:
+            await self.registry.unregister_nse(name)
+        except NsmError as exc:
+            log.warning("unregistering a dead endpoint failed: its registration will expire",
+                        nse=name, error=exc.message)
+        self.local.drop(name)
+        self.replay.endpoints.pop(name, None)
+
+    async def shutdown(self) -> None:
+        if self.liveness is not None:
+            await self.liveness.shutdown()
 
     def _local_view(self, nse: NetworkServiceEndpoint) -> NetworkServiceEndpoint | None:
         real = self.local.get(nse.name)
@@ -156,6 +183,8 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
             self._remember(result)
             return result
         real = str(parse_url(request.url))
+        if self.liveness is not None:
+            await self.liveness.settle(request.name)  # a removal of its dead predecessor first
         out = NetworkServiceEndpoint()
         out.CopyFrom(request)
         advertised = self.advertise()
@@ -179,6 +208,8 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
             raise
         self.local.set(result.name, real)
         self._remember(result)
+        if self.liveness is not None:
+            self.liveness.watch(result.name, real)
         result.url = request.url  # the endpoint sees its own URL back
         return result
 
@@ -202,6 +233,8 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
     @grpc_errors
     async def Unregister(self, request: NetworkServiceEndpoint,
                          context: grpc.aio.ServicerContext) -> Empty:
+        if self.liveness is not None:
+            self.liveness.forget(request.name)
         await self.registry.unregister_nse(request.name)
         self.local.drop(request.name)
         self.replay.endpoints.pop(request.name, None)

@@ -18,6 +18,10 @@ bet, and the old one is still tried when it is the only one (with one forwarder 
 usual case, the forwarder stays the same). Any other Request keeps what is on its path: the
 endpoint it names and the forwarder of its path (or the last one used), so a refresh, or a heal
 that only re-requests, changes nothing in the datapath.
+
+The reselect is this manager's to make: the Request it sends on carries the endpoint it chose
+and state UP, so the manager of the endpoint's node (a remote one) connects to that endpoint
+instead of choosing again among all of them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from nsm.api.connection_pb2 import RESELECT_REQUESTED, Connection
+from nsm.api.connection_pb2 import RESELECT_REQUESTED, UP, Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
@@ -42,6 +46,8 @@ _FORWARDER: Key[str] = Key("select.forwarder")
 _ENDPOINT: Key[str] = Key("select.endpoint")
 #: The endpoint of the path a reselect replaces (tried last).
 _OLD_ENDPOINT: Key[str] = Key("select.old-endpoint")
+#: Whether the Request in flight reselects (its state, before Discover consumed it).
+_RESELECT: Key[bool] = Key("select.reselect")
 
 
 def reselecting(conn: Connection) -> bool:
@@ -70,9 +76,12 @@ class Discover(Element):
             raise NotFound(f"network service {conn.network_service!r} not found")
         conn.payload = conn.payload or ns.payload or PAYLOAD_IP
         old = ""
-        if reselecting(conn):  # a stale name must not pin the new path to the old endpoint
+        reselect = reselecting(conn)
+        ctx.meta.set(_RESELECT, reselect)
+        if reselect:  # a stale name must not pin the new path to the old endpoint
             old = conn.network_service_endpoint_name or ctx.meta.get(_ENDPOINT) or ""
             conn.network_service_endpoint_name = ""
+            conn.state = UP  # chosen here: the hops below keep the endpoint chosen here
         ctx.meta.set(_OLD_ENDPOINT, old)
         candidates: list[NetworkServiceEndpoint] = []
         if conn.network_service_endpoint_name:
@@ -109,7 +118,7 @@ class SelectForwarder(Element):
             raise Unavailable("no forwarder is registered for this manager")
         path = request.connection.path
         old = {s.name for s in path.path_segments[path.index + 1:]} | {ctx.meta.get(_FORWARDER) or ""}
-        if reselecting(request.connection):
+        if ctx.meta.get(_RESELECT):
             forwarders = last_of(forwarders, old)
         else:
             forwarders = last_of(forwarders, {f.name for f in forwarders} - old)

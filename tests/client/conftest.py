@@ -25,8 +25,9 @@ def _answer(request: NetworkServiceRequest) -> Connection:
     conn = Connection()
     conn.CopyFrom(request.connection)
     if len(conn.path.path_segments) < 2:
-        seg = conn.path.path_segments.add(name="mgr", id=str(uuid.uuid4()))
-        seg.expires.CopyFrom(conn.path.path_segments[0].expires)
+        conn.path.path_segments.add(name="mgr", id=str(uuid.uuid4()))
+    # Like every hop: its own segment expires no later than the client's, renewed each time.
+    conn.path.path_segments[1].expires.CopyFrom(conn.path.path_segments[0].expires)
     conn.network_service_endpoint_name = conn.network_service_endpoint_name or "nse-1"
     conn.mechanism.CopyFrom(request.mechanism_preferences[0])
     ip = conn.context.ip_context

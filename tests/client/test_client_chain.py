@@ -119,6 +119,26 @@ async def test_refreshes_at_a_third_of_the_time_left(rig, eventually) -> None:  
     assert r.states()[0] is State.ESTABLISHED and set(r.states()[1:]) == {State.REFRESHED}
 
 
+async def test_a_hop_that_caps_the_lifetime_shorter_is_refreshed_in_time(rig, answer,  # type: ignore[no-untyped-def]
+                                                                           eventually) -> None:
+    """The client asks for 30 s, the manager caps its segment at 0.6 s (its --lifetime): the
+    next hop times the connection out at the manager's expiry, so the client refreshes at a
+    third of the earliest expiry on the path, not of its own."""
+    r = rig(lifetime=30.0)
+
+    def capped(request: NetworkServiceRequest) -> Connection:
+        conn = answer(request)
+        conn.path.path_segments[1].expires.CopyFrom(ts(time.time() + 0.6))
+        return conn
+
+    r.tail.answer = capped
+    await r.request(lifetime=30.0)
+    await eventually(lambda: len(r.tail.requests) >= 4)
+    times = [t for t, _ in r.tail.requests]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(0.15 < g < 0.4 for g in gaps), gaps  # 0.6 s / 3 each time
+
+
 async def test_a_failed_refresh_is_retried_with_growing_backoff(rig, eventually) -> None:  # type: ignore[no-untyped-def]
     r = rig(lifetime=3.0, min_backoff=0.05, max_backoff=0.4)
     await r.request()
@@ -230,7 +250,9 @@ async def test_reselect_closes_the_old_path_then_requests_afresh(rig, eventually
     assert r.tail.closes[0].network_service_endpoint_name == first.network_service_endpoint_name
     _, sent = r.tail.requests[-1]
     assert sent.connection.state == RESELECT_REQUESTED
-    assert len(sent.connection.path.path_segments) == 1 and not sent.connection.network_service_endpoint_name
+    assert len(sent.connection.path.path_segments) == 1 and not sent.connection.HasField("mechanism")
+    # The old endpoint goes along: the manager chooses afresh and tries it last.
+    assert sent.connection.network_service_endpoint_name == first.network_service_endpoint_name
     assert r.states() == [State.ESTABLISHED, State.DOWN, State.HEALED]  # no CLOSED: a heal
     assert r.changes[1].reason == "endpoint gone"
     assert r.refresh.pending() == 1

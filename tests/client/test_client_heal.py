@@ -47,7 +47,7 @@ from nsm.client.heal import (
 from nsm.client.notify import Notify, State, StateChange
 from nsm.client.refresh import Refresh
 from nsm.elements.monitor import matches
-from nsm.errors import EndpointUnreachable, InvalidArgument, NsmError, Unavailable
+from nsm.errors import DeadlineExceeded, EndpointUnreachable, InvalidArgument, NsmError, Unavailable
 from nsm.kernel import netns as nsns
 from nsm.kernel.liveness import target_of
 from nsm.kernel.netlink import Netlink
@@ -305,7 +305,8 @@ async def test_down_with_a_dead_data_plane_reselects(rig, eventually) -> None:  
     assert r.kinds() == ["fresh", "reselect"]
     assert [c.id for c in r.tail.closes] == ["c1"]  # the old path, closed first
     sent = r.tail.sent()[-1].connection
-    assert not sent.network_service_endpoint_name and not sent.HasField("mechanism")
+    assert sent.state == RESELECT_REQUESTED and not sent.HasField("mechanism")
+    assert sent.network_service_endpoint_name == "nse-1"  # the old one, for the manager to try last
     assert len(sent.path.path_segments) == 1
     assert "no reply from 10.0.0.1" in r.changes[1].reason and "reselecting" in r.changes[1].reason
     healed = r.begin.last("c1")
@@ -323,7 +324,7 @@ async def test_a_path_down_whose_re_request_fails_reselects(rig, eventually) -> 
     await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "refresh", "reselect"]
     assert states(r) == [State.ESTABLISHED, State.DOWN, State.FAILED, State.HEALED]
-    assert "its endpoint is gone" in r.changes[-1].reason
+    assert "re-requesting the same path failed" in r.changes[-1].reason
 
 
 async def test_a_path_down_behind_a_restarting_hop_is_re_requested_not_reselected(rig, eventually) -> None:  # type: ignore[no-untyped-def]
@@ -338,6 +339,26 @@ async def test_a_path_down_behind_a_restarting_hop_is_re_requested_not_reselecte
     await eventually(lambda: State.HEALED in states(r))
     assert r.kinds() == ["fresh", "refresh", "refresh", "refresh"]
     assert states(r) == [State.ESTABLISHED, State.DOWN, State.FAILED, State.FAILED, State.HEALED]
+
+
+async def test_a_path_down_while_a_hop_on_the_way_restarts_is_re_requested_until_it_is_back(  # type: ignore[no-untyped-def]
+        rig, eventually) -> None:
+    """A manager or forwarder on the path restarts (the hops above report the path DOWN, and
+    re-requesting fails while it is away: it cannot be reached, or does not answer in time),
+    but the data plane is alive: the same path is re-requested until the hop is back, never
+    reselected (a reselect would cut the traffic the kernel still carries)."""
+    r = await rig()
+    first = await r.request()
+    await streaming(r, eventually)
+    r.tail.fail = [Unavailable("tcp://node2:5001: failed to connect to all addresses"),
+                   DeadlineExceeded("tcp://node2:5001: timed out"),
+                   Unavailable("unix:///run/nsm/fwd.sock: connection refused")]
+    r.monitor.set_state(manager_id(first), DOWN)
+    await eventually(lambda: State.HEALED in states(r), timeout=10)
+    assert r.kinds() == ["fresh", "refresh", "refresh", "refresh", "refresh"]
+    assert states(r) == [State.ESTABLISHED, State.DOWN, State.FAILED, State.FAILED, State.FAILED,
+                         State.HEALED]
+    assert all("reselect" not in c.reason for c in r.changes), r.changes
 
 
 async def test_delete_we_did_not_ask_for_heals(rig, eventually) -> None:  # type: ignore[no-untyped-def]
@@ -487,10 +508,16 @@ async def test_one_heal_in_flight_per_connection(rig, eventually) -> None:  # ty
         r.monitor.set_state(manager_id(first), DOWN)
         r.monitor.delete(manager_id(first))
         r.monitor.conns[manager_id(first)] = r.begin.last("c1")  # type: ignore[assignment]
-    r.probe.dead["c1"] = "gone"
     r.monitor.break_streams()
     await asyncio.sleep(0.3)
     assert len(r.tail.sent()) == 2 and r.heal.healing() == ["c1"]
+    # The data plane dies while the re-request hangs (a hop gone for good, e.g. its node):
+    # the re-request is given up for a reselect at once, still one try in flight.
+    r.probe.dead["c1"] = "gone"
+    await eventually(lambda: len(r.tail.sent()) == 3, timeout=1.0)  # not the try's 2 s timeout
+    assert r.kinds() == ["fresh", "refresh", "reselect"] and r.heal.healing() == ["c1"]
+    await asyncio.sleep(0.3)
+    assert len(r.tail.sent()) == 3
     r.probe.dead.clear()
     r.tail.gate.set()
     await settled(r, eventually)

@@ -393,15 +393,6 @@ async def test_manager_restart_re_requests_without_a_reselect_and_loses_nothing(
 # -- nsm nsc restarts -------------------------------------------------------------------------
 
 
-async def _connected(proc: asyncio.subprocess.Process) -> str:
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-    if not line.startswith("connected "):
-        err = await asyncio.wait_for(proc.stderr.read(), 5) if proc.stderr is not None else b""
-        raise AssertionError(f"nsm nsc: {line!r} {err.decode()}")
-    return line
-
-
 @pytest.mark.timeout(90)
 async def test_restarted_nsc_adopts_its_live_connection(mesh) -> None:
     ns = await mesh.netns()
@@ -409,7 +400,7 @@ async def test_restarted_nsc_adopts_its_live_connection(mesh) -> None:
     args = ("nsc", "--manager", mesh.manager_url, "--service", mesh.service, "--netns", ns,
             "--name", name)
     first = await mesh.spawn_cli(*args)
-    line = await _connected(first)
+    line = await mesh.nsc_connected(first)
     assert f"id={name}-0 " in line, line
     index = await index_of(mesh, ns)
     conn = next(iter((await mesh.connections(mesh.manager_url)).values()))
@@ -419,7 +410,7 @@ async def test_restarted_nsc_adopts_its_live_connection(mesh) -> None:
     await first.wait()
     killed_at = time.monotonic()
     second = await mesh.spawn_cli(*args)
-    again = await _connected(second)
+    again = await mesh.nsc_connected(second)
     print(f"\nADOPT nsm nsc restarted: connected again {(time.monotonic() - killed_at) * 1000:.0f} ms "
           f"after the kill")
     assert again.split()[1:] == line.split()[1:], (line, again)  # same id, addresses, endpoint

@@ -13,6 +13,9 @@ the one harness (:class:`nsm.lab.harness.LabHarness`).
   policy rule or extra routing table on any node, no interface in any endpoint's pod, no
   connection in any daemon's monitor, no daemon stopped.
 - ``new_lab``: a dedicated lab for a test that breaks daemons (``async with new_lab(topo) as lab``).
+- ``module_lab`` / ``lab``: one dedicated lab per test module of the module's ``LAB_TOPOLOGY``,
+  for tests that break daemons but leave the lab whole (each restarts what it kills); ``lab`` is
+  it in a per-test :meth:`~nsm.lab.harness.LabHarness.scope` (checked clean like ``cluster``).
 - When a test fails, what every daemon logged during it is attached to its report
   (``tests/conftest.py``).
 
@@ -136,6 +139,22 @@ async def cluster(cluster_session: Cluster) -> AsyncIterator[Cluster]:
     clean."""
     async with cluster_session.scope():
         yield cluster_session
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def module_lab(request: pytest.FixtureRequest, lab_prefix_base: str) -> AsyncIterator[Cluster]:
+    """A lab of the test module's ``LAB_TOPOLOGY`` for all its tests (see the module docstring)."""
+    topology = request.module.LAB_TOPOLOGY
+    tag = "".join(c for c in request.module.__name__.rsplit("_", 1)[-1] if c.isalnum())[:6]
+    async with Cluster.running(topology, prefix=f"{lab_prefix_base}_m{tag}") as cl:
+        yield cl
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def lab(module_lab: Cluster) -> AsyncIterator[Cluster]:
+    """The module's lab; what the test made is removed after it, then the lab must be clean."""
+    async with module_lab.scope():
+        yield module_lab
 
 
 @pytest.fixture

@@ -194,7 +194,8 @@ async def test_close_before_the_refresh_removes_what_the_earlier_run_left(new_la
                                                                           node: str) -> None:
     """The forwarder restarts; its connections are closed before any refresh: each Close
     removes what the earlier run left and goes on to the next hop, so both nodes (and the
-    endpoints) are clean at once, long before any expiry or grace period."""
+    endpoints) are clean at once, long before any expiry or grace period. (Heal off: its
+    re-request after the restart would adopt them before the Close.)"""
     async with new_lab(RESTART, tag="c") as cluster:
         services = ("ip", "eth", "loc") if node == "node1" else ("ip", "eth")
         conns = await connect_all(cluster, services, heal=None)  # no heal: nothing refreshes first

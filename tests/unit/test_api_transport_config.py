@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from nsm.api import generate
 from nsm.config import duration, env_name, flag, label
-from nsm.errors import InvalidArgument, NotFound, from_rpc_error, status_of
+from nsm.errors import REASON_KEY, EndpointUnreachable, InvalidArgument, NotFound, from_rpc_error, status_of
 from nsm.transport import Server, dial, parse_url
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,6 +142,15 @@ def test_error_mapping_round_trips() -> None:
     err = from_rpc_error(FakeRpcError(), "peer")
     assert isinstance(err, NotFound) and err.message == "peer: gone"
 
+    class Unreachable(grpc.aio.AioRpcError):  # an endpoint unreachable two hops down
+        def __init__(self) -> None:
+            super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                             grpc.aio.Metadata((REASON_KEY, EndpointUnreachable.reason)),
+                             details="nse-1 cannot be reached")
+
+    err = from_rpc_error(Unreachable(), "fwd")
+    assert isinstance(err, EndpointUnreachable) and err.reason == "ENDPOINT_UNREACHABLE"
+
 
 def test_list_flag_on_command_line_replaces_environment() -> None:
     p = argparse.ArgumentParser()
@@ -148,3 +158,34 @@ def test_list_flag_on_command_line_replaces_environment() -> None:
     assert p.parse_args([]).listen == ["unix:///env"]
     args = p.parse_args(["--listen", "unix:///a", "--listen", "unix:///b"])
     assert args.listen == ["unix:///a", "unix:///b"]
+
+
+async def test_a_new_channel_reaches_a_restarted_peer_at_once(tmp_path: Path) -> None:
+    """A peer that was down: the old channel waits out its reconnect backoff, but a new channel
+    connects at once (what :class:`nsm.elements.connect.Connect` relies on after a restart) —
+    channels do not share a subchannel still backing off."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sock = tmp_path / "p.sock"
+    url = f"unix://{sock}"
+    sock.touch()  # a socket path with nobody listening: connections are refused
+    old = dial(url)
+    server = Server([url])
+    try:
+        for _ in range(4):  # refused a few times: its backoff grows (100, 200, 400 ms...)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_pb2_grpc.HealthStub(old).Check(health_pb2.HealthCheckRequest(),
+                                                            timeout=2)
+            await asyncio.sleep(0.15)
+        sock.unlink()
+        await server.start()
+        new = dial(url)
+        try:
+            resp = await health_pb2_grpc.HealthStub(new).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=2)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await new.close()
+    finally:
+        await old.close()
+        await server.stop()

@@ -11,12 +11,14 @@ from nsm.api.connection_pb2 import Connection, MonitorScopeSelector, PathSegment
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Chain, Ctx, Element, Key, NextClose, NextRequest
 from nsm.elements.begin import Begin
+from nsm.elements.connect import Connect
 from nsm.elements.monitor import Monitor, matches
 from nsm.elements.timeout import Timeout
 from nsm.elements.updatepath import UpdatePath, enter, expiry_of, ts
 from nsm.elements.validate import Validate
-from nsm.errors import InvalidArgument, Unavailable
+from nsm.errors import EndpointUnreachable, InvalidArgument, Unavailable
 from nsm.mechanisms import kernel
+from nsm.transport import Channels
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -240,6 +242,20 @@ async def test_timeout_closes_an_unrefreshed_connection_through_the_whole_chain(
     assert len(rec.closes) == 1 and timeout.pending() == 0
 
 
+async def test_timeout_of_a_caller_without_expiry_is_this_hops_lifetime() -> None:
+    """A caller whose segment carries no expiry (a client of another implementation, or one
+    that sets none): the hop times the connection out at its own lifetime instead of never, so
+    a caller that dies without Close does not leak it here."""
+    rec, timeout = Recorder(), Timeout()
+    chain = Chain([Begin(), UpdatePath("mgr", lifetime=0.3), timeout, rec])
+    r = req("c")
+    r.connection.path.path_segments.add(name="nsc", id="c")  # no expires
+    await chain.request(r)
+    assert timeout.pending() == 1
+    await asyncio.sleep(0.6)
+    assert len(rec.closes) == 1 and timeout.pending() == 0
+
+
 async def test_timeout_is_rearmed_by_refresh_and_cancelled_by_close() -> None:
     rec, timeout = Recorder(), Timeout()
     chain = Chain([Begin(), UpdatePath("mgr"), timeout, rec])
@@ -300,3 +316,23 @@ async def test_begin_unknown_close_runs_only_for_ids_it_holds_nothing_for() -> N
     assert len(rec.requests) == 2 and begin.ids() == ["left"]
     await chain.close(Connection(id=""))  # no id: nothing to do
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("to_endpoint", [False, True], ids=["a-hop-on-the-way", "the-endpoint"])
+async def test_connect_tells_an_unreachable_endpoint_from_an_unreachable_hop(
+        tmp_path, to_endpoint: bool) -> None:  # type: ignore[no-untyped-def]
+    """Nothing listens at the next hop's URL: a hop whose next hop is the endpoint reports
+    EndpointUnreachable (the endpoint is gone: a healing client reselects), any other hop a
+    plain UNAVAILABLE (a hop on the way restarts: the client re-requests the same path)."""
+    sock = tmp_path / "gone.sock"
+    sock.touch()  # refused
+    channels = Channels()
+    chain = Chain([Connect(channels, url=lambda ctx, r: f"unix://{sock}", timeout=2,
+                           to_endpoint=lambda ctx: to_endpoint)])
+    try:
+        with pytest.raises(Unavailable) as err:
+            await chain.request(req())
+    finally:
+        await channels.close()
+    assert isinstance(err.value, EndpointUnreachable) is to_endpoint, err.value
+    assert (err.value.reason == "ENDPOINT_UNREACHABLE") is to_endpoint

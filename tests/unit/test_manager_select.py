@@ -106,3 +106,19 @@ async def test_a_reselect_tries_the_forwarder_of_the_old_path_last() -> None:
     tail.tries.clear()
     await c.request(request(state=RESELECT_REQUESTED, path=("f1", "a")))
     assert tail.tries == [("f2", "a"), ("f1", "a")]  # still tried when the other fails
+
+
+async def test_the_manager_below_a_reselect_keeps_the_endpoint_chosen_above() -> None:
+    """The client's manager reselects; what it sends on names the endpoint it chose, with state
+    UP, so the endpoint's manager (another node) connects to that one instead of choosing
+    again among all of them."""
+    local, _ = chain(FakeCache(["a", "b", "c"], ["f1"]))
+    sent = await local.request(request(endpoint="b", state=RESELECT_REQUESTED))
+    assert sent.state == UP and sent.network_service_endpoint_name in ("a", "c")
+    remote, tail = chain(FakeCache(["a", "b", "c"], ["f1"]))
+    for _ in range(3):
+        below = request(endpoint=sent.network_service_endpoint_name, state=sent.state,
+                        path=("node1-fwd", "node2"))
+        below.connection.path.index = 3  # at the remote manager's segment
+        await remote.request(below)
+    assert tail.tries == [("f1", sent.network_service_endpoint_name)] * 3
