@@ -6,7 +6,8 @@ endpoint by name through this manager's registry proxy and connects on to it).
 
 It also serves the registry's two services as a proxy (:mod:`nsm.manager.proxy`): the node's
 endpoints and forwarders register through it, and it answers their Finds with the real URLs of
-the endpoints of this node.
+the endpoints of this node; an endpoint of this node that dies without unregistering is
+unregistered by it about a second later (:mod:`nsm.manager.alive`).
 """
 
 from __future__ import annotations
