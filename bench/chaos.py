@@ -154,8 +154,8 @@ def _figures(fault: Fault, conns: Sequence[Conn], end: float) -> dict[str, Any]:
         "slowest": None if slowest is None else {
             "connection": conns[slowest].index, "node": conns[slowest].node,
             "restored_s": restored[slowest], "lost": lost[slowest],
-            "changes": [f"{ch.state.value}: {ch.reason}"[:200]
-                        for ch in conns[slowest].track.since(t0, end)][:6]},
+            "changes": [f"+{at - t0:.2f} s {ch.state.value}: {ch.reason}"[:200]
+                        for at, ch in conns[slowest].track.changes if t0 <= at < end][:6]},
     }
 
 

@@ -188,6 +188,14 @@ async def _node_lost(run: Run) -> None:
     nsns.delete_netns(lab.ns_name(node))
 
 
+async def _node_cut(run: Run) -> None:
+    """The node lost without a word (power gone): its fabric port removed first, so that no
+    TCP reset or FIN of its processes reaches anyone, then as :func:`_node_lost`."""
+    lab, node = run.h.lab, run.victim.node
+    await run.h.netlink.delete_link(lab.fabric_netns, node)  # the port is named after the node
+    await _node_lost(run)
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
@@ -225,6 +233,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           _restart("registry"), restart=True),
     Fault("node-lost", "the endpoint's node lost (its daemons killed, its namespaces deleted), "
           "another endpoint on another node", "node", _node_lost, other=OTHER_NODE),
+    Fault("node-cut", "the same, its network cut first (no TCP reset from its processes "
+          "reaches anyone, as when power is lost)", "node", _node_cut, other=OTHER_NODE),
 )}
 
 #: Per group: what the bar judges, its limit and unit.
