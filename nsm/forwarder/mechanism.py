@@ -23,7 +23,7 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
 from nsm.elements.connect import NEXT_URL
-from nsm.errors import EndpointUnreachable, InvalidArgument, PermissionDenied, Unavailable, Unsupported
+from nsm.errors import InvalidArgument, PermissionDenied, Unsupported
 from nsm.wellknown import NEXT_HOP_HEADER
 
 #: The mechanism chosen toward the previous hop.
@@ -104,12 +104,7 @@ class SelectMechanism(Element):
         if previous is not None and previous.type == downstream[0].type:
             out.connection.mechanism.CopyFrom(previous)
         out.mechanism_preferences.extend(downstream)
-        try:
-            result = await next(ctx, out)
-        except Unavailable as exc:
-            if hop.local and not exc.reason:  # this node's endpoint itself is gone
-                raise EndpointUnreachable(exc.message) from exc
-            raise
+        result = await next(ctx, out)  # an endpoint it cannot reach: Connect's EndpointUnreachable
         down = Mechanism()
         down.CopyFrom(result.mechanism)
         ctx.meta.set(DOWNSTREAM, down)

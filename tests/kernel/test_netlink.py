@@ -28,6 +28,7 @@ from nsm.kernel import netns as nsmod
 from nsm.kernel.netlink import LinkInfo, Netlink
 from nsm.kernel.netlink import messages as nlmsg
 from nsm.kernel.netlink import operations as nlops
+from nsm.kernel.ping import checksum
 from nsm.lab.harness import NetnsGroup
 
 NetnsFactory = NetnsGroup
@@ -40,20 +41,11 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for networ
 # (run inside a namespace through nsm.kernel.netns.run_in_netns; sockets keep their namespace for life)
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def ping(dst: str, timeout: float = 3.0) -> bool:
     """One ICMP echo over a raw socket; True when the reply comes back."""
     ident, payload = random.randrange(1, 0xFFFF), os.urandom(16)
     header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
-    packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, 1) + payload
+    packet = struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, 1) + payload
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
         s.settimeout(timeout)
         s.sendto(packet, (dst, 0))
