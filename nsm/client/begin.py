@@ -16,7 +16,9 @@ in flight, so that closing never waits for a retry against a peer that is down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,10 @@ class Event:
     kind: Kind
     reason: str = ""
     heal: bool = False
+    #: RESELECT: how long the Close of the old path may take before the new Request goes out
+    #: anyway (None: as long as the chain's Close takes). A hop on the old path may be silent
+    #: (a node cut off), and its Close would wait for a timeout meant for live peers.
+    close_timeout: float | None = None
 
 
 #: The event in flight for this connection.
@@ -70,13 +76,21 @@ class Events:
         self.conn_id = conn_id
 
     async def request(self, kind: Kind = Kind.REFRESH, *, reason: str = "",
-                      heal: bool = False) -> Connection | None:
+                      heal: bool = False, close_timeout: float | None = None) -> Connection | None:
         """Re-send the connection (``kind`` REFRESH, FRESH or RESELECT); None when it has been
         closed meanwhile. ``heal``: the connection was found broken (reported DOWN until an
-        event succeeds). Raises the domain error of a failed Request."""
+        event succeeds); ``close_timeout``: see :attr:`Event.close_timeout`. Raises the domain
+        error of a failed Request."""
         if kind in (Kind.REQUEST, Kind.CLOSE):
             raise ValueError(f"an event of kind {kind.value} is not started by the chain")
-        return await self._begin._internal(self.conn_id, Event(kind, reason, heal))
+        return await self._begin._internal(self.conn_id, Event(kind, reason, heal, close_timeout))
+
+    def quiet(self) -> int | None:
+        """None while an event of the connection is in flight (or waits for one); otherwise a
+        number that changes each time one starts or ends. Whoever looks at the data plane from
+        outside compares it before and after: an event in between (a hop rebuilding the
+        interface, say) makes what was seen meanwhile say nothing about the connection."""
+        return self._begin._quiet(self.conn_id)
 
     async def close(self, *, reason: str = "") -> None:
         """Close the connection (a no-op when it is closed already)."""
@@ -139,6 +153,18 @@ class _Entry:
     closed: bool = False
     #: Tasks inside an internal event of this connection (waiting for the lock or in flight).
     internal: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Events started and ended (see :meth:`Events.quiet`).
+    turns: int = 0
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """One event at a time (the lock), counted at its start and end."""
+        async with self.lock:
+            self.turns += 1
+            try:
+                yield
+            finally:
+                self.turns += 1
 
 
 class ClientBegin(Element):
@@ -180,7 +206,7 @@ class ClientBegin(Element):
             entry = self._entries.get(conn_id)
             if entry is None:
                 entry = self._entries[conn_id] = _Entry(template=template, events=Events(self, conn_id))
-            async with entry.lock:
+            async with entry.turn():
                 if entry.closed:  # closed while we waited: start afresh
                     continue
                 conn = await self._run(ctx, entry, Event(Kind.REQUEST), request)
@@ -195,7 +221,7 @@ class ClientBegin(Element):
         for task in list(entry.internal):
             if task is not current:
                 task.cancel()
-        async with entry.lock:
+        async with entry.turn():
             await self._close(ctx, entry, Event(Kind.CLOSE), next)
 
     async def refresh(self, conn_id: str) -> Connection | None:
@@ -213,7 +239,7 @@ class ClientBegin(Element):
         if task is not None:
             entry.internal.add(task)
         try:
-            async with entry.lock:
+            async with entry.turn():
                 if entry.closed or entry.last is None:
                     return None
                 ctx = chain.context(internal=not caller)
@@ -226,15 +252,25 @@ class ClientBegin(Element):
                     if event.kind is Kind.RESELECT:
                         self._enter(ctx, entry, event)
                         try:
-                            await chain.close_after(self, ctx, _copy(entry.last))
+                            async with asyncio.timeout(event.close_timeout):
+                                await chain.close_after(self, ctx, _copy(entry.last))
                         except NsmError as exc:  # the old path may be half gone: go on
                             ctx.log.debug("close before reselect failed", error=exc.message)
+                        except TimeoutError:  # a silent hop: what it holds expires there
+                            ctx.log.info("close before reselect did not end in time: going on",
+                                         timeout=event.close_timeout)
                     request = fresh_request(entry.template, entry.last,
                                             reselect=event.kind is Kind.RESELECT)
                 return await self._run(ctx, entry, event, request)
         finally:
             if task is not None:
                 entry.internal.discard(task)
+
+    def _quiet(self, conn_id: str) -> int | None:
+        entry = self._entries.get(conn_id)
+        if entry is None:
+            return 0
+        return None if entry.lock.locked() else entry.turns
 
     def _enter(self, ctx: Ctx, entry: _Entry, event: Event) -> None:
         conn_id = entry.events.conn_id

@@ -19,7 +19,9 @@ did not close it.
 
 **Data-plane trigger.** Every ``interval`` (200 ms) a :class:`Probe` checks each live connection
 from inside the client's namespace, bounded by ``timeout`` (1 s); one failed check triggers a
-heal. The default probe (:class:`KernelProbe`) checks the KERNEL interface (there, up, with
+heal, unless an event of the connection was in flight meanwhile (a hop rebuilding the interface
+makes it missing for a moment): then it is checked again. The default probe
+(:class:`KernelProbe`) checks the KERNEL interface (there, up, with
 carrier) and pings the connection's IPv4 destination addresses from the namespace.
 
 **Decision**, per connection, before every try (the probe is run again unless already failed):
@@ -38,7 +40,8 @@ the data-plane check failed                    —                   RESELECT   
 ============================================  ==================  ===============  ==============
 
 REFRESH re-requests the same path (every hop keeps what it built: no packet lost); RESELECT
-closes the old path (best effort), clears the mechanism and requests afresh with
+closes the old path (best effort, for at most ``reselect_close_timeout``: a hop on a node cut
+off answers nothing), clears the mechanism and requests afresh with
 ``state=RESELECT_REQUESTED`` and the old endpoint's name, which the manager tries last
 (:class:`~nsm.client.begin.ClientBegin`). A manager that restarts
 breaks the stream of every connection: each is re-requested on its own path (REFRESH) until the
@@ -51,13 +54,14 @@ fails only because a manager or forwarder on the way cannot be reached or does n
 time (UNAVAILABLE, DEADLINE_EXCEEDED: it restarts) is tried again until that hop is back: the
 kernel carries the traffic meanwhile, and a reselect would cut it.
 
-**Tries**: one heal in flight per connection (a new trigger only updates what it knows), each try
-bounded by ``try_timeout`` (a re-request also by the data plane: checked meanwhile, found dead,
-it is given up for a reselect at once), tries continuous with :class:`nsm.retry.Backoff` (100 ms doubling up
-to 1 s) until healed or closed, and at most ``concurrency`` tries of all connections at once.
-Every heal is a :class:`~nsm.client.notify.State` change: DOWN when it starts (the reason says
-what broke and what the heal does), FAILED for each failed try, HEALED when it succeeds. Close
-stops everything of the connection; :meth:`Heal.shutdown` every task.
+**Tries**: one heal in flight per connection (a new trigger only updates what it knows), each
+try bounded by ``try_timeout`` (a re-request also by the data plane: checked meanwhile and found
+dead twice in a row, it is given up for a reselect at once), tries continuous with
+:class:`nsm.retry.Backoff` (100 ms doubling up to 1 s) until healed or closed, and at most
+``concurrency`` tries of all connections at once. Every heal is a
+:class:`~nsm.client.notify.State` change: DOWN when it starts (the reason says what broke and
+what the heal does), FAILED for each failed try, HEALED when it succeeds. Close stops everything
+of the connection; :meth:`Heal.shutdown` every task.
 
 **Adoption** (:func:`find_connection`): a client that restarts with a stable connection id asks
 the manager's monitor for it and, when its interface is still in the namespace, re-requests that
@@ -110,6 +114,12 @@ MIN_BACKOFF = 0.1
 MAX_BACKOFF = 1.0
 #: One try (a refresh, or a reselect's Close and Request) at most this long.
 TRY_TIMEOUT = 5.0
+#: A reselect's Close of the old path at most this long before the new Request goes out: a hop
+#: on a node that was cut off answers nothing, and what it holds expires there.
+RESELECT_CLOSE_TIMEOUT = 1.0
+#: Dead data-plane checks in a row that give up a re-request in flight (the re-request itself
+#: may be rebuilding the interface for a moment: one check says nothing then).
+DIES_AFTER = 2
 #: Tries of all connections of one chain in flight at once.
 CONCURRENCY = 32
 #: ICMP echoes spread over the timeout of one default check (any reply from each address: alive).
@@ -205,7 +215,8 @@ class HealOptions:
     """How a client chain heals (see the module). ``liveness``: check the data plane at all,
     every ``interval`` seconds, each check bounded by ``timeout``, with ``probe`` (default
     :class:`KernelProbe`). Tries: ``min_backoff``..``max_backoff`` apart, each bounded by
-    ``try_timeout``, at most ``concurrency`` at once."""
+    ``try_timeout``, at most ``concurrency`` at once; a reselect's Close of the old path at
+    most ``reselect_close_timeout``."""
 
     liveness: bool = True
     interval: float = DEFAULT_INTERVAL
@@ -215,9 +226,10 @@ class HealOptions:
     max_backoff: float = MAX_BACKOFF
     try_timeout: float = TRY_TIMEOUT
     concurrency: int = CONCURRENCY
+    reselect_close_timeout: float = RESELECT_CLOSE_TIMEOUT
 
     def __post_init__(self) -> None:
-        for what in ("interval", "timeout", "try_timeout"):
+        for what in ("interval", "timeout", "try_timeout", "reselect_close_timeout"):
             value = getattr(self, what)
             if not value > 0:
                 raise InvalidArgument(f"heal {what.replace('_', ' ')} must be positive, not {value}")
@@ -482,7 +494,8 @@ class Heal(Hook):
         lost node's address black-holes the connect) is given up as soon as the data plane is
         found dead meanwhile (``_DataPlaneDied``): only a new path helps then."""
         if kind is not Kind.REFRESH or self.probe is None:
-            return await w.events.request(kind, reason=reason, heal=True)
+            return await w.events.request(kind, reason=reason, heal=True,
+                                          close_timeout=self.options.reselect_close_timeout)
         request = asyncio.ensure_future(w.events.request(kind, reason=reason, heal=True))
         dies = asyncio.ensure_future(self._dies(w.conn))
         try:
@@ -498,11 +511,15 @@ class Heal(Hook):
             await asyncio.gather(dies, request, return_exceptions=True)
 
     async def _dies(self, conn: Connection) -> str:
-        """Check the data plane every ``interval`` until it is found dead; why."""
+        """Check the data plane every ``interval`` until it is found dead :data:`DIES_AFTER`
+        times in a row (the re-request in flight may rebuild the interface: a hop that differs
+        from what an earlier run of it built); why."""
+        dead = 0
         while True:
             await asyncio.sleep(self.options.interval)
             verdict = await self._check(conn)
-            if verdict.alive is False:
+            dead = dead + 1 if verdict.alive is False else 0
+            if dead >= DIES_AFTER:
                 return verdict.reason
 
     async def _decide(self, w: _Watch) -> tuple[Kind, str]:
@@ -515,7 +532,7 @@ class Heal(Hook):
             if w.down:
                 return Kind.RESELECT, f"{trouble}; no data-plane check: reselecting"
             return Kind.REFRESH, f"{trouble}: re-requesting the same path"
-        verdict = await self._check(w.conn)
+        verdict = await self._settled_check(w)
         if verdict.alive is False:
             w.dead = verdict.reason
             return Kind.RESELECT, f"{trouble}; data plane: {verdict.reason}: reselecting"
@@ -535,11 +552,25 @@ class Heal(Hook):
             self.log.warning("liveness probe failed", error=repr(exc))
             return Verdict(None, f"the liveness probe failed: {exc!r}")
 
+    async def _settled_check(self, w: _Watch) -> Verdict:
+        """A data-plane check of the connection; one that found it dead counts only when no
+        event of the connection was in flight meanwhile (:meth:`Events.quiet`: a Request may be
+        rebuilding its interface — a restarted forwarder finding it changed — and a check in
+        that moment finds it missing); else it is checked again, after ``interval``."""
+        while True:
+            before = w.events.quiet()
+            verdict = await self._check(w.conn)
+            if verdict.alive is not False or (before is not None and w.events.quiet() == before):
+                return verdict
+            w.log.debug("data plane looked dead while an event was in flight: checking again",
+                        reason=verdict.reason)
+            await asyncio.sleep(self.options.interval)
+
     async def _watch_data(self, w: _Watch) -> None:
         while True:
             await asyncio.sleep(self.options.interval)
             conn = w.conn
-            verdict = await self._check(conn)
+            verdict = await self._settled_check(w)
             if verdict.alive is False and self._active(w) and w.conn is conn:
                 if w.probe is asyncio.current_task():
                     w.probe = None

@@ -28,7 +28,7 @@ import grpc
 
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.registry_pb2 import NetworkServiceEndpoint, NetworkServiceLabels
-from nsm.chain import Ctx, Element
+from nsm.chain import Ctx, Element, Key
 from nsm.elements.begin import Begin
 from nsm.elements.connect import SENT_URL, Connect
 from nsm.elements.monitornext import MonitorNext
@@ -54,6 +54,10 @@ from nsm.registry.matching import service_labels
 from nsm.role import Role
 from nsm.transport import Channels, dial
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
+
+#: The endpoint a connection's last Request resolved, and its next hop (where a refresh goes
+#: when the registry cannot tell it now).
+_HOP: Key[tuple[str, NextHop]] = Key("forwarder.hop")
 
 
 class Forwarder(Role):
@@ -123,15 +127,32 @@ class Forwarder(Role):
         if not name:
             raise InvalidArgument("the connection names no endpoint: a forwarder serves the "
                                   "endpoint its manager chose")
-        nse = await self.endpoints.endpoint(name)
+        last = ctx.meta.get(_HOP)
+        try:
+            nse = await self.endpoints.endpoint(name)
+        except NsmError as exc:
+            if last is None or last[0] != name:
+                raise
+            nse, why = None, f"the registry cannot be asked ({exc.message})"
+        else:
+            why = "the registry does not know it now"
         if nse is None or not nse.url:
+            if last is not None and last[0] == name:
+                # A refresh of a connection this forwarder holds: it goes where it went. Its
+                # manager may have restarted and not know the endpoint until that registers
+                # again; an endpoint really gone fails on the dial (EndpointUnreachable).
+                ctx.log.debug("refreshing toward the next hop the connection has", nse=name,
+                              url=last[1].url, why=why)
+                return last[1]
             raise EndpointUnreachable(f"endpoint {name} is not known to the registry of node "
                                       f"{self.node}")
         node = node_of(nse, conn.network_service)
         if not node:
             raise FailedPrecondition(f"endpoint {name} has no {NODE_LABEL} label: register it "
                                      "through its node's manager (or label it with its node)")
-        return NextHop(url=nse.url, local=node == self.node)
+        hop = NextHop(url=nse.url, local=node == self.node)
+        ctx.meta.set(_HOP, (name, hop))
+        return hop
 
     async def _close_leftover(self, ctx: Ctx, conn: Connection) -> None:
         """A Close of a connection this run holds nothing for. If an earlier run left its
@@ -154,7 +175,8 @@ class Forwarder(Role):
         else:
             assert local is not None
             removal = self.netlink.delete_link(*local)
-        results = await asyncio.gather(ctx.chain.close_after(self.begin, ctx, conn), removal,
+        results = await asyncio.gather(ctx.chain.close_after(self.begin, ctx, conn),
+                                       asyncio.shield(removal),
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

@@ -213,7 +213,7 @@ class KernelLocal(Datapath):
         if state is None:
             await next(ctx, conn)
             return
-        results = await asyncio.gather(next(ctx, conn), self._delete(state),
+        results = await asyncio.gather(next(ctx, conn), asyncio.shield(self._delete(state)),
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

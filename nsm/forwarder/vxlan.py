@@ -675,7 +675,7 @@ class _Side(Datapath):
             if half is None:
                 await next(ctx, conn)
                 return
-            results = await asyncio.gather(next(ctx, conn), self.datapath.remove(half),
+            results = await asyncio.gather(next(ctx, conn), asyncio.shield(self.datapath.remove(half)),
                                            return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):

@@ -109,7 +109,8 @@ class FakeMonitor(connection_pb2_grpc.MonitorConnectionServicer):
 class FakeManager(Element):
     """The chain's tail: answers like a manager (``answer``) and keeps its monitor's view.
     ``down``: every Request and Close fails (the manager is gone); ``fail``: the next ones fail;
-    ``gate``: Requests wait for it. Counts Requests in flight per connection."""
+    ``gate``: Requests wait for it; ``close_gate``: Closes wait for it (a silent hop on the
+    way). Counts Requests in flight per connection."""
 
     def __init__(self, answer: Callable[[NetworkServiceRequest], Connection], monitor: FakeMonitor) -> None:
         self.answer = answer
@@ -119,6 +120,8 @@ class FakeManager(Element):
         self.fail: list[NsmError] = []
         self.down = False
         self.gate: asyncio.Event | None = None
+        self.close_gate: asyncio.Event | None = None
+        self.close_times: list[float] = []
         self.in_flight: dict[str, int] = {}
         self.most_in_flight = 0
 
@@ -154,6 +157,9 @@ class FakeManager(Element):
         copy = Connection()
         copy.CopyFrom(conn)
         self.closes.append(copy)
+        self.close_times.append(time.monotonic())
+        if self.close_gate is not None:
+            await self.close_gate.wait()
         if self.down:
             raise Unavailable("failed to connect to the manager")
         key = manager_id(conn)
@@ -162,10 +168,12 @@ class FakeManager(Element):
 
 
 class FakeProbe:
-    """A data-plane check whose answer the test sets (per connection id, default alive)."""
+    """A data-plane check whose answer the test sets (per connection id, default alive;
+    ``blips``: that many next checks find it dead, as while a hop rebuilds the interface)."""
 
     def __init__(self) -> None:
         self.dead: dict[str, str] = {}
+        self.blips: dict[str, int] = {}
         self.unknown = False
         self.calls = 0
 
@@ -174,6 +182,9 @@ class FakeProbe:
         await asyncio.sleep(0)
         if self.unknown:
             return Verdict(None, "nothing to check")
+        if self.blips.get(conn.id):
+            self.blips[conn.id] -= 1
+            return Verdict(False, "interface nsm-1 is missing")
         reason = self.dead.get(conn.id)
         return Verdict(False, reason) if reason else Verdict(True)
 
@@ -523,6 +534,68 @@ async def test_one_heal_in_flight_per_connection(rig, eventually) -> None:  # ty
     await settled(r, eventually)
     assert r.tail.most_in_flight == 1
     assert states(r).count(State.DOWN) == 1
+
+
+async def test_a_check_while_the_caller_re_requests_is_not_taken_for_a_dead_data_plane(  # type: ignore[no-untyped-def]
+        rig, eventually) -> None:
+    """The caller's own re-request makes a hop rebuild the interface (a restarted forwarder
+    finds it changed): a check meanwhile finds it missing. That says nothing about the
+    connection: no reselect, which would tear down the link just built."""
+    r = await rig()
+    await r.request()
+    await streaming(r, eventually)
+    r.tail.gate = asyncio.Event()
+    refresh = asyncio.ensure_future(r.begin.refresh("c1"))
+    try:
+        await eventually(lambda: len(r.tail.sent()) == 2)
+        r.probe.dead["c1"] = "interface nsm-1 is missing"  # the hop is rebuilding it
+        calls = r.probe.calls
+        await eventually(lambda: r.probe.calls >= calls + 3)  # checked meanwhile, every 50 ms
+        r.probe.dead.clear()
+    finally:
+        r.tail.gate.set()
+        await asyncio.wait([refresh], timeout=5)
+    assert refresh.result() is not None
+    calls = r.probe.calls
+    await eventually(lambda: r.probe.calls >= calls + 3)
+    assert r.kinds() == ["fresh", "refresh"] and r.tail.closes == []
+    assert State.DOWN not in states(r)
+
+
+async def test_a_blip_while_re_requesting_the_same_path_does_not_give_it_up(  # type: ignore[no-untyped-def]
+        rig, eventually) -> None:
+    """A heal re-requests the same path; one check meanwhile finds the interface missing (the
+    re-request rebuilds it): the re-request goes on, no reselect. Dead twice in a row gives it
+    up (``test_one_heal_in_flight_per_connection``)."""
+    r = await rig()
+    first = await r.request()
+    await streaming(r, eventually)
+    r.tail.gate = asyncio.Event()
+    r.monitor.set_state(manager_id(first), DOWN)
+    await eventually(lambda: len(r.tail.sent()) == 2)  # the re-request, held at the hop
+    r.probe.blips["c1"] = 1
+    await eventually(lambda: not r.probe.blips["c1"])
+    calls = r.probe.calls
+    await eventually(lambda: r.probe.calls >= calls + 3)
+    r.tail.gate.set()
+    await settled(r, eventually)
+    assert r.kinds() == ["fresh", "refresh"] and r.tail.closes == []
+
+
+async def test_a_reselect_does_not_wait_for_a_silent_hop_to_close(rig, eventually) -> None:  # type: ignore[no-untyped-def]
+    """The old path's Close hangs (a hop on a node cut off answers nothing): the new Request
+    goes out after ``reselect_close_timeout``, not after the try's timeout."""
+    r = await rig(reselect_close_timeout=0.2, try_timeout=5.0)
+    await r.request()
+    await streaming(r, eventually)
+    r.tail.close_gate = asyncio.Event()
+    r.probe.dead["c1"] = "no reply from 10.0.0.1"
+    await eventually(lambda: State.HEALED in states(r), timeout=2.0)
+    r.probe.dead.clear()
+    assert r.kinds() == ["fresh", "reselect"]
+    sent = r.tail.requests[-1][0]
+    assert 0.2 <= sent - r.tail.close_times[0] < 1.0
+    r.tail.close_gate.set()
 
 
 async def healing_in_vain(rig, eventually) -> Rig:  # type: ignore[no-untyped-def]
