@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import os
 import random
-import select
 import socket
 import struct
 import threading
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from nsm.kernel.netns import run_in_netns
-from nsm.kernel.ping import echo_request
+from nsm.kernel.ping import echo_request, readable
 
 #: Bytes of each echo's payload.
 PAYLOAD = b"nsm-bench-heal!!"
@@ -219,7 +218,7 @@ class Echoes:
                 socks = {f.sock: f for f in flows if f.sock is not None}
                 timeout = min(max(0.0, wake - time.monotonic()), 0.05)
                 try:
-                    ready, _, _ = select.select(list(socks), [], [], timeout)
+                    ready = readable(list(socks), timeout)
                 except (OSError, ValueError):  # a socket closed by remove() meanwhile
                     continue
                 for sock in ready:

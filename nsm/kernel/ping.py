@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nsm.kernel.netns import run_in_netns
@@ -53,6 +54,17 @@ def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
     return struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, seq) + payload
 
 
+def readable(socks: Sequence[socket.socket], timeout: float) -> list[socket.socket]:
+    """Those of ``socks`` with something to read, waiting at most ``timeout`` s: poll(2), not
+    select(2), which fails for descriptors past FD_SETSIZE (1024) that a busy process has."""
+    poller = select.poll()
+    by_fd: dict[int, socket.socket] = {}
+    for sock in socks:
+        by_fd[sock.fileno()] = sock
+        poller.register(sock, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(max(timeout, 0.0) * 1000) if fd in by_fd]
+
+
 def ping_here(dst: str, *, count: int = 3, size: int = 56, timeout: float = 1.0,
               interval: float = 0.05, dont_fragment: bool = False) -> PingResult:
     """Ping ``dst`` from the calling thread's namespace (IPv4). ``size`` is the ICMP payload."""
@@ -81,8 +93,7 @@ def ping_here(dst: str, *, count: int = 3, size: int = 56, timeout: float = 1.0,
                 # time counts even if this thread was not scheduled until later.
                 left = deadline - time.perf_counter()
                 late += left <= 0
-                ready, _, _ = select.select([sock], [], [], max(left, 0.0))
-                if not ready:
+                if not readable([sock], max(left, 0.0)):
                     break
                 data, addr = sock.recvfrom(65535)
                 ihl = (data[0] & 0x0F) * 4
@@ -255,7 +266,7 @@ class EchoStream:
                     next_send += interval
                     continue
                 wake = end if end is not None else next_send
-                ready, _, _ = select.select([sock], [], [], max(0.0, min(wake - now, 0.05)))
+                ready = readable([sock], max(0.0, min(wake - now, 0.05)))
                 while ready:
                     data, addr = sock.recvfrom(65535)
                     ihl = (data[0] & 0x0F) * 4
@@ -264,7 +275,7 @@ class EchoStream:
                     if (kind == 0 and rid == ident and index is not None
                             and addr[0] == self._dsts[index]):
                         self._answered_at.setdefault(index, time.monotonic())
-                    ready, _, _ = select.select([sock], [], [], 0)
+                    ready = readable([sock], 0)
         finally:
             sock.close()
         result.lost = [i + 1 for i in range(result.sent) if i not in self._answered_at]

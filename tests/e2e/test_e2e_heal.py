@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import os
 import re
-import select
 import signal
 import socket
 import struct
@@ -33,6 +32,7 @@ from nsm.client.notify import State, StateChange
 from nsm.client.sdk import Client
 from nsm.kernel import netns as nsns
 from nsm.kernel.netns import run_in_netns
+from nsm.kernel.ping import readable
 
 pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="session")]
 
@@ -99,7 +99,7 @@ class Traffic:
                     except OSError as exc:
                         self.errors.append(exc.strerror or str(exc))
                     next_at += 1 / RATE
-                ready, _, _ = select.select([sock], [], [], max(0.0, next_at - time.monotonic()))
+                ready = readable([sock], max(0.0, next_at - time.monotonic()))
                 while ready:
                     try:
                         data, addr = sock.recvfrom(2048)
