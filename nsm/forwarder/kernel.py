@@ -93,15 +93,20 @@ class KernelLocal(Datapath):
             return await next(ctx, request)  # another kind of link (see vxlan.py)
         client_ns, client_if = self._client_side(ctx, up)
         state = ctx.meta.get(_STATE)
-        left = None  # the pair an earlier run of this forwarder built for this connection
-        if state is None:
-            existing = await self.netlink.link(client_ns, client_if)
-            if existing is not None and existing.alias != alias_for("client", ctx.conn_id):
-                raise AlreadyExists(f"interface {client_if} already exists in {client_ns}")
-            left = existing
-
-        conn = await next(ctx, request)
+        # A first Request: whether the client's interface name is free is looked up while the
+        # endpoint answers (a conflict then closes what the endpoint did), not before.
+        check = (asyncio.ensure_future(self._free_or_ours(ctx, client_ns, client_if))
+                 if state is None else None)
         try:
+            conn = await next(ctx, request)
+        except BaseException:
+            if check is not None:
+                check.cancel()
+                await asyncio.gather(check, return_exceptions=True)
+            raise
+        try:
+            # The pair an earlier run of this forwarder built for this connection, if any.
+            left = await check if check is not None else None
             down = answered(conn, LOCAL, KERNEL, "endpoint")
             nse_ns = existing_netns_path(down.parameters.get(NETNS_INODE_URL, ""))
             nse_if = validate_ifname(down.parameters.get(NAME, ""), "endpoint interface name")
@@ -136,6 +141,14 @@ class KernelLocal(Datapath):
             if state is None:  # a failed first request leaves nothing behind anywhere
                 await self._undo_downstream(ctx, conn, exc)
             raise
+
+    async def _free_or_ours(self, ctx: Ctx, netns: str, ifname: str) -> LinkInfo | None:
+        """The client's interface when an earlier run of this forwarder built it for this
+        connection; None when the name is free; AlreadyExists when anything else holds it."""
+        existing = await self.netlink.link(netns, ifname)
+        if existing is not None and existing.alias != alias_for("client", ctx.conn_id):
+            raise AlreadyExists(f"interface {ifname} already exists in {netns}")
+        return existing
 
     async def _undo_downstream(self, ctx: Ctx, conn: Connection, exc: BaseException) -> None:
         ctx.log.warning("datapath failed; closing downstream", error=str(exc))
