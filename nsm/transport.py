@@ -290,6 +290,11 @@ class Channels:
             self._channels[url] = channel
         return channel
 
+    def preconnect(self, url: str) -> None:
+        """Start connecting to ``url`` now, without waiting (a next hop that will be used soon:
+        its first call then finds the connection made)."""
+        self.get(url).get_state(try_to_connect=True)
+
     async def drop(self, url: str) -> None:
         channel = self._channels.pop(url, None)
         if channel is not None:

@@ -120,6 +120,15 @@ class Forwarder(Role):
                 "tables": len(self.tables), "leftovers": len(self.leftovers),
                 "netlink_sockets": len(self.netlink.cached())}
 
+    def _seen(self, nse: NetworkServiceEndpoint) -> None:
+        """An endpoint of this node registered: connect to it now, so that the first Request to
+        it does not wait for the connection."""
+        if FORWARDER_SERVICE in nse.network_service_names or not nse.url:
+            return
+        if any(labels.labels.get(NODE_LABEL) == self.node
+               for labels in nse.network_service_labels.values()):
+            self.channels.preconnect(nse.url)
+
     async def next_hop(self, ctx: Ctx, conn: Connection) -> NextHop:
         """The endpoint the manager chose, resolved by name in the registry as this node sees
         it: on this node → the endpoint itself; elsewhere → the manager it registered through."""
@@ -198,7 +207,7 @@ class Forwarder(Role):
         stack.push_async_callback(self._registry_channel.close)
         stack.push_async_callback(self.channels.close)
         self.registry = RegistryClient(self._registry_channel)
-        self.endpoints = RegistryCache(self.registry)
+        self.endpoints = RegistryCache(self.registry, on_endpoint=self._seen)
         await self.endpoints.start()
         stack.push_async_callback(self.endpoints.stop)
         self.tunnel = await self._detect_tunnel()

@@ -28,10 +28,14 @@ MAX_WATCH_BACKOFF = 2.0
 
 
 class RegistryCache:
-    """``RegistryCache(RegistryClient(channel))``; ``await start()`` / ``await stop()``."""
+    """``RegistryCache(RegistryClient(channel))``; ``await start()`` / ``await stop()``.
+    ``on_endpoint(record)`` is called (on the event loop, must not block) for every endpoint or
+    forwarder record the watch brings that is not a deletion."""
 
-    def __init__(self, registry: RegistryClient) -> None:
+    def __init__(self, registry: RegistryClient, *,
+                 on_endpoint: Callable[[NetworkServiceEndpoint], None] | None = None) -> None:
         self.registry = registry
+        self.on_endpoint = on_endpoint
         self._ns: dict[str, NetworkService] = {}
         self._nse: dict[str, NetworkServiceEndpoint] = {}
         self._ns_live = False
@@ -60,10 +64,12 @@ class RegistryCache:
         await self._watch("services", self.registry.watch_ns, self._ns, "_ns_live")
 
     async def _watch_nse(self) -> None:
-        await self._watch("endpoints", self.registry.watch_nse, self._nse, "_nse_live")
+        await self._watch("endpoints", self.registry.watch_nse, self._nse, "_nse_live",
+                          self.on_endpoint)
 
     async def _watch(self, what: str, open_watch: Callable[[], Watch[Any]],
-                     view: dict[str, Any], live_attr: str) -> None:
+                     view: dict[str, Any], live_attr: str,
+                     on_record: Callable[[Any], None] | None = None) -> None:
         """Keep ``view`` in step with a Find(watch=true) stream, watching again with backoff."""
         backoff = Backoff(max_delay=MAX_WATCH_BACKOFF)
         while True:
@@ -75,6 +81,11 @@ class RegistryCache:
                             view.pop(record.name, None)
                         else:
                             view[record.name] = record
+                            if on_record is not None:
+                                try:
+                                    on_record(record)
+                                except Exception as exc:  # a hook must not stop the watch
+                                    log.warning("registry cache hook failed", error=repr(exc))
                         setattr(self, live_attr, True)
                         backoff.reset()
                         self.changed.set()

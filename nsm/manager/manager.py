@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import grpc
 
 from nsm.api import registry_pb2_grpc
+from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.chain import Element
 from nsm.elements.connect import Connect
 from nsm.elements.monitornext import MonitorNext
@@ -27,8 +28,10 @@ from nsm.manager.cache import RegistryCache
 from nsm.manager.proxy import LocalEndpoints, NseProxy, NsProxy, Replay
 from nsm.manager.select import Discover, RoundRobin, SelectForwarder
 from nsm.registry.client import RegistryClient
+from nsm.registry.matching import service_labels
 from nsm.role import Role
 from nsm.transport import Channels, Service, dial, normalize_url, watch_reconnects
+from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL
 
 
 class Manager(Role):
@@ -99,6 +102,15 @@ class Manager(Role):
                 return str(u)
         return None
 
+    def _seen(self, nse: NetworkServiceEndpoint) -> None:
+        """A forwarder of this manager registered: connect to it now, so that the first Request
+        through it does not wait for the connection."""
+        if FORWARDER_SERVICE not in nse.network_service_names or not nse.url:
+            return
+        label = service_labels(nse, FORWARDER_SERVICE).get(MANAGER_URL_LABEL, "")
+        if label and normalize_url(label) in {normalize_url(u) for u in self.urls()}:
+            self.channels.preconnect(nse.url)
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def setup(self, stack: contextlib.AsyncExitStack) -> None:
@@ -106,7 +118,7 @@ class Manager(Role):
         stack.push_async_callback(self._registry_channel.close)
         stack.push_async_callback(self.channels.close)
         self.registry = RegistryClient(self._registry_channel)
-        self.cache = RegistryCache(self.registry)
+        self.cache = RegistryCache(self.registry, on_endpoint=self._seen)
         self.replay = Replay(self.registry)
         self.nse_proxy = NseProxy(self.registry, local=self.local, advertise=self.public_url,
                                   own_urls=self.urls, node=self.name, replay=self.replay)
