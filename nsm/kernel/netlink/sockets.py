@@ -102,6 +102,8 @@ class Handle:
     closed: bool = False
     owns_fd: bool = True
     last_used: float = field(default_factory=time.monotonic)
+    #: One dump at a time on the socket: the kernel answers EBUSY to a second one.
+    dumping: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def where(self) -> str:
@@ -427,5 +429,8 @@ class Sockets:
         return res
 
     async def dump(self, h: Handle, msg: Any, mtype: int, what: str) -> list[Any]:
-        res = await self.one(h, msg, mtype, DUMP, what)
+        """All answers of a dump request; dumps on one namespace's socket wait for each other
+        (the kernel runs one dump per socket: another meanwhile fails with EBUSY)."""
+        async with h.dumping:
+            res = await self.one(h, msg, mtype, DUMP, what)
         return res or []
