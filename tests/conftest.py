@@ -82,6 +82,24 @@ def eventually() -> harness.Eventually:
     return harness.eventually
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with a ``slow`` test run first, their slow tests at their head, each module kept
+    whole (its module fixtures set up once): with ``-n`` each worker starts on a long test while
+    the short ones fill the others, instead of the run ending with one worker on a minute-long
+    test."""
+
+    def module(item: pytest.Item) -> str:
+        return getattr(getattr(item, "module", None), "__name__", "")
+
+    slow = {module(item) for item in items if item.get_closest_marker("slow")}
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(module(item), index)
+    order = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (module(item) not in slow, first[module(item)],
+                                 item.get_closest_marker("slow") is None, order[id(item)]))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
