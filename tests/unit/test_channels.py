@@ -50,3 +50,27 @@ async def test_close_closes_channels_still_retiring() -> None:
     fresh = channels.renew("unix:///y", stale)
     await channels.close()
     assert stale.closed and fresh.closed
+
+
+async def test_preconnect_connects_and_checks_the_peer_once_per_channel(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A next hop seen in the registry is connected to and health-checked once, in the
+    background, before any Request needs it; a peer that is not there costs nothing but a
+    failed check."""
+    url = f"unix://{tmp_path}/peer.sock"
+    server = transport.Server([url])
+    await server.start()
+    channels = Channels()
+    try:
+        channels.preconnect(url)
+        warming = channels._warming[url]
+        channels.preconnect(url)  # seen again in the registry: nothing more
+        assert channels._warming[url] is warming
+        await asyncio.wait_for(warming, 5)
+        assert warming.exception() is None
+        # Connected although nothing but the preconnect used the channel.
+        assert channels.get(url).get_state() == transport.grpc.ChannelConnectivity.READY
+        channels.preconnect(f"unix://{tmp_path}/nobody.sock")  # fails quietly
+        await asyncio.wait_for(channels._warming[f"unix://{tmp_path}/nobody.sock"], 6)
+    finally:
+        await channels.close()  # cancels what is still warming
+        await server.stop(0)
