@@ -107,12 +107,13 @@ class Tracked:
         return found[-1] if found else None
 
     def up(self, t: float) -> bool:
-        """No heal pending: no DOWN or FAILED since ``t`` without a HEALED after it."""
+        """No heal pending: no DOWN or FAILED since ``t`` without a HEALED or REFRESHED (a
+        refresh that failed once and then worked) after it."""
         pending = False
         for c in self.since(t):
             if c.state in (State.DOWN, State.FAILED):
                 pending = True
-            elif c.state is State.HEALED:
+            elif c.state in (State.HEALED, State.REFRESHED):
                 pending = False
         return not pending
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint
-from nsm.errors import NsmError
+from nsm.errors import RETRYABLE, NsmError
 from nsm.log import get_logger
 from nsm.registry.client import RegistryClient, Watch
 from nsm.registry.matching import is_expired
@@ -109,13 +109,25 @@ class RegistryCache:
         now = time.time()
         found = [n for n in self._nse.values() if service in n.network_service_names]
         if not found or not self._nse_live:
-            found = await self.registry.find_nse(
-                NetworkServiceEndpoint(network_service_names=[service]))
+            try:
+                found = await self.registry.find_nse(
+                    NetworkServiceEndpoint(network_service_names=[service]))
+            except RETRYABLE as exc:
+                if not found:
+                    raise
+                # The registry is restarting: the last view beats no answer (a refresh of a
+                # live connection must not fail for it).
+                log.debug("registry cannot be asked: using the last view", service=service,
+                          error=exc.message)
         return sorted((n for n in found if not is_expired(n, now)), key=lambda n: n.name)
 
     async def endpoint(self, name: str) -> NetworkServiceEndpoint | None:
         now = time.time()
         nse = self._nse.get(name)
         if nse is None or not self._nse_live:
-            nse = await self.registry.get_nse(name)
+            try:
+                nse = await self.registry.get_nse(name)
+            except RETRYABLE:
+                if nse is None:
+                    raise
         return nse if nse is not None and not is_expired(nse, now) else None
