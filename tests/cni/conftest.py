@@ -1,0 +1,140 @@
+"""Fixtures for the CNI tests: a two-node lab (:mod:`nsm.lab`) with an ``nsm cni-agent`` on
+node1, and conflists chaining Debian's real ``bridge`` + ``host-local`` then ``nsm-cni``,
+executed plugin by plugin the way a runtime does it (:class:`nsm.lab.cni.Runtime`, in node1's
+namespace).
+
+- ``cni_session`` (one per xdist worker): that lab as a :class:`CniLab`: endpoint ``near`` on
+  node1 (service :data:`LOCAL`), ``far`` on node2 (service :data:`REMOTE`), the agent
+  (``lab.daemon(AGENT)``, state in the lab's work directory, sweeping every 0.3 s).
+- ``cni`` (per test): the same lab in a :meth:`~nsm.lab.harness.LabHarness.scope`: pods made
+  through it are deleted at the end, then nothing may be left: no connection in any monitor, no
+  interface in an endpoint's pod, no attachment in the agent, every daemon running.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from nsm.lab import EndpointSpec, NodeSpec, ServiceSpec, Topology
+from nsm.lab.cni import SYSTEM_CNI_PATH, Runtime, nsm_cni_dir
+from nsm.lab.harness import LabHarness
+
+LOCAL = "cni-near"
+REMOTE = "cni-far"
+LOCAL_CIDR = "172.18.0.0/24"
+REMOTE_CIDR = "172.18.1.0/24"
+#: The primary network (bridge + host-local) of node1's pods, and its gateway (the bridge).
+PRIMARY = "10.123.0.0/16"
+GATEWAY = "10.123.0.1"
+AGENT = "cni-agent.node1"
+NODE = "node1"
+NETWORK = "podnet"
+TOPOLOGY = Topology(
+    nodes=(NodeSpec("node1"), NodeSpec("node2")),
+    endpoints=(EndpointSpec("near", "node1", (LOCAL,), LOCAL_CIDR),
+               EndpointSpec("far", "node2", (REMOTE,), REMOTE_CIDR)),
+    services=(ServiceSpec(LOCAL), ServiceSpec(REMOTE)),
+)
+
+
+class CniLab(LabHarness):
+    """The lab, the agent and conflists (see the module docstring)."""
+
+    local, remote, local_cidr, remote_cidr, gateway = LOCAL, REMOTE, LOCAL_CIDR, REMOTE_CIDR, GATEWAY
+
+    async def setup(self) -> None:
+        assert self.lab.workdir is not None
+        self.work = self.lab.workdir
+        self.socket = str(self.work / "cni" / "agent.sock")
+        self.state_dir = str(self.work / "cni-state")
+        self.health = f"unix://{self.work}/cni-health.sock"
+        self.cni_path = [str(nsm_cni_dir(self.work / "cni-bin")), SYSTEM_CNI_PATH]
+        await self.lab.add_daemon(AGENT, self.agent_args(), url=self.health, node=NODE)
+
+    def agent_args(self) -> list[str]:
+        return ["cni-agent", "--manager", self.lab.node(NODE).manager_url, "--socket", self.socket,
+                "--state-dir", self.state_dir, "--listen", self.health, "--name", "cni-node1",
+                "--sweep-interval", "300ms", "--log-level", "debug"]
+
+    @property
+    def agent(self) -> Any:
+        return self.lab.daemon(AGENT)
+
+    def conflist(self, version: str, services: Sequence[str] = (f"kernel://{LOCAL}/nsm-1",), *,
+                 primary: bool = True, **nsm: Any) -> dict[str, Any]:
+        plugins: list[dict[str, Any]] = []
+        if primary:
+            plugins.append({"type": "bridge", "bridge": "cni0", "isGateway": True,
+                            "ipam": {"type": "host-local", "subnet": PRIMARY,
+                                     "dataDir": str(self.work / "ipam")}})
+        plugins.append({"type": "nsm-cni", "socket": self.socket, "services": list(services),
+                        "agentWait": 5, **nsm})
+        return {"cniVersion": version, "name": NETWORK, "plugins": plugins}
+
+    def runtime(self, version: str, services: Sequence[str] = (f"kernel://{LOCAL}/nsm-1",), *,
+                primary: bool = True, **nsm: Any) -> Runtime:
+        return Runtime(self.conflist(version, services, primary=primary, **nsm),
+                       cni_path=self.cni_path, host_netns=self.lab.node(NODE).netns)
+
+    async def container(self, tag: str = "c") -> tuple[str, str]:
+        """A fresh pod: (container id, namespace path)."""
+        return uuid.uuid4().hex, await self.pod(tag)
+
+    async def attachments(self) -> int:
+        return (await self.daemon_status(AGENT))["attachments"]
+
+    @staticmethod
+    def iface_index(result: dict[str, Any], name: str) -> int:
+        return next(i for i, iface in enumerate(result["interfaces"]) if iface["name"] == name)
+
+    @staticmethod
+    def address_of(result: dict[str, Any], name: str) -> str:
+        """The address the result gives interface ``name``."""
+        index = CniLab.iface_index(result, name)
+        return next(ip["address"] for ip in result["ips"] if ip.get("interface") == index)
+
+    @staticmethod
+    def route_into(result: dict[str, Any], cidr: str) -> str:
+        """The destination (an address) of the result's route into ``cidr``."""
+        net = ipaddress.ip_network(cidr)
+        for route in result.get("routes", []):
+            dst = ipaddress.ip_network(route["dst"], strict=False)
+            if dst.subnet_of(net):
+                return str(dst.network_address)
+        raise AssertionError(f"no route into {cidr} in {result.get('routes')}")
+
+    async def leftovers(self, nodes: Sequence[str] | None = None) -> list[str]:
+        problems = await super().leftovers(nodes)
+        if self.agent.running:
+            status = await self.daemon_status(AGENT)
+            problems += [f"cni agent: {status['attachments']} attachments"] * bool(status["attachments"])
+            problems += [f"cni agent: {status['connections']} connections"] * bool(status["connections"])
+        return problems
+
+
+@pytest.fixture(autouse=True)
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("CNI tests need root (network namespaces, veth)")
+    if not os.access(os.path.join(SYSTEM_CNI_PATH, "bridge"), os.X_OK) or not shutil.which("nsenter"):
+        pytest.skip("CNI tests need containernetworking-plugins (./dev setup) and nsenter")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def cni_session(lab_prefix_base: str) -> AsyncIterator[CniLab]:
+    async with CniLab.running(TOPOLOGY, prefix=f"{lab_prefix_base}_c") as lab:
+        yield lab
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def cni(cni_session: CniLab) -> AsyncIterator[CniLab]:
+    async with cni_session.scope():
+        yield cni_session
