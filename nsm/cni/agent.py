@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import stat
@@ -56,9 +57,10 @@ from pathlib import Path
 from typing import Any
 
 from nsm import log as nsm_log
+from nsm.api.connection_pb2 import Connection
 from nsm.client.chain import Connections, new_request
 from nsm.client.connect import DEFAULT_TIMEOUT
-from nsm.client.heal import HealOptions
+from nsm.client.heal import HealOptions, KernelProbe, Verdict
 from nsm.client.main import heal_flags, heal_options
 from nsm.client.notify import StateChange
 from nsm.cni import spec
@@ -123,6 +125,27 @@ def cni_error(exc: NsmError, what: str) -> CniError:
     return CniError(spec.PLUGIN_ERROR, message, exc.code.name)
 
 
+class PodProbe:
+    """The data-plane check of the agent's connections: the client chain's own
+    (:class:`~nsm.client.heal.KernelProbe`), except for a pod whose namespace is gone: there is
+    nothing to heal then (a reselect would race the removal), so it cannot tell, and the agent
+    removes the attachment at once."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._inner = KernelProbe()
+
+    async def __call__(self, conn: Connection, timeout: float) -> Verdict:
+        att = self._agent.owner(conn.id)
+        if att is not None and self._agent.gone(att):
+            self._agent.sweep_now()
+            return Verdict(None, "the pod's namespace is gone")
+        return await self._inner(conn, timeout)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class Agent:
     """``async with Agent(manager_url=..., socket=..., state_dir=...) as agent:`` (see module)."""
 
@@ -136,12 +159,15 @@ class Agent:
         self.state = StateDir(state_dir)
         self.listen = list(listen or [])
         self.sweep_interval = sweep_interval
+        if heal is not None and heal.liveness:
+            heal = dataclasses.replace(heal, probe=PodProbe(self))
         self.conns = Connections(manager_url=manager_url, name=self.name, lifetime=lifetime,
                                  request_timeout=request_timeout, on_change=self._changed, heal=heal)
         self.netlink = Netlink()
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._by_conn: dict[str, Link] = {}
+        self._by_conn: dict[str, tuple[Attachment, Link]] = {}
+        self._sweep_now = asyncio.Event()
         self._adopting: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
@@ -213,7 +239,7 @@ class Agent:
     def _hold(self, att: Attachment) -> None:
         self.attachments[att.key] = att
         for link in att.links:
-            self._by_conn[link.conn_id] = link
+            self._by_conn[link.conn_id] = (att, link)
 
     def _drop(self, att: Attachment) -> None:
         self.attachments.pop(att.key, None)
@@ -223,9 +249,17 @@ class Agent:
         self.state.remove(att.key)
 
     def _changed(self, change: StateChange) -> None:
-        link = self._by_conn.get(change.conn_id)
-        if link is not None:
-            link.state = change.state.value
+        held = self._by_conn.get(change.conn_id)
+        if held is not None:
+            held[1].state = change.state.value
+
+    def owner(self, conn_id: str) -> Attachment | None:
+        """The attachment of a connection of ours."""
+        held = self._by_conn.get(conn_id)
+        return held[0] if held is not None else None
+
+    def sweep_now(self) -> None:
+        self._sweep_now.set()
 
     # -- the socket -----------------------------------------------------------------------
 
@@ -325,7 +359,7 @@ class Agent:
                            f"requested by {req.url}")
         link = Link(service=req.service, ifname=req.ifname, labels=dict(req.labels), url=req.url,
                     conn_id=connection_id(self.name, att.container_id, att.cni_ifname, req.ifname))
-        self._by_conn[link.conn_id] = link
+        self._by_conn[link.conn_id] = (att, link)
         try:
             conn = await self.conns.request(self._request(att, link))
         except NsmError as exc:
@@ -416,7 +450,8 @@ class Agent:
 
     # -- restart and sweeping -------------------------------------------------------------
 
-    def _gone(self, att: Attachment) -> bool:
+    def gone(self, att: Attachment) -> bool:
+        """Whether the pod's namespace is gone (or another one is at its path)."""
         try:
             return netns_id(att.netns) != tuple(att.netns_id)
         except NsmError:
@@ -425,7 +460,7 @@ class Agent:
     async def _take_back(self, att: Attachment) -> None:
         """After a restart: adopt ``att``'s connections (or request them again, retrying)."""
         try:
-            if self._gone(att):
+            if self.gone(att):
                 async with self._lock(att.key):
                     await self._remove(att, "namespace gone")
                 return
@@ -458,9 +493,11 @@ class Agent:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(self.sweep_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), self.sweep_interval)
+            self._sweep_now.clear()
             for att in list(self.attachments.values()):
-                if self._gone(att) and att.key not in self._adopting:
+                if self.gone(att) and att.key not in self._adopting:
                     async with self._lock(att.key):
                         if self.attachments.get(att.key) is att:
                             await self._remove(att, "namespace gone")

@@ -91,6 +91,25 @@ class CniLab(LabHarness):
     async def attachments(self) -> int:
         return (await self.daemon_status(AGENT))["attachments"]
 
+    async def attachments_zero(self) -> bool:
+        return await self.attachments() == 0
+
+    async def adopted(self, links: int) -> bool:
+        """The restarted agent holds ``links`` connections and adopts nothing any more."""
+        status = await self.daemon_status(AGENT)
+        return status["adopting"] == 0 and status["connections"] == links
+
+    @staticmethod
+    async def ready(rt: Runtime) -> bool:
+        return (await rt.status()).failed is None
+
+    async def add_works(self, rt: Runtime) -> bool:
+        """An ADD (then DEL) of a fresh pod succeeds."""
+        c, ns = await self.container("probe")
+        ok = (await rt.add(c, ns)).failed is None
+        (await rt.delete(c, ns)).ok()
+        return ok
+
     @staticmethod
     def iface_index(result: dict[str, Any], name: str) -> int:
         return next(i for i, iface in enumerate(result["interfaces"]) if iface["name"] == name)
