@@ -516,12 +516,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="this agent's path segment name: keep it across restarts (adoption)")
     flag(parser, "--listen", many=True, default=[],
          help="URL(s) serving gRPC health (for probes), e.g. unix:///run/nsm/cni/health.sock")
-    flag(parser, "--lifetime", type=duration, default=DEFAULT_LIFETIME,
-         help="connection lifetime without a refresh, e.g. 45s")
-    flag(parser, "--timeout", type=duration, default=DEFAULT_TIMEOUT,
-         help="timeout of each Request/Close to the manager, e.g. 15s")
-    flag(parser, "--sweep-interval", type=duration, default=DEFAULT_SWEEP,
-         help="how often attachments whose namespace is gone are looked for, e.g. 2s")
+    for name, default, what in (
+            ("--lifetime", DEFAULT_LIFETIME, "connection lifetime without a refresh, e.g. 45s"),
+            ("--timeout", DEFAULT_TIMEOUT, "timeout of each Request/Close to the manager, e.g. 15s"),
+            ("--sweep-interval", DEFAULT_SWEEP,
+             "how often attachments whose namespace is gone are looked for, e.g. 2s")):
+        flag(parser, name, type=duration, default=default, help=what)
     heal_flags(parser)
     flag(parser, "--list", switch=True, default=False,
          help="print the running agent's attachments (JSON lines) and exit")

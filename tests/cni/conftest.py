@@ -139,21 +139,28 @@ class CniLab(LabHarness):
         return problems
 
 
-@pytest.fixture(autouse=True)
-def _need_root() -> None:
+def _runnable() -> str:
+    """Why these tests cannot run here ("" when they can)."""
     if os.geteuid() != 0:
-        pytest.skip("CNI tests need root (network namespaces, veth)")
+        return "CNI tests need root (network namespaces, veth)"
     if not os.access(os.path.join(SYSTEM_CNI_PATH, "bridge"), os.X_OK) or not shutil.which("nsenter"):
-        pytest.skip("CNI tests need containernetworking-plugins (./dev setup) and nsenter")
+        return "CNI tests need containernetworking-plugins (./dev setup) and nsenter"
+    return ""
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def cni_session(lab_prefix_base: str) -> AsyncIterator[CniLab]:
+    if _runnable():
+        pytest.skip(_runnable())
     async with CniLab.running(TOPOLOGY, prefix=f"{lab_prefix_base}_c") as lab:
         yield lab
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def cni(cni_session: CniLab) -> AsyncIterator[CniLab]:
+    """The session's lab, checked clean after the test (see the module docstring)."""
+    for daemon in (cni_session.agent, cni_session.lab.daemon("manager.node1")):
+        if not daemon.running:  # a failed test left it stopped: the next ones still run
+            await cni_session.lab.start_daemon(daemon)
     async with cni_session.scope():
         yield cni_session
