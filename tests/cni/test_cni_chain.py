@@ -4,6 +4,8 @@ traffic over each; CHECK passes; DEL (twice) removes everything."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nsm.cni.spec import VERSIONS
@@ -42,6 +44,15 @@ async def test_add_check_del(cni, version: str) -> None:
 
     for c, ns in ((c1, ns1), (c2, ns2)):
         assert (await rt.check(c, ns, only=["nsm-cni"])).ok() is None
+
+    # What the node's operator sees.
+    listed = await cni.run_cli("cni-agent", "--list", "--socket", cni.socket)
+    assert listed.returncode == 0, listed
+    atts = {a["containerID"]: a for a in map(json.loads, listed.stdout.splitlines())}
+    assert set(atts) == {c1, c2}
+    assert atts[c1]["pod"] == {"K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "p1"}
+    assert [(lk["ifname"], lk["service"], lk["state"]) for lk in atts[c1]["links"]] == [
+        ("nsm-1", cni.local, "established"), ("nsm-2", cni.remote, "established")]
 
     for _ in range(2):  # DEL is idempotent
         for c, ns in ((c1, ns1), (c2, ns2)):
