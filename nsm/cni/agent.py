@@ -18,8 +18,11 @@ links, one connection each (:mod:`nsm.cni.attachments`), written to ``--state-di
 
 Commands (from the plugin over ``--socket``, directory mode 0700; :mod:`nsm.cni.spec`):
 
-- ADD: the config's ``services`` (``kernel://<service>[@domain]/<ifname>[?label=value&...]``,
-  a list, each may be comma-separated); an interface name already in the pod is refused; each
+- ADD: the config's ``services`` and, with ``--kubernetes``, the pod's ``networkservicemesh.io``
+  annotation (:mod:`nsm.cni.k8s`; the pod's network-status annotation is written after ADD and
+  removed at DEL); nothing asked for: ``prevResult`` passes through unchanged. Requests are
+  ``kernel://<service>[@domain]/<ifname>[?label=value&...]`` (a list, each may be
+  comma-separated); an interface name already in the pod is refused; each
   connection is requested with a stable id; a failure closes what this ADD made. The result is
   ``prevResult`` with the new interfaces (``sandbox``), addresses and routes appended. Without
   ``prevResult`` (a Multus delegate, not chained) a single request without an interface name
@@ -54,7 +57,7 @@ import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nsm import log as nsm_log
 from nsm.api.connection_pb2 import Connection
@@ -75,6 +78,9 @@ from nsm.cni.attachments import (
     valid_attachments,
 )
 from nsm.cni.spec import CniError
+
+if TYPE_CHECKING:
+    from nsm.cni.k8s import PodApi
 from nsm.config import duration, fail, flag, log_flags
 from nsm.daemon import serve_until_signal
 from nsm.elements.updatepath import DEFAULT_LIFETIME
@@ -153,12 +159,14 @@ class Agent:
                  state_dir: str = DEFAULT_STATE_DIR, name: str = DEFAULT_NAME,
                  listen: list[str] | None = None, lifetime: float = DEFAULT_LIFETIME,
                  request_timeout: float = DEFAULT_TIMEOUT, heal: HealOptions | None = HealOptions(),
-                 sweep_interval: float = DEFAULT_SWEEP) -> None:
+                 sweep_interval: float = DEFAULT_SWEEP, kubernetes: PodApi | None = None) -> None:
         self.name = check_name(name, "agent name")
         self.socket_path = Path(socket)
         self.state = StateDir(state_dir)
         self.listen = list(listen or [])
         self.sweep_interval = sweep_interval
+        #: The pods' annotations (None: the Kubernetes API is not used).
+        self.kubernetes = kubernetes
         if heal is not None and heal.liveness:
             heal = dataclasses.replace(heal, probe=PodProbe(self))
         self.conns = Connections(manager_url=manager_url, name=self.name, lifetime=lifetime,
@@ -214,6 +222,8 @@ class Agent:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.conns.shutdown(close=False)
         await self.netlink.close()
+        if self.kubernetes is not None:
+            await self.kubernetes.close()
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -334,13 +344,25 @@ class Agent:
         prev = config.get("prevResult")
         if prev is not None and not isinstance(prev, dict):
             raise CniError(spec.INVALID_CONFIG, "prevResult must be an object")
-        requests = parse_requests(config.get("services"), cni_ifname=key[1], delegate=prev is None)
         args = spec.cni_args(env)
+        pod = {k: v for k, v in args.items() if k.startswith("K8S_POD_")}
+        wanted = config.get("services")
+        annotation = await self._annotation(pod)
+        if wanted is None and not annotation:
+            if prev is None:
+                raise CniError(spec.INVALID_CONFIG, "nothing requested: the config has no services "
+                                                    "and the pod no networkservicemesh.io annotation")
+            return add_result(prev, [], netns=netns, version=str(config["cniVersion"]))
+        texts: list[Any] = []
+        if wanted is not None:
+            texts += wanted if isinstance(wanted, list) else [wanted]
+        if annotation:
+            texts.append(annotation)
+        requests = parse_requests(texts, cni_ifname=key[1], delegate=prev is None)
         if key in self.attachments:  # a second ADD without DEL: start afresh
             await self._remove(self.attachments[key], "ADD again")
         att = Attachment(container_id=key[0], cni_ifname=key[1], network=str(config["name"]),
-                         netns=netns, netns_id=ident, cni_version=str(config["cniVersion"]),
-                         pod={k: v for k, v in args.items() if k.startswith("K8S_POD_")})
+                         netns=netns, netns_id=ident, cni_version=str(config["cniVersion"]), pod=pod)
         self._hold(att)
         try:
             for req in requests:
@@ -350,8 +372,38 @@ class Agent:
             await self._remove(att, "ADD failed")
             raise
         self.state.save(att)
+        await self._report(att, att.links)
         log.info("attached", container=key[0], ifname=key[1], links=len(att.links))
         return add_result(prev, att.links, netns=netns, version=att.cni_version)
+
+    @staticmethod
+    def _pod(pod: Mapping[str, str]) -> tuple[str, str] | None:
+        namespace, name = pod.get("K8S_POD_NAMESPACE"), pod.get("K8S_POD_NAME")
+        return (namespace, name) if namespace and name else None
+
+    async def _annotation(self, pod: Mapping[str, str]) -> str | None:
+        """The pod's request annotation, when the API is used and the runtime named the pod."""
+        where = self._pod(pod)
+        if self.kubernetes is None or where is None:
+            return None
+        try:
+            return await self.kubernetes.requested(*where)
+        except NotFound as exc:
+            raise CniError(spec.K8S_ERROR, exc.message) from None
+        except NsmError as exc:
+            raise CniError(spec.TRY_AGAIN, exc.message) from None
+
+    async def _report(self, att: Attachment, links: list[Link] | None) -> None:
+        """The pod's network-status annotation (best effort: a pod being deleted is gone)."""
+        where = self._pod(att.pod)
+        if self.kubernetes is None or where is None:
+            return
+        try:
+            await self.kubernetes.report(*where, links)
+        except NsmError as exc:
+            if links is not None or not isinstance(exc, NotFound):
+                log.warning("cannot write the pod's network-status annotation", pod="/".join(where),
+                            error=exc.message)
 
     async def _connect(self, att: Attachment, req: ServiceRequest) -> Link:
         if await self.netlink.index(att.netns, req.ifname) is not None:
@@ -399,6 +451,8 @@ class Agent:
         for link in att.links:
             await self._close(att, link)
         self._drop(att)
+        if why != "ADD failed":
+            await self._report(att, None)
         log.info("detached", container=att.container_id, ifname=att.cni_ifname, why=why)
 
     async def _close(self, att: Attachment, link: Link) -> None:
@@ -522,6 +576,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             ("--sweep-interval", DEFAULT_SWEEP,
              "how often attachments whose namespace is gone are looked for, e.g. 2s")):
         flag(parser, name, type=duration, default=default, help=what)
+    flag(parser, "--kubernetes", switch=True, default=False,
+         help="read each pod's networkservicemesh.io annotation and write its network-status "
+              "through the Kubernetes API (pod named by K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS)")
+    flag(parser, "--kubeconfig", help="kubeconfig file (default: in-cluster service account, else "
+                                      "$KUBECONFIG or ~/.kube/config)")
     heal_flags(parser)
     flag(parser, "--list", switch=True, default=False,
          help="print the running agent's attachments (JSON lines) and exit")
@@ -546,10 +605,18 @@ async def run(args: argparse.Namespace) -> int:
     if not args.manager:
         return fail(PROG, "--manager (or NSM_MANAGER) is required", 2)
     nsm_log.setup(args.log_level, args.log_json)
+    kubernetes = None
+    if args.kubernetes or args.kubeconfig:
+        from nsm.cni.k8s import PodApi
+
+        try:
+            kubernetes = PodApi(kubeconfig=args.kubeconfig)
+        except Exception as exc:  # lightkube's ConfigError, a bad file
+            return fail(PROG, f"no Kubernetes credentials: {exc}", 2)
     agent = Agent(manager_url=args.manager, socket=args.socket, state_dir=args.state_dir,
                   name=args.name, listen=args.listen, lifetime=args.lifetime,
                   request_timeout=args.timeout, heal=heal_options(args),
-                  sweep_interval=args.sweep_interval)
+                  sweep_interval=args.sweep_interval, kubernetes=kubernetes)
     await serve_until_signal(agent.start, agent.stop, status=agent.status)
     return 0
 

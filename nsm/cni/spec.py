@@ -46,6 +46,7 @@ SERVICE_NOT_FOUND = 102
 NO_ENDPOINT = 103
 IFACE_CHANGED = 104
 REFUSED = 105
+K8S_ERROR = 106
 PLUGIN_CODES = {
     PLUGIN_ERROR: "the network service mesh failed",
     IFACE_EXISTS: "the interface name is taken in the pod",
@@ -53,6 +54,7 @@ PLUGIN_CODES = {
     NO_ENDPOINT: "no endpoint of the service can be reached",
     IFACE_CHANGED: "an interface of the attachment is missing or changed",
     REFUSED: "the mesh refused the request",
+    K8S_ERROR: "the pod cannot be read from the Kubernetes API",
 }
 
 #: Where the agent listens unless the config's ``socket`` says otherwise.

@@ -14,15 +14,21 @@ namespace).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
+import socket
+import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from nsm.kernel.netns import run_in_netns
 from nsm.lab import EndpointSpec, NodeSpec, ServiceSpec, Topology
 from nsm.lab.cni import SYSTEM_CNI_PATH, Runtime, nsm_cni_dir
 from nsm.lab.harness import LabHarness
@@ -137,6 +143,100 @@ class CniLab(LabHarness):
             problems += [f"cni agent: {status['attachments']} attachments"] * bool(status["attachments"])
             problems += [f"cni agent: {status['connections']} connections"] * bool(status["connections"])
         return problems
+
+
+class FakeKube:
+    """A fake Kubernetes API server (pods only: GET, and PATCH with a JSON merge patch of the
+    annotations), listening on 127.0.0.1 of a namespace (None: this one), with a kubeconfig
+    file for it. ``pods``: ``(namespace, name)`` → annotations; ``patches``: what it was sent."""
+
+    def __init__(self, directory: Path) -> None:
+        self.pods: dict[tuple[str, str], dict[str, str]] = {}
+        self.patches: list[tuple[str, str, dict[str, Any]]] = []
+        self.kubeconfig = directory / f"kubeconfig-{uuid.uuid4().hex[:6]}"
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self, netns: str | None = None) -> FakeKube:
+        listener = (run_in_netns(netns, socket.create_server, ("127.0.0.1", 0)) if netns
+                    else socket.create_server(("127.0.0.1", 0)))
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _pod(self) -> tuple[str, str] | None:
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) == 6 and parts[:2] == ["api", "v1"] and parts[4] == "pods":
+                    return parts[3], parts[5]
+                return None
+
+            def _answer(self, key: tuple[str, str] | None) -> None:
+                if key is None or key not in fake.pods:
+                    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": f"pods {key} not found", "reason": "NotFound", "code": 404}
+                    code = 404
+                else:
+                    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                        "namespace": key[0], "name": key[1], "annotations": fake.pods[key]}}
+                    code = 200
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._answer(self._pod())
+
+            def do_PATCH(self) -> None:
+                key = self._pod()
+                patch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if key is not None and key in fake.pods:
+                    fake.patches.append((*key, patch))
+                    for k, v in patch.get("metadata", {}).get("annotations", {}).items():
+                        if v is None:
+                            fake.pods[key].pop(k, None)
+                        else:
+                            fake.pods[key][k] = v
+                self._answer(key)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = listener
+        server.server_address = listener.getsockname()
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self.kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": url}}],
+            "users": [{"name": "agent", "user": {"token": "t"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agent",
+                                                      "namespace": "default"}}]}))
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@pytest.fixture
+def fake_kube(tmp_path: Path) -> Iterator[Callable[..., FakeKube]]:
+    """``fake_kube(netns=None)``: a started :class:`FakeKube`, stopped after the test."""
+    made: list[FakeKube] = []
+
+    def make(netns: str | None = None) -> FakeKube:
+        made.append(FakeKube(tmp_path).start(netns))
+        return made[-1]
+
+    yield make
+    for kube in made:
+        kube.stop()
 
 
 def _runnable() -> str:
