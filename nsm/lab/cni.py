@@ -13,7 +13,8 @@ plugin the way libcni does it, in a node's namespace of the emulated cluster.
   same shape), and its result is relabelled with the conflist's version.
 
 ``nsm-cni`` runs from a wrapper script in a directory of the CNI path (:func:`nsm_cni_dir`)
-with this process's ``nsm`` on ``PYTHONPATH``.
+with this process's ``nsm`` on ``PYTHONPATH``. :func:`start_agent` starts an ``nsm cni-agent`` on
+a lab node and gives its conflists (:class:`CniNode`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nsm.lab.builder import Lab
 from nsm.lab.processes import NSM_ROOT
 
 #: Debian's containernetworking-plugins.
@@ -233,3 +235,56 @@ class Runtime:
 
 def _key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split("."))
+
+
+@dataclass
+class CniNode:
+    """An ``nsm cni-agent`` on a lab node and what a conflist for it needs (:func:`start_agent`)."""
+
+    key: str
+    node: str
+    socket: str
+    state_dir: str
+    health: str
+    cni_path: list[str]
+    ipam_dir: str
+    host_netns: str
+    args: list[str]
+
+    def conflist(self, version: str, services: Sequence[str] | None, *, primary: str | None = None,
+                 name: str = "podnet", **nsm: Any) -> dict[str, Any]:
+        """``bridge`` (``cni0``, gateway, ``host-local`` IPAM of ``primary``) when ``primary`` is
+        a subnet, then ``nsm-cni`` for this agent asking for ``services`` (none: no key)."""
+        plugins: list[dict[str, Any]] = []
+        if primary:
+            plugins.append({"type": "bridge", "bridge": "cni0", "isGateway": True,
+                            "ipam": {"type": "host-local", "subnet": primary,
+                                     "dataDir": self.ipam_dir}})
+        entry: dict[str, Any] = {"type": "nsm-cni", "socket": self.socket, "agentWait": 5, **nsm}
+        if services is not None:
+            entry["services"] = list(services)
+        plugins.append(entry)
+        return {"cniVersion": version, "name": name, "plugins": plugins}
+
+    def runtime(self, version: str, services: Sequence[str] | None, *, primary: str | None = None,
+                **nsm: Any) -> Runtime:
+        return Runtime(self.conflist(version, services, primary=primary, **nsm),
+                       cni_path=self.cni_path, host_netns=self.host_netns)
+
+
+async def start_agent(lab: Lab, node: str, *, key: str, name: str, extra: Sequence[str] = (),
+                      log_level: str = "info") -> CniNode:
+    """Start ``nsm cni-agent`` (daemon ``key``, path segment name ``name``) on ``node`` of a
+    running lab, its socket, state and IPAM directories in the lab's work directory."""
+    assert lab.workdir is not None
+    work = lab.workdir / key
+    work.mkdir(parents=True, exist_ok=True)
+    health = f"unix://{work}/health.sock"
+    sock, state = str(work / "run" / "agent.sock"), str(work / "state")
+    args = ["cni-agent", "--manager", lab.node(node).manager_url, "--socket", sock,
+            "--state-dir", state, "--listen", health, "--name", name, "--log-level", log_level,
+            *extra]
+    await lab.add_daemon(key, args, url=health, node=node)
+    cni_path = [str(nsm_cni_dir(lab.workdir / "cni-bin")), SYSTEM_CNI_PATH]
+    return CniNode(key=key, node=node, socket=sock, state_dir=state, health=health, cni_path=cni_path,
+                   ipam_dir=str(work / "ipam"), host_netns=lab.node(node).netns, args=args)

@@ -5,7 +5,7 @@ namespace).
 
 - ``cni_session`` (one per xdist worker): that lab as a :class:`CniLab`: endpoint ``near`` on
   node1 (service :data:`LOCAL`), ``far`` on node2 (service :data:`REMOTE`), the agent
-  (``lab.daemon(AGENT)``, state in the lab's work directory, sweeping every 0.3 s).
+  (:func:`nsm.lab.cni.start_agent`, state in the lab's work directory, sweeping every 0.3 s).
 - ``cni`` (per test): the same lab in a :meth:`~nsm.lab.harness.LabHarness.scope`: pods made
   through it are deleted at the end, then nothing may be left: no connection in any monitor, no
   interface in an endpoint's pod, no attachment in the agent, every daemon running.
@@ -30,7 +30,7 @@ import pytest_asyncio
 
 from nsm.kernel.netns import run_in_netns
 from nsm.lab import EndpointSpec, NodeSpec, ServiceSpec, Topology
-from nsm.lab.cni import SYSTEM_CNI_PATH, Runtime, nsm_cni_dir
+from nsm.lab.cni import SYSTEM_CNI_PATH, CniNode, Runtime, start_agent
 from nsm.lab.harness import LabHarness
 
 LOCAL = "cni-near"
@@ -42,7 +42,6 @@ PRIMARY = "10.123.0.0/16"
 GATEWAY = "10.123.0.1"
 AGENT = "cni-agent.node1"
 NODE = "node1"
-NETWORK = "podnet"
 TOPOLOGY = Topology(
     nodes=(NodeSpec("node1"), NodeSpec("node2")),
     endpoints=(EndpointSpec("near", "node1", (LOCAL,), LOCAL_CIDR),
@@ -55,40 +54,32 @@ class CniLab(LabHarness):
     """The lab, the agent and conflists (see the module docstring)."""
 
     local, remote, local_cidr, remote_cidr, gateway = LOCAL, REMOTE, LOCAL_CIDR, REMOTE_CIDR, GATEWAY
+    primary = PRIMARY
 
     async def setup(self) -> None:
         assert self.lab.workdir is not None
         self.work = self.lab.workdir
-        self.socket = str(self.work / "cni" / "agent.sock")
-        self.state_dir = str(self.work / "cni-state")
-        self.health = f"unix://{self.work}/cni-health.sock"
-        self.cni_path = [str(nsm_cni_dir(self.work / "cni-bin")), SYSTEM_CNI_PATH]
-        await self.lab.add_daemon(AGENT, self.agent_args(), url=self.health, node=NODE)
-
-    def agent_args(self) -> list[str]:
-        return ["cni-agent", "--manager", self.lab.node(NODE).manager_url, "--socket", self.socket,
-                "--state-dir", self.state_dir, "--listen", self.health, "--name", "cni-node1",
-                "--sweep-interval", "300ms", "--log-level", "debug"]
+        self.node1 = await start_agent(self.lab, NODE, key=AGENT, name="cni-node1",
+                                       extra=["--sweep-interval", "300ms"], log_level="debug")
+        self.socket = self.node1.socket
 
     @property
     def agent(self) -> Any:
         return self.lab.daemon(AGENT)
 
-    def conflist(self, version: str, services: Sequence[str] = (f"kernel://{LOCAL}/nsm-1",), *,
-                 primary: bool = True, **nsm: Any) -> dict[str, Any]:
-        plugins: list[dict[str, Any]] = []
-        if primary:
-            plugins.append({"type": "bridge", "bridge": "cni0", "isGateway": True,
-                            "ipam": {"type": "host-local", "subnet": PRIMARY,
-                                     "dataDir": str(self.work / "ipam")}})
-        plugins.append({"type": "nsm-cni", "socket": self.socket, "services": list(services),
-                        "agentWait": 5, **nsm})
-        return {"cniVersion": version, "name": NETWORK, "plugins": plugins}
-
-    def runtime(self, version: str, services: Sequence[str] = (f"kernel://{LOCAL}/nsm-1",), *,
+    def runtime(self, version: str, services: Sequence[str] | None = (f"kernel://{LOCAL}/nsm-1",), *,
                 primary: bool = True, **nsm: Any) -> Runtime:
-        return Runtime(self.conflist(version, services, primary=primary, **nsm),
-                       cni_path=self.cni_path, host_netns=self.lab.node(NODE).netns)
+        """A runtime of node1 for a conflist bridge (unless not ``primary``) → nsm-cni."""
+        return self.node1.runtime(version, services, primary=PRIMARY if primary else None, **nsm)
+
+    async def another_agent(self, label: str, extra: Sequence[str]) -> CniNode:
+        """One more agent on node1 (its own socket, state and name), removed at the end of the
+        test."""
+        key = self.name(label)
+        agent = await start_agent(self.lab, NODE, key=key, name=key, extra=extra, log_level="debug")
+        self.stack.push_async_callback(self.lab.remove_daemon, key)
+        agent.ipam_dir = self.node1.ipam_dir  # one address pool for node1's bridge
+        return agent
 
     async def container(self, tag: str = "c") -> tuple[str, str]:
         """A fresh pod: (container id, namespace path)."""

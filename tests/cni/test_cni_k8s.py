@@ -6,7 +6,6 @@ it got; alone (no root), then through a chain on the lab with an agent started w
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -52,18 +51,8 @@ async def test_pod_api(fake_kube) -> None:
 @pytest.mark.asyncio(loop_scope="session")
 async def test_annotated_pods_through_the_chain(cni, fake_kube) -> None:
     kube = fake_kube(cni.lab.node("node1").netns)
-    sock = str(cni.work / f"k8s-{os.urandom(3).hex()}.sock")
-    health = cni.sock("k8s-health")
-    args = cni.agent_args()
-    args[args.index("--socket") + 1] = sock
-    args[args.index("--state-dir") + 1] = str(cni.work / f"k8s-state-{os.urandom(3).hex()}")
-    args[args.index("--listen") + 1] = health
-    args[args.index("--name") + 1] = "cni-k8s"
-    await cni.start_daemon("k8sagent", [*args, "--kubernetes", "--kubeconfig", str(kube.kubeconfig)],
-                           url=health, node="node1")
-    rt = cni.runtime("1.1.0", [])
-    del rt.conflist["plugins"][-1]["services"]  # the annotation says what each pod gets
-    rt.conflist["plugins"][-1]["socket"] = sock
+    agent = await cni.another_agent("k8s", ["--kubernetes", "--kubeconfig", str(kube.kubeconfig)])
+    rt = agent.runtime("1.1.0", None, primary=cni.primary)  # the annotation says what each pod gets
 
     (c1, ns1), (c2, ns2), (c3, ns3) = [await cni.container() for _ in range(3)]
     kube.pods[("ns", "annotated")] = {ANNOTATION: f"kernel://{cni.local}/nsm-1?app=k8s"}
