@@ -21,13 +21,11 @@ default ``/run/nsm/cni/agent.sock``), ``agentWait``, ``timeout``, and the agent'
 
 from __future__ import annotations
 
+import _socket  # the C module: ``socket`` costs a few ms of imports (enum...) at every start
 import json
 import os
-import socket
 import sys
 import time
-from collections.abc import Mapping
-from typing import Any, BinaryIO, TextIO
 
 from nsm.cni.spec import (
     DEFAULT_AGENT_WAIT,
@@ -48,6 +46,11 @@ from nsm.cni.spec import (
     version_result,
 )
 
+TYPE_CHECKING = False  # importing typing costs milliseconds at every start of the plugin
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, BinaryIO, TextIO
+
 _UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError,
                 ConnectionAbortedError)
 
@@ -56,12 +59,12 @@ def _warn(text: str) -> None:
     print(f"nsm-cni: {text}", file=sys.stderr, flush=True)
 
 
-def _connect(path: str, *, wait: float) -> socket.socket | None:
+def _connect(path: str, *, wait: float) -> _socket.socket | None:
     """A connection to the agent, trying for ``wait`` seconds (once when 0); None if none."""
     deadline = time.monotonic() + wait
     delay = 0.02
     while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.connect(path)
             return sock
@@ -77,7 +80,7 @@ def _connect(path: str, *, wait: float) -> socket.socket | None:
         delay = min(delay * 2, 0.5)
 
 
-def _read_line(sock: socket.socket, deadline: float) -> bytes:
+def _read_line(sock: _socket.socket, deadline: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -112,9 +115,11 @@ def ask_agent(path: str, message: Mapping[str, Any], *, command: str, wait: floa
         raise CniError(TRY_AGAIN, f"the NSM node agent did not listen at {path} within {wait:g}s",
                        "start nsm cni-agent on this node")
     try:
-        with sock:
+        try:
             sock.sendall(encode(message))
             line = _read_line(sock, time.monotonic() + timeout)
+        finally:
+            sock.close()
     except (TimeoutError, *_UNREACHABLE) as exc:
         what = ("did not answer in time" if isinstance(exc, TimeoutError)
                 else "closed the connection before answering")
