@@ -36,23 +36,8 @@ import time
 import uuid
 from typing import Any
 
-from bench.common import (
-    NS_PREFIX,
-    Bar,
-    Bench,
-    CheckFailed,
-    Failures,
-    Options,
-    begin,
-    cli,
-    fmt,
-    outcome_lines,
-    ratio,
-    settle,
-    size_options,
-    summarize,
-    summary,
-)
+from bench import common
+from bench.common import Bar, Bench, CheckFailed, Failures, Options
 from nsm.kernel import netns as nsns
 from nsm.lab import EndpointSpec, NodeSpec, ServiceSpec, Topology
 from nsm.lab.cni import CniNode, Runtime, start_agent
@@ -137,13 +122,13 @@ async def _phase(h: LabHarness, agent: CniNode, rt: Runtime, count: int, at_once
         "pods": count, "at_once": at_once, "ok": len(adds),
         "add_wall_s": round(add_wall, 3), "adds/s": round(len(adds) / add_wall, 1) if add_wall else None,
         "del_wall_s": round(del_wall, 3),
-        "bridge_add_ms": summarize([adds[c][0] for c in adds]),
-        "nsm_cni_add_ms": summarize([adds[c][1] for c in adds]),
-        "setup_ms": summarize([agent_side[c][0] for c in timed]),
-        "agent_ms": summarize([agent_side[c][1] for c in timed]),
-        "overhead_ms": summarize([adds[c][1] - agent_side[c][0] for c in timed]),
-        "nsm_cni_del_ms": summarize([d[0] for d in dels]),
-        "bridge_del_ms": summarize([d[1] for d in dels]),
+        "bridge_add_ms": common.summarize([adds[c][0] for c in adds]),
+        "nsm_cni_add_ms": common.summarize([adds[c][1] for c in adds]),
+        "setup_ms": common.summarize([agent_side[c][0] for c in timed]),
+        "agent_ms": common.summarize([agent_side[c][1] for c in timed]),
+        "overhead_ms": common.summarize([adds[c][1] - agent_side[c][0] for c in timed]),
+        "nsm_cni_del_ms": common.summarize([d[0] for d in dels]),
+        "bridge_del_ms": common.summarize([d[1] for d in dels]),
     }
 
 
@@ -152,7 +137,7 @@ async def _plugin_start(rt: Runtime, count: int) -> dict[str, float]:
     for _ in range(count):
         run = await rt.exec("nsm-cni", "VERSION", {"cniVersion": "1.0.0"}, {})
         times.append(run.seconds * 1e3)
-    return summarize(times)
+    return common.summarize(times)
 
 
 async def run(quick: bool = False, *, n: int | None = None, concurrency: int | None = None,
@@ -160,23 +145,23 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
     """The whole benchmark (see the module docstring); one JSON-able dict."""
     n = n or (QUICK_N if quick else DEFAULT_N)
     concurrency = concurrency or (QUICK_CONCURRENCY if quick else DEFAULT_CONCURRENCY)
-    failures, result, started = begin(NAME, "network namespaces, veth", quick=quick, n=n,
+    failures, result, started = common.begin(NAME, "network namespaces, veth", quick=quick, n=n,
                                       concurrency=concurrency, version="1.0.0")
     with failures.recording(result, started):
-        async with LabHarness.running(TOPOLOGY, prefix=f"{NS_PREFIX}{os.getpid()}",
+        async with LabHarness.running(TOPOLOGY, prefix=f"{common.NS_PREFIX}{os.getpid()}",
                                       start_timeout=60.0) as h:
             agent = await start_agent(h.lab, "node1", key=AGENT, name="cni-bench")
             rt = agent.runtime("1.0.0", [f"kernel://{SERVICE}/nsm-1"], primary=PRIMARY)
             result["plugin_start_ms"] = await _plugin_start(rt, 5 if quick else 20)
             result["warmup"] = await _phase(h, agent, rt, WARMUP, 1, failures, "warm-up")
-            await settle(settle_s)
+            await common.settle(settle_s)
             result["sequential"] = await _phase(h, agent, rt, n, 1, failures, "sequential")
-            await settle(settle_s)
+            await common.settle(settle_s)
             result["concurrent"] = await _phase(h, agent, rt, concurrency, concurrency, failures,
                                                 "concurrent")
     seq = result.get("sequential", {})
     result["bars"] = [Bar("nsm-cni overhead p50 / bridge ADD p50 (sequential)",
-                          ratio(seq.get("overhead_ms", {}).get("p50"),
+                          common.ratio(seq.get("overhead_ms", {}).get("p50"),
                                 seq.get("bridge_add_ms", {}).get("p50")), 1.0).as_dict()]
     return result
 
@@ -184,7 +169,7 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
 def table(result: dict[str, Any]) -> str:
     start = result.get("plugin_start_ms", {}).get("p50")
     lines = [f"cni: conflist bridge + host-local -> nsm-cni ({result.get('version')}); "
-             f"nsm-cni's start alone (VERSION) p50 {fmt(start, 0, 1)} ms",
+             f"nsm-cni's start alone (VERSION) p50 {common.fmt(start, 0, 1)} ms",
              f"{'phase':12} {'pods':>5} {'figure':16} {'p50':>8} {'p95':>8} {'max':>8}  (ms)"]
     for phase in ("sequential", "concurrent"):
         p = result.get(phase)
@@ -193,11 +178,11 @@ def table(result: dict[str, Any]) -> str:
         for fig in ("bridge_add_ms", "nsm_cni_add_ms", "setup_ms", "overhead_ms", "agent_ms",
                     "nsm_cni_del_ms", "bridge_del_ms"):
             s = p.get(fig, {})
-            lines.append(f"{phase:12} {p['pods']:>5} {fig[:-3]:16} {fmt(s.get('p50'))} "
-                         f"{fmt(s.get('p95'))} {fmt(s.get('max'))}")
+            lines.append(f"{phase:12} {p['pods']:>5} {fig[:-3]:16} {common.fmt(s.get('p50'))} "
+                         f"{common.fmt(s.get('p95'))} {common.fmt(s.get('max'))}")
         lines.append(f"{phase:12} {p['pods']:>5} ADD wall {p['add_wall_s']} s ({p['adds/s']} pods/s), "
                      f"DEL wall {p['del_wall_s']} s")
-    return "\n".join(lines + outcome_lines(result))
+    return "\n".join(lines + common.outcome_lines(result))
 
 
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
@@ -216,14 +201,14 @@ async def run_options(options: Options) -> dict[str, Any]:
                      settle_s=options.settle)
 
 
-BENCH = Bench(name=NAME, doc=summary(__doc__), run=run_options, table=table, headline=headline)
+BENCH = Bench(name=NAME, doc=common.summary(__doc__), run=run_options, table=table, headline=headline)
 
 
 def main(argv: list[str] | None = None) -> int:
     def extra(p: argparse.ArgumentParser) -> None:
-        size_options(p, DEFAULT_N, DEFAULT_CONCURRENCY)
+        common.size_options(p, DEFAULT_N, DEFAULT_CONCURRENCY)
 
-    return cli(__doc__, run, table, argv, extra)
+    return common.cli(__doc__, run, table, argv, extra)
 
 
 if __name__ == "__main__":
