@@ -56,7 +56,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,7 +174,7 @@ class Agent:
                                  request_timeout=request_timeout, on_change=self._changed, heal=heal)
         self.netlink = Netlink()
         self.attachments: dict[tuple[str, str], Attachment] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
         self._by_conn: dict[str, tuple[Attachment, Link]] = {}
         self._sweep_now = asyncio.Event()
         self._adopting: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -244,8 +244,18 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _locked(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        """One command at a time per attachment (the lock goes when nobody holds or waits)."""
+        entry = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        entry[1][0] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1][0] -= 1
+            if not entry[1][0]:
+                del self._locks[key]
 
     def _hold(self, att: Attachment) -> None:
         self.attachments[att.key] = att
@@ -254,7 +264,6 @@ class Agent:
 
     def _drop(self, att: Attachment) -> None:
         self.attachments.pop(att.key, None)
-        self._locks.pop(att.key, None)
         for link in att.links:
             self._by_conn.pop(link.conn_id, None)
         self.state.remove(att.key)
@@ -326,7 +335,7 @@ class Agent:
         if command == "GC":
             return await self.gc(config)
         key = (env["CNI_CONTAINERID"], env["CNI_IFNAME"])
-        async with self._lock(key):
+        async with self._locked(key):
             if command == "ADD":
                 return await self.add(key, env, config)
             if command == "DEL":
@@ -369,9 +378,7 @@ class Agent:
         setup = 0.0  # the time the mesh took, for the log line (benchmarks subtract it)
         try:
             for req in requests:
-                link, seconds = await self._connect(att, req)
-                att.links.append(link)
-                setup += seconds
+                setup += await self._connect(att, req)
                 self.state.save(att)
         except BaseException:
             await self._remove(att, "ADD failed")
@@ -410,8 +417,9 @@ class Agent:
                 log.warning("cannot write the pod's network-status annotation", pod="/".join(where),
                             error=exc.message)
 
-    async def _connect(self, att: Attachment, req: ServiceRequest) -> tuple[Link, float]:
-        """The link of ``req`` and how long its Request took."""
+    async def _connect(self, att: Attachment, req: ServiceRequest) -> float:
+        """The link of ``req``, added to ``att`` once its connection is up (so that undoing
+        closes it); how long its Request took."""
         if await self.netlink.index(att.netns, req.ifname) is not None:
             raise CniError(spec.IFACE_EXISTS, f"interface {req.ifname} already exists in the pod",
                            f"requested by {req.url}")
@@ -425,8 +433,9 @@ class Agent:
             self._by_conn.pop(link.conn_id, None)
             raise cni_error(exc, f"network service {req.service} for {req.ifname}") from None
         seconds = time.perf_counter() - t0
+        att.links.append(link)
         await self._learn(att, link, conn)
-        return link, seconds
+        return seconds
 
     def _request(self, att: Attachment, link: Link) -> Any:
         return new_request(service=link.service, name=self.name, labels=link.labels,
@@ -505,7 +514,7 @@ class Agent:
         stale = [a for a in self.attachments.values()
                  if a.network == config["name"] and a.key not in keep]
         for att in stale:
-            async with self._lock(att.key):
+            async with self._locked(att.key):
                 if self.attachments.get(att.key) is att:
                     await self._remove(att, "GC")
         return None
@@ -523,7 +532,7 @@ class Agent:
         """After a restart: adopt ``att``'s connections (or request them again, retrying)."""
         try:
             if self.gone(att):
-                async with self._lock(att.key):
+                async with self._locked(att.key):
                     await self._remove(att, "namespace gone")
                 return
             await asyncio.gather(*(self._take_back_link(att, link) for link in att.links))
@@ -560,7 +569,7 @@ class Agent:
             self._sweep_now.clear()
             for att in list(self.attachments.values()):
                 if self.gone(att) and att.key not in self._adopting:
-                    async with self._lock(att.key):
+                    async with self._locked(att.key):
                         if self.attachments.get(att.key) is att:
                             await self._remove(att, "namespace gone")
 
