@@ -66,7 +66,7 @@ from nsm.client.chain import Connections, new_request
 from nsm.client.connect import DEFAULT_TIMEOUT
 from nsm.client.heal import HealOptions, KernelProbe, Verdict
 from nsm.client.main import heal_flags, heal_options
-from nsm.client.notify import StateChange
+from nsm.client.notify import State, StateChange
 from nsm.cni import spec
 from nsm.cni.attachments import (
     Attachment,
@@ -270,8 +270,20 @@ class Agent:
 
     def _changed(self, change: StateChange) -> None:
         held = self._by_conn.get(change.conn_id)
-        if held is not None:
-            held[1].state = change.state.value
+        if held is None:
+            return
+        att, link = held
+        link.state = change.state.value
+        if change.state is State.HEALED and change.connection is not None:
+            self._spawn(self._relearn(att, link, change.connection))
+
+    async def _relearn(self, att: Attachment, link: Link, conn: Connection) -> None:
+        """A healed connection may have a new interface and addresses: hold those."""
+        async with self._locked(att.key):
+            if self.attachments.get(att.key) is att and link in att.links:
+                with contextlib.suppress(NsmError):
+                    await self._learn(att, link, conn)
+                self.state.save(att)
 
     def owner(self, conn_id: str) -> Attachment | None:
         """The attachment of a connection of ours."""
@@ -340,7 +352,7 @@ class Agent:
                 return await self.add(key, env, config)
             if command == "DEL":
                 return await self.delete(key)
-            return await self.check(key)
+            return await self.check(key, config.get("prevResult"))
 
     # -- the commands ---------------------------------------------------------------------
 
@@ -483,16 +495,26 @@ class Agent:
             log.warning("close failed (the hops release it at expiry)", conn=link.conn_id,
                         code=exc.code.name, error=exc.message)
 
-    async def check(self, key: tuple[str, str]) -> None:
+    async def check(self, key: tuple[str, str], prev: Any) -> None:
+        """Every link's interface is in the pod, as ``prev`` (the runtime's result of the ADD)
+        recorded it (its MAC) and as this agent holds it (its index), and its connection is
+        held."""
         att = self.attachments.get(key)
         if att is None:
             raise CniError(spec.UNKNOWN_CONTAINER, f"no NSM attachment for container {key[0]} "
                                                    f"interface {key[1]}")
+        interfaces = prev.get("interfaces") if isinstance(prev, dict) else None
+        recorded = {i.get("name"): i.get("mac") for i in interfaces or []
+                    if isinstance(i, dict) and i.get("sandbox") == att.netns}
         for link in att.links:
             info = await self.netlink.link(att.netns, link.ifname)
             if info is None:
                 raise CniError(spec.IFACE_CHANGED, f"interface {link.ifname} of network service "
                                                    f"{link.service} is missing from the pod")
+            mac = recorded.get(link.ifname)
+            if mac and info.mac and mac.lower() != info.mac.lower():
+                raise CniError(spec.IFACE_CHANGED, f"interface {link.ifname} is not the one ADD made "
+                                                   f"(MAC {info.mac}, was {mac})")
             if link.ifindex is not None and info.index != link.ifindex:
                 raise CniError(spec.IFACE_CHANGED, f"interface {link.ifname} was replaced (index "
                                                    f"{info.index}, was {link.ifindex})")
