@@ -272,3 +272,20 @@ async def test_agent_without_its_manager(tmp_path: Path) -> None:
         assert answer == {"result": None}  # nothing known: nothing to do
         assert (await agent.handle({"env": "x"}))["error"]["code"] == spec.DECODE_ERROR
     assert not sock.exists()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    root = str(Path(__file__).resolve().parents[2])
+    return subprocess.run([sys.executable, "-m", "nsm.cli", "cni-agent", *args], capture_output=True,
+                          text=True, timeout=20, env={**os.environ, "PYTHONPATH": root, **(env or {})})
+
+
+def test_agent_command_line(tmp_path: Path) -> None:
+    out = _cli()
+    assert out.returncode == 2 and "--manager (or NSM_MANAGER) is required" in out.stderr
+    out = _cli("--manager", f"unix://{tmp_path}/m.sock", "--name", "has space",
+               "--socket", str(tmp_path / "a.sock"), "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 2 and "agent name" in out.stderr, out
+    out = _cli("--list", env={"NSM_SOCKET": str(tmp_path / "none.sock")})
+    assert out.returncode == 1 and "did not listen" in out.stderr, out
+    assert "NSM_STATE_DIR" in _cli("--help").stdout
