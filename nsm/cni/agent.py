@@ -42,7 +42,9 @@ their own path when the manager has them and the interface is still there with t
 index; no kernel change) or requested again; an attachment whose namespace is gone is removed.
 A sweep every ``--sweep-interval`` removes attachments whose namespace disappeared.
 
-On SIGUSR1 it logs a ``status`` line (attachments, links, connections, adoptions, tasks).
+``--install-plugin DIR`` writes the ``nsm-cni`` executable into the runtime's CNI directory
+(:func:`nsm.cni.plugin.write_wrapper`). On SIGUSR1 it logs a ``status`` line (attachments,
+links, connections, adoptions, tasks).
 """
 
 from __future__ import annotations
@@ -607,6 +609,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="directory of the attachments' state (survives a restart)")
     flag(parser, "--name", default=DEFAULT_NAME,
          help="this agent's path segment name: keep it across restarts (adoption)")
+    flag(parser, "--install-plugin",
+         help="write the nsm-cni executable into DIR (the runtime's CNI directory, e.g. "
+              "/opt/cni/bin) at start")
     flag(parser, "--listen", many=True, default=[],
          help="URL(s) serving gRPC health (for probes), e.g. unix:///run/nsm/cni/health.sock")
     for name, default, what in (
@@ -641,7 +646,13 @@ def _list(socket_path: str) -> int:
 async def run(args: argparse.Namespace) -> int:
     if args.list:
         return await asyncio.to_thread(_list, args.socket)
+    if args.install_plugin:
+        from nsm.cni.plugin import write_wrapper
+
+        print(f"{PROG}: wrote {write_wrapper(args.install_plugin)}", file=sys.stderr)
     if not args.manager:
+        if args.install_plugin:
+            return 0
         return fail(PROG, "--manager (or NSM_MANAGER) is required", 2)
     nsm_log.setup(args.log_level, args.log_json)
     kubernetes = None

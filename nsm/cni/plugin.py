@@ -170,6 +170,25 @@ def run(env: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
         return 1, CniError(IO_ERROR, f"cannot talk to the NSM node agent: {exc}").to_json(version)
 
 
+def write_wrapper(directory: str, name: str = "nsm-cni") -> str:
+    """Write ``directory/name``: an executable that runs this plugin with this interpreter,
+    without ``site`` (``-S``: on a host with many ``.pth`` files it costs tens of ms a start) and
+    without its own directory on ``sys.path`` (``-P``), this package's root on ``PYTHONPATH``.
+    Written atomically (the runtime may be running it). Returns the path."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    plugin = os.path.join(root, "nsm", "cni", "plugin.py")
+    text = (f"#!/bin/sh\n# nsm-cni, the NSM CNI plugin (written by nsm cni-agent)\n"
+            f"PYTHONPATH='{root}' exec '{sys.executable}' -S -P '{plugin}' \"$@\"\n")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    return path
+
+
 def main(env: Mapping[str, str] | None = None, stdin: BinaryIO | None = None,
          stdout: TextIO | None = None) -> int:
     raw = (stdin or sys.stdin.buffer).read()

@@ -12,9 +12,9 @@ plugin the way libcni does it, in a node's namespace of the emulated cluster.
   does list (Debian's ``bridge`` 1.1.1 stops at 1.0.0; the 1.0.0 and 1.1.0 results have the
   same shape), and its result is relabelled with the conflist's version.
 
-``nsm-cni`` runs from a wrapper script in a directory of the CNI path (:func:`nsm_cni_dir`)
-with this process's ``nsm`` on ``PYTHONPATH``. :func:`start_agent` starts an ``nsm cni-agent`` on
-a lab node and gives its conflists (:class:`CniNode`).
+``nsm-cni`` runs from the wrapper ``nsm cni-agent --install-plugin`` writes, in a directory of
+the CNI path (:func:`nsm_cni_dir`), running this process's ``nsm``. :func:`start_agent` starts
+an ``nsm cni-agent`` on a lab node and gives its conflists (:class:`CniNode`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ import asyncio
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nsm.cni.plugin import write_wrapper
 from nsm.lab.builder import Lab
-from nsm.lab.processes import NSM_ROOT
 
 #: Debian's containernetworking-plugins.
 SYSTEM_CNI_PATH = "/usr/lib/cni"
@@ -81,15 +80,10 @@ class ListRun:
 
 
 def nsm_cni_dir(directory: str | Path) -> Path:
-    """A directory holding an ``nsm-cni`` executable that runs this process's ``nsm``."""
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    script = path / "nsm-cni"
-    # -S: no site (its .pth files cost tens of ms here), -P: not its directory on sys.path.
-    plugin = Path(NSM_ROOT) / "nsm" / "cni" / "plugin.py"
-    script.write_text(f"#!/bin/sh\nPYTHONPATH={NSM_ROOT} exec {sys.executable} -S -P {plugin} \"$@\"\n")
-    script.chmod(0o755)
-    return path
+    """A directory holding an ``nsm-cni`` executable that runs this process's ``nsm``, as
+    ``nsm cni-agent --install-plugin`` writes it."""
+    write_wrapper(str(directory))
+    return Path(directory)
 
 
 class Runtime:

@@ -289,3 +289,10 @@ def test_agent_command_line(tmp_path: Path) -> None:
     out = _cli("--list", env={"NSM_SOCKET": str(tmp_path / "none.sock")})
     assert out.returncode == 1 and "did not listen" in out.stderr, out
     assert "NSM_STATE_DIR" in _cli("--help").stdout
+    out = _cli("--install-plugin", str(tmp_path / "bin"))  # no --manager: install and exit
+    assert out.returncode == 0, out
+    wrapper = tmp_path / "bin" / "nsm-cni"
+    assert os.access(wrapper, os.X_OK)
+    run = subprocess.run([str(wrapper)], input=b"{}", capture_output=True, timeout=20,
+                         env={"CNI_COMMAND": "VERSION"})
+    assert run.returncode == 0 and json.loads(run.stdout)["supportedVersions"] == list(spec.VERSIONS)
