@@ -602,29 +602,29 @@ class Agent:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    flag(parser, "--manager", help="the node's manager URL, e.g. unix:///run/nsm/nsm.sock")
-    flag(parser, "--socket", default=spec.DEFAULT_SOCKET,
-         help="unix socket the nsm-cni plugin talks to (its directory gets mode 0700)")
-    flag(parser, "--state-dir", default=DEFAULT_STATE_DIR,
-         help="directory of the attachments' state (survives a restart)")
-    flag(parser, "--name", default=DEFAULT_NAME,
-         help="this agent's path segment name: keep it across restarts (adoption)")
-    flag(parser, "--install-plugin",
-         help="write the nsm-cni executable into DIR (the runtime's CNI directory, e.g. "
-              "/opt/cni/bin) at start")
+    """The agent's flags (each also settable as ``NSM_<FLAG>``)."""
+    for name, default, what in (
+            ("--manager", None, "the node's manager URL, e.g. unix:///run/nsm/nsm.sock"),
+            ("--socket", spec.DEFAULT_SOCKET,
+             "unix socket the nsm-cni plugin talks to (its directory gets mode 0700)"),
+            ("--state-dir", DEFAULT_STATE_DIR, "directory of the attachments' state (survives a restart)"),
+            ("--name", DEFAULT_NAME, "this agent's path segment name: keep it across restarts (adoption)"),
+            ("--install-plugin", None, "write the nsm-cni executable into this directory (the "
+                                       "runtime's CNI directory, e.g. /opt/cni/bin) at start"),
+            ("--kubeconfig", None, "kubeconfig file for --kubernetes (default: in-cluster service "
+                                   "account, else $KUBECONFIG or ~/.kube/config)")):
+        flag(parser, name, default=default, help=what)
     flag(parser, "--listen", many=True, default=[],
          help="URL(s) serving gRPC health (for probes), e.g. unix:///run/nsm/cni/health.sock")
-    for name, default, what in (
+    for name, seconds, what in (
             ("--lifetime", DEFAULT_LIFETIME, "connection lifetime without a refresh, e.g. 45s"),
             ("--timeout", DEFAULT_TIMEOUT, "timeout of each Request/Close to the manager, e.g. 15s"),
             ("--sweep-interval", DEFAULT_SWEEP,
              "how often attachments whose namespace is gone are looked for, e.g. 2s")):
-        flag(parser, name, type=duration, default=default, help=what)
+        flag(parser, name, type=duration, default=seconds, help=what)
     flag(parser, "--kubernetes", switch=True, default=False,
          help="read each pod's networkservicemesh.io annotation and write its network-status "
               "through the Kubernetes API (pod named by K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS)")
-    flag(parser, "--kubeconfig", help="kubeconfig file (default: in-cluster service account, else "
-                                      "$KUBECONFIG or ~/.kube/config)")
     heal_flags(parser)
     flag(parser, "--list", switch=True, default=False,
          help="print the running agent's attachments (JSON lines) and exit")
