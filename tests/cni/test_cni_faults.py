@@ -106,10 +106,17 @@ async def test_agent_restart_changes_nothing_in_the_pod(cni, version: str, kill:
     result = (await rt.add(c, ns)).ok()
     before = {n: (await cni.netlink.link(ns, n)).index for n in ("nsm-1", "nsm-2")}
     conns_before = sorted(await cni.connections(cni.lab.node("node1").manager_url))
-    if kill:
-        await cni.lab.kill(cni.agent)
-    await cni.lab.restart(cni.agent)
-    await cni.eventually(lambda: cni.adopted(2), timeout=15, what="connections adopted")
+
+    async def restart() -> None:
+        if kill:
+            await cni.lab.kill(cni.agent)
+        await cni.lab.restart(cni.agent)
+        await cni.eventually(lambda: cni.adopted(2), timeout=15, what="connections adopted")
+
+    # Echoes across nodes all through the restart and the adoption: no flap.
+    pings, _ = await asyncio.gather(
+        cni.ping(ns, cni.route_into(result, cni.remote_cidr), count=60, interval=0.02), restart())
+    assert pings.lost == [] and pings.received == 60, pings
     after = {n: (await cni.netlink.link(ns, n)).index for n in ("nsm-1", "nsm-2")}
     assert after == before
     assert sorted(await cni.connections(cni.lab.node("node1").manager_url)) == conns_before
