@@ -5,6 +5,7 @@
     nsm forwarder  --name NAME --manager URL --listen URL --registry URL
     nsm nse        --name N --service S --cidr CIDR --netns PATH --listen URL --registry URL
     nsm nsc        --service S --netns PATH --ifname NAME --manager URL
+    nsm cni-agent  --manager URL --socket PATH --state-dir DIR   (the nsm-cni plugin's agent)
     nsm demo       build a throwaway mesh, show a link and a ping, tear it all down
 
 Every flag also reads an ``NSM_*`` environment variable (``--listen`` → ``NSM_LISTEN``).
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "forwarder": ("nsm.forwarder.main", "run a node's forwarder (programs the kernel)"),
     "nse": ("nsm.endpoint.main", "run a network service endpoint"),
     "nsc": ("nsm.client.main", "request a network service for a namespace"),
+    "cni-agent": ("nsm.cni.agent", "run a node's CNI agent (behind the nsm-cni plugin)"),
     "demo": ("nsm.lab.demo", "build a throwaway mesh in namespaces and show it working"),
     "lab": ("nsm.lab.cli", "an emulated cluster of nodes in namespaces: lab up|down|status"),
 }

@@ -68,3 +68,18 @@ def test_remote_setup_smoke() -> None:
     assert {b["name"] for b in result["bars"]} == {
         "remote sequential request p50 / floor p50", "remote concurrent request p50 / floor p50"}
     assert "bar remote_setup: remote sequential request p50 / floor p50 <= 3" in err
+
+
+@pytest.mark.timeout(180)
+def test_cni_smoke() -> None:
+    if not os.access("/usr/lib/cni/bridge", os.X_OK):
+        pytest.skip("needs containernetworking-plugins (./dev setup)")
+    doc, err = _run("--only", "cni", "--n", "3", "--concurrency", "4")
+    (result,) = doc["results"]["cni"]
+    assert result["failures"] == 0, result["failure_examples"]
+    assert result["sequential"]["ok"] == 3 and result["concurrent"]["ok"] == 4
+    for phase in ("sequential", "concurrent"):
+        for figure in ("bridge_add_ms", "nsm_cni_add_ms", "setup_ms", "overhead_ms"):
+            assert result[phase][figure]["n"] == result[phase]["pods"], (phase, figure)
+    assert [b["name"] for b in result["bars"]] == ["nsm-cni overhead p50 / bridge ADD p50 (sequential)"]
+    assert "bar cni: nsm-cni overhead p50 / bridge ADD p50 (sequential) <= 1" in err
