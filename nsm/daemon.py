@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
@@ -49,6 +50,15 @@ def status_on_signal(status: Status) -> Iterator[None]:
             loop.remove_signal_handler(STATUS_SIGNAL)
 
 
+def settle_heap() -> None:
+    """Once serving: collect, then move everything alive (modules, the chain, channels: what
+    a start makes and keeps) out of the garbage collector's generations. A full collection of a
+    daemon's heap takes 10-20 ms, a pause every Request in flight then waits for; afterwards the
+    collector walks only what came after (``gc.freeze``)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve_until_signal(start: Callable[[], Awaitable[Any]],
                              stop: Callable[[], Awaitable[Any]], *,
                              status: Status | None = None) -> None:
@@ -77,6 +87,7 @@ async def _serve_until_signal(start: Callable[[], Awaitable[Any]],
                 await starting
         else:
             starting.result()  # a failed start raises here
+            settle_heap()
             await waiting
         waiting.cancel()
     finally:

@@ -35,6 +35,7 @@ from nsm.client.heal import DEFAULT_INTERVAL, HealOptions
 from nsm.client.heal import DEFAULT_TIMEOUT as DEFAULT_LIVENESS_TIMEOUT
 from nsm.client.sdk import DEFAULT_IFNAME, DEFAULT_LIFETIME, DEFAULT_TIMEOUT, Client
 from nsm.config import EXIT_USAGE, StopSignals, duration, fail, flag, label, log_flags, run_command
+from nsm.daemon import settle_heap
 from nsm.errors import NsmError
 from nsm.mechanisms import NAME
 from nsm.names import check_name
@@ -136,6 +137,7 @@ async def run(args: argparse.Namespace) -> int:
             printed.append(line)
             print(f"connected {line}", flush=True)
             if not args.once:
+                settle_heap()  # it holds the connection from here on (refresh, heal)
                 await stop.wait(args.hold)
             return 0
         finally:

@@ -26,7 +26,7 @@ from nsm.config import (
     log_flags,
     run_command,
 )
-from nsm.daemon import status_on_signal
+from nsm.daemon import settle_heap, status_on_signal
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.endpoint.endpoint import DEFAULT_EXPIRY, Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError
@@ -80,6 +80,7 @@ async def run(args: argparse.Namespace) -> int:
         try:
             with status_on_signal(endpoint.status):
                 await stop.first(endpoint.start())
+                settle_heap()
                 await stop.wait()
             log.info("endpoint stopping", name=endpoint.name)
         except NsmError as exc:
