@@ -122,9 +122,11 @@ class RegistryCache:
         return sorted((n for n in found if not is_expired(n, now)), key=lambda n: n.name)
 
     async def endpoint(self, name: str) -> NetworkServiceEndpoint | None:
+        """The unexpired endpoint ``name``, None when there is none. A miss (or a record expired
+        here: the watch may be behind its refreshes) is confirmed with the registry itself."""
         now = time.time()
         nse = self._nse.get(name)
-        if nse is None or not self._nse_live:
+        if nse is None or not self._nse_live or is_expired(nse, now):
             try:
                 nse = await self.registry.get_nse(name)
             except RETRYABLE:

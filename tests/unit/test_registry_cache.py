@@ -56,3 +56,31 @@ async def test_with_nothing_seen_or_a_real_error_the_error_stands() -> None:
     cache, _ = _cache(InvalidArgument("bad query"), "nse-1")
     with pytest.raises(InvalidArgument):
         await cache.endpoints("blue")
+
+
+class OneRegistry:
+    """A registry client that knows one endpoint."""
+
+    def __init__(self, nse: NetworkServiceEndpoint) -> None:
+        self.nse = nse
+        self.calls = 0
+
+    async def get_nse(self, name: str) -> NetworkServiceEndpoint | None:
+        self.calls += 1
+        return self.nse if name == self.nse.name else None
+
+
+async def test_a_miss_in_a_live_view_is_confirmed_with_the_registry() -> None:
+    """The watch may be behind (an endpoint that registered again after its manager restarted):
+    a name the view does not have, or has expired, is asked for."""
+    fresh = NetworkServiceEndpoint(name="near", network_service_names=["blue"], url="unix:///n")
+    registry = OneRegistry(fresh)
+    cache = RegistryCache(registry)  # type: ignore[arg-type]
+    cache._nse_live = True
+    assert await cache.endpoint("near") == fresh
+    stale = NetworkServiceEndpoint(name="near", url="unix:///old")
+    stale.expiration_time.seconds = 1  # long expired
+    cache._nse["near"] = stale
+    assert await cache.endpoint("near") == fresh
+    assert await cache.endpoint("nobody") is None
+    assert registry.calls == 3
