@@ -3,12 +3,14 @@ taking it out again (``nsm cni-install`` / ``nsm cni-uninstall``, :mod:`nsm.cni.
 
 The runtime (containerd, CRI-O) uses the first file of its configuration directory, by name,
 ending in ``.conflist``, ``.conf`` or ``.json``: the primary network. ``nsm-cni`` is appended to
-that file's ``plugins`` (a ``.conf`` holding one plugin becomes a list of two in the same file).
+that file's ``plugins``. A ``.conf`` or ``.json`` holds a single plugin (libcni reads it so), so
+it is turned into ``<stem>.conflist`` with the plugin and ``nsm-cni``, and the original file is
+kept aside as ``.<name>.nsm-cni-orig`` (a name the runtime does not read) for removal to put back.
 
 - Insert is idempotent: an ``nsm-cni`` entry already there is replaced in place, and a file that
   would not change is not written at all (no event for a watcher, no new mtime).
-- Removal takes out every ``nsm-cni`` entry of every file of the directory; a file without one
-  (another network's conflist) is not touched.
+- Removal takes out every ``nsm-cni`` entry of every file of the directory (or puts a converted
+  single-plugin file back); a file without one (another network's conflist) is not touched.
 - Writes are atomic: a temporary file in the same directory (its name starts with a dot and
   ends in ``.tmp``, so the runtime never reads it), fsync, rename, fsync of the directory; the
   file keeps its mode.
@@ -25,6 +27,8 @@ from typing import Any
 from nsm.errors import FailedPrecondition, InvalidArgument
 
 PLUGIN_TYPE = "nsm-cni"
+#: The suffix of a single-plugin file set aside when it was turned into a conflist.
+ORIGINAL = ".nsm-cni-orig"
 #: What the runtime reads (libcni's ConfFiles).
 EXTENSIONS = (".conflist", ".conf", ".json")
 
@@ -97,12 +101,13 @@ def has_plugin(config: Mapping[str, Any]) -> bool:
                                              for p in plugins)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (same mode; see the module)."""
+def write_atomic(path: str, text: str, *, like: str | None = None) -> None:
+    """Replace ``path`` with ``text`` atomically, keeping the mode of ``path`` (or of ``like``;
+    0644 for a new file; see the module)."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     try:
-        mode = os.stat(path).st_mode & 0o7777
+        mode = os.stat(like or path).st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o644
     try:
@@ -128,6 +133,12 @@ def _dump(config: Mapping[str, Any]) -> str:
     return json.dumps(config, indent=2) + "\n"
 
 
+def set_aside(path: str) -> str:
+    """Where a single-plugin file converted to a conflist is kept."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}{ORIGINAL}")
+
+
 def insert(conf_dir: str, entry: Mapping[str, Any]) -> tuple[str, bool] | None:
     """Put ``entry`` into the primary network's file: (its path, whether it was written), or
     None when the directory has no CNI configuration yet."""
@@ -136,21 +147,41 @@ def insert(conf_dir: str, entry: Mapping[str, Any]) -> tuple[str, bool] | None:
         return None
     config = read(path)
     new = with_plugin(config, entry)
-    if new == config:
-        return path, False
-    write_atomic(path, _dump(new))
-    return path, True
+    if path.endswith(".conflist"):
+        if new == config:
+            return path, False
+        write_atomic(path, _dump(new))
+        return path, True
+    target = os.path.splitext(path)[0] + ".conflist"
+    if os.path.exists(target):
+        raise FailedPrecondition(f"cannot turn {path} into {target}: it exists")
+    write_atomic(target, _dump(new), like=path)
+    os.replace(path, set_aside(path))
+    return target, True
 
 
 def remove(conf_dir: str) -> list[str]:
-    """Take ``nsm-cni`` out of every file of ``conf_dir`` that has it; the files written."""
+    """Take ``nsm-cni`` out of every file of ``conf_dir`` that has it (a converted single-plugin
+    file is put back instead); the files written or put back."""
     written = []
     for path in config_files(conf_dir):
         try:
             config = read(path)
         except InvalidArgument:
             continue  # not ours to judge (another network's broken file)
-        if has_plugin(config):
-            write_atomic(path, _dump(without_plugin(config)))
-            written.append(path)
+        if not has_plugin(config):
+            continue
+        stem = os.path.splitext(path)[0]
+        originals = [set_aside(stem + ext) for ext in (".conf", ".json")
+                     if os.path.exists(set_aside(stem + ext))]
+        if path.endswith(".conflist") and originals:
+            original = originals[0]
+            name = os.path.basename(original)[1:-len(ORIGINAL)]
+            restored = os.path.join(conf_dir, name)
+            os.replace(original, restored)
+            os.unlink(path)
+            written.append(restored)
+            continue
+        write_atomic(path, _dump(without_plugin(config)))
+        written.append(path)
     return written
