@@ -205,3 +205,19 @@ def test_node_pod_shape(rendered: dict[str, list[dict[str, Any]]]) -> None:
         netns = [m for m in by_name[name]["volumeMounts"] if m["mountPath"] == "/var/run/netns"]
         assert netns and netns[0]["mountPropagation"] == "HostToContainer", name
     assert not by_name["manager"]["securityContext"].get("privileged")
+
+
+def test_each_manager_finds_only_its_own_forwarder(rendered: Docs) -> None:
+    """A manager selects the forwarders whose nsmgrURL label (the forwarder's --manager) is one of
+    its own URLs: on two nodes the forwarders' labels differ and each is one of its manager's."""
+    from tests.deploy.render import env_of
+
+    by_name = {c["name"]: c for c in containers(find(rendered["base"], "DaemonSet", "nsm-node"))}
+    labels = []
+    for node, ip in (("node1", "10.0.0.1"), ("node2", "10.0.0.2")):
+        values = {"NODE_NAME": node, "NODE_IP": ip}
+        manager, forwarder = env_of(by_name["manager"], values), env_of(by_name["forwarder"], values)
+        urls = manager["NSM_LISTEN"].split(",") + manager["NSM_ADVERTISE"].split(",")
+        assert forwarder["NSM_MANAGER"] in urls
+        labels.append(forwarder["NSM_MANAGER"])
+    assert labels[0] != labels[1]
