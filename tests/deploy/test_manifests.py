@@ -205,6 +205,12 @@ def test_node_pod_shape(rendered: dict[str, list[dict[str, Any]]]) -> None:
         netns = [m for m in by_name[name]["volumeMounts"] if m["mountPath"] == "/var/run/netns"]
         assert netns and netns[0]["mountPropagation"] == "HostToContainer", name
     assert not by_name["manager"]["securityContext"].get("privileged")
+    # The conflist entry the init container writes names the socket the agent listens on, in the
+    # host directory the runtime (which runs the plugin on the host) sees.
+    install = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
+    agent = {e["name"]: e.get("value") for e in by_name["cni-agent"]["env"]}
+    assert install["NSM_SOCKET"] == agent["NSM_SOCKET"] and agent["NSM_SOCKET"].startswith("/run/nsm/")
+    assert volumes["nsm-run"] == "/run/nsm"
 
 
 def test_each_manager_finds_only_its_own_forwarder(rendered: Docs) -> None:
