@@ -6,6 +6,8 @@
     nsm nse        --name N --service S --cidr CIDR --netns PATH --listen URL --registry URL
     nsm nsc        --service S --netns PATH --ifname NAME --manager URL
     nsm cni-agent  --manager URL --socket PATH --state-dir DIR   (the nsm-cni plugin's agent)
+    nsm cni-install / cni-uninstall   put nsm-cni into the node's conflist / take it out
+    nsm health     [--url URL]   exit 0 when the daemon at URL (default: NSM_LISTEN) is SERVING
     nsm demo       build a throwaway mesh, show a link and a ping, tear it all down
 
 Every flag also reads an ``NSM_*`` environment variable (``--listen`` → ``NSM_LISTEN``).
@@ -28,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nse": ("nsm.endpoint.main", "run a network service endpoint"),
     "nsc": ("nsm.client.main", "request a network service for a namespace"),
     "cni-agent": ("nsm.cni.agent", "run a node's CNI agent (behind the nsm-cni plugin)"),
+    "cni-install": ("nsm.cni.install", "install nsm-cni on this node: the executable, the conflist entry"),
+    "cni-uninstall": ("nsm.cni.install", "remove nsm-cni from this node (conflist entries, executable)"),
+    "health": ("nsm.health", "ask a daemon's gRPC health service once (exit 0 when SERVING)"),
     "demo": ("nsm.lab.demo", "build a throwaway mesh in namespaces and show it working"),
     "lab": ("nsm.lab.cli", "an emulated cluster of nodes in namespaces: lab up|down|status"),
 }

@@ -10,8 +10,8 @@ state directory's files.
 - :class:`StateDir`: one JSON file per attachment, written atomically (temporary file, fsync,
   rename), read back at start.
 - :func:`add_result`: ``prevResult`` passed through with the attachment's interfaces (with
-  ``sandbox``), addresses and routes appended, in the config's version's shape (0.4.0 addresses
-  carry ``version``).
+  ``sandbox``), addresses and routes appended, in the config's version's shape (0.3.x and 0.4.0
+  addresses carry ``version``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from nsm.cni.spec import INVALID_CONFIG, CniError
+from nsm.cni.spec import INVALID_CONFIG, CniError, version_at_least
 from nsm.errors import InvalidArgument
 from nsm.mechanisms import validate_ifname
 from nsm.names import check_name
@@ -222,7 +222,7 @@ def add_result(prev: Mapping[str, Any] | None, links: Sequence[Link], *, netns: 
         interfaces.append(iface)
         for address in link.addresses:
             ip: dict[str, Any] = {"address": address, "interface": len(interfaces) - 1}
-            if version == "0.4.0":
+            if not version_at_least(version, "1.0.0"):  # 0.3.x and 0.4.0
                 ip["version"] = _family(address)
             ips.append(ip)
         for dst, gw in link.routes:

@@ -4,7 +4,7 @@ over a unix socket and prints the agent's answer; the agent does the work.
 Standard library only (no gRPC, protobuf or pyroute2): a runtime starts it for every pod, so it
 must start fast. What it does itself:
 
-- VERSION: answered here (0.4.0, 1.0.0, 1.1.0).
+- VERSION: answered here (0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0).
 - Bad input: a missing ``CNI_*`` variable is code 4, stdin that is not JSON 6, a config without
   ``name``/``cniVersion`` 7 (:mod:`nsm.cni.spec`), before the agent is asked.
 - The agent not listening: ADD, CHECK and GC wait up to ``agentWait`` seconds (config, default
@@ -36,8 +36,8 @@ from nsm.cni.spec import (
     LATEST,
     MAX_MESSAGE,
     NOT_AVAILABLE,
+    SUPPORTED,
     TRY_AGAIN,
-    VERSIONS,
     CniError,
     check_env,
     config_number,
@@ -147,7 +147,7 @@ def run(env: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
     try:
         # The version errors are reported in: the config's, when it has a supported one.
         with_version = json.loads(raw) if raw.strip() else {}
-        if isinstance(with_version, dict) and with_version.get("cniVersion") in VERSIONS:
+        if isinstance(with_version, dict) and with_version.get("cniVersion") in SUPPORTED:
             version = with_version["cniVersion"]
     except (ValueError, UnicodeDecodeError):
         pass

@@ -1,8 +1,10 @@
 """What the plugin and the agent share about the CNI spec (1.1.0; 0.4.0 and 1.0.0 too), and the
 wire between them. Standard library only: the plugin imports it.
 
-- Versions: :data:`VERSIONS`; STATUS and GC only from 1.1.0 (an older config gets code 1, as
-  the reference plugins' ``skel`` answers).
+- Versions: :data:`VERSIONS`, and ADD/DEL (no CHECK) at 0.3.0 and 0.3.1 as well
+  (:data:`SUPPORTED`: kind's kindnet and other primary plugins still write 0.3.1 conflists, and a
+  chained plugin runs at its list's version); STATUS and GC only from 1.1.0, CHECK from 0.4.0 (an
+  older config gets code 1, as the reference plugins' ``skel`` answers).
 - Errors: :class:`CniError` ``{cniVersion, code, msg, details}`` (printed on stdout, exit 1).
   Codes 1-11 and 50/51 are the spec's; 100 and up are ours (:data:`PLUGIN_CODES`).
 - Environment: :func:`check_env` (what each command needs: code 4 otherwise), :func:`cni_args`
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
+#: Every version a config may have: :data:`VERSIONS` and the 0.3 ones (ADD, DEL, VERSION only).
+SUPPORTED = ("0.3.0", "0.3.1", *VERSIONS)
 #: The version VERSION answers with when the config names none.
 LATEST = "1.1.0"
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
@@ -137,7 +141,7 @@ def cni_args(env: Mapping[str, str]) -> dict[str, str]:
 def parse_config(raw: bytes | str, command: str) -> dict[str, Any]:
     """The network config on stdin: CniError 6 when it is not JSON, 7 when it is not an object
     with a ``name`` and a ``cniVersion`` (1 when the version is not one of :data:`VERSIONS`, or
-    the command is newer than it)."""
+    the command is newer than it: STATUS and GC before 1.1.0, CHECK before 0.4.0)."""
     try:
         config = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -149,19 +153,22 @@ def parse_config(raw: bytes | str, command: str) -> dict[str, Any]:
         raise CniError(INVALID_CONFIG, "the network config has no cniVersion")
     if not isinstance(config.get("name"), str) or not config["name"]:
         raise CniError(INVALID_CONFIG, "the network config has no name")
-    if version not in VERSIONS:
+    if version not in SUPPORTED:
         raise CniError(INCOMPATIBLE_VERSION, f"CNI version {version} is not supported",
-                       f"supported: {', '.join(VERSIONS)}")
+                       f"supported: {', '.join(SUPPORTED)}")
     if command in NEW_IN_1_1 and not version_at_least(version, "1.1.0"):
         raise CniError(INCOMPATIBLE_VERSION, f"config version {version} does not allow {command}",
                        "STATUS and GC need cniVersion 1.1.0")
+    if command == "CHECK" and not version_at_least(version, "0.4.0"):
+        raise CniError(INCOMPATIBLE_VERSION, f"config version {version} does not allow CHECK",
+                       "CHECK needs cniVersion 0.4.0")
     return config
 
 
 def version_result(config_version: str | None = None) -> dict[str, Any]:
     """VERSION's answer."""
-    version = config_version if config_version in VERSIONS else LATEST
-    return {"cniVersion": version, "supportedVersions": list(VERSIONS)}
+    version = config_version if config_version in SUPPORTED else LATEST
+    return {"cniVersion": version, "supportedVersions": list(SUPPORTED)}
 
 
 def config_number(config: Mapping[str, Any], key: str, default: float) -> float:

@@ -115,7 +115,7 @@ def test_the_plugin_imports_nothing_heavy() -> None:
 
 def test_version_is_answered_without_the_agent(tmp_path: Path) -> None:
     status, out = call({"CNI_COMMAND": "VERSION"}, {"cniVersion": "0.4.0"})
-    assert status == 0 and out == {"cniVersion": "0.4.0", "supportedVersions": list(spec.VERSIONS)}
+    assert status == 0 and out == {"cniVersion": "0.4.0", "supportedVersions": list(spec.SUPPORTED)}
     status, out = call({"CNI_COMMAND": "VERSION"}, b"")
     assert status == 0 and out["cniVersion"] == spec.LATEST
 
@@ -295,4 +295,4 @@ def test_agent_command_line(tmp_path: Path) -> None:
     assert os.access(wrapper, os.X_OK)
     run = subprocess.run([str(wrapper)], input=b"{}", capture_output=True, timeout=20,
                          env={"CNI_COMMAND": "VERSION"})
-    assert run.returncode == 0 and json.loads(run.stdout)["supportedVersions"] == list(spec.VERSIONS)
+    assert run.returncode == 0 and json.loads(run.stdout)["supportedVersions"] == list(spec.SUPPORTED)

@@ -1,0 +1,63 @@
+"""``nsm health``: ask a daemon's ``grpc.health.v1.Health`` once; exit 0 when it is SERVING.
+
+    nsm health                          # the first URL of NSM_LISTEN (the container's own daemon)
+    nsm health --url unix:///run/nsm/forwarder.sock --service networkservice.NetworkService
+
+For Kubernetes exec probes: a daemon listening only on a unix socket (the forwarder, the CNI
+agent) cannot have a native ``grpc:`` probe, which dials a TCP port. Run in the daemon's
+container, the probe inherits its environment, so without ``--url`` it checks the first URL the
+daemon listens on (``NSM_LISTEN``). Exit 1 (with one line on stderr) when the daemon answers
+anything but SERVING, or does not answer within ``--timeout``; 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nsm.config import EXIT_FAILED, EXIT_USAGE, duration, fail, flag
+from nsm.errors import NsmError
+from nsm.transport import dial, parse_url
+
+PROG = "nsm health"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flag(parser, "--url", default=None,
+         help="the daemon's URL, unix:///path or tcp://host:port (default: the first of NSM_LISTEN)")
+    flag(parser, "--service", default="", help="the service to ask about (default: the whole server)")
+    flag(parser, "--timeout", type=duration, default=3.0, help="how long to wait for the answer")
+
+
+def default_url(environ: Mapping[str, str] | None = None) -> str | None:
+    """The first URL of ``NSM_LISTEN`` (comma-separated), None when it is not set."""
+    raw = (os.environ if environ is None else environ).get("NSM_LISTEN", "")
+    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    return urls[0] if urls else None
+
+
+async def run(args: argparse.Namespace) -> int:
+    url = args.url or default_url()
+    if not url:
+        return fail(PROG, "--url (or NSM_LISTEN) is required", EXIT_USAGE)
+    try:
+        parse_url(url)
+    except NsmError as exc:
+        return fail(PROG, exc.message, EXIT_USAGE)
+    channel = dial(url)
+    try:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.aio.AioRpcError as exc:
+        return fail(PROG, f"{url}: {exc.code().name}: {exc.details()}", EXIT_FAILED)
+    finally:
+        await channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    if resp.status != health_pb2.HealthCheckResponse.SERVING:
+        return fail(PROG, f"{url}: {status}", EXIT_FAILED)
+    print(f"{url}: {status}", flush=True)
+    return 0
