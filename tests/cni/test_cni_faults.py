@@ -144,7 +144,7 @@ async def test_bad_input_codes(cni) -> None:
     assert await code(b"{not json") == spec.DECODE_ERROR
     assert await code(b"[1, 2]") == spec.DECODE_ERROR
     assert await code({"name": "x"}) == spec.INVALID_CONFIG
-    assert await code({**good, "cniVersion": "0.3.1"}) == spec.INCOMPATIBLE_VERSION
+    assert await code({**good, "cniVersion": "0.2.0"}) == spec.INCOMPATIBLE_VERSION
     assert await code({**good, "services": ["http://x/y"]}) == spec.INVALID_CONFIG
     too_long = f"kernel://{cni.local}/much-too-long-name"
     assert await code({**good, "services": [too_long]}) == spec.INVALID_CONFIG
