@@ -22,11 +22,11 @@ default ``/run/nsm/cni/agent.sock``), ``agentWait``, ``timeout``, and the agent'
 from __future__ import annotations
 
 import _socket  # the C module: ``socket`` costs a few ms of imports (enum...) at every start
-import json
 import os
 import sys
 import time
 
+from nsm.cni import wirejson
 from nsm.cni.spec import (
     DEFAULT_AGENT_WAIT,
     DEFAULT_SOCKET,
@@ -130,7 +130,7 @@ def ask_agent(path: str, message: Mapping[str, Any], *, command: str, wait: floa
             raise CniError(NOT_AVAILABLE, f"the NSM node agent {what}") from None
         raise CniError(TRY_AGAIN, f"the NSM node agent {what}", f"at {path}") from None
     try:
-        answer = json.loads(line)
+        answer = wirejson.loads(line)
     except ValueError:
         raise CniError(IO_ERROR, "the node agent sent what is not JSON", line[:200].decode(
             errors="replace")) from None
@@ -146,7 +146,7 @@ def run(env: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
     version = LATEST
     try:
         # The version errors are reported in: the config's, when it has a supported one.
-        with_version = json.loads(raw) if raw.strip() else {}
+        with_version = wirejson.loads(raw) if raw.strip() else {}
         if isinstance(with_version, dict) and with_version.get("cniVersion") in SUPPORTED:
             version = with_version["cniVersion"]
     except (ValueError, UnicodeDecodeError):
@@ -171,14 +171,23 @@ def run(env: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
 
 
 def write_wrapper(directory: str, name: str = "nsm-cni") -> str:
-    """Write ``directory/name``: an executable that runs this plugin with this interpreter,
-    without ``site`` (``-S``: on a host with many ``.pth`` files it costs tens of ms a start) and
-    without its own directory on ``sys.path`` (``-P``), this package's root on ``PYTHONPATH``.
-    Written atomically (the runtime may be running it). Returns the path."""
+    """Write ``directory/name``: an executable that runs this plugin (imported, its modules
+    compiled here once) with this interpreter, without ``site`` (``-S``: on a host with many
+    ``.pth`` files it costs tens of ms a start) and without its own directory on ``sys.path``
+    (``-P``), this package's root on ``PYTHONPATH``. Written atomically (the runtime may be
+    running it). Returns the path."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    plugin = os.path.join(root, "nsm", "cni", "plugin.py")
+    # Imported, not run as a script (a script is compiled at every start): compiled once here.
+    import py_compile
+    for module in ("__init__.py", "cni/__init__.py", "cni/spec.py", "cni/wirejson.py",
+                   "cni/plugin.py"):
+        try:
+            py_compile.compile(os.path.join(root, "nsm", module), doraise=True)
+        except (OSError, py_compile.PyCompileError):
+            pass  # a read-only install: compiled at each start instead
     text = (f"#!/bin/sh\n# nsm-cni, the NSM CNI plugin (written by nsm cni-agent)\n"
-            f"PYTHONPATH='{root}' exec '{sys.executable}' -S -P '{plugin}' \"$@\"\n")
+            f"PYTHONPATH='{root}' exec '{sys.executable}' -S -P -c "
+            f"'from nsm.cni.plugin import main; raise SystemExit(main())' \"$@\"\n")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -195,7 +204,7 @@ def main(env: Mapping[str, str] | None = None, stdin: BinaryIO | None = None,
     status, out = run(os.environ if env is None else env, raw)
     if out is not None:
         stream = stdout or sys.stdout
-        stream.write(json.dumps(out) + "\n")
+        stream.write(wirejson.dumps(out) + "\n")
         stream.flush()
     return status
 

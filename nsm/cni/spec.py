@@ -18,7 +18,7 @@ wire between them. Standard library only: the plugin imports it.
 
 from __future__ import annotations
 
-import json
+from nsm.cni import wirejson
 
 TYPE_CHECKING = False  # importing typing costs milliseconds at every start of the plugin
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def parse_config(raw: bytes | str, command: str) -> dict[str, Any]:
     with a ``name`` and a ``cniVersion`` (1 when the version is not one of :data:`VERSIONS`, or
     the command is newer than it: STATUS and GC before 1.1.0, CHECK before 0.4.0)."""
     try:
-        config = json.loads(raw)
+        config = wirejson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CniError(DECODE_ERROR, "the network config is not JSON", str(exc)) from None
     if not isinstance(config, dict):
@@ -180,4 +180,4 @@ def config_number(config: Mapping[str, Any], key: str, default: float) -> float:
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    return wirejson.dumps(message, compact=True).encode() + b"\n"

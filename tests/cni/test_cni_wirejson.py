@@ -1,0 +1,57 @@
+"""The plugin's JSON (``nsm.cni.wirejson``, on ``_json`` alone so that a start does not import
+``re``): the same documents as ``json``, the same errors as ValueError, and a plugin start
+that imports neither ``json`` nor ``re``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsm.cni import wirejson
+
+pytestmark = pytest.mark.timeout(20)
+
+DOCUMENTS = [
+    {"cniVersion": "1.1.0", "name": "podnet", "plugins": [{"type": "bridge", "mtu": 1500}]},
+    {"interfaces": [{"name": "nsm-1", "sandbox": "/var/run/netns/p"}], "ips": [], "x": None},
+    [1, -2, 3.5, 1e100, -0.0, True, False, None, "é\n\t\"\\ \u2028"],
+    {}, [], "", 0, "text",
+    {"nested": {"deep": [{"k": [[], {}]}]}},
+]
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS)
+def test_same_documents_as_json(doc: object) -> None:
+    assert wirejson.dumps(doc) == json.dumps(doc)
+    assert wirejson.dumps(doc, compact=True) == json.dumps(doc, separators=(",", ":"))
+    assert wirejson.loads(json.dumps(doc)) == doc
+    assert wirejson.loads(json.dumps(doc, indent=2).encode()) == doc
+
+
+@pytest.mark.parametrize("bad", ["", " ", "{not json", "[1, 2", "1 2", "{'a': 1}", "nul", "[1,]"])
+def test_what_json_refuses_is_a_value_error(bad: str) -> None:
+    with pytest.raises(ValueError):
+        json.loads(bad)
+    with pytest.raises(ValueError):
+        wirejson.loads(bad)
+
+
+def test_not_utf8_and_not_serializable() -> None:
+    with pytest.raises(UnicodeDecodeError):
+        wirejson.loads(b'"\xff"')
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        wirejson.dumps({"x": {1, 2}})
+
+
+def test_a_plugin_start_imports_neither_json_nor_re() -> None:
+    code = ("import sys; from nsm.cni import plugin; "
+            "print(sorted(m for m in ('json', 're', 'enum', 'typing') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True,
+                         timeout=20, env={**os.environ,
+                                          "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out
