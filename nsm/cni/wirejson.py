@@ -52,6 +52,11 @@ def loads(data: str | bytes | bytearray) -> Any:
         value, end = scan(text, start)
     except StopIteration as stop:
         raise ValueError(f"expecting a JSON value at character {stop.value}") from None
+    except SystemError:
+        # The C scanner raises its error (json.decoder.JSONDecodeError) only once json.decoder
+        # is imported; until then it fails without one. Malformed input: let json say why.
+        import json
+        return json.loads(text)
     end = _skip(text, end)
     if end != len(text):
         raise ValueError(f"extra data after the JSON value at character {end}")

@@ -100,6 +100,10 @@ class CniLab(LabHarness):
     async def ready(rt: Runtime) -> bool:
         return (await rt.status()).failed is None
 
+    async def manager_knows_its_endpoint(self) -> bool:
+        """node1's manager knows its endpoint (after a restart: once it registered again)."""
+        return (await self.daemon_status("manager.node1")).get("local_endpoints", 0) >= 1
+
     async def add_works(self, rt: Runtime) -> bool:
         """An ADD (then DEL) of a fresh pod succeeds."""
         c, ns = await self.container("probe")

@@ -80,6 +80,10 @@ async def test_status_when_the_manager_is_down(cni) -> None:
         assert status.code == spec.NOT_AVAILABLE, status.runs
     finally:
         await cni.lab.start_daemon("manager.node1")
+    # Until its endpoint registers again, the restarted manager cannot name it to its
+    # forwarder: wait for that before the next test (the lab is shared).
+    await cni.eventually(cni.manager_knows_its_endpoint, timeout=10,
+                         what="the endpoint registered again through the restarted manager")
     await cni.eventually(lambda: cni.ready(rt), timeout=10, what="STATUS ok again")
     await cni.eventually(lambda: cni.add_works(rt), timeout=10, what="ADD works again")
 

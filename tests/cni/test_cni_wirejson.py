@@ -48,6 +48,16 @@ def test_not_utf8_and_not_serializable() -> None:
         wirejson.dumps({"x": {1, 2}})
 
 
+def test_malformed_input_in_a_fresh_process_is_a_value_error() -> None:
+    """Before json.decoder is imported the C scanner fails without its error (SystemError)."""
+    code = ("from nsm.cni import wirejson\n"
+            "try:\n    wirejson.loads('{not json')\nexcept ValueError as e:\n    print('ValueError', e)")
+    out = subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True,
+                         timeout=20, env={**os.environ,
+                                          "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.returncode == 0 and out.stdout.startswith("ValueError Expecting property name"), out
+
+
 def test_a_plugin_start_imports_neither_json_nor_re() -> None:
     code = ("import sys; from nsm.cni import plugin; "
             "print(sorted(m for m in ('json', 're', 'enum', 'typing') if m in sys.modules))")
