@@ -24,8 +24,9 @@ SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "tkinter",
 #: Extension modules the plugin never loads and that pull in large libraries (X11, OpenSSL, ...).
 SKIP_EXTENSIONS = ("_tkinter", "_sqlite3", "_ssl", "_hashlib", "readline", "_curses", "_dbm", "_gdbm",
                    "nis", "_ctypes", "_lzma", "_bz2", "_uuid", "_decimal")
-PLUGIN_MODULES = ["nsm/__init__.py", "nsm/cni/__init__.py", "nsm/cni/plugin.py", "nsm/cni/spec.py"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from nsm.cni.plugin import PLUGIN_MODULES, RUN_PLUGIN  # noqa: E402  (standard library only)
 
 
 def shared_libraries(binary: str) -> tuple[list[str], str | None]:
@@ -78,7 +79,7 @@ def build(dest: str) -> None:
         f.write('#!/bin/sh\n# nsm-cni with its own interpreter (deploy/image/cni_bundle.py)\n'
                 'R=$(cd "$(dirname "$0")" && pwd -P)\n'
                 'PYTHONHOME="$R" PYTHONPATH="$R/site" exec "$R/lib/ld.so" --library-path "$R/lib" '
-                '"$R/bin/python3" -S -P "$R/site/nsm/cni/plugin.py" "$@"\n')
+                f'"$R/bin/python3" -S -P -c \'{RUN_PLUGIN}\' "$@"\n')
     os.chmod(launcher, 0o755)
 
 

@@ -170,6 +170,14 @@ def run(env: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
         return 1, CniError(IO_ERROR, f"cannot talk to the NSM node agent: {exc}").to_json(version)
 
 
+#: Every module a start of the plugin imports (paths from the package's root): what a wrapper
+#: compiles and an image's bundle carries (``deploy/image/cni_bundle.py``).
+PLUGIN_MODULES = ("nsm/__init__.py", "nsm/cni/__init__.py", "nsm/cni/spec.py",
+                  "nsm/cni/wirejson.py", "nsm/cni/plugin.py")
+#: What the interpreter runs: the plugin imported (a script would be compiled at every start).
+RUN_PLUGIN = "from nsm.cni.plugin import main; raise SystemExit(main())"
+
+
 def write_wrapper(directory: str, name: str = "nsm-cni") -> str:
     """Write ``directory/name``: an executable that runs this plugin (imported, its modules
     compiled here once) with this interpreter, without ``site`` (``-S``: on a host with many
@@ -179,15 +187,13 @@ def write_wrapper(directory: str, name: str = "nsm-cni") -> str:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # Imported, not run as a script (a script is compiled at every start): compiled once here.
     import py_compile
-    for module in ("__init__.py", "cni/__init__.py", "cni/spec.py", "cni/wirejson.py",
-                   "cni/plugin.py"):
+    for module in PLUGIN_MODULES:
         try:
-            py_compile.compile(os.path.join(root, "nsm", module), doraise=True)
+            py_compile.compile(os.path.join(root, module), doraise=True)
         except (OSError, py_compile.PyCompileError):
             pass  # a read-only install: compiled at each start instead
     text = (f"#!/bin/sh\n# nsm-cni, the NSM CNI plugin (written by nsm cni-agent)\n"
-            f"PYTHONPATH='{root}' exec '{sys.executable}' -S -P -c "
-            f"'from nsm.cni.plugin import main; raise SystemExit(main())' \"$@\"\n")
+            f"PYTHONPATH='{root}' exec '{sys.executable}' -S -P -c '{RUN_PLUGIN}' \"$@\"\n")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
     tmp = f"{path}.tmp{os.getpid()}"

@@ -65,3 +65,19 @@ def test_a_plugin_start_imports_neither_json_nor_re() -> None:
                          timeout=20, env={**os.environ,
                                           "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert out.returncode == 0 and out.stdout.strip() == "[]", out
+
+
+def test_plugin_modules_are_what_a_start_imports() -> None:
+    """A wrapper compiles and an image's bundle carries ``PLUGIN_MODULES``: exactly the
+    package's modules a start of the plugin imports."""
+    from nsm.cni.plugin import PLUGIN_MODULES
+
+    code = ("import json, sys; from nsm.cni import plugin; "
+            "print(json.dumps(sorted(getattr(m, '__file__', '') for n, m in sys.modules.items() "
+            "if n == 'nsm' or n.startswith('nsm.'))))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True,
+                         timeout=20, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out
+    imported = sorted(str(Path(f).relative_to(root)) for f in json.loads(out.stdout))
+    assert imported == sorted(PLUGIN_MODULES)
