@@ -74,3 +74,14 @@ async def test_preconnect_connects_and_checks_the_peer_once_per_channel(tmp_path
     finally:
         await channels.close()  # cancels what is still warming
         await server.stop(0)
+
+
+def test_a_peer_on_this_node_is_tried_again_sooner() -> None:
+    """A unix socket's reconnect backoff stops at a quarter second (a restarted manager is used
+    and registered with again at once); a tcp peer's at 2 s."""
+    local = dict(transport.channel_options(transport.parse_url("unix:///run/nsm/nsm.sock")))
+    remote = dict(transport.channel_options(transport.parse_url("tcp://10.0.0.2:5001")))
+    assert local["grpc.max_reconnect_backoff_ms"] == 250
+    assert remote["grpc.max_reconnect_backoff_ms"] == 2_000
+    assert {k: v for k, v in local.items() if k != "grpc.max_reconnect_backoff_ms"} == \
+        {k: v for k, v in remote.items() if k != "grpc.max_reconnect_backoff_ms"}
