@@ -297,6 +297,8 @@ class Channels:
         self._stale: set[grpc.aio.Channel] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._warming: dict[str, asyncio.Task[None]] = {}
+        #: The channel each URL's preconnect was for (a renewed channel is connected again).
+        self._warmed: dict[str, grpc.aio.Channel] = {}
 
     def get(self, url: str) -> grpc.aio.Channel:
         channel = self._channels.get(url)
@@ -311,9 +313,9 @@ class Channels:
         call at all, on either side — costs milliseconds more than the next; the first Request
         then finds that paid). Once per channel; a failed check is only logged at debug."""
         channel = self.get(url)
-        task = self._warming.get(url)
-        if task is not None and (not task.done() or self._channels.get(url) is channel):
-            return
+        if self._warmed.get(url) is channel:
+            return  # this channel was connected (or is being connected) already
+        self._warmed[url] = channel
 
         async def warm() -> None:
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -350,6 +352,7 @@ class Channels:
 
     async def close(self) -> None:
         warming, self._warming = list(self._warming.values()), {}
+        self._warmed = {}
         for task in warming:
             task.cancel()
         await asyncio.gather(*warming, return_exceptions=True)

@@ -85,3 +85,27 @@ def test_a_peer_on_this_node_is_tried_again_sooner() -> None:
     assert remote["grpc.max_reconnect_backoff_ms"] == 2_000
     assert {k: v for k, v in local.items() if k != "grpc.max_reconnect_backoff_ms"} == \
         {k: v for k, v in remote.items() if k != "grpc.max_reconnect_backoff_ms"}
+
+
+async def test_preconnect_again_after_the_channel_was_renewed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A renewed channel (its predecessor could not connect) is a new connection to make: a
+    preconnect seen again connects it; the same channel is not connected twice."""
+    url = f"unix://{tmp_path}/peer.sock"
+    server = transport.Server([url])
+    await server.start()
+    channels = Channels()
+    try:
+        channels.preconnect(url)
+        first = channels._warming[url]
+        channels.preconnect(url)
+        assert channels._warming[url] is first
+        await asyncio.wait_for(first, 5)
+        channels.renew(url, channels.get(url))
+        channels.preconnect(url)
+        second = channels._warming[url]
+        assert second is not first
+        await asyncio.wait_for(second, 5)
+        assert channels.get(url).get_state() == transport.grpc.ChannelConnectivity.READY
+    finally:
+        await channels.close()
+        await server.stop(0)
