@@ -16,6 +16,15 @@ from nsm.cni import wirejson
 
 pytestmark = pytest.mark.timeout(20)
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run as a plugin start is: a fresh interpreter, no ``site``, the package's root."""
+    return subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True,
+                          timeout=20, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 DOCUMENTS = [
     {"cniVersion": "1.1.0", "name": "podnet", "plugins": [{"type": "bridge", "mtu": 1500}]},
     {"interfaces": [{"name": "nsm-1", "sandbox": "/var/run/netns/p"}], "ips": [], "x": None},
@@ -52,18 +61,14 @@ def test_malformed_input_in_a_fresh_process_is_a_value_error() -> None:
     """Before json.decoder is imported the C scanner fails without its error (SystemError)."""
     code = ("from nsm.cni import wirejson\n"
             "try:\n    wirejson.loads('{not json')\nexcept ValueError as e:\n    print('ValueError', e)")
-    out = subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True,
-                         timeout=20, env={**os.environ,
-                                          "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    out = _start(code)
     assert out.returncode == 0 and out.stdout.startswith("ValueError Expecting property name"), out
 
 
 def test_a_plugin_start_imports_neither_json_nor_re() -> None:
     code = ("import sys; from nsm.cni import plugin; "
             "print(sorted(m for m in ('json', 're', 'enum', 'typing') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True,
-                         timeout=20, env={**os.environ,
-                                          "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    out = _start(code)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out
 
 
@@ -75,9 +80,7 @@ def test_plugin_modules_are_what_a_start_imports() -> None:
     code = ("import json, sys; from nsm.cni import plugin; "
             "print(json.dumps(sorted(getattr(m, '__file__', '') for n, m in sys.modules.items() "
             "if n == 'nsm' or n.startswith('nsm.'))))")
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True,
-                         timeout=20, env={**os.environ, "PYTHONPATH": str(root)})
+    out = _start(code)
     assert out.returncode == 0, out
-    imported = sorted(str(Path(f).relative_to(root)) for f in json.loads(out.stdout))
+    imported = sorted(str(Path(f).relative_to(ROOT)) for f in json.loads(out.stdout))
     assert imported == sorted(PLUGIN_MODULES)
