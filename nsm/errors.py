@@ -61,6 +61,10 @@ class PermissionDenied(NsmError, code=grpc.StatusCode.PERMISSION_DENIED):
     """The caller may not do this (the message says why)."""
 
 
+class Unauthenticated(NsmError, code=grpc.StatusCode.UNAUTHENTICATED):
+    """The caller, a token or a certificate could not be authenticated."""
+
+
 class ResourceExhausted(NsmError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
     """A pool ran dry or a limit was reached (addresses, VNIs, watchers)."""
 
@@ -118,6 +122,7 @@ _BY_CODE: dict[grpc.StatusCode, type[NsmError]] = {
         AlreadyExists,
         FailedPrecondition,
         PermissionDenied,
+        Unauthenticated,
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,
@@ -128,7 +133,6 @@ _BY_CODE: dict[grpc.StatusCode, type[NsmError]] = {
 # Codes with no domain class of their own.
 _BY_CODE[grpc.StatusCode.CANCELLED] = Unavailable
 _BY_CODE[grpc.StatusCode.UNKNOWN] = Internal
-_BY_CODE[grpc.StatusCode.UNAUTHENTICATED] = FailedPrecondition
 _BY_CODE[grpc.StatusCode.ABORTED] = Unavailable
 _BY_CODE[grpc.StatusCode.OUT_OF_RANGE] = InvalidArgument
 _BY_CODE[grpc.StatusCode.DATA_LOSS] = Internal

@@ -1,5 +1,6 @@
 """gRPC listening and dialing: the one place where sockets, credentials and channel options
-are decided (so mTLS with SPIFFE identities can be added here and nowhere else).
+are decided. With a :class:`~nsm.security.tls.Security` every listen and dial is mTLS with the
+process's SVID (unix sockets included); without one (``--insecure``) plaintext.
 
 URLs are ``unix:///absolute/path`` or ``tcp://host:port`` (port 0 picks a free port).
 Every server also serves ``grpc.health.v1.Health`` (for every registered service name and
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import secrets
 import stat
@@ -24,12 +26,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nsm.errors import FailedPrecondition, InvalidArgument
+from nsm.security.tls import Security
 
 #: Longest path of a unix socket (sun_path is 108 bytes with its NUL).
 UNIX_PATH_MAX = 107
 
 #: How long a replaced channel lives on for the calls still on it (:meth:`Channels.renew`).
 STALE_GRACE = 5.0
+#: How long a channel made before an SVID rotation lives on (its streams keep their connection;
+#: its certificate, if it had to reconnect, would be the old one).
+STALE_AFTER_ROTATION = 600.0
 #: How long the health check of a preconnect (:meth:`Channels.preconnect`) may take.
 PRECONNECT_TIMEOUT = 5.0
 
@@ -179,7 +185,8 @@ class Server:
         await server.stop()
     """
 
-    def __init__(self, urls: Iterable[str | Url]) -> None:
+    def __init__(self, urls: Iterable[str | Url], *, security: Security | None = None) -> None:
+        self.security = security or Security.insecure()
         self.grpc: grpc.aio.Server = grpc.aio.server(options=SERVER_OPTIONS)
         self._requested = [u if isinstance(u, Url) else parse_url(u) for u in urls]
         if not self._requested:
@@ -226,7 +233,10 @@ class Server:
                 if len(private.encode()) <= UNIX_PATH_MAX:
                     bind = Url("unix", path=private)
             try:
-                port = self.grpc.add_insecure_port(bind.target())
+                if self.security.enabled:
+                    port = self.grpc.add_secure_port(bind.target(), self.security.server_credentials())
+                else:
+                    port = self.grpc.add_insecure_port(bind.target())
             except RuntimeError as exc:
                 raise FailedPrecondition(f"cannot listen on {url}: {exc}") from exc
             if port == 0 and not url.is_unix:
@@ -264,10 +274,13 @@ def channel_options(url: Url) -> tuple[tuple[str, int], ...]:
                  for k, v in CHANNEL_OPTIONS)
 
 
-def dial(url: str | Url) -> grpc.aio.Channel:
-    """Open a channel to a URL (insecure today; credentials are decided here)."""
+def dial(url: str | Url, security: Security | None = None) -> grpc.aio.Channel:
+    """Open a channel to a URL: mTLS with ``security``'s current SVID, plaintext without."""
     parsed = url if isinstance(url, Url) else parse_url(url)
-    return grpc.aio.insecure_channel(parsed.target(), options=channel_options(parsed))
+    if security is None or not security.enabled:
+        return grpc.aio.insecure_channel(parsed.target(), options=channel_options(parsed))
+    return grpc.aio.secure_channel(parsed.target(), security.channel_credentials(),
+                                   options=(*channel_options(parsed), *security.channel_options()))
 
 
 async def watch_reconnects(channel: grpc.aio.Channel, on_back: Callable[[], None]) -> None:
@@ -291,9 +304,13 @@ async def watch_reconnects(channel: grpc.aio.Channel, on_back: Callable[[], None
 class Channels:
     """A per-daemon cache of channels by URL, so hot paths don't reconnect per call."""
 
-    def __init__(self, factory: Callable[[str], grpc.aio.Channel] | None = None) -> None:
-        self._factory = factory or dial
+    def __init__(self, factory: Callable[[str], grpc.aio.Channel] | None = None, *,
+                 security: Security | None = None) -> None:
+        self._factory = factory or (lambda url: dial(url, security))
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._unsubscribe: Callable[[], None] | None = None
+        if security is not None and security.enabled and factory is None:
+            self._unsubscribe = security.on_rotate(self._rotated)
         self._stale: set[grpc.aio.Channel] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._warming: dict[str, asyncio.Task[None]] = {}
@@ -350,7 +367,32 @@ class Channels:
         task.add_done_callback(self._retiring.discard)
         return channel
 
+    def _rotated(self, svid: Any) -> None:
+        """The SVID rotated: new calls get channels with the new certificate; each old channel
+        (its connection and the streams on it stay up) is closed once its certificate expires."""
+        loop = asyncio.get_running_loop()
+        # The old certificate, renewed at half its life, expires about when half the new one's
+        # life is gone.
+        life = max(0.0, (svid.expires - dt.datetime.now(dt.UTC)).total_seconds())
+        old_expiry = min(life / 2, STALE_AFTER_ROTATION)
+        for url, stale in list(self._channels.items()):
+            self._channels[url] = self._factory(url)
+            self._warmed.pop(url, None)
+            self._stale.add(stale)
+
+            async def retire(stale: grpc.aio.Channel = stale) -> None:
+                await asyncio.sleep(old_expiry)
+                self._stale.discard(stale)
+                await stale.close()
+
+            task = loop.create_task(retire(), name=f"channel-rotate:{url}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
     async def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         warming, self._warming = list(self._warming.values()), {}
         self._warmed = {}
         for task in warming:

@@ -1,0 +1,151 @@
+"""A process's security settings: its identity, the mTLS credentials built from it, and who
+the caller of a gRPC call is.
+
+Every listen and dial of :mod:`nsm.transport` takes a :class:`Security`; with
+``Security.insecure()`` (``--insecure``) they are plaintext. grpcio checks a DNS name of the
+server's certificate (it has no SPIFFE verifier): every SVID must carry the DNS SAN
+:attr:`Security.server_name` (the trust domain unless configured; the built-in CA adds it, a
+SPIRE registration entry needs it as a DNS name), and every channel asks for that name. Who the
+peer is, is decided on its SPIFFE ID (the URI SAN), never on that name.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from nsm.errors import Unauthenticated
+from nsm.log import get_logger
+from nsm.security.ids import SpiffeId
+from nsm.security.sources import SvidSource
+from nsm.security.svid import Svid, spiffe_id_of
+
+log = get_logger("nsm.security")
+
+#: How many peer certificates' IDs are remembered (parsing one costs ~50 µs).
+PEER_CACHE = 1024
+
+
+class Security:
+    """mTLS with the SVIDs of ``source``, or plaintext (:meth:`insecure`)."""
+
+    def __init__(self, source: SvidSource | None, *, trust_domain: str, server_name: str | None = None) -> None:
+        self.source = source
+        self.trust_domain = trust_domain
+        self.server_name = server_name or trust_domain
+        self._generation = 0
+        self._served = -1
+        self._lock = threading.Lock()
+        self._peers: dict[bytes, SpiffeId] = {}
+        self._rotations: list[Callable[[Svid], None]] = []
+        if source is not None:
+            source.subscribe(self._rotated)
+
+    @classmethod
+    def insecure(cls) -> Security:
+        return cls(None, trust_domain="")
+
+    @property
+    def enabled(self) -> bool:
+        return self.source is not None
+
+    @property
+    def svid(self) -> Svid:
+        if self.source is None:
+            raise Unauthenticated("this process runs --insecure: it has no identity")
+        return self.source.svid
+
+    @property
+    def id(self) -> str | None:
+        """This process's SPIFFE ID (None when insecure)."""
+        return None if self.source is None else self.source.svid.id
+
+    async def start(self) -> None:
+        if self.source is None:
+            log.warning("running --insecure: plaintext gRPC, no identities, no authorization")
+            return
+        await self.source.start()
+        svid = self.source.svid
+        log.info("identity", spiffe_id=svid.id, expires=f"{svid.expires:%Y-%m-%dT%H:%M:%SZ}")
+
+    async def close(self) -> None:
+        if self.source is not None:
+            await self.source.close()
+
+    def on_rotate(self, callback: Callable[[Svid], None]) -> Callable[[], None]:
+        """Call ``callback(svid)`` after each rotation (channels are renewed on it)."""
+        self._rotations.append(callback)
+        return lambda: self._rotations.remove(callback) if callback in self._rotations else None
+
+    def _rotated(self, svid: Svid) -> None:
+        with self._lock:
+            self._generation += 1
+        for callback in list(self._rotations):
+            callback(svid)
+
+    # -- credentials ----------------------------------------------------------------------
+
+    def _server_config(self) -> Any:
+        svid = self.svid
+        return grpc.ssl_server_certificate_configuration([(svid.key_pem, svid.chain_pem)],
+                                                         root_certificates=svid.bundle_pem)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that present the current SVID to every new connection (a rotation
+        applies to the next handshake; live connections are not dropped) and require a client
+        certificate of the trust domain."""
+        with self._lock:
+            self._served = self._generation
+
+        def fetch() -> Any:  # called by grpc core on each handshake, in its own thread
+            with self._lock:
+                if self._served == self._generation:
+                    return None
+                self._served = self._generation
+            return self._server_config()
+
+        return grpc.dynamic_ssl_server_credentials(self._server_config(), fetch,
+                                                   require_client_authentication=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials of a new channel: the current SVID as client certificate, the bundle as
+        the roots the server's certificate must chain to."""
+        svid = self.svid
+        return grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
+
+    def channel_options(self) -> tuple[tuple[str, str], ...]:
+        return (("grpc.ssl_target_name_override", self.server_name),)
+
+    # -- the peer -------------------------------------------------------------------------
+
+    def peer_id(self, context: grpc.aio.ServicerContext) -> SpiffeId | None:
+        """The caller's SPIFFE ID from its TLS certificate (the handshake already checked the
+        chain against our bundle); None when insecure. Unauthenticated when a secure call
+        carries no SVID of our trust domain."""
+        if self.source is None:
+            return None
+        auth = context.auth_context() or {}
+        pems = auth.get("x509_pem_cert") or []
+        if not pems:
+            raise Unauthenticated("the caller presented no certificate")
+        pem = pems[0]
+        sid = self._peers.get(pem)
+        if sid is None:
+            sid = spiffe_id_of(x509.load_pem_x509_certificate(pem))
+            if len(self._peers) >= PEER_CACHE:
+                self._peers.clear()
+            self._peers[pem] = sid
+        if sid.trust_domain != self.trust_domain:
+            raise Unauthenticated(f"{sid} is not of trust domain {self.trust_domain}")
+        return sid
+
+    def peer_certificate(self, context: grpc.aio.ServicerContext) -> x509.Certificate | None:
+        """The caller's leaf certificate (None when insecure or absent)."""
+        if self.source is None:
+            return None
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+        return x509.load_pem_x509_certificate(pems[0]) if pems else None
