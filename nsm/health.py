@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nsm.config import EXIT_FAILED, EXIT_USAGE, duration, fail, flag
 from nsm.errors import NsmError
+from nsm.security.options import add_security_flags, security_from_args
 from nsm.transport import dial, parse_url
 
 PROG = "nsm health"
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="the daemon's URL, unix:///path or tcp://host:port (default: the first of NSM_LISTEN)")
     flag(parser, "--service", default="", help="the service to ask about (default: the whole server)")
     flag(parser, "--timeout", type=duration, default=3.0, help="how long to wait for the answer")
+    add_security_flags(parser)
 
 
 def default_url(environ: Mapping[str, str] | None = None) -> str | None:
@@ -48,7 +50,12 @@ async def run(args: argparse.Namespace) -> int:
         parse_url(url)
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
-    channel = dial(url)
+    try:
+        security = security_from_args(args, f"spiffe://{args.trust_domain}/nsm/health")
+        await security.start()
+    except NsmError as exc:
+        return fail(PROG, f"no identity: {exc.message}", EXIT_FAILED)
+    channel = dial(url, security)
     try:
         resp = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -56,6 +63,7 @@ async def run(args: argparse.Namespace) -> int:
         return fail(PROG, f"{url}: {exc.code().name}: {exc.details()}", EXIT_FAILED)
     finally:
         await channel.close()
+        await security.close()
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     if resp.status != health_pb2.HealthCheckResponse.SERVING:
         return fail(PROG, f"{url}: {status}", EXIT_FAILED)

@@ -41,6 +41,7 @@ from nsm.errors import InvalidArgument, NsmError
 from nsm.log import get_logger
 from nsm.names import check_name
 from nsm.retry import MAX_DELAY, MIN_DELAY
+from nsm.security.tls import Security
 from nsm.transport import Channels, parse_url
 
 log = get_logger("nsm.client")
@@ -122,8 +123,12 @@ class Connections:
         heal: HealOptions | None = HealOptions(),
         hooks: Sequence[Element] = (),
         on_change: Callable[[StateChange], None] | None = None,
+        security: Security | None = None,
     ) -> None:
         self.manager_url = str(parse_url(manager_url))
+        #: This client's identity and credentials (started by the first Request when it is
+        #: not yet); plaintext when None.
+        self.security = security or Security.insecure()
         self.name = check_name(name or f"nsc-{uuid.uuid4().hex[:8]}", "client name")
         if not lifetime > 0:
             raise InvalidArgument(f"lifetime must be positive, not {lifetime}")
@@ -133,7 +138,7 @@ class Connections:
             raise InvalidArgument(f"backoff needs 0 < min <= max, not {min_backoff}..{max_backoff}")
         self.lifetime = float(lifetime)
         self.request_timeout = float(request_timeout)
-        self._channels = Channels()
+        self._channels = Channels(security=self.security)
         self._begin = ClientBegin()
         self._notify = Notify()
         if on_change is not None:
@@ -161,11 +166,13 @@ class Connections:
         if segments and segments[0].name != self.name:
             raise InvalidArgument(f"path segment 0 is {segments[0].name!r}, not this client's "
                                   f"{self.name!r}")
+        await self.security.start()
         return await self.chain.request(request)
 
     async def find(self, conn_id: str) -> Connection | None:
         """The manager's live connection ``conn_id`` of this client (by its monitor), as this
         client sees it; None when the manager does not know it."""
+        await self.security.start()
         return await find_connection(self._channel(), name=self.name, conn_id=conn_id,
                                      timeout=self.request_timeout)
 

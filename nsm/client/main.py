@@ -26,6 +26,8 @@ show at the default level). Every flag also reads ``NSM_<FLAG>``. Runnable as ``
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +41,8 @@ from nsm.daemon import settle_heap
 from nsm.errors import NsmError
 from nsm.mechanisms import NAME
 from nsm.names import check_name
+from nsm.security.ids import workload_id
+from nsm.security.options import add_security_flags, security_from_args
 
 PROG = "nsm nsc"
 
@@ -65,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--once", switch=True, default=False, help="request, print, close and exit")
     flag(parser, "--hold", type=duration,
          help="keep the connection this long (e.g. 30s), then close and exit")
+    add_security_flags(parser)
     log_flags(parser, level="warning")
 
 
@@ -98,6 +103,14 @@ def summary(conn: Connection, ifname: str = "") -> str:
             f"dst={','.join(ip.dst_ip_addrs) or '-'} endpoint={conn.network_service_endpoint_name or '-'}")
 
 
+def default_identity(args: argparse.Namespace) -> str:
+    """The workload name of this client's SPIFFE ID when the built-in CA issues it: its pod
+    (the name of the namespace it requests for), else its name, else ``nsc``."""
+    netns = str(args.netns or "")
+    pod = "" if not netns or netns.startswith("/proc/") else os.path.basename(netns.rstrip("/"))
+    return re.sub(r"[^A-Za-z0-9._-]", "-", pod or args.name or "nsc").strip(".") or "nsc"
+
+
 async def run(args: argparse.Namespace) -> int:
     """Request, print, hold until a signal (or ``--once``/``--hold``), close; the exit status.
     Every state change of the connection is a log line (down, failed and healed are warnings)."""
@@ -118,16 +131,18 @@ async def run(args: argparse.Namespace) -> int:
             check_name(conn_id, "connection id (--id)")
         elif args.name is not None:
             conn_id = f"{args.name}-0"
+        security = security_from_args(args, workload_id(args.trust_domain, default_identity(args)))
         client = Client(manager_url=args.manager, service=args.service, netns=args.netns,
                         ifname=args.ifname, name=args.name, labels=dict(args.label or []),
                         lifetime=args.lifetime, request_timeout=args.timeout, on_update=on_update,
-                        conn_id=conn_id, heal=heal_options(args))
+                        conn_id=conn_id, heal=heal_options(args), security=security)
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
 
     async with StopSignals() as stop:
         try:
             try:
+                await security.start()
                 conn = await stop.first(client.request())
             except NsmError as exc:
                 return fail(PROG, f"request failed: {exc.code.name}: {exc.message}")
@@ -145,6 +160,8 @@ async def run(args: argparse.Namespace) -> int:
                 await client.close(raise_errors=True)
             except NsmError as exc:
                 fail(PROG, f"close failed: {exc.code.name}: {exc.message}")
+            finally:
+                await security.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from nsm.errors import NsmError
 from nsm.kernel.netns import resolve_netns
 from nsm.log import get_logger
 from nsm.mechanisms import NAME, kernel, netns_url, validate_ifname, validate_mechanism
+from nsm.security.tls import Security
 
 __all__ = ["DEFAULT_IFNAME", "DEFAULT_LIFETIME", "DEFAULT_TIMEOUT", "MAX_BACKOFF", "MIN_BACKOFF",
            "REFRESH_FRACTION", "Client", "close_once", "new_request", "request_once"]
@@ -81,6 +82,7 @@ class Client:
         heal: HealOptions | None = HealOptions(),
         hooks: Sequence[Element] = (),
         adopt: bool | None = None,
+        security: Security | None = None,
     ) -> None:
         self.service = service
         self.ifname = validate_ifname(ifname, "client interface name")
@@ -89,7 +91,7 @@ class Client:
         self.connections = Connections(manager_url=manager_url, name=name, lifetime=lifetime,
                                        request_timeout=request_timeout, min_backoff=min_backoff,
                                        max_backoff=max_backoff, heal=heal, hooks=hooks,
-                                       on_change=self._changed)
+                                       on_change=self._changed, security=security)
         self.manager_url = self.connections.manager_url
         self.name = self.connections.name
         self.lifetime = self.connections.lifetime

@@ -55,6 +55,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import socket
 import stat
 import sys
 import time
@@ -104,6 +106,9 @@ from nsm.log import get_logger
 from nsm.mechanisms import kernel, netns_url
 from nsm.names import check_name
 from nsm.retry import Backoff
+from nsm.security.ids import CNI_AGENT, node_id
+from nsm.security.options import add_security_flags, security_from_args
+from nsm.security.tls import Security
 from nsm.transport import Server
 
 log = get_logger("nsm.cni")
@@ -162,7 +167,9 @@ class Agent:
                  state_dir: str = DEFAULT_STATE_DIR, name: str = DEFAULT_NAME,
                  listen: list[str] | None = None, lifetime: float = DEFAULT_LIFETIME,
                  request_timeout: float = DEFAULT_TIMEOUT, heal: HealOptions | None = HealOptions(),
-                 sweep_interval: float = DEFAULT_SWEEP, kubernetes: PodApi | None = None) -> None:
+                 sweep_interval: float = DEFAULT_SWEEP, kubernetes: PodApi | None = None,
+                 security: Security | None = None) -> None:
+        self.security = security or Security.insecure()
         self.name = check_name(name, "agent name")
         self.socket_path = Path(socket)
         self.state = StateDir(state_dir)
@@ -173,7 +180,8 @@ class Agent:
         if heal is not None and heal.liveness:
             heal = dataclasses.replace(heal, probe=PodProbe(self))
         self.conns = Connections(manager_url=manager_url, name=self.name, lifetime=lifetime,
-                                 request_timeout=request_timeout, on_change=self._changed, heal=heal)
+                                 request_timeout=request_timeout, on_change=self._changed, heal=heal,
+                                 security=self.security)
         self.netlink = Netlink()
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
@@ -188,6 +196,7 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.security.start()
         self.state.create()
         found, bad = self.state.load()
         for problem in bad:
@@ -206,7 +215,7 @@ class Agent:
             self._adopting[att.key] = self._spawn(self._take_back(att))
         self._sweeper = self._spawn(self._sweep())
         if self.listen:
-            self._health = Server(self.listen)
+            self._health = Server(self.listen, security=self.security)
             await self._health.start()
         log.info("cni agent serving", socket=str(self.socket_path), manager=self.conns.manager_url,
                  attachments=len(found))
@@ -625,7 +634,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--kubernetes", switch=True, default=False,
          help="read each pod's networkservicemesh.io annotation and write its network-status "
               "through the Kubernetes API (pod named by K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS)")
+    flag(parser, "--node", default=None,
+         help="this node's name, for the agent's SPIFFE ID (default: the host name)")
     heal_flags(parser)
+    add_security_flags(parser)
     flag(parser, "--list", switch=True, default=False,
          help="print the running agent's attachments (JSON lines) and exit")
     log_flags(parser)
@@ -663,11 +675,19 @@ async def run(args: argparse.Namespace) -> int:
             kubernetes = PodApi(kubeconfig=args.kubeconfig)
         except Exception as exc:  # lightkube's ConfigError, a bad file
             return fail(PROG, f"no Kubernetes credentials: {exc}", 2)
+    node = args.node or re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "node"
+    try:
+        security = security_from_args(args, node_id(args.trust_domain, node, CNI_AGENT))
+    except NsmError as exc:
+        return fail(PROG, exc.message, 2)
     agent = Agent(manager_url=args.manager, socket=args.socket, state_dir=args.state_dir,
                   name=args.name, listen=args.listen, lifetime=args.lifetime,
                   request_timeout=args.timeout, heal=heal_options(args),
-                  sweep_interval=args.sweep_interval, kubernetes=kubernetes)
-    await serve_until_signal(agent.start, agent.stop, status=agent.status)
+                  sweep_interval=args.sweep_interval, kubernetes=kubernetes, security=security)
+    try:
+        await serve_until_signal(agent.start, agent.stop, status=agent.status)
+    finally:
+        await security.close()
     return 0
 
 

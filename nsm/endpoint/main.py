@@ -31,6 +31,9 @@ from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.endpoint.endpoint import DEFAULT_EXPIRY, Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError
 from nsm.log import get_logger
+from nsm.names import check_name
+from nsm.security.ids import workload_id
+from nsm.security.options import add_security_flags, security_from_args
 
 log = get_logger("nsm.endpoint")
 
@@ -60,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="registration lifetime, refreshed at a third of it, e.g. 60s")
     flag(parser, "--lifetime", type=duration, default=DEFAULT_LIFETIME,
          help="longest a connection lives without a refresh, e.g. 10m")
+    add_security_flags(parser)
     log_flags(parser)
 
 
@@ -67,11 +71,14 @@ async def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status."""
     nsm_log.setup(args.log_level, args.log_json)
     try:
+        check_name(args.name, "endpoint name")
+        security = security_from_args(args, workload_id(args.trust_domain, args.name))
         endpoint = Endpoint(
             name=args.name, services=args.service, cidr=args.cidr, netns=args.netns,
             listen=args.listen, registry_url=args.registry, advertise=args.advertise,
             node=args.node,
-            labels=dict(args.label or []), expiry=args.expiry, lifetime=args.lifetime)
+            labels=dict(args.label or []), expiry=args.expiry, lifetime=args.lifetime,
+            security=security)
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
 
@@ -79,6 +86,7 @@ async def run(args: argparse.Namespace) -> int:
     async with StopSignals() as stop:
         try:
             with status_on_signal(endpoint.status):
+                await stop.first(security.start())
                 await stop.first(endpoint.start())
                 settle_heap()
                 await stop.wait()
@@ -91,6 +99,7 @@ async def run(args: argparse.Namespace) -> int:
             status = fail(PROG, f"{type(exc).__name__}: {exc}")
         finally:
             await endpoint.stop()
+            await security.close()
     return status
 
 

@@ -12,6 +12,8 @@ from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.forwarder.forwarder import Forwarder
 from nsm.forwarder.vxlan import DEFAULT_ADOPT_GRACE
 from nsm.names import check_name
+from nsm.security.ids import FORWARDER, node_id
+from nsm.security.options import add_security_flags, security_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--adopt-grace", help="after a restart, how long the datapath an earlier run "
          "left is kept for its connections to claim (their next Request adopts it); what none "
          "claims is removed then", type=duration, default=DEFAULT_ADOPT_GRACE)
+    add_security_flags(parser)
     flag(parser, "--log-level", help="log level", default="info")
     flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
 
@@ -39,11 +42,13 @@ async def run(args: argparse.Namespace) -> int:
     if args.node is not None:
         check_name(args.node, "node name (--node)")
     nsmlog.setup(args.log_level, args.log_json)
+    security = security_from_args(args, node_id(args.trust_domain, args.node or args.name, FORWARDER))
     fwd = Forwarder(name=args.name, listen=args.listen, manager_url=args.manager,
                     registry_url=args.registry, node=args.node or "", lifetime=args.lifetime,
                     request_timeout=args.request_timeout, expiry=args.expiry,
-                    tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace)
-    await serve_until_signal(fwd.start, fwd.stop, status=fwd.status)
+                    tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace, security=security)
+    async with security:
+        await serve_until_signal(fwd.start, fwd.stop, status=fwd.status)
     return 0
 
 

@@ -24,6 +24,10 @@ from nsm.lab.leftovers import write_json
 from nsm.lab.processes import Daemon, end_processes_in, identity, start_time, tail
 from nsm.lab.topology import BRIDGE, DEFAULT_PREFIX, FABRIC, Topology, validate_prefix
 from nsm.registry.client import RegistryClient
+from nsm.security.ca import CertificateAuthority
+from nsm.security.ids import DEFAULT_TRUST_DOMAIN, workload_id
+from nsm.security.sources import CaSource
+from nsm.security.tls import Security
 from nsm.transport import dial
 from nsm.wellknown import FORWARDER_SERVICE
 
@@ -109,14 +113,26 @@ class Lab:
     ``extra_args`` adds flags to daemons by key (see :meth:`daemon`), e.g.
     ``{"forwarder.node2": ["--expiry", "5s"]}``. ``state_file``, if given, gets the lab's JSON
     description (for ``nsm lab status``/``down``).
+
+    Secure by default: a built-in CA in ``<workdir>/ca`` issues every daemon its SVID (each
+    gets ``NSM_CA_DIR``; its SPIFFE ID is its role's default), every gRPC hop is mTLS with path
+    tokens. :attr:`security` is the lab's own identity (``spiffe://<td>/nsm/lab``, an observer
+    every daemon lets see all connections), :meth:`identity` makes more for in-process clients.
+    ``secure=False`` runs everything ``--insecure``.
     """
 
     def __init__(self, topology: Topology, *, prefix: str = DEFAULT_PREFIX,
                  workdir: str | Path | None = None, state_file: str | Path | None = None,
                  log_level: str = "info", extra_args: Mapping[str, Sequence[str]] | None = None,
                  start_timeout: float = 30.0, stop_timeout: float = 5.0,
-                 print_logs_on_error: bool = True) -> None:
+                 print_logs_on_error: bool = True, secure: bool = True,
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
         self.topology = topology
+        self.secure = secure
+        self.trust_domain = trust_domain
+        #: The lab's own identity (plaintext until built, and always when not ``secure``).
+        self.security = Security.insecure()
+        self._identities: dict[str, Security] = {}
         self.print_logs_on_error = print_logs_on_error
         self.prefix = validate_prefix(prefix)
         self._workdir_arg = Path(workdir) if workdir is not None else None
@@ -265,8 +281,8 @@ class Lab:
             raise AlreadyExists(f"lab {self.prefix} has a daemon {key!r} already")
         netns = self.node(node or self.registry_node).netns
         assert self.workdir is not None
-        d = Daemon(key, args, url=url, env=env, log_path=self.workdir / "logs" / f"{key}.log",
-                   netns=netns)
+        d = Daemon(key, args, url=url, env={**self.daemon_env, **(env or {})},
+                   log_path=self.workdir / "logs" / f"{key}.log", netns=netns, security=self.security)
         self._daemons[key] = d
         self._tiers[-1].append(key)
         try:
@@ -352,11 +368,55 @@ class Lab:
                 f"`nsm lab down --prefix {self.prefix}`")
         self.workdir = self._make_workdir()
         (self.workdir / "logs").mkdir()
+        if self.secure:
+            await asyncio.to_thread(CertificateAuthority.open, self.ca_dir, self.trust_domain)
+            self.security = self.identity(self.lab_id)
+            await self.security.start()
         self._write_state()  # early, so that `nsm lab down` finds the work dir of a crashed build
         await self._build_network()
         self._define_daemons()
         await self._start_daemons()
         await self._wait_registered()
+
+    # -------------------------------------------------------------- identities
+
+    @property
+    def ca_dir(self) -> Path:
+        """The built-in CA's directory (in the work directory)."""
+        assert self.workdir is not None
+        return self.workdir / "ca"
+
+    @property
+    def lab_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/nsm/lab"
+
+    @property
+    def daemon_env(self) -> dict[str, str]:
+        """What every daemon and command of the lab gets in its environment: the CA and the
+        trust domain (each daemon's SPIFFE ID is its role's default), the lab as an observer;
+        or ``NSM_INSECURE``."""
+        if not self.secure:
+            return {"NSM_INSECURE": "1"}
+        return {"NSM_CA_DIR": str(self.ca_dir), "NSM_TRUST_DOMAIN": self.trust_domain,
+                "NSM_OBSERVERS": self.lab_id}
+
+    def identity(self, spiffe_id: str) -> Security:
+        """A :class:`Security` with an SVID of the lab's CA for ``spiffe_id`` (one per ID,
+        started by its first use or ``await identity(...).start()``, closed with the lab); the
+        insecure one when the lab is not secure."""
+        if not self.secure:
+            return Security.insecure()
+        held = self._identities.get(spiffe_id)
+        if held is None:
+            held = Security(CaSource(self.ca_dir, spiffe_id, trust_domain=self.trust_domain,
+                                     dns_names=(self.trust_domain,)), trust_domain=self.trust_domain)
+            self._identities[spiffe_id] = held
+        return held
+
+    def pod_identity(self, netns: str) -> Security:
+        """The identity of the pod of ``netns`` (``spiffe://<td>/ns/default/pod/<name>``), as
+        ``nsm nsc`` takes it by default (started by its first use)."""
+        return self.identity(workload_id(self.trust_domain, os.path.basename(netns.rstrip("/"))))
 
     def _make_workdir(self) -> Path:
         if self._workdir_arg is None:
@@ -412,7 +472,8 @@ class Lab:
     def _new_daemon(self, key: str, args: list[str], url: str, netns: str) -> Daemon:
         assert self.workdir is not None
         args = [*args, "--log-level", self.log_level, *self.extra_args.get(key, [])]
-        d = Daemon(key, args, url=url, log_path=self.workdir / "logs" / f"{key}.log", netns=netns)
+        d = Daemon(key, args, url=url, env=self.daemon_env,
+                   log_path=self.workdir / "logs" / f"{key}.log", netns=netns, security=self.security)
         self._daemons[key] = d
         return d
 
@@ -470,7 +531,7 @@ class Lab:
     async def _start_daemons(self) -> None:
         await self._start(self._daemons["registry"])
         if self.topology.services:
-            channel = dial(self.registry_url)
+            channel = dial(self.registry_url, self.security)
             try:
                 client = RegistryClient(channel, timeout=5.0)
                 for s in self.topology.services:
@@ -490,7 +551,7 @@ class Lab:
         """Wait until every forwarder and endpoint is in the registry."""
         want = {n.forwarder_name for n in self.nodes.values()} | set(self.endpoints)
         deadline = time.monotonic() + (timeout or self.start_timeout)
-        channel = dial(self.registry_url)
+        channel = dial(self.registry_url, self.security)
         try:
             client = RegistryClient(channel, timeout=2.0)
             while True:
@@ -507,7 +568,7 @@ class Lab:
 
     async def forwarders(self) -> list[str]:
         """Names of the forwarders registered now (``Find`` service ``forwarder``)."""
-        channel = dial(self.registry_url)
+        channel = dial(self.registry_url, self.security)
         try:
             found = await RegistryClient(channel, timeout=5.0).find_nse()
         finally:
@@ -536,6 +597,10 @@ class Lab:
             except NsmError as exc:
                 self._log.error("cannot delete namespace", netns=name, error=exc.message)
         self._namespaces.clear()
+        for held in self._identities.values():
+            await held.close()
+        self._identities.clear()
+        self.security = Security.insecure()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
         if self.state_file is not None and self._wrote_state:

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--cidr", help="endpoint address pool", default="172.31.250.0/24")
     flag(parser, "--pings", help="number of pings", type=int, default=5)
     flag(parser, "--local", help="endpoint on the client's node", switch=True, default=False)
+    flag(parser, "--insecure", help="run every daemon --insecure (plaintext, no identities)",
+         switch=True, default=False)
 
 
 def say(text: str = "") -> None:
@@ -54,8 +56,13 @@ async def run(args: argparse.Namespace) -> int:
     netlink = Netlink()
     ok = False
     try:
-        async with Lab(topo, prefix=f"nsmdemo{os.getpid()}") as lab:
+        async with Lab(topo, prefix=f"nsmdemo{os.getpid()}", secure=not args.insecure) as lab:
             say(f"cluster up in {lab.build_seconds:.1f} s:")
+            if lab.secure:
+                say(f"  security: mTLS on every hop, X.509-SVIDs of a built-in CA (trust domain "
+                    f"{lab.trust_domain}), signed path tokens, authorization")
+            else:
+                say("  security: NONE (--insecure): plaintext, no identities")
             for spec in topo.nodes:
                 node = lab.node(spec.name)
                 say(f"  {node.name}: namespace {node.netns}, underlay {node.ip}, "
@@ -74,7 +81,7 @@ async def run(args: argparse.Namespace) -> int:
 async def show(args: argparse.Namespace, lab: Lab, netlink: Netlink, client_ns: str) -> bool:
     node1 = lab.node("node1")
     client = Client(manager_url=node1.manager_url, service=args.service, netns=client_ns,
-                    ifname="nsm-1", labels={"app": "demo"})
+                    ifname="nsm-1", labels={"app": "demo"}, security=lab.pod_identity(client_ns))
     t0 = time.perf_counter()
     conn = await client.request()
     try:

@@ -64,6 +64,7 @@ from nsm.lab.leftovers import cleanup
 from nsm.lab.processes import NSM_ROOT, Daemon, daemon_env, end_processes_in, pids_naming, tail
 from nsm.lab.topology import Topology
 from nsm.registry.client import RegistryClient
+from nsm.security.tls import Security
 from nsm.transport import dial
 from nsm.wellknown import FORWARDER_SERVICE
 
@@ -244,13 +245,14 @@ async def monitor_snapshot(channel: grpc.aio.Channel, *, timeout: float = 5.0) -
 class Channels:
     """One gRPC channel per URL, made on first use, all closed by :meth:`close`."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: Security | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.security = security
 
     def get(self, url: str) -> grpc.aio.Channel:
         channel = self._channels.get(url)
         if channel is None:
-            channel = self._channels[url] = dial(url)
+            channel = self._channels[url] = dial(url, self.security)
         return channel
 
     async def close(self) -> None:
@@ -349,7 +351,7 @@ class LabHarness:
         self.lab = lab
         self.prefix = lab.prefix
         self.netlink = Netlink()
-        self.channels = Channels()
+        self.channels = Channels(lab.security)
         self.logs = LogMarks(lab.log_dir)
         #: Endpoints started with :meth:`start_nse`, by name (while they run).
         self.nses: dict[str, Nse] = {}
@@ -474,8 +476,15 @@ class LabHarness:
         (self._scope_pods if self._stack is not None else self._session_pods).append(name)
         return path
 
+    def pod_identity(self, netns: str) -> Security:
+        """The identity of the pod of ``netns`` (``spiffe://<td>/ns/default/pod/<name>``), as
+        ``nsm nsc`` takes it by default (started by its first use)."""
+        return self.lab.pod_identity(netns)
+
     def open_client(self, node: str, service: str, netns: str, **kwargs: Any) -> Client:
-        """An SDK client of ``node``'s manager for a pod, closed at the end of the scope."""
+        """An SDK client of ``node``'s manager for a pod (with the pod's identity unless
+        ``security`` is given), closed at the end of the scope."""
+        kwargs.setdefault("security", self.pod_identity(netns))
         client = Client(manager_url=self.lab.node(node).manager_url, service=service, netns=netns,
                         **kwargs)
         self.stack.push_async_callback(client.close)
@@ -537,7 +546,7 @@ class LabHarness:
         """``python ARGS`` with piped stdio (a daemon's environment plus ``env``), killed at the
         end of the scope."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, cwd=NSM_ROOT, env=daemon_env(env),
+            sys.executable, *args, cwd=NSM_ROOT, env=daemon_env({**self.lab.daemon_env, **(env or {})}),
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import nsm
 from nsm.errors import Unavailable
+from nsm.security.tls import Security
 from nsm.transport import dial
 
 #: Where the ``nsm`` package this process runs comes from: daemons run the same code.
@@ -48,8 +49,10 @@ class Daemon:
 
     def __init__(self, name: str, args: Sequence[str], *, url: str,
                  env: Mapping[str, str] | None = None, log_path: Path | None = None,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, security: Security | None = None) -> None:
         self.name = name
+        #: The identity :func:`wait_serving` asks with.
+        self.security = security
         self.args = list(args)
         self.url = url
         self.env = dict(env or {})
@@ -71,7 +74,7 @@ class Daemon:
             if self.log_path:
                 os.close(out)
         try:
-            await wait_serving(self.url, timeout=timeout, proc=self.proc)
+            await wait_serving(self.url, timeout=timeout, proc=self.proc, security=self.security)
         except BaseException:
             await self.stop()
             raise
@@ -111,10 +114,11 @@ class Daemon:
 
 
 async def wait_serving(url: str, *, timeout: float = 15.0,
-                       proc: asyncio.subprocess.Process | None = None) -> None:
+                       proc: asyncio.subprocess.Process | None = None,
+                       security: Security | None = None) -> None:
     """Wait until the gRPC health service at ``url`` says SERVING."""
     deadline = time.monotonic() + timeout
-    channel = dial(url)
+    channel = dial(url, security)
     try:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:

@@ -11,6 +11,8 @@ from nsm.daemon import serve_until_signal
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.manager.manager import Manager
 from nsm.names import check_name
+from nsm.security.ids import MANAGER, node_id
+from nsm.security.options import add_security_flags, security_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          default=DEFAULT_LIFETIME)
     flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
          default=15.0)
+    add_security_flags(parser)
     flag(parser, "--log-level", help="log level", default="info")
     flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
 
@@ -31,10 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> int:
     check_name(args.name, "manager name (--name)")
     nsmlog.setup(args.log_level, args.log_json)
+    security = security_from_args(args, node_id(args.trust_domain, args.name, MANAGER))
     mgr = Manager(name=args.name, listen=args.listen, registry_url=args.registry,
                   advertise=args.advertise, lifetime=args.lifetime,
-                  request_timeout=args.request_timeout)
-    await serve_until_signal(mgr.start, mgr.stop, status=mgr.status)
+                  request_timeout=args.request_timeout, security=security)
+    async with security:
+        await serve_until_signal(mgr.start, mgr.stop, status=mgr.status)
     return 0
 
 

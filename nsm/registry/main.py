@@ -19,6 +19,9 @@ from nsm.daemon import serve_until_signal
 from nsm.errors import NsmError
 from nsm.registry.server import DEFAULT_EXPIRY, Registry, add_to_server
 from nsm.registry.store import DEFAULT_WATCH_QUEUE
+from nsm.security.ids import registry_id
+from nsm.security.options import add_security_flags, security_from_args
+from nsm.security.tls import Security
 from nsm.transport import Server, Url
 
 log = nsm_log.get_logger(__name__)
@@ -45,9 +48,11 @@ class RegistryDaemon:
         watch_queue: int = DEFAULT_WATCH_QUEUE,
         grace: float = 1.0,
         registry: Registry | None = None,
+        security: Security | None = None,
     ) -> None:
         self.registry = registry or Registry(expiry=expiry, watch_queue=watch_queue)
-        self._server = Server(urls)
+        self.security = security or Security.insecure()
+        self._server = Server(urls, security=self.security)
         self._grace = grace
         add_to_server(self.registry, self._server)
         self.urls: list[str] = []
@@ -93,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               f"(default {DEFAULT_LISTEN})")
     flag(parser, "--expiry", type=duration, default=DEFAULT_EXPIRY,
          help="lifetime of an endpoint registration unless refreshed, e.g. 60s")
+    add_security_flags(parser)
     flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log level")
     flag(parser, "--log-json", switch=True, default=False, help="log JSON lines")
 
@@ -101,9 +107,15 @@ async def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status."""
     nsm_log.setup(args.log_level, args.log_json)
     serving: list[RegistryDaemon] = []
+    try:
+        security = security_from_args(args, registry_id(args.trust_domain))
+    except NsmError as exc:
+        log.error("registry failed", error=exc.message)
+        return 1
 
     async def start() -> None:
-        daemon = RegistryDaemon(args.listen or [DEFAULT_LISTEN], expiry=args.expiry)
+        daemon = RegistryDaemon(args.listen or [DEFAULT_LISTEN], expiry=args.expiry,
+                                security=security)
         await daemon.start()
         serving.append(daemon)
         log.info("registry serving", urls=",".join(daemon.urls), expiry=args.expiry)
@@ -117,7 +129,8 @@ async def run(args: argparse.Namespace) -> int:
         return serving[0].registry.status() if serving else {}
 
     try:
-        await serve_until_signal(start, stop, status=status)
+        async with security:
+            await serve_until_signal(start, stop, status=status)
     except NsmError as exc:  # e.g. a bad or busy listen URL
         log.error("registry failed", error=exc.message)
         return 1

@@ -61,3 +61,11 @@ def security_from_args(args: argparse.Namespace, default_id: str) -> Security:
         source = CaSource(args.ca_dir, spiffe_id, trust_domain=trust_domain, ttl=args.svid_ttl,
                           dns_names=(server_name,))
     return Security(source, trust_domain=trust_domain, server_name=server_name)
+
+
+def security_from_environment(default_id: str) -> Security:
+    """The :class:`Security` the ``NSM_*`` security variables of this process's environment
+    describe (as the flags would), for programs using the SDK without a command line."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_security_flags(parser)
+    return security_from_args(parser.parse_args([]), default_id)

@@ -11,6 +11,8 @@ peer is, is decided on its SPIFFE ID (the URI SAN), never on that name.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +45,8 @@ class Security:
         self._lock = threading.Lock()
         self._peers: dict[bytes, SpiffeId] = {}
         self._rotations: list[Callable[[Svid], None]] = []
+        self._started = False
+        self._starting: asyncio.Future[None] | None = None
         if source is not None:
             source.subscribe(self._rotated)
 
@@ -65,16 +69,40 @@ class Security:
         """This process's SPIFFE ID (None when insecure)."""
         return None if self.source is None else self.source.svid.id
 
+    async def __aenter__(self) -> Security:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def start(self) -> None:
+        """Get the first SVID (idempotent; concurrent callers wait for the same start)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        self._started = True
         if self.source is None:
             log.warning("running --insecure: plaintext gRPC, no identities, no authorization")
             return
-        await self.source.start()
+        try:
+            await self.source.start()
+        except BaseException:
+            self._started = False
+            self._starting = None
+            raise
         svid = self.source.svid
         log.info("identity", spiffe_id=svid.id, expires=f"{svid.expires:%Y-%m-%dT%H:%M:%SZ}")
 
     async def close(self) -> None:
-        if self.source is not None:
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            with contextlib.suppress(BaseException):
+                await starting
+        if self.source is not None and self._started:
+            self._started = False
             await self.source.close()
 
     def on_rotate(self, callback: Callable[[Svid], None]) -> Callable[[], None]:

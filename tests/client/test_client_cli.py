@@ -73,6 +73,7 @@ async def manager(tmp_path: Path) -> AsyncIterator[tuple[FakeManager, str]]:
 async def spawn(*args: str) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NSM_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["NSM_INSECURE"] = "1"  # the fake manager is plaintext
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "nsm.client.main", *args, *LIVENESS_OFF, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

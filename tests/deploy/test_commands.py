@@ -37,12 +37,14 @@ async def serving(tmp_path: Path) -> AsyncIterator[str]:
 async def test_health_serving_and_the_default_url(serving: str) -> None:
     import asyncio
 
-    run = await asyncio.to_thread(nsm, "health", "--url", serving)
+    run = await asyncio.to_thread(nsm, "health", "--url", serving, "--insecure")
     assert run.returncode == 0 and "SERVING" in run.stdout, run
     # In a container: NSM_LISTEN is the daemon's, its first URL is the one checked.
-    run = await asyncio.to_thread(nsm, "health", env={"NSM_LISTEN": f"{serving},tcp://127.0.0.1:1"})
+    run = await asyncio.to_thread(nsm, "health", env={"NSM_LISTEN": f"{serving},tcp://127.0.0.1:1",
+                                                      "NSM_INSECURE": "1"})
     assert run.returncode == 0, run
-    run = await asyncio.to_thread(nsm, "health", "--url", serving, "--service", "no.such.Service")
+    run = await asyncio.to_thread(nsm, "health", "--url", serving, "--service", "no.such.Service",
+                                  "--insecure")
     assert run.returncode == 1 and "NOT_FOUND" in run.stderr, run
 
 

@@ -37,7 +37,7 @@ async def test_daemons_stop_cleanly_on_sigterm(mesh) -> None:
         "nse", "--name", nse_name, "--service", "e2e-life", "--cidr", "10.95.0.0/24",
         "--netns", nse_ns, "--listen", nse_url, "--registry", reg_url, "--node", node], url=nse_url)
 
-    channel = dial(reg_url)
+    channel = dial(reg_url, mesh.lab.security)
     try:
         reg = RegistryClient(channel, timeout=5)
 
@@ -49,7 +49,8 @@ async def test_daemons_stop_cleanly_on_sigterm(mesh) -> None:
 
         # The mini mesh works; its connection is closed before the shutdown.
         pod = await mesh.netns()
-        client = Client(manager_url=mgr_url, service="e2e-life", netns=pod)
+        client = Client(manager_url=mgr_url, service="e2e-life", netns=pod,
+                        security=mesh.pod_identity(pod))
         try:
             conn = await client.request()
             assert conn.network_service_endpoint_name == nse_name

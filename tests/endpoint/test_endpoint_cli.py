@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def env() -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NSM_")}
+    clean["NSM_INSECURE"] = "1"  # the registry of these tests is plaintext
     clean["PYTHONPATH"] = str(ROOT) + os.pathsep + clean.get("PYTHONPATH", "")
     return clean
 

@@ -88,7 +88,9 @@ async def test_a_scope_removes_what_it_made_and_blames_what_it_could_not(prefix:
         # A connection left open (by a client the scope does not know) fails the scope, once:
         # the next scope is blamed only for what it leaves itself.
         await h.start_nse("keep", services=["harness"], cidr="10.78.0.0/24")  # the harness's
-        lost = Client(manager_url=manager_url, service="harness", netns=await h.pod("o"))
+        lost_ns = await h.pod("o")
+        lost = Client(manager_url=manager_url, service="harness", netns=lost_ns,
+                      security=h.pod_identity(lost_ns))
         with pytest.raises(AssertionError, match=r"manager.node1: connection"):
             async with h.scope(grace=0.5):
                 await lost.request()

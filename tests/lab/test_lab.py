@@ -186,7 +186,7 @@ async def test_daemons_serve_on_unix_and_across_the_fabric(lab2: Lab) -> None:
 @kernel
 @pytest.mark.timeout(60)
 async def test_forwarders_are_registered(lab2: Lab) -> None:
-    channel = dial(lab2.registry_url)
+    channel = dial(lab2.registry_url, lab2.security)
     try:
         found = await RegistryClient(channel, timeout=5).find_nse()
     finally:
@@ -366,7 +366,7 @@ async def test_connection_through_the_lab(prefix: str, nse_node: str, path: list
     )
     async with Lab(topology, prefix=prefix) as lab:
         # Registered through its node's manager, which advertises its fabric URL for it.
-        channel = dial(lab.registry_url)
+        channel = dial(lab.registry_url, lab.security)
         try:
             (nse,) = await RegistryClient(channel, timeout=5).find_nse(
                 NetworkServiceEndpoint(name="nse"))
@@ -375,7 +375,7 @@ async def test_connection_through_the_lab(prefix: str, nse_node: str, path: list
         assert nse.url == lab.node(nse_node).manager_tcp_url
         client_ns = lab.pod("client").netns
         client = Client(manager_url=lab.node("node1").manager_url, service="lab-svc",
-                        netns=client_ns, ifname="nsm-1")
+                        netns=client_ns, ifname="nsm-1", security=lab.pod_identity(client_ns))
         try:
             conn = await client.request()
             assert [s.name for s in conn.path.path_segments][1:] == path

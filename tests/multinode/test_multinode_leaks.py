@@ -150,7 +150,7 @@ async def warm_up(cluster) -> None:
     async with pods(cluster, len(NODES), "warm") as warm:
         for node, pod in zip(NODES, warm, strict=True):
             async with Connections(manager_url=cluster.node(node).manager_url,
-                                   name=f"warm-{node}") as conns:
+                                   name=f"warm-{node}", security=cluster.lab.security) as conns:
                 for service in SERVICES:
                     await cycle_once(conns, service, pod)
 
@@ -200,7 +200,8 @@ async def test_1000_request_close_cycles_leave_nothing(new_lab) -> None:
         kinds: dict[tuple[str, str, str], int] = {}
         async with pods(cluster, CONCURRENCY, "cyc") as cpods:
             clients = {node: Connections(manager_url=cluster.node(node).manager_url,
-                                         name=f"cycles-{node}") for node in NODES}
+                                         name=f"cycles-{node}", security=cluster.lab.security)
+                       for node in NODES}
 
             async def worker(w: int) -> None:
                 node = NODES[w % len(NODES)]
@@ -232,7 +233,7 @@ async def test_1000_request_close_cycles_leave_nothing(new_lab) -> None:
             assert {k[2] for k in kinds} == {"local", "remote"}
             # An IPAM lease leak: the endpoint would hand out another pair than its first.
             async with Connections(manager_url=cluster.node("node1").manager_url,
-                                   name="firstpair") as conns:
+                                   name="firstpair", security=cluster.lab.security) as conns:
                 for service in SERVICES:
                     conn = await conns.request(new_request(
                         service=service, name=conns.name,
@@ -249,14 +250,17 @@ async def test_1000_request_close_cycles_leave_nothing(new_lab) -> None:
 #: A client process holding ``COUNT`` connections over one :class:`Connections` (one channel,
 #: one heal stream), printing ``ready N`` once they are all up, then waiting to be killed.
 HOLDER = """
-import asyncio, sys
+import asyncio, os, sys
 from nsm.client.chain import Connections, new_request
 from nsm.client.heal import HealOptions
 from nsm.mechanisms import kernel, netns_url
+from nsm.security.options import security_from_environment
 
 async def main(manager, name, netns, lifetime, count, *services):
+    domain = os.environ.get("NSM_TRUST_DOMAIN", "nsm.lab")
+    security = security_from_environment(f"spiffe://{domain}/ns/default/pod/{name}")
     conns = Connections(manager_url=manager, name=name, lifetime=float(lifetime),
-                        request_timeout=30.0, heal=HealOptions(interval=1.0))
+                        request_timeout=30.0, heal=HealOptions(interval=1.0), security=security)
     gate = asyncio.Semaphore(5)
 
     async def one(i):

@@ -46,7 +46,7 @@ async def check_connection(cluster, client, conn, pod: str, client_node: str) ->
 
 @pytest.mark.timeout(60)
 async def test_endpoints_are_labelled_with_their_node(cluster) -> None:
-    channel = dial(cluster.lab.registry_url)
+    channel = dial(cluster.lab.registry_url, cluster.lab.security)
     try:
         found = await RegistryClient(channel, timeout=5).find_nse(
             NetworkServiceEndpoint(network_service_names=["near"]))

@@ -117,7 +117,8 @@ async def wait_serving(target: str, proc: asyncio.subprocess.Process, timeout: f
 async def start_process(
     *args: str, env: dict[str, str] | None = None
 ) -> asyncio.subprocess.Process:
-    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    # Plaintext: these are tests of the daemon's process life (tests/security has it secure).
+    environ = {**os.environ, "PYTHONPATH": str(REPO), "NSM_INSECURE": "1", **(env or {})}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "nsm.registry.main", *args,
         cwd=str(REPO), env=environ,
