@@ -627,6 +627,9 @@ class Lab:
             "supervisor": identity(os.getpid()),
             "workdir": str(self.workdir) if self.workdir else None,
             "fabric": self.fabric_netns,
+            "security": ({"ca_dir": str(self.ca_dir), "trust_domain": self.trust_domain,
+                          "lab_id": self.lab_id}
+                         if self.secure and self.workdir else None),
             "namespaces": [nsns.netns_path(n) for n in self._namespaces],
             "registry": ({"url": self.registry_url, "tcp_url": self.registry_tcp_url,
                           "node": self.registry_node} if self.workdir else None),

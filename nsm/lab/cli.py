@@ -27,6 +27,8 @@ from nsm.lab.builder import Lab, shielded
 from nsm.lab.leftovers import DEFAULT_STATE_DIR, cleanup, lab_namespaces, read_state, state_path
 from nsm.lab.processes import daemon_env, is_alive, tail, wait_serving
 from nsm.lab.topology import DEFAULT_PREFIX, Topology, validate_prefix
+from nsm.security.sources import CaSource
+from nsm.security.tls import Security
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -161,9 +163,14 @@ def _print_summary(state: Mapping[str, Any], path: Path, seconds: float) -> None
     for name, p in state["pods"].items():
         print(f"  pod {name} on {p['node']}: netns {p['netns']}")
     first = next(iter(state["nodes"].values()))
+    sec = state.get("security")
+    env = (f"NSM_CA_DIR={sec['ca_dir']} NSM_TRUST_DOMAIN={sec['trust_domain']} " if sec
+           else "NSM_INSECURE=1 ")
+    print(f"security: {'mTLS, SVIDs of the built-in CA in ' + sec['ca_dir'] if sec else 'NONE (--insecure)'}")
     print(f"state: {path}\n"
           f"enter a node:  nsenter --net={first['netns']} bash\n"
-          f"request:       nsm nsc --manager {first['manager_url']} --service <S> --netns <pod netns>\n"
+          f"request:       {env}nsm nsc --manager {first['manager_url']} --service <S> "
+          f"--netns <pod netns>\n"
           f"tear down:     nsm lab down --prefix {prefix}")
 
 
@@ -227,14 +234,27 @@ async def _status(args: argparse.Namespace) -> int:
     sup_alive = is_alive(sup.get("pid"), sup.get("start_time"))
     daemons = state.get("daemons") or {}
 
+    sec = state.get("security")
+    security = (Security(CaSource(sec["ca_dir"], sec["lab_id"], trust_domain=sec["trust_domain"],
+                                  dns_names=(sec["trust_domain"],)), trust_domain=sec["trust_domain"])
+                if sec else Security.insecure())
+
     async def serving(url: str) -> bool:
         try:
-            await wait_serving(url, timeout=1.0)
+            await wait_serving(url, timeout=1.0, security=security)
         except NsmError:
             return False
         return True
 
-    health = await asyncio.gather(*(serving(d["url"]) for d in daemons.values()))
+    try:
+        await security.start()
+    except NsmError as exc:
+        print(f"lab {args.prefix!r}: cannot get an identity from its CA: {exc.message}")
+        return 1
+    try:
+        health = await asyncio.gather(*(serving(d["url"]) for d in daemons.values()))
+    finally:
+        await security.close()
     ok = sup_alive and bool(state.get("ready")) and all(health)
     if not args.json:
         print(f"lab {args.prefix!r}: {'up' if ok else 'DEGRADED' if sup_alive else 'DEAD'} "

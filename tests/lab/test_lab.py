@@ -38,7 +38,7 @@ from nsm.lab import (
     pids_in_netns,
     read_state,
 )
-from nsm.lab.processes import pids_naming, wait_serving
+from nsm.lab.processes import daemon_env, pids_naming, wait_serving
 from nsm.registry.client import RegistryClient
 from nsm.transport import dial
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
@@ -52,16 +52,20 @@ def kernel(fn: F) -> F:
         pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")(fn))
 
 _HEALTH = ("import asyncio, sys\n"
-           "from nsm.lab.processes import pids_naming, wait_serving\n"
-           "asyncio.run(wait_serving(sys.argv[1], timeout=5))\n")
+           "from nsm.lab.processes import daemon_env, pids_naming, wait_serving\n"
+           "from nsm.security.options import security_from_environment\n"
+           "async def main():\n"
+           "    async with security_from_environment('spiffe://nsm.lab/nsm/lab') as security:\n"
+           "        await wait_serving(sys.argv[1], timeout=5, security=security)\n"
+           "asyncio.run(main())\n")
 
 
-async def health_from(netns: str, url: str) -> tuple[int, str]:
+async def health_from(netns: str, url: str, lab_env: dict[str, str]) -> tuple[int, str]:
     """Check gRPC health of ``url`` from a process inside ``netns`` (the lab's tcp URLs are
     only reachable over its fabric, not from the test's root namespace)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "nsm.lab.netns_exec", netns, "--", sys.executable, "-c", _HEALTH, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=daemon_env(lab_env))
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, err.decode(errors="replace")
 
@@ -170,11 +174,11 @@ async def test_daemons_serve_on_unix_and_across_the_fabric(lab2: Lab) -> None:
     n1, n2 = lab2.node("node1"), lab2.node("node2")
     for url in (lab2.registry_url, n1.manager_url, n2.manager_url, n1.forwarder_url,
                 n2.forwarder_url):
-        await wait_serving(url, timeout=5)
+        await wait_serving(url, timeout=5, security=lab2.security)
     # The registry and each manager answer over tcp from the *other* node.
     checks = [(n2.netns, lab2.registry_tcp_url), (n2.netns, n1.manager_tcp_url),
               (n1.netns, n2.manager_tcp_url)]
-    results = await asyncio.gather(*(health_from(ns, url) for ns, url in checks))
+    results = await asyncio.gather(*(health_from(ns, url, lab2.daemon_env) for ns, url in checks))
     for (ns, url), (rc, err) in zip(checks, results, strict=True):
         assert rc == 0, f"{url} from {ns}: {err}"
     # Every daemon runs inside its node's namespace, none in the root one.
@@ -207,10 +211,11 @@ async def test_kill_and_restart_a_daemon(lab2: Lab) -> None:
     await lab2.kill("manager.node2")
     assert mgr.pid is None and not is_alive(old)
     with pytest.raises(Unavailable):
-        await wait_serving(lab2.node("node2").manager_url, timeout=0.5)
+        await wait_serving(lab2.node("node2").manager_url, timeout=0.5, security=lab2.security)
     await lab2.restart(mgr)
     assert mgr.pid not in (None, old)
-    rc, err = await health_from(lab2.node("node1").netns, lab2.node("node2").manager_tcp_url)
+    rc, err = await health_from(lab2.node("node1").netns, lab2.node("node2").manager_tcp_url,
+                                lab2.daemon_env)
     assert rc == 0, err
     assert "manager serving" in lab2.logs()["manager.node2"]
 
@@ -272,7 +277,7 @@ async def test_an_existing_lab_with_the_same_prefix_is_refused(lab2: Lab) -> Non
     with pytest.raises(AlreadyExists, match="nsm lab down --prefix"):
         await Lab(Topology.simple(1), prefix=lab2.prefix).start()
     assert len(lab_namespaces(lab2.prefix)) == 5  # the running lab is untouched
-    await wait_serving(lab2.registry_url, timeout=2)
+    await wait_serving(lab2.registry_url, timeout=2, security=lab2.security)
 
 
 # ---------------------------------------------------------------------------------- CLI
