@@ -122,9 +122,10 @@ def check_tokens(policies: Policies, tokens: Sequence[str], *, own_id: str, peer
             claims.append(claims_of(token))
         except PermissionDenied as exc:
             if policies.tokens_valid:
-                raise deny(TOKENS_VALID, f"path segment {i}: {exc.message}", peer=caller) from exc
+                which = "the caller's token" if i == len(tokens) - 1 else f"path segment {i}"
+                raise deny(TOKENS_VALID, f"{which}: {exc.message}", peer=caller) from exc
             claims.append(None)
-    if not tokens:
+    if not tokens or not tokens[-1]:
         if policies.tokens_valid or policies.prev_token_signed:
             raise deny(TOKENS_VALID, "the caller sent no token", peer=caller)
         return claims

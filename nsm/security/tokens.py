@@ -14,7 +14,9 @@ hops the verifier has no certificate of). Neither checks expiry: that is a polic
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -112,17 +114,28 @@ def _check_size(token: str) -> None:
         raise PermissionDenied(f"the token is longer than {MAX_TOKEN} bytes")
 
 
+def _b64json(part: str, what: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PermissionDenied(f"the token's {what} does not decode") from exc
+
+
 def claims_of(token: str) -> Claims:
     """The claims of ``token`` without checking its signature (a token whose signer's key is not
-    at hand): PermissionDenied when it is not a well-formed ES256 path token."""
+    at hand): PermissionDenied when it is not a well-formed ES256 path token. (Decoded here, not
+    by PyJWT, which costs six times as much for the same checks; :func:`verify` uses PyJWT.)"""
     _check_size(token)
-    try:
-        header = jwt.get_unverified_header(token)
-        payload = jwt.decode(token, options={**_OPTIONS, "verify_signature": False})
-    except jwt.PyJWTError as exc:
-        raise PermissionDenied(f"the token does not decode: {exc}") from exc
-    if header.get("alg") != ALGORITHM:
-        raise PermissionDenied(f"the token is not {ALGORITHM} but {str(header.get('alg'))[:20]}")
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise PermissionDenied("the token is not a signed JWT (three parts)")
+    header = _b64json(parts[0], "header")
+    payload = _b64json(parts[1], "payload")
+    if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
+        alg = header.get("alg") if isinstance(header, dict) else None
+        raise PermissionDenied(f"the token is not {ALGORITHM} but {str(alg)[:20]}")
+    if not isinstance(payload, dict):
+        raise PermissionDenied("the token's payload is not a JSON object")
     return _claims(payload)
 
 
