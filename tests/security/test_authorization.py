@@ -20,10 +20,12 @@ from security_ids import EVIL, FWD1, FWD2, MGR1, MGR2, NSC, NSE, TD  # type: ign
 from nsm.api import connection_pb2_grpc, networkservice_pb2_grpc
 from nsm.api.connection_pb2 import Connection, MonitorScopeSelector
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
-from nsm.chain import Chain, Ctx
+from nsm.chain import Chain, Ctx, Element, NextRequest
+from nsm.elements.begin import Begin
 from nsm.elements.callers import NodeManagerOnly
 from nsm.elements.connect import Connect
-from nsm.elements.updatepath import ts
+from nsm.elements.owner import Ownership
+from nsm.elements.updatepath import UpdatePath, ts
 from nsm.endpoint.endpoint import Endpoint
 from nsm.errors import PermissionDenied
 from nsm.manager.manager import Manager
@@ -293,3 +295,52 @@ async def test_a_forwarder_serves_only_its_nodes_manager(identity) -> None:  # t
     off = Chain([NodeManagerOnly(rule.security, Policies(forwarder_callers=False))])
     assert await off.request(request, off.context(peer=parse_id(NSC))) is request.connection
     assert TD in MGR1
+
+
+class ForgeOwnToken(Element):
+    """An endpoint's extra element that replaces the endpoint's token with one of another key."""
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        own = request.connection.path.path_segments[request.connection.path.index]
+        own.token = jwt.encode({"sub": NSE, "aud": [FWD1], "exp": int(time.time()) + 60}, self.key,
+                               algorithm="ES256")
+        return await next(ctx, request)
+
+
+async def test_next_token_signed(identity, tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
+    """An answer whose next segment is not signed by the hop that answered is refused, and the
+    connection it made is closed again."""
+    impostor = await identity(EVIL)
+    endpoint = Endpoint(name="nse-1", services=["blue"], cidr="172.16.0.0/24",
+                        listen=[f"unix://{tmp_path}/nse.sock"], grace=0.1,
+                        security=await identity(NSE), elements=[ForgeOwnToken(impostor.svid.key)])
+    async with endpoint:
+        hop = Hop(await identity(FWD1), endpoint.url)
+        try:
+            with pytest.raises(PermissionDenied, match="next_token_signed"):
+                await hop.request(forwarder_request(upstream))
+        finally:
+            await hop.aclose()
+        assert not endpoint.monitor.connections and len(endpoint.begin) == 0
+
+
+async def test_a_path_segment_of_another_identitys_connection(identity) -> None:  # type: ignore[no-untyped-def]
+    """A caller that replays another identity's path under a new connection id does not get
+    this hop's segment of that connection (what this hop would send on as its own)."""
+    security = await identity(MGR1)
+    owner = Ownership(security, Policies())
+    chain = Chain([Begin(), UpdatePath("mgr-1"), owner])
+    conn = Connection(id="nsc-conn")
+    conn.path.path_segments.add(name="nsc-1", id="nsc-conn")
+    made = await chain.request(NetworkServiceRequest(connection=conn), chain.context(peer=parse_id(NSC)))
+    replay = Connection()
+    replay.CopyFrom(made)
+    replay.id = replay.path.path_segments[0].id = "evil-conn"  # a new connection id, the same path
+    with pytest.raises(PermissionDenied, match="connection_owner: path segment"):
+        await chain.request(NetworkServiceRequest(connection=replay), chain.context(peer=parse_id(EVIL)))
+    assert len(owner) == 1
+    await chain.close(made, chain.context(peer=parse_id(NSC)))
+    assert len(owner) == 0
