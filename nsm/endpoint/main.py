@@ -31,6 +31,7 @@ from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.endpoint.endpoint import DEFAULT_EXPIRY, Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError
 from nsm.log import get_logger
+from nsm.security.policy import add_policy_flags, policies_from_args
 
 log = get_logger("nsm.endpoint")
 
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="registration lifetime, refreshed at a third of it, e.g. 60s")
     flag(parser, "--lifetime", type=duration, default=DEFAULT_LIFETIME,
          help="longest a connection lives without a refresh, e.g. 10m")
+    add_policy_flags(parser)
     log_flags(parser)
 
 
@@ -71,7 +73,8 @@ async def run(args: argparse.Namespace) -> int:
             name=args.name, services=args.service, cidr=args.cidr, netns=args.netns,
             listen=args.listen, registry_url=args.registry, advertise=args.advertise,
             node=args.node,
-            labels=dict(args.label or []), expiry=args.expiry, lifetime=args.lifetime)
+            labels=dict(args.label or []), expiry=args.expiry, lifetime=args.lifetime,
+            policies=policies_from_args(args))
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
 

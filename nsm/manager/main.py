@@ -11,6 +11,7 @@ from nsm.daemon import serve_until_signal
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.manager.manager import Manager
 from nsm.names import check_name
+from nsm.security.policy import add_policy_flags, policies_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          default=DEFAULT_LIFETIME)
     flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
          default=15.0)
+    add_policy_flags(parser)
     flag(parser, "--log-level", help="log level", default="info")
     flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
 
@@ -33,7 +35,7 @@ async def run(args: argparse.Namespace) -> int:
     nsmlog.setup(args.log_level, args.log_json)
     mgr = Manager(name=args.name, listen=args.listen, registry_url=args.registry,
                   advertise=args.advertise, lifetime=args.lifetime,
-                  request_timeout=args.request_timeout)
+                  request_timeout=args.request_timeout, policies=policies_from_args(args))
     await serve_until_signal(mgr.start, mgr.stop, status=mgr.status)
     return 0
 
