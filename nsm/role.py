@@ -1,8 +1,10 @@
 """The skeleton every serving role of the mesh shares (manager, forwarder, endpoint).
 
-- **The chain**: the standard server prefix ``Begin → Validate → UpdatePath(name) → Timeout →
-  Monitor`` is composed here, once; a role lists only what follows it (:meth:`Role.elements`),
-  top-down, in one place.
+- **The chain**: the standard server prefix ``(callers) → Begin → Validate → UpdatePath(name) →
+  PathTokens → Ownership → Timeout → Monitor`` is composed here, once; a role lists only who may
+  call it (:meth:`Role.callers`, rules on the caller's identity) and what follows the prefix
+  (:meth:`Role.elements`), top-down, in one place. The authorization policies
+  (:class:`~nsm.security.policy.Policies`) apply when the role is secure.
 - **What it serves**: ``networkservice.NetworkService`` (Request/Close down the chain) and
   ``connection.MonitorConnection`` (the Monitor element), plus the role's own services
   (:meth:`Role.grpc_services`, e.g. the manager's registry proxy), all through
@@ -26,12 +28,15 @@ from nsm.api import connection_pb2_grpc, networkservice_pb2_grpc
 from nsm.chain import Chain, Element
 from nsm.elements.begin import Begin
 from nsm.elements.monitor import Monitor
+from nsm.elements.owner import Ownership
 from nsm.elements.timeout import Timeout
+from nsm.elements.tokens import PathTokens
 from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
 from nsm.elements.validate import Validate
 from nsm.errors import FailedPrecondition, InvalidArgument
 from nsm.log import Logger, get_logger
 from nsm.names import check_name
+from nsm.security.policy import Policies
 from nsm.security.tls import Security
 from nsm.servicer import SERVICE_NAME, NetworkServiceServicer
 from nsm.transport import Server, Service, Url
@@ -60,13 +65,17 @@ class Role:
     """
 
     kind: ClassVar[str] = "role"
+    #: Whether this role is the last hop of a path (it signs its own segment for its caller).
+    last_hop: ClassVar[bool] = False
 
     def __init__(self, *, name: str, listen: Sequence[str],
                  lifetime: float = DEFAULT_LIFETIME, grace: float = 1.0,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None, policies: Policies | None = None) -> None:
         self.name = check_name(name, f"{self.kind} name")
         #: This hop's identity and credentials (plaintext and no identity when insecure).
         self.security = security or Security.insecure()
+        #: The authorization policies (applied only when secure).
+        self.policies = policies or Policies()
         if not lifetime > 0:
             raise InvalidArgument(f"connection lifetime must be positive, not {lifetime}")
         self.lifetime = float(lifetime)
@@ -75,16 +84,23 @@ class Role:
         self.log: Logger = get_logger(f"nsm.{self.kind}").bind(name=self.name)
         self.begin = Begin()
         self.timeout = Timeout()
-        self.monitor = Monitor()
+        self.monitor = Monitor(self.security, self.policies)
+        self.ownership = Ownership(self.security, self.policies)
         self._chain: Chain | None = None
         self._stack: contextlib.AsyncExitStack | None = None
 
     # -- what a role defines --------------------------------------------------------------
 
     def prefix(self) -> list[Element]:
-        """The standard server prefix, the same for every role."""
-        return [self.begin, Validate(), UpdatePath(self.name, lifetime=self.lifetime),
-                self.timeout, self.monitor]
+        """The standard server prefix, the same for every role, after its caller rules."""
+        return [*self.callers(), self.begin, Validate(),
+                UpdatePath(self.name, lifetime=self.lifetime),
+                PathTokens(self.security, self.policies, last_hop=self.last_hop),
+                self.ownership, self.timeout, self.monitor]
+
+    def callers(self) -> list[Element]:
+        """Rules on who may call this role (:mod:`nsm.elements.callers`), checked first."""
+        return []
 
     def elements(self) -> list[Element]:
         """This role's own elements, after the prefix, in order."""
@@ -132,6 +148,11 @@ class Role:
             return
         stack = contextlib.AsyncExitStack()
         self._stack = stack
+        if not self.security.enabled:
+            self.log.warning("insecure: no path tokens are signed or checked and no "
+                             "authorization policy applies")
+        elif self.policies.off():
+            self.log.warning("authorization policies switched off", policies=",".join(self.policies.off()))
         try:
             await self.setup(stack)
             chain = Chain([*self.prefix(), *self.elements()], name=self.kind)

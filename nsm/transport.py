@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nsm.errors import FailedPrecondition, InvalidArgument
+from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
 from nsm.security import prove
 from nsm.security.ids import SpiffeId
 from nsm.security.tls import Security
@@ -321,9 +321,14 @@ class Channels:
         self._warming: dict[str, asyncio.Task[None]] = {}
         #: The channel each URL's preconnect was for (a renewed channel is connected again).
         self._warmed: dict[str, grpc.aio.Channel] = {}
-        self._security = security
+        self._security = security or Security.insecure()
         #: Proven identities of the servers, by channel (a new channel proves again).
         self._peers: dict[str, tuple[grpc.aio.Channel, asyncio.Future[tuple[SpiffeId, Any]]]] = {}
+
+    @property
+    def security(self) -> Security:
+        """The security its channels are dialled with (insecure when none was given)."""
+        return self._security
 
     def get(self, url: str) -> grpc.aio.Channel:
         channel = self._channels.get(url)
@@ -336,7 +341,7 @@ class Channels:
         """The SPIFFE ID and certificate the server at ``url`` proves
         (:mod:`nsm.security.prove`), once per channel; Unauthenticated if it cannot,
         InvalidArgument when insecure."""
-        if self._security is None or not self._security.enabled:
+        if not self._security.enabled:
             raise InvalidArgument("an insecure channel has no identity to prove")
         channel = self.get(url)
         held = self._peers.get(url)
@@ -350,7 +355,9 @@ class Channels:
         """Connect to ``url`` now and make one health check over the channel, in the background
         (a next hop that will be used soon: the first call on a channel — and a process's first
         call at all, on either side — costs milliseconds more than the next; the first Request
-        then finds that paid). Once per channel; a failed check is only logged at debug."""
+        then finds that paid), and, when secure, has the server prove who it is
+        (:meth:`peer`: the first Request's token needs it). Once per channel; a failed check
+        is only logged at debug."""
         channel = self.get(url)
         if self._warmed.get(url) is channel:
             return  # this channel was connected (or is being connected) already
@@ -360,6 +367,9 @@ class Channels:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=PRECONNECT_TIMEOUT)
+            if self._security.enabled:
+                with contextlib.suppress(NsmError):
+                    await self.peer(url)
 
         self._warming[url] = asyncio.get_running_loop().create_task(warm(), name=f"preconnect:{url}")
 
@@ -417,9 +427,12 @@ class Channels:
             self._unsubscribe = None
         warming, self._warming = list(self._warming.values()), {}
         self._warmed = {}
+        peers, self._peers = list(self._peers.values()), {}
+        for _, proof in peers:
+            proof.cancel()
         for task in warming:
             task.cancel()
-        await asyncio.gather(*warming, return_exceptions=True)
+        await asyncio.gather(*warming, *(proof for _, proof in peers), return_exceptions=True)
         for task in list(self._retiring):
             task.cancel()
         stale, self._stale = self._stale, set()

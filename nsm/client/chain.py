@@ -31,7 +31,7 @@ from nsm.api.connection_pb2 import UP, Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Chain, Element
 from nsm.client.begin import ClientBegin, refresh_request
-from nsm.client.connect import DEFAULT_TIMEOUT, ManagerConnect, close_once
+from nsm.client.connect import DEFAULT_TIMEOUT, ManagerConnect
 from nsm.client.heal import Heal, HealOptions, find_connection
 from nsm.client.notify import Notify, StateChange
 from nsm.client.refresh import Refresh
@@ -146,11 +146,11 @@ class Connections:
         #: The heal element (None when not healing).
         self.heal = (Heal(name=self.name, channel=self._channel, options=heal)
                      if heal is not None else None)
+        self._connect = ManagerConnect(self._channels, self.manager_url, timeout=self.request_timeout)
         self.chain = client_chain(
             name=self.name, lifetime=self.lifetime, begin=self._begin, notify=self._notify,
             refresh=Refresh(min_backoff=min_backoff, max_backoff=max_backoff), heal=self.heal,
-            hooks=hooks,
-            connect=ManagerConnect(self._channels, self.manager_url, timeout=self.request_timeout))
+            hooks=hooks, connect=self._connect)
 
     def _channel(self) -> grpc.aio.Channel:
         return self._channels.get(self.manager_url)
@@ -201,7 +201,7 @@ class Connections:
             log.warning("adopting the live connection failed; closing it", conn=conn_id,
                         code=exc.code.name, error=exc.message)
             with contextlib.suppress(NsmError):
-                await close_once(self._channel(), found, timeout=self.request_timeout)
+                await self._connect.close_connection(found)
             return None
         log.info("adopted the live connection", conn=conn_id,
                  endpoint=conn.network_service_endpoint_name)

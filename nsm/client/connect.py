@@ -3,10 +3,14 @@
 One channel per manager URL (:class:`nsm.transport.Channels`), shared by every connection of the
 chain. A gRPC error becomes the matching domain error, its message unchanged; unlike the servers'
 :class:`nsm.elements.connect.Connect` a failed Close is raised (to the caller who closed).
+When secure, every Request and Close carries the client's token for its segment (signed for
+the identity the manager proved) and the manager's answer must carry the manager's token
+(``next_token_signed``): :class:`nsm.elements.tokens.HopTokens`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import grpc
@@ -15,7 +19,9 @@ from nsm.api import networkservice_pb2_grpc
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
-from nsm.errors import call
+from nsm.elements.tokens import HopTokens
+from nsm.errors import NsmError, call
+from nsm.security.policy import Policies
 from nsm.transport import Channels
 
 DEFAULT_TIMEOUT = 15.0
@@ -41,13 +47,29 @@ async def close_once(channel: grpc.aio.Channel, conn: Connection, *,
 class ManagerConnect(Element):
     """Sends every Request and Close to the manager at ``url``, each bounded by ``timeout``."""
 
-    def __init__(self, channels: Channels, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, channels: Channels, url: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 policies: Policies | None = None) -> None:
         self.channels = channels
         self.url = url
         self.timeout = timeout
+        self.tokens = HopTokens(channels, policies or Policies())
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
-        return await request_once(self.channels.get(self.url), request, timeout=self.timeout)
+        metadata = await self.tokens.sign(self.url, request.connection)
+        conn = await request_once(self.channels.get(self.url), request, timeout=self.timeout,
+                                  metadata=metadata)
+        try:
+            await self.tokens.check(self.url, conn, request.connection.path.index)
+        except NsmError:
+            with contextlib.suppress(NsmError):
+                await self.close_connection(conn)
+            raise
+        return conn
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
-        await close_once(self.channels.get(self.url), conn, timeout=self.timeout)
+        await self.close_connection(conn)
+
+    async def close_connection(self, conn: Connection) -> None:
+        """Close ``conn`` at the manager (with this client's token when secure)."""
+        metadata = await self.tokens.sign(self.url, conn)
+        await close_once(self.channels.get(self.url), conn, timeout=self.timeout, metadata=metadata)

@@ -7,6 +7,8 @@
   holds nothing for (``unknown_close``: the forwarder removes what an earlier run of it left for
   that connection); it runs like any Close of that id, one at a time with its Requests, with the
   caller's connection and fresh metadata.
+- A Close refused (PERMISSION_DENIED: the caller does not hold the connection) leaves the
+  connection as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Meta, NextClose, NextRequest, new_id
+from nsm.errors import PermissionDenied
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Begin(Element):
                 return
             ctx.conn_id, ctx.meta = conn.id, entry.meta
             ctx.log = ctx.log.bind(conn=conn.id)
+            refused = False
             try:
                 if entry.last is None:
                     assert self.unknown_close is not None
@@ -84,7 +88,11 @@ class Begin(Element):
                     last = Connection()
                     last.CopyFrom(entry.last)
                     await next(ctx, last)
+            except PermissionDenied:
+                refused = entry.last is not None
+                raise
             finally:
-                entry.closed = True
-                if self._entries.get(conn.id) is entry:
-                    del self._entries[conn.id]
+                if not refused:
+                    entry.closed = True
+                    if self._entries.get(conn.id) is entry:
+                        del self._entries[conn.id]

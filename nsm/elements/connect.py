@@ -6,6 +6,10 @@ the per-connection metadata); the URL is remembered so that Close goes where Req
 A hop whose next hop is the endpoint (``to_endpoint(ctx)``) reports an endpoint it cannot reach
 as :class:`~nsm.errors.EndpointUnreachable`, so that a healing client can tell an endpoint gone
 from a hop on the way that restarts.
+
+When secure, each Request and Close carries this hop's token for its own segment, signed for the
+identity the next hop proved, and the answer's next segment must be signed by that hop
+(:class:`~nsm.elements.tokens.HopTokens`); an answer that fails that check is closed again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.api.networkservice_pb2_grpc import NetworkServiceStub
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
-from nsm.errors import EndpointUnreachable, Unavailable, from_rpc_error, reason_of
+from nsm.elements.tokens import HopTokens
+from nsm.errors import EndpointUnreachable, NsmError, Unavailable, from_rpc_error, reason_of
+from nsm.security.policy import Policies
 from nsm.transport import Channels
 
 T = TypeVar("T")
@@ -36,8 +42,10 @@ class Connect(Element):
     def __init__(self, channels: Channels, *, timeout: float = 15.0,
                  close_timeout: float = 5.0,
                  url: Callable[[Ctx, NetworkServiceRequest], str] | None = None,
-                 to_endpoint: Callable[[Ctx], bool] | None = None) -> None:
+                 to_endpoint: Callable[[Ctx], bool] | None = None,
+                 policies: Policies | None = None) -> None:
         self.channels = channels
+        self.tokens = HopTokens(channels, policies or Policies())
         self.timeout = timeout
         self.close_timeout = close_timeout
         self._url = url
@@ -47,39 +55,69 @@ class Connect(Element):
         """One RPC to ``url``. When it fails because the channel could not connect (the peer was
         down a moment ago and the channel waits out its reconnect backoff, up to 2 s), it is
         tried once more on a new channel, which connects at once: a restarted peer is used as
-        soon as it listens."""
+        soon as it listens. (The identity proof a secure call starts with fails the same way.)"""
         channel = self.channels.get(url)
         try:
             return await rpc(NetworkServiceStub(channel))
-        except grpc.aio.AioRpcError as exc:
-            if (exc.code() != grpc.StatusCode.UNAVAILABLE
+        except (grpc.aio.AioRpcError, Unavailable) as exc:
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
+            if (code != grpc.StatusCode.UNAVAILABLE
                     or channel.get_state() == grpc.ChannelConnectivity.READY):
                 raise
         return await rpc(NetworkServiceStub(self.channels.renew(url, channel)))
+
+    def _unreachable(self, ctx: Ctx, url: str, details: str) -> EndpointUnreachable | None:
+        if self._to_endpoint is not None and self._to_endpoint(ctx):
+            return EndpointUnreachable(f"{url}: the endpoint cannot be reached: {details}")
+        return None
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         url = self._url(ctx, request) if self._url else ctx.meta.get(NEXT_URL)
         if not url:
             raise Unavailable("no next hop chosen for this connection")
+
+        async def send(stub: NetworkServiceStub) -> Connection:
+            metadata = await self.tokens.sign(url, request.connection)
+            answer: Connection = await stub.Request(request, timeout=self.timeout, metadata=metadata)
+            return answer
+
         try:
-            conn: Connection = await self._call(url, lambda stub: stub.Request(
-                request, timeout=self.timeout))
+            conn = await self._call(url, send)
         except grpc.aio.AioRpcError as exc:
-            if (exc.code() == grpc.StatusCode.UNAVAILABLE and not reason_of(exc)
-                    and self._to_endpoint is not None and self._to_endpoint(ctx)):
-                raise EndpointUnreachable(f"{url}: the endpoint cannot be reached: "
-                                          f"{exc.details() or exc.code().name}") from exc
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not reason_of(exc):
+                unreachable = self._unreachable(ctx, url, exc.details() or exc.code().name)
+                if unreachable is not None:
+                    raise unreachable from exc
             raise from_rpc_error(exc, f"{url}") from exc
+        except Unavailable as exc:  # the next hop's identity proof could not be made
+            unreachable = self._unreachable(ctx, url, exc.message)
+            if unreachable is not None and not exc.reason:
+                raise unreachable from exc
+            raise
+        try:
+            await self.tokens.check(url, conn, request.connection.path.index)
+        except NsmError:
+            await self._close(ctx, url, conn)
+            raise
         ctx.meta.set(SENT_URL, url)
         return conn
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         url = ctx.meta.get(SENT_URL)
-        if not url:
-            return
+        if url:
+            await self._close(ctx, url, conn)
+
+    async def _close(self, ctx: Ctx, url: str, conn: Connection) -> None:
+        async def send(stub: NetworkServiceStub) -> None:
+            metadata = await self.tokens.sign(url, conn)
+            await stub.Close(conn, timeout=self.close_timeout, metadata=metadata)
+
         try:
-            await self._call(url, lambda stub: stub.Close(conn, timeout=self.close_timeout))
+            await self._call(url, send)
         except grpc.aio.AioRpcError as exc:
             # The next hop cleans up at its own expiry; our side of the close goes on.
             ctx.log.warning("close on next hop failed", url=url, code=exc.code().name,
                             details=exc.details())
+        except NsmError as exc:  # the next hop could not prove who it is
+            ctx.log.warning("close on next hop failed", url=url, code=exc.code.name,
+                            details=exc.message)

@@ -10,6 +10,11 @@ and the path index at its own segment. A successful Request makes the connection
 what goes back up); :meth:`Monitor.set_state` changes the state later (the next hop went away:
 DOWN, see :mod:`nsm.elements.monitornext`) and publishes an UPDATE when it changed; Close,
 also the one an expiry starts from the chain's head, publishes DELETE.
+
+Who sees what (policy ``monitor_owner``, when secure): a watcher sees only the connections it
+is on — the ones it holds (it made their Request here) and the ones whose path up to this hop
+carries a token of its identity (the tokens were checked at the Request); the identities in
+``Policies.observers`` see every connection.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from nsm.api.connection_pb2 import (
 )
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
-from nsm.errors import ResourceExhausted, grpc_errors
+from nsm.errors import NsmError, ResourceExhausted, grpc_errors
+from nsm.security.policy import Policies
+from nsm.security.tls import Security
+from nsm.security.tokens import claims_of
 
 QUEUE_SIZE = 1024
 
@@ -50,8 +58,10 @@ def matches(selector: MonitorScopeSelector, conn: Connection) -> bool:
 
 
 class _Watcher:
-    def __init__(self, selector: MonitorScopeSelector) -> None:
+    def __init__(self, selector: MonitorScopeSelector, viewer: str | None = None) -> None:
         self.selector = selector
+        #: The watcher's SPIFFE ID when it sees only its own connections (None: every one).
+        self.viewer = viewer
         self.queue: asyncio.Queue[ConnectionEvent | None] = asyncio.Queue(QUEUE_SIZE)
         self.overflowed = False
 
@@ -59,9 +69,14 @@ class _Watcher:
 class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
     """Both the chain element and the MonitorConnection servicer of one daemon."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: Security | None = None, policies: Policies | None = None) -> None:
+        self.security = security or Security.insecure()
+        self.policies = policies or Policies()
         self._conns: dict[str, Connection] = {}
         self._watchers: set[_Watcher] = set()
+        #: Who may see each connection (its holder, the signers on its path), when secure.
+        self._holders: dict[str, str] = {}
+        self._viewers: dict[str, frozenset[str]] = {}
 
     @property
     def connections(self) -> dict[str, Connection]:
@@ -70,9 +85,31 @@ class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
     def watcher_count(self) -> int:
         return len(self._watchers)
 
+    def _visible(self, viewer: str | None, view: Connection) -> bool:
+        if viewer is None or self._holders.get(view.id) == viewer:
+            return True
+        viewers = self._viewers.get(view.id)
+        if viewers is None:
+            subs = set()
+            for segment in view.path.path_segments[:view.path.index]:
+                try:
+                    subs.add(claims_of(segment.token).sub)
+                except NsmError:
+                    continue
+            viewers = self._viewers[view.id] = frozenset(subs)
+        return viewer in viewers
+
+    def _viewer(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The watcher's identity when it may see only its own connections; None when it sees
+        every one (insecure, policy off, an observer)."""
+        if not self.security.enabled or not self.policies.monitor_owner:
+            return None
+        peer = self.security.peer_id(context)
+        return None if peer is None or str(peer) in self.policies.observers else str(peer)
+
     def _publish(self, kind: int, conn: Connection) -> None:
         for w in list(self._watchers):
-            if w.overflowed or not matches(w.selector, conn):
+            if w.overflowed or not matches(w.selector, conn) or not self._visible(w.viewer, conn):
                 continue
             event = ConnectionEvent(type=kind)  # type: ignore[arg-type]
             event.connections[conn.id].CopyFrom(conn)
@@ -93,6 +130,9 @@ class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
         view.path.index = request.connection.path.index
         view.id = request.connection.id
         self._conns[view.id] = view
+        self._viewers.pop(view.id, None)
+        if ctx.peer is not None:
+            self._holders[view.id] = str(ctx.peer)
         self._publish(UPDATE, view)
         return conn
 
@@ -121,15 +161,17 @@ class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
             view = self._conns.pop(conn.id, None)
             if view is not None:
                 self._publish(DELETE, view)
+            self._holders.pop(conn.id, None)
+            self._viewers.pop(conn.id, None)
 
     @grpc_errors
     async def MonitorConnections(
         self, request: MonitorScopeSelector, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ConnectionEvent]:
-        watcher = _Watcher(request)
+        watcher = _Watcher(request, self._viewer(context))
         initial = ConnectionEvent(type=INITIAL_STATE_TRANSFER)
         for conn_id, conn in self._conns.items():
-            if matches(request, conn):
+            if matches(request, conn) and self._visible(watcher.viewer, conn):
                 initial.connections[conn_id].CopyFrom(conn)
         self._watchers.add(watcher)
         try:

@@ -21,6 +21,7 @@ import grpc
 
 from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint
 from nsm.chain import Element
+from nsm.elements.callers import ForwardersOnly
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.endpoint.ipam import PointToPointIPAM, parse_cidr
 from nsm.endpoint.kernel import KernelServer
@@ -31,6 +32,7 @@ from nsm.mechanisms import PAYLOAD_IP
 from nsm.names import check_name
 from nsm.registry.client import NseRefresher, RegistryClient
 from nsm.role import Role
+from nsm.security.policy import Policies
 from nsm.security.tls import Security
 from nsm.transport import dial, parse_url
 from nsm.wellknown import NODE_LABEL
@@ -57,6 +59,7 @@ class Endpoint(Role):
     """
 
     kind = "endpoint"
+    last_hop = True
 
     def __init__(
         self,
@@ -75,12 +78,13 @@ class Endpoint(Role):
         node: str = "",
         grace: float = 1.0,
         security: Security | None = None,
+        policies: Policies | None = None,
     ) -> None:
         if not listen:
             raise InvalidArgument("an endpoint needs at least one listen URL")
         self.listen = [str(parse_url(u)) for u in listen]
         super().__init__(name=name, listen=self.listen, lifetime=lifetime, grace=grace,
-                         security=security)
+                         security=security, policies=policies)
         if not services:
             raise InvalidArgument("an endpoint needs at least one network service")
         self.services = [check_name(s, "network service name") for s in services]
@@ -120,6 +124,9 @@ class Endpoint(Role):
         return nse
 
     # -- the chain ----------------------------------------------------------------------
+
+    def callers(self) -> list[Element]:
+        return [ForwardersOnly(self.security, self.policies)]
 
     def elements(self) -> list[Element]:
         return [self.kernel, self.ipam, *self.extra]

@@ -34,6 +34,7 @@ from nsm.log import get_logger
 from nsm.names import check_name
 from nsm.security.ids import workload_id
 from nsm.security.options import add_security_flags, security_from_args
+from nsm.security.policy import add_policy_flags, policies_from_args
 
 log = get_logger("nsm.endpoint")
 
@@ -64,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--lifetime", type=duration, default=DEFAULT_LIFETIME,
          help="longest a connection lives without a refresh, e.g. 10m")
     add_security_flags(parser)
+    add_policy_flags(parser)
     log_flags(parser)
 
 
@@ -78,7 +80,8 @@ async def run(args: argparse.Namespace) -> int:
             listen=args.listen, registry_url=args.registry, advertise=args.advertise,
             node=args.node,
             labels=dict(args.label or []), expiry=args.expiry, lifetime=args.lifetime,
-            security=security)
+            security=security,
+            policies=policies_from_args(args))
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
 

@@ -30,6 +30,7 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.registry_pb2 import NetworkServiceEndpoint, NetworkServiceLabels
 from nsm.chain import Ctx, Element, Key
 from nsm.elements.begin import Begin
+from nsm.elements.callers import NodeManagerOnly
 from nsm.elements.connect import SENT_URL, Connect
 from nsm.elements.monitornext import MonitorNext
 from nsm.elements.updatepath import DEFAULT_LIFETIME
@@ -52,6 +53,7 @@ from nsm.names import check_name
 from nsm.registry.client import NseRefresher, RegistryClient
 from nsm.registry.matching import service_labels
 from nsm.role import Role
+from nsm.security.policy import Policies
 from nsm.security.tls import Security
 from nsm.transport import Channels, dial
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
@@ -75,8 +77,10 @@ class Forwarder(Role):
     def __init__(self, *, name: str, listen: Sequence[str], manager_url: str, registry_url: str,
                  node: str = "", lifetime: float = DEFAULT_LIFETIME, request_timeout: float = 15.0,
                  expiry: float | None = None, tunnel_ip: str | None = None,
-                 adopt_grace: float = DEFAULT_ADOPT_GRACE, security: Security | None = None) -> None:
-        super().__init__(name=name, listen=listen, lifetime=lifetime, security=security)
+                 adopt_grace: float = DEFAULT_ADOPT_GRACE, security: Security | None = None,
+                 policies: Policies | None = None) -> None:
+        super().__init__(name=name, listen=listen, lifetime=lifetime, security=security,
+                         policies=policies)
         if not adopt_grace > 0:
             raise InvalidArgument(f"adopt grace must be positive, not {adopt_grace}")
         self.node = check_name(node, "node name") if node else self.name
@@ -101,6 +105,9 @@ class Forwarder(Role):
 
     # -- the chain ------------------------------------------------------------------------
 
+    def callers(self) -> list[Element]:
+        return [NodeManagerOnly(self.security, self.policies)]
+
     def elements(self) -> list[Element]:
         datapath: list[Element] = [self.kernel_local]
         pairs = [(KERNEL, KERNEL)]
@@ -113,7 +120,8 @@ class Forwarder(Role):
                             next_hop=self.next_hop, offer=self.offer),
             *datapath,
             self.monitor_next,
-            Connect(self.channels, timeout=self.request_timeout, to_endpoint=to_endpoint),
+            Connect(self.channels, timeout=self.request_timeout, to_endpoint=to_endpoint,
+                    policies=self.policies),
         ]
 
     def status(self) -> dict[str, int]:

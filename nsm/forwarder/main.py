@@ -14,6 +14,7 @@ from nsm.forwarder.vxlan import DEFAULT_ADOPT_GRACE
 from nsm.names import check_name
 from nsm.security.ids import FORWARDER, node_id
 from nsm.security.options import add_security_flags, security_from_args
+from nsm.security.policy import add_policy_flags, policies_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "left is kept for its connections to claim (their next Request adopts it); what none "
          "claims is removed then", type=duration, default=DEFAULT_ADOPT_GRACE)
     add_security_flags(parser)
+    add_policy_flags(parser)
     flag(parser, "--log-level", help="log level", default="info")
     flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
 
@@ -46,7 +48,8 @@ async def run(args: argparse.Namespace) -> int:
     fwd = Forwarder(name=args.name, listen=args.listen, manager_url=args.manager,
                     registry_url=args.registry, node=args.node or "", lifetime=args.lifetime,
                     request_timeout=args.request_timeout, expiry=args.expiry,
-                    tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace, security=security)
+                    tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace, security=security,
+                    policies=policies_from_args(args))
     async with security:
         await serve_until_signal(fwd.start, fwd.stop, status=fwd.status)
     return 0

@@ -13,6 +13,7 @@ from nsm.manager.manager import Manager
 from nsm.names import check_name
 from nsm.security.ids import MANAGER, node_id
 from nsm.security.options import add_security_flags, security_from_args
+from nsm.security.policy import add_policy_flags, policies_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--request-timeout", help="timeout of a Request to the next hop", type=duration,
          default=15.0)
     add_security_flags(parser)
+    add_policy_flags(parser)
     flag(parser, "--log-level", help="log level", default="info")
     flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
 
@@ -37,7 +39,8 @@ async def run(args: argparse.Namespace) -> int:
     security = security_from_args(args, node_id(args.trust_domain, args.name, MANAGER))
     mgr = Manager(name=args.name, listen=args.listen, registry_url=args.registry,
                   advertise=args.advertise, lifetime=args.lifetime,
-                  request_timeout=args.request_timeout, security=security)
+                  request_timeout=args.request_timeout, security=security,
+                  policies=policies_from_args(args))
     async with security:
         await serve_until_signal(mgr.start, mgr.stop, status=mgr.status)
     return 0

@@ -21,6 +21,7 @@ import grpc
 from nsm.api import registry_pb2_grpc
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.chain import Element
+from nsm.elements.callers import RemoteFromForwarders
 from nsm.elements.connect import Connect
 from nsm.elements.monitornext import MonitorNext
 from nsm.elements.updatepath import DEFAULT_LIFETIME
@@ -30,6 +31,7 @@ from nsm.manager.select import Discover, RoundRobin, SelectForwarder
 from nsm.registry.client import RegistryClient
 from nsm.registry.matching import service_labels
 from nsm.role import Role
+from nsm.security.policy import Policies
 from nsm.security.tls import Security
 from nsm.transport import Channels, Service, dial, normalize_url, watch_reconnects
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL
@@ -42,8 +44,10 @@ class Manager(Role):
 
     def __init__(self, *, name: str, listen: Sequence[str], registry_url: str,
                  advertise: Sequence[str] = (), lifetime: float = DEFAULT_LIFETIME,
-                 request_timeout: float = 15.0, security: Security | None = None) -> None:
-        super().__init__(name=name, listen=listen, lifetime=lifetime, security=security)
+                 request_timeout: float = 15.0, security: Security | None = None,
+                 policies: Policies | None = None) -> None:
+        super().__init__(name=name, listen=listen, lifetime=lifetime, security=security,
+                         policies=policies)
         self.registry_url = registry_url
         self.advertise = [normalize_url(u) for u in advertise]
         self.request_timeout = request_timeout
@@ -59,13 +63,16 @@ class Manager(Role):
 
     # -- the chain ------------------------------------------------------------------------
 
+    def callers(self) -> list[Element]:
+        return [RemoteFromForwarders(self.security, self.policies)]
+
     def elements(self) -> list[Element]:
         return [
             Discover(self.cache, node=self.name),
             SelectForwarder(self.cache, manager_urls=self.urls),
             RoundRobin(),
             self.monitor_next,
-            Connect(self.channels, timeout=self.request_timeout),
+            Connect(self.channels, timeout=self.request_timeout, policies=self.policies),
         ]
 
     def grpc_services(self) -> list[Service]:

@@ -1,0 +1,155 @@
+"""Path tokens: each hop signs a token for its own path segment (an ES256 JWT made with its
+SVID key), as the reference does (``sdk:pkg/networkservice/common/updatetoken``).
+
+Claims: ``sub`` = the signer's SPIFFE ID, ``aud`` = [the next hop's SPIFFE ID, as the next hop
+proved it], ``exp`` (whole seconds) = the segment's expiry, never later than the signer's SVID,
+``iat``. The token also travels as gRPC metadata (:data:`TOKEN_HEADER`, and its expiry in RFC
+3339 as :data:`EXPIRES_HEADER`); the receiving hop copies it into the caller's segment, whose
+expiry is then the token's (the timeout element closes the connection at it).
+
+Checks: :func:`verify` (the signature with a given certificate's key, and the structure) and
+:func:`claims_of` (the structure only, for policies that need no key, e.g. segments signed by
+hops the verifier has no certificate of). Neither checks expiry: that is a policy of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from nsm.errors import InvalidArgument, PermissionDenied
+from nsm.security.svid import Svid
+
+#: gRPC metadata carrying the caller's token, and its expiry (RFC 3339), as in the reference.
+TOKEN_HEADER = "nsm-client-token"
+EXPIRES_HEADER = "nsm-client-token-expires"
+ALGORITHM = "ES256"
+#: Longest token accepted at all (a JWT of a few SPIFFE IDs is ~600 bytes).
+MAX_TOKEN = 8 * 1024
+#: Seconds of clock difference tolerated on ``iat``.
+LEEWAY = 5
+
+
+@dataclass(frozen=True)
+class Claims:
+    """The claims of a path token that the policies use."""
+
+    sub: str
+    aud: tuple[str, ...]
+    exp: int
+    iat: int | None = None
+
+    def expired(self, at: float | None = None) -> bool:
+        return self.exp <= (time.time() if at is None else at)
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token just minted: its text and claims."""
+
+    text: str
+    claims: Claims
+
+    @property
+    def expires(self) -> int:
+        return self.claims.exp
+
+    def metadata(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        """The gRPC metadata that carries it."""
+        return ((TOKEN_HEADER, self.text), (EXPIRES_HEADER, rfc3339(self.claims.exp)))
+
+
+def rfc3339(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def mint(svid: Svid, audience: str | Sequence[str], *, expires: float,
+         now: float | None = None) -> Token:
+    """A token of ``svid``'s identity for ``audience``, expiring at ``expires`` (seconds since
+    the epoch) or at the SVID's expiry, whichever is first (rounded down to a whole second)."""
+    aud = (audience,) if isinstance(audience, str) else tuple(audience)
+    if not aud:
+        raise InvalidArgument("a path token needs an audience")
+    issued = int(time.time() if now is None else now)
+    exp = math.floor(min(expires, svid.expires.timestamp()))
+    claims = Claims(sub=svid.id, aud=aud, exp=exp, iat=issued)
+    text = jwt.encode({"sub": claims.sub, "aud": list(aud), "exp": exp, "iat": issued}, svid.key,
+                      algorithm=ALGORITHM)
+    return Token(text, claims)
+
+
+def _claims(payload: dict[str, Any]) -> Claims:
+    sub, aud, exp, iat = payload.get("sub"), payload.get("aud"), payload.get("exp"), payload.get("iat")
+    if isinstance(aud, str):
+        aud = [aud]
+    if not isinstance(sub, str) or not sub:
+        raise PermissionDenied("the token has no subject")
+    if not isinstance(aud, list) or not aud or not all(isinstance(a, str) for a in aud):
+        raise PermissionDenied("the token has no audience")
+    if not isinstance(exp, int) or isinstance(exp, bool):
+        raise PermissionDenied("the token has no whole-second expiry")
+    if iat is not None and (not isinstance(iat, int) or isinstance(iat, bool)):
+        raise PermissionDenied("the token's issue time is not whole seconds")
+    return Claims(sub=sub, aud=tuple(aud), exp=exp, iat=iat)
+
+
+_OPTIONS = {"verify_exp": False, "verify_aud": False, "verify_iat": False, "verify_nbf": False,
+            "require": ["sub", "aud", "exp"]}
+
+
+def _check_size(token: str) -> None:
+    if not token:
+        raise PermissionDenied("no token")
+    if len(token) > MAX_TOKEN:
+        raise PermissionDenied(f"the token is longer than {MAX_TOKEN} bytes")
+
+
+def _b64json(part: str, what: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PermissionDenied(f"the token's {what} does not decode") from exc
+
+
+def claims_of(token: str) -> Claims:
+    """The claims of ``token`` without checking its signature (a token whose signer's key is not
+    at hand): PermissionDenied when it is not a well-formed ES256 path token. (Decoded here, not
+    by PyJWT, which costs six times as much for the same checks; :func:`verify` uses PyJWT.)"""
+    _check_size(token)
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise PermissionDenied("the token is not a signed JWT (three parts)")
+    header = _b64json(parts[0], "header")
+    payload = _b64json(parts[1], "payload")
+    if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
+        alg = header.get("alg") if isinstance(header, dict) else None
+        raise PermissionDenied(f"the token is not {ALGORITHM} but {str(alg)[:20]}")
+    if not isinstance(payload, dict):
+        raise PermissionDenied("the token's payload is not a JSON object")
+    return _claims(payload)
+
+
+def verify(token: str, signer: x509.Certificate | ec.EllipticCurvePublicKey) -> Claims:
+    """The claims of ``token`` after checking it is signed with the key of ``signer`` (a
+    certificate or its public key); PermissionDenied when not (expiry is not checked)."""
+    _check_size(token)
+    key = signer.public_key() if isinstance(signer, x509.Certificate) else signer
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise PermissionDenied("the signer's key is not an EC key: it cannot sign ES256 tokens")
+    try:
+        payload = jwt.decode(token, key, algorithms=[ALGORITHM], options=_OPTIONS)
+    except jwt.InvalidSignatureError as exc:
+        raise PermissionDenied("the token's signature does not verify with the signer's key") from exc
+    except jwt.PyJWTError as exc:
+        raise PermissionDenied(f"the token does not decode: {exc}") from exc
+    return _claims(payload)
