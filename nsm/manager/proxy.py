@@ -28,7 +28,8 @@ and tells the registry on whose behalf it registers (the caller's SPIFFE ID,
 - ``url``: the endpoint's own URL (what this node's forwarder will dial) must be served by the
   caller: it proves it (:mod:`nsm.security.prove`) before the URL is kept in
   :class:`LocalEndpoints`;
-- ``forwarder``: forwarder records only from a forwarder identity of this node;
+- ``forwarder``: forwarder records only from a forwarder identity of this node, naming this
+  manager (one of its URLs) in their ``nsmgrURL`` label;
 - ``node``: no record that names another node in its ``nodeName`` label;
 - ``owner``: a name registered through this proxy is registered again or unregistered only by
   the same identity (the registry enforces it for every name; the proxy does so first, so that a
@@ -63,11 +64,11 @@ from nsm.registry.authz import (
     record_nodes,
 )
 from nsm.registry.client import RegistryClient
-from nsm.registry.matching import expiration
+from nsm.registry.matching import expiration, service_labels
 from nsm.security.ids import FORWARDER, SpiffeId
 from nsm.security.tls import Security
 from nsm.transport import normalize_url, parse_url
-from nsm.wellknown import NODE_LABEL
+from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
 
 log = get_logger("nsm.manager.proxy")
 
@@ -247,6 +248,13 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
                                                      or caller.node != self.node):
             raise deny(f"only the forwarder of node {self.node} registers forwarder records "
                        f"through its manager, and {caller} is not it", who)
+        if self.policy.forwarder and forwarder:
+            mine = {normalize_url(u) for u in self.own_urls()}
+            named = service_labels(request, FORWARDER_SERVICE).get(MANAGER_URL_LABEL, "")
+            if mine and (not named or normalize_url(named) not in mine):
+                raise deny(f"a forwarder registering through this manager serves it: its "
+                           f"{MANAGER_URL_LABEL} label must be one of this manager's URLs, not "
+                           f"{named or '(none)'}", who)
         if self.policy.node and self.node:
             nodes = record_nodes(request)
             if nodes - {self.node} or (forwarder and not nodes):

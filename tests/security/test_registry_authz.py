@@ -382,6 +382,8 @@ async def test_proxy_takes_forwarder_records_only_from_its_nodes_forwarder(
         await w.client(fwd2.security, proxy.url).register_nse(
             forwarder_record("node2-fwd", fwd2.url, "node2", proxy.url))
     via = w.client(fwd1.security, proxy.url)
+    with pytest.raises(PermissionDenied, match="one of this manager's URLs"):  # serve another
+        await via.register_nse(forwarder_record("node1-fwd", fwd1.url, "node1", "tcp://10.0.0.2:5001"))
     with pytest.raises(PermissionDenied, match="node node1 only"):
         await via.register_nse(forwarder_record("node1-fwd", fwd1.url, "node2", proxy.url))
     await via.register_nse(forwarder_record("node1-fwd", fwd1.url, "node1", proxy.url))
