@@ -116,12 +116,15 @@ class Caller:
         return str(self.registrant)
 
 
+def _who(caller: Caller | SpiffeId | None) -> dict[str, str]:
+    if isinstance(caller, Caller):
+        return {"peer": str(caller.peer), "registrant": str(caller.registrant)}
+    return {"peer": str(caller)}
+
+
 def deny(reason: str, caller: Caller | SpiffeId | None = None) -> PermissionDenied:
     """A :class:`PermissionDenied` with ``reason``, logged."""
-    if isinstance(caller, Caller):
-        log.warning("denied", peer=str(caller.peer), registrant=str(caller.registrant), reason=reason)
-    else:
-        log.warning("denied", peer=str(caller), reason=reason)
+    log.warning("denied", reason=reason, **_who(caller))
     return PermissionDenied(reason)
 
 
@@ -191,8 +194,8 @@ class UrlProofs:
                 await future
 
 
-async def check_url(proofs: UrlProofs, url: str, allowed: Collection[SpiffeId], caller: Any, *,
-                    node_local_ok: bool = False) -> None:
+async def check_url(proofs: UrlProofs, url: str, allowed: Collection[SpiffeId],
+                    caller: Caller | SpiffeId | None, *, node_local_ok: bool = False) -> None:
     """Refuse unless the server at ``url`` proves one of ``allowed``: PermissionDenied when it
     proves another identity (or none), FailedPrecondition when it cannot be reached (unless
     ``node_local_ok`` and the URL is a unix socket)."""
@@ -204,7 +207,7 @@ async def check_url(proofs: UrlProofs, url: str, allowed: Collection[SpiffeId], 
     except NsmError as exc:
         if node_local_ok and parse_url(url).is_unix:
             return
-        log.warning("denied", peer=str(caller), url=url, reason="unreachable", error=exc.message)
+        log.warning("denied", reason="URL unreachable", url=url, error=exc.message, **_who(caller))
         raise FailedPrecondition(
             f"cannot check that {url} belongs to {_names(allowed)}: the registry cannot reach it "
             f"({exc.code.name}: {exc.message})") from exc
