@@ -79,7 +79,7 @@ class Manager(Role):
         return [
             Service("registry.NetworkServiceRegistry",
                     registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server,
-                    NsProxy(self.registry, self.replay)),
+                    NsProxy(self.registry, self.replay, security=self.security)),
             Service("registry.NetworkServiceEndpointRegistry",
                     registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server,
                     self.nse_proxy),
@@ -125,7 +125,7 @@ class Manager(Role):
         self._registry_channel = dial(self.registry_url, self.security)
         stack.push_async_callback(self._registry_channel.close)
         stack.push_async_callback(self.channels.close)
-        self.registry = RegistryClient(self._registry_channel)
+        self.registry = RegistryClient(self._registry_channel, security=self.security)
         self.cache = RegistryCache(self.registry, on_endpoint=self._seen)
         self.replay = Replay(self.registry)
         self.nse_proxy = NseProxy(self.registry, local=self.local, advertise=self.public_url,

@@ -19,6 +19,24 @@ proxy it registered through, about a second after it became unreachable
 expires.
 
 Every call to the registry goes through the one :class:`~nsm.registry.client.RegistryClient`.
+
+Secure (a :class:`~nsm.security.tls.Security` with identities), the proxy checks its callers
+before it forwards anything (each rule switchable, :class:`~nsm.registry.authz.RegistryPolicy`),
+and tells the registry on whose behalf it registers (the caller's SPIFFE ID,
+:data:`~nsm.registry.authz.REGISTRANT_HEADER`), which the registry makes the record's owner:
+
+- ``url``: the endpoint's own URL (what this node's forwarder will dial) must be served by the
+  caller: it proves it (:mod:`nsm.security.prove`) before the URL is kept in
+  :class:`LocalEndpoints`;
+- ``forwarder``: forwarder records only from a forwarder identity of this node, naming this
+  manager (one of its URLs) in their ``nsmgrURL`` label;
+- ``node``: no record that names another node in its ``nodeName`` label;
+- ``owner``: a name registered through this proxy is registered again or unregistered only by
+  the same identity (the registry enforces it for every name; the proxy does so first, so that a
+  refused takeover never touches what it answers for the name).
+
+Finds rewrite only records that name this manager (or the endpoint's own URL): a record of the
+same name registered elsewhere is answered as the registry has it.
 """
 
 from __future__ import annotations
@@ -36,11 +54,21 @@ from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint
 from nsm.errors import NsmError, grpc_errors
 from nsm.log import get_logger
 from nsm.manager.alive import DEFAULT_GRACE, EndpointLiveness
+from nsm.registry.authz import (
+    Caller,
+    RegistryPolicy,
+    UrlProofs,
+    check_url,
+    deny,
+    is_forwarder,
+    record_nodes,
+)
 from nsm.registry.client import RegistryClient
-from nsm.registry.matching import expiration
+from nsm.registry.matching import expiration, service_labels
+from nsm.security.ids import FORWARDER, SpiffeId
 from nsm.security.tls import Security
 from nsm.transport import normalize_url, parse_url
-from nsm.wellknown import FORWARDER_SERVICE, NODE_LABEL
+from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
 
 log = get_logger("nsm.manager.proxy")
 
@@ -68,12 +96,14 @@ class LocalEndpoints:
         return len(self._urls)
 
 
-async def _register_all(register: Callable[[M], Awaitable[M]], records: dict[str, M]) -> int:
-    """Register every record again; how many succeeded (failures are logged)."""
+async def _register_all(register: Callable[..., Awaitable[M]], records: dict[str, M],
+                        registrants: dict[str, str | None]) -> int:
+    """Register every record again, each on behalf of its registrant; how many succeeded
+    (failures are logged)."""
     done = 0
     for name, record in list(records.items()):
         try:
-            await register(record)
+            await register(record, registrant=registrants.get(name))
             done += 1
         except NsmError as exc:
             log.warning("registering again after a reconnect failed", name=name,
@@ -82,12 +112,19 @@ async def _register_all(register: Callable[[M], Awaitable[M]], records: dict[str
 
 
 class Replay:
-    """The records forwarded to the registry through this manager, by name."""
+    """The records forwarded to the registry through this manager, by name, and on whose
+    behalf (the SPIFFE ID that registered each; None when insecure)."""
 
     def __init__(self, registry: RegistryClient) -> None:
         self.registry = registry
         self.services: dict[str, NetworkService] = {}
         self.endpoints: dict[str, NetworkServiceEndpoint] = {}
+        self.service_registrants: dict[str, str | None] = {}
+        self.registrants: dict[str, str | None] = {}
+
+    def forget_endpoint(self, name: str) -> None:
+        self.endpoints.pop(name, None)
+        self.registrants.pop(name, None)
 
     async def replay(self) -> tuple[int, int]:
         """Register every remembered service and unexpired endpoint again; (services,
@@ -96,20 +133,32 @@ class Replay:
         for name, nse in list(self.endpoints.items()):
             exp = expiration(nse)
             if exp is not None and exp <= now:
-                del self.endpoints[name]
-        return (await _register_all(self.registry.register_ns, self.services),
-                await _register_all(self.registry.register_nse, self.endpoints))
+                self.forget_endpoint(name)
+        return (await _register_all(self.registry.register_ns, self.services,
+                                    self.service_registrants),
+                await _register_all(self.registry.register_nse, self.endpoints, self.registrants))
+
+
+def _registrant(security: Security, context: grpc.aio.ServicerContext) -> str | None:
+    caller = security.peer_id(context)
+    return None if caller is None else str(caller)
 
 
 class NsProxy(registry_pb2_grpc.NetworkServiceRegistryServicer):
-    def __init__(self, registry: RegistryClient, replay: Replay | None = None) -> None:
+    """Services pass through, registered on behalf of the caller."""
+
+    def __init__(self, registry: RegistryClient, replay: Replay | None = None, *,
+                 security: Security | None = None) -> None:
         self.registry = registry
         self.replay = replay or Replay(registry)
+        self.security = security or Security.insecure()
 
     @grpc_errors
     async def Register(self, request: NetworkService, context: grpc.aio.ServicerContext) -> NetworkService:
-        result = await self.registry.register_ns(request)
+        registrant = _registrant(self.security, context)
+        result = await self.registry.register_ns(request, registrant=registrant)
         self.replay.services[result.name] = result
+        self.replay.service_registrants.setdefault(result.name, registrant)
         return result
 
     @grpc_errors
@@ -120,8 +169,10 @@ class NsProxy(registry_pb2_grpc.NetworkServiceRegistryServicer):
 
     @grpc_errors
     async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
-        await self.registry.unregister_ns(request.name)
+        await self.registry.unregister_ns(request.name,
+                                          registrant=_registrant(self.security, context))
         self.replay.services.pop(request.name, None)
+        self.replay.service_registrants.pop(request.name, None)
         return Empty()
 
 
@@ -136,13 +187,17 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
 
     ``gone_grace``: an endpoint registered here that stays unreachable this long after it was
     reached is unregistered (:meth:`gone`); None: never (its registration expires). Stop the
-    watches with :meth:`shutdown`."""
+    watches with :meth:`shutdown`. ``security`` and ``policy``: the checks of its callers (see
+    the module)."""
 
     def __init__(self, registry: RegistryClient, *, local: LocalEndpoints,
                  advertise: Callable[[], str | None], own_urls: Callable[[], Iterable[str]] = list,
                  node: str = "", replay: Replay | None = None,
-                 gone_grace: float | None = DEFAULT_GRACE, security: Security | None = None) -> None:
+                 gone_grace: float | None = DEFAULT_GRACE, security: Security | None = None,
+                 policy: RegistryPolicy | None = None) -> None:
         self.security = security or Security.insecure()
+        self.policy = policy or RegistryPolicy()
+        self.proofs = UrlProofs(self.security)
         self.registry = registry
         self.replay = replay or Replay(registry)
         self.local = local
@@ -155,34 +210,81 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
     async def gone(self, name: str) -> None:
         """The endpoint ``name`` died without unregistering: unregister it on its behalf."""
         try:
-            await self.registry.unregister_nse(name)
+            await self.registry.unregister_nse(name, registrant=self.replay.registrants.get(name))
         except NsmError as exc:
             log.warning("unregistering a dead endpoint failed: its registration will expire",
                         nse=name, error=exc.message)
         self.local.drop(name)
-        self.replay.endpoints.pop(name, None)
+        self.replay.forget_endpoint(name)
 
     async def shutdown(self) -> None:
         if self.liveness is not None:
             await self.liveness.shutdown()
+        await self.proofs.close()
 
     def _local_view(self, nse: NetworkServiceEndpoint) -> NetworkServiceEndpoint | None:
+        """The record as this node sees it: one naming this manager with the endpoint's real
+        URL (None when this manager does not know it), any other as it is."""
+        if not nse.url:
+            return nse
+        url = normalize_url(nse.url)
+        advertised = self.advertise()
+        ours = {normalize_url(u) for u in (*self.own_urls(), *([advertised] if advertised else []))}
         real = self.local.get(nse.name)
-        if real is not None:
-            out = NetworkServiceEndpoint()
-            out.CopyFrom(nse)
-            out.url = real
-            return out
-        if nse.url and normalize_url(nse.url) in {normalize_url(u) for u in self.own_urls()}:
+        if url not in ours:
+            return nse  # the endpoint's own URL, or a record of that name from elsewhere
+        if real is None:
             return None
-        return nse
+        out = NetworkServiceEndpoint()
+        out.CopyFrom(nse)
+        out.url = real
+        return out
+
+    async def _admit(self, caller: SpiffeId, request: NetworkServiceEndpoint) -> None:
+        """The proxy's checks of a registration by ``caller`` (see the module)."""
+        who = Caller(caller, caller)
+        forwarder = is_forwarder(request)
+        if self.policy.forwarder and forwarder and (caller.role != FORWARDER
+                                                     or caller.node != self.node):
+            raise deny(f"only the forwarder of node {self.node} registers forwarder records "
+                       f"through its manager, and {caller} is not it", who)
+        if self.policy.forwarder and forwarder:
+            mine = {normalize_url(u) for u in self.own_urls()}
+            named = service_labels(request, FORWARDER_SERVICE).get(MANAGER_URL_LABEL, "")
+            if mine and (not named or normalize_url(named) not in mine):
+                raise deny(f"a forwarder registering through this manager serves it: its "
+                           f"{MANAGER_URL_LABEL} label must be one of this manager's URLs, not "
+                           f"{named or '(none)'}", who)
+        if self.policy.node and self.node:
+            nodes = record_nodes(request)
+            if nodes - {self.node} or (forwarder and not nodes):
+                raise deny(f"this manager registers records of node {self.node} only, not with "
+                           f"{NODE_LABEL} {', '.join(sorted(nodes)) or '(none)'}", who)
+        if self.policy.owner and request.name:
+            self._check_owner(who, request.name, "register")
+        if self.policy.url:
+            await check_url(self.proofs, request.url, {caller}, who)
+
+    def _check_owner(self, who: Caller, name: str, action: str) -> None:
+        known = self.replay.registrants.get(name)
+        record = self.replay.endpoints.get(name)
+        exp = None if record is None else expiration(record)
+        if exp is not None and exp <= time.time():
+            known = None  # its registration expired: the name is free again
+        if known is not None and known != who.owner:
+            raise deny(f"endpoint {name!r} was registered by {known}: only it may {action} it",
+                       who)
 
     @grpc_errors
     async def Register(self, request: NetworkServiceEndpoint,
                        context: grpc.aio.ServicerContext) -> NetworkServiceEndpoint:
-        if FORWARDER_SERVICE in request.network_service_names:
-            result = await self.registry.register_nse(request)
-            self._remember(result)
+        caller = self.security.peer_id(context)
+        if caller is not None:
+            await self._admit(caller, request)
+        registrant = None if caller is None else str(caller)
+        if is_forwarder(request):
+            result = await self.registry.register_nse(request, registrant=registrant)
+            self._remember(result, registrant)
             return result
         real = str(parse_url(request.url))
         if self.liveness is not None:
@@ -201,7 +303,7 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
         known = self.local.get(request.name)
         self.local.set(request.name, real)
         try:
-            result = await self.registry.register_nse(out)
+            result = await self.registry.register_nse(out, registrant=registrant)
         except BaseException:
             if known is None:
                 self.local.drop(request.name)
@@ -209,16 +311,17 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
                 self.local.set(request.name, known)
             raise
         self.local.set(result.name, real)
-        self._remember(result)
+        self._remember(result, registrant)
         if self.liveness is not None:
             self.liveness.watch(result.name, real)
         result.url = request.url  # the endpoint sees its own URL back
         return result
 
-    def _remember(self, record: NetworkServiceEndpoint) -> None:
+    def _remember(self, record: NetworkServiceEndpoint, registrant: str | None) -> None:
         kept = NetworkServiceEndpoint()
         kept.CopyFrom(record)
         self.replay.endpoints[record.name] = kept
+        self.replay.registrants[record.name] = registrant
 
     @grpc_errors
     async def Find(self, request: registry_pb2.NetworkServiceEndpointQuery,
@@ -235,9 +338,13 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
     @grpc_errors
     async def Unregister(self, request: NetworkServiceEndpoint,
                          context: grpc.aio.ServicerContext) -> Empty:
+        caller = self.security.peer_id(context)
+        registrant = None if caller is None else str(caller)
+        if caller is not None and self.policy.owner:
+            self._check_owner(Caller(caller, caller), request.name, "unregister")
         if self.liveness is not None:
             self.liveness.forget(request.name)
-        await self.registry.unregister_nse(request.name)
+        await self.registry.unregister_nse(request.name, registrant=registrant)
         self.local.drop(request.name)
-        self.replay.endpoints.pop(request.name, None)
+        self.replay.forget_endpoint(request.name)
         return Empty()

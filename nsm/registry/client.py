@@ -18,8 +18,10 @@ from nsm.api import registry_pb2, registry_pb2_grpc
 from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint, NetworkServiceQuery
 from nsm.errors import NsmError, call, from_rpc_error
 from nsm.log import get_logger
+from nsm.registry.authz import REGISTRANT_HEADER
 from nsm.registry.matching import expiration
 from nsm.retry import MAX_DELAY, MIN_DELAY, Backoff, retry
+from nsm.security.tls import Security
 from nsm.transport import watch_reconnects
 
 log = get_logger(__name__)
@@ -82,14 +84,25 @@ def _name_of(record: NetworkService | NetworkServiceEndpoint | str) -> str:
     return record if isinstance(record, str) else record.name
 
 
+def _on_behalf(registrant: str | None) -> tuple[tuple[str, str], ...] | None:
+    return None if registrant is None else ((REGISTRANT_HEADER, registrant),)
+
+
 class RegistryClient:
     """The registry's two services over one channel (the registry itself, or a manager that
     proxies it). Every method raises domain errors (:mod:`nsm.errors`) instead of gRPC ones.
     ``timeout`` bounds unary calls and non-watching Finds (None: no deadline); a call's own
-    ``timeout`` overrides it."""
+    ``timeout`` overrides it. ``security``: the one the channel was dialled with (None:
+    insecure).
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float | None = DEFAULT_TIMEOUT):
+    ``registrant`` (registrations and unregistrations): the SPIFFE ID a manager's registry
+    proxy acts for (metadata :data:`~nsm.registry.authz.REGISTRANT_HEADER`; the registry
+    trusts it only from a manager)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float | None = DEFAULT_TIMEOUT,
+                 security: Security | None = None):
         self.channel = channel
+        self.security = security or Security.insecure()
         self._ns = registry_pb2_grpc.NetworkServiceRegistryStub(channel)
         self._nse = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(channel)
         self.timeout = timeout
@@ -97,8 +110,10 @@ class RegistryClient:
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    async def _unary(self, method: Any, request: Any, timeout: float | None, where: str) -> Any:
-        return await call(method(request, timeout=self._deadline(timeout)), where)
+    async def _unary(self, method: Any, request: Any, timeout: float | None, where: str,
+                     registrant: str | None = None) -> Any:
+        return await call(method(request, timeout=self._deadline(timeout),
+                                 metadata=_on_behalf(registrant)), where)
 
     async def _stream(self, rpc: Any, where: str) -> AsyncIterator[Any]:
         """The responses of a server stream; the call is cancelled when the consumer stops."""
@@ -113,17 +128,18 @@ class RegistryClient:
     # network services
 
     async def register_ns(
-        self, ns: NetworkService, *, timeout: float | None = None
+        self, ns: NetworkService, *, timeout: float | None = None, registrant: str | None = None
     ) -> NetworkService:
         result: NetworkService = await self._unary(
-            self._ns.Register, ns, timeout, "registry register ns")
+            self._ns.Register, ns, timeout, "registry register ns", registrant)
         return result
 
     async def unregister_ns(
-        self, ns: NetworkService | str, *, timeout: float | None = None
+        self, ns: NetworkService | str, *, timeout: float | None = None,
+        registrant: str | None = None,
     ) -> None:
         await self._unary(self._ns.Unregister, NetworkService(name=_name_of(ns)), timeout,
-                          "registry unregister ns")
+                          "registry unregister ns", registrant)
 
     def query_ns(
         self, query: NetworkServiceQuery, *, timeout: float | None = None
@@ -153,19 +169,21 @@ class RegistryClient:
     # network service endpoints
 
     async def register_nse(
-        self, nse: NetworkServiceEndpoint, *, timeout: float | None = None
+        self, nse: NetworkServiceEndpoint, *, timeout: float | None = None,
+        registrant: str | None = None,
     ) -> NetworkServiceEndpoint:
         """Register (or refresh) an NSE; returns the stored record with its name, expiration
         and initial registration time."""
         result: NetworkServiceEndpoint = await self._unary(
-            self._nse.Register, nse, timeout, "registry register nse")
+            self._nse.Register, nse, timeout, "registry register nse", registrant)
         return result
 
     async def unregister_nse(
-        self, nse: NetworkServiceEndpoint | str, *, timeout: float | None = None
+        self, nse: NetworkServiceEndpoint | str, *, timeout: float | None = None,
+        registrant: str | None = None,
     ) -> None:
         await self._unary(self._nse.Unregister, NetworkServiceEndpoint(name=_name_of(nse)),
-                          timeout, "registry unregister nse")
+                          timeout, "registry unregister nse", registrant)
 
     def query_nse(
         self, query: registry_pb2.NetworkServiceEndpointQuery, *, timeout: float | None = None

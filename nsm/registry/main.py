@@ -17,6 +17,7 @@ from nsm import log as nsm_log
 from nsm.config import duration, flag
 from nsm.daemon import serve_until_signal
 from nsm.errors import NsmError
+from nsm.registry.authz import RegistryPolicy
 from nsm.registry.server import DEFAULT_EXPIRY, Registry, add_to_server
 from nsm.registry.store import DEFAULT_WATCH_QUEUE
 from nsm.security.ids import registry_id
@@ -38,6 +39,9 @@ class RegistryDaemon:
             daemon.urls      # bound URLs as strings, tcp port 0 replaced by the real port
             daemon.url       # the first of them
             daemon.registry  # the Registry itself
+
+    ``security``: mTLS and the authorization of registrations (:mod:`nsm.registry.authz`,
+    rules switched off by ``policy``); None: plaintext, no rules.
     """
 
     def __init__(
@@ -49,9 +53,11 @@ class RegistryDaemon:
         grace: float = 1.0,
         registry: Registry | None = None,
         security: Security | None = None,
+        policy: RegistryPolicy | None = None,
     ) -> None:
-        self.registry = registry or Registry(expiry=expiry, watch_queue=watch_queue)
         self.security = security or Security.insecure()
+        self.registry = registry or Registry(expiry=expiry, watch_queue=watch_queue,
+                                             security=self.security, policy=policy)
         self._server = Server(urls, security=self.security)
         self._grace = grace
         add_to_server(self.registry, self._server)
@@ -99,8 +105,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--expiry", type=duration, default=DEFAULT_EXPIRY,
          help="lifetime of an endpoint registration unless refreshed, e.g. 60s")
     add_security_flags(parser)
+    flag(parser, "--policy-off", many=True, default=[],
+         help="switch a registration rule off (repeatable): owner (the first registrant owns a "
+              "name), node (a manager registers its node's records only), forwarder (forwarder "
+              "records only by that node's forwarder), url (a record's URL must prove the "
+              "registrant's identity)", type=_policy_name)
     flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log level")
     flag(parser, "--log-json", switch=True, default=False, help="log JSON lines")
+
+
+def _policy_name(text: str) -> str:
+    if text not in RegistryPolicy.names():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a registration rule ({', '.join(RegistryPolicy.names())})")
+    return text
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -115,7 +133,7 @@ async def run(args: argparse.Namespace) -> int:
 
     async def start() -> None:
         daemon = RegistryDaemon(args.listen or [DEFAULT_LISTEN], expiry=args.expiry,
-                                security=security)
+                                security=security, policy=RegistryPolicy.without(args.policy_off))
         await daemon.start()
         serving.append(daemon)
         log.info("registry serving", urls=",".join(daemon.urls), expiry=args.expiry)

@@ -44,14 +44,15 @@ class MemoryStore(Generic[R]):
         return len(self._entries)
 
     async def put(
-        self, record: R, *, expires: float | None = None, revision: int | None = None
+        self, record: R, *, expires: float | None = None, revision: int | None = None,
+        owner: str | None = None,
     ) -> Entry[R]:
         name: str = record.name  # type: ignore[attr-defined]
         check_revision(name, self._entries.get(name), revision)
         stored = type(record)()
         stored.CopyFrom(record)
         self._revision += 1
-        entry = Entry(stored, self._revision, expires)
+        entry = Entry(stored, self._revision, expires, owner)
         self._entries[name] = entry
         self._schedule(name, entry)
         self._publish(Event(stored, deleted=False, revision=self._revision))

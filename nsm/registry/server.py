@@ -13,8 +13,8 @@ import math
 import time
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -30,13 +30,17 @@ from nsm.api.registry_pb2 import (
 )
 from nsm.errors import Conflict, InvalidArgument, Unavailable, grpc_errors
 from nsm.log import get_logger
+from nsm.registry.authz import Caller, RegistryAuthz, RegistryPolicy, caller_of
 from nsm.registry.matching import expiration, match_ns, match_nse
 from nsm.registry.memory import MemoryStore
 from nsm.registry.store import ABSENT, DEFAULT_WATCH_QUEUE, R, Store
 from nsm.retry import Backoff, retry
+from nsm.security.tls import Security
 from nsm.transport import Server, parse_url
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 #: Full gRPC service names served by the registry.
 SERVICE_NAMES: tuple[str, ...] = (
@@ -139,6 +143,10 @@ class Registry:
     and the longest lifetime granted (a later requested time is shortened to it, as the
     reference does), so a vanished endpoint never lingers longer. The NSE store removes an
     endpoint when its ``expiration_time`` passes.
+
+    ``security`` and ``policy``: who may register and unregister what
+    (:mod:`nsm.registry.authz`); the registration methods take the ``caller`` (None: a call
+    from within this process, or insecure mode, to which no rule applies).
     """
 
     def __init__(
@@ -148,6 +156,8 @@ class Registry:
         ns_store: Store[NetworkService] | None = None,
         nse_store: Store[NetworkServiceEndpoint] | None = None,
         watch_queue: int = DEFAULT_WATCH_QUEUE,
+        security: Security | None = None,
+        policy: RegistryPolicy | None = None,
     ) -> None:
         if not expiry > 0:
             raise ValueError("expiry must be positive")
@@ -158,6 +168,8 @@ class Registry:
         self.nse_store: Store[NetworkServiceEndpoint] = (
             MemoryStore(kind="endpoint") if nse_store is None else nse_store)
         self.watch_queue = watch_queue
+        self.authz = RegistryAuthz(security, policy)
+        self.security = self.authz.security
         self._closed = False
 
     # lifecycle
@@ -169,6 +181,7 @@ class Registry:
         """End every watch stream (with UNAVAILABLE, so watchers know to watch again elsewhere
         or later) and close the stores. Idempotent."""
         self._closed = True
+        await self.authz.close()
         await self.ns_store.close()
         await self.nse_store.close()
 
@@ -190,19 +203,33 @@ class Registry:
 
     # network services
 
-    async def register_ns(self, ns: NetworkService) -> NetworkService:
+    async def register_ns(self, ns: NetworkService, *, caller: Caller | None = None) -> NetworkService:
         validate_ns(ns)
         record = NetworkService()
         record.CopyFrom(ns)
         if not record.payload:
             record.payload = DEFAULT_PAYLOAD
-        stored = (await self.ns_store.put(record)).record
+
+        async def write() -> NetworkService | None:
+            """Read, check the owner, write back unless changed meanwhile (None: unchanged)."""
+            existing = await self.ns_store.get(record.name)
+            now = time.time()
+            if caller is not None and self.authz.unchanged(existing, record, now=now):
+                return None  # the same again: a no-op anyone may make
+            owner = self.authz.owner_for(caller, existing, f"network service {record.name!r}",
+                                         now=now)
+            revision = ABSENT if existing is None else existing.revision
+            return (await self.ns_store.put(record, revision=revision, owner=owner)).record
+
+        stored = await self._cas(write, f"network service {record.name!r}")
+        if stored is None:
+            return record
         log.info("network service registered", name=stored.name, payload=stored.payload)
         return stored
 
-    async def unregister_ns(self, name: str) -> None:
+    async def unregister_ns(self, name: str, *, caller: Caller | None = None) -> None:
         check_name("network service name", name)
-        if await self.ns_store.delete(name) is not None:
+        if await self._unregister(self.ns_store, name, f"network service {name!r}", caller):
             log.info("network service unregistered", name=name)
 
     def find_ns(
@@ -216,10 +243,12 @@ class Registry:
 
     # network service endpoints
 
-    async def register_nse(self, nse: NetworkServiceEndpoint) -> NetworkServiceEndpoint:
+    async def register_nse(self, nse: NetworkServiceEndpoint, *,
+                           caller: Caller | None = None) -> NetworkServiceEndpoint:
         """Register or refresh an NSE; returns the stored record (name, expiration and initial
         registration time filled in)."""
         validate_nse(nse)
+        await self.authz.admit_nse(caller, nse)
         record = NetworkServiceEndpoint()
         record.CopyFrom(nse)
         if not record.name:
@@ -243,22 +272,18 @@ class Registry:
             """Read, keep the first registration time, write back unless changed meanwhile."""
             nonlocal refreshed
             existing = await self.nse_store.get(record.name)
+            owner = self.authz.owner_for(caller, existing, f"endpoint {record.name!r}",
+                                         now=time.time())
             refreshed = existing is not None
             if existing is not None and existing.record.HasField("initial_registration_time"):
                 record.initial_registration_time.CopyFrom(existing.record.initial_registration_time)
             else:
                 _set_timestamp(record.initial_registration_time, now)
             revision = ABSENT if existing is None else existing.revision
-            entry = await self.nse_store.put(record, expires=exp, revision=revision)
+            entry = await self.nse_store.put(record, expires=exp, revision=revision, owner=owner)
             return entry.record
 
-        try:
-            stored = await retry(write, what=f"registering endpoint {record.name}",
-                                 retry_on=(Conflict,), backoff=Backoff(0.005, 0.2),
-                                 deadline=CAS_DEADLINE)
-        except Conflict as exc:
-            raise Unavailable(f"network service endpoint {record.name!r} keeps changing "
-                              f"under this registration: {exc.message}") from exc
+        stored = await self._cas(write, f"network service endpoint {record.name!r}")
         if not refreshed:
             log.info("endpoint registered", name=stored.name, url=stored.url,
                      services=",".join(stored.network_service_names))
@@ -266,9 +291,9 @@ class Registry:
             log.debug("endpoint refreshed", name=stored.name, expires_in=round(exp - now, 3))
         return stored
 
-    async def unregister_nse(self, name: str) -> None:
+    async def unregister_nse(self, name: str, *, caller: Caller | None = None) -> None:
         check_name("network service endpoint name", name)
-        if await self.nse_store.delete(name) is not None:
+        if await self._unregister(self.nse_store, name, f"endpoint {name!r}", caller):
             log.info("endpoint unregistered", name=name)
 
     def find_nse(
@@ -281,6 +306,32 @@ class Registry:
         return self._find(self.nse_store, lambda nse: match_nse(q, nse, now=time.time()), watch)
 
     # internals
+
+    @staticmethod
+    async def _cas(write: Callable[[], Awaitable[T]], what: str) -> T:
+        """``write()`` (read, compute, compare-and-set), again while it loses races."""
+        try:
+            return await retry(write, what=f"registering {what}", retry_on=(Conflict,),
+                               backoff=Backoff(0.005, 0.2), deadline=CAS_DEADLINE)
+        except Conflict as exc:
+            raise Unavailable(f"{what} keeps changing under this registration: "
+                              f"{exc.message}") from exc
+
+    async def _unregister(self, store: Store[R], name: str, what: str,
+                          caller: Caller | None) -> bool:
+        """Remove ``name`` if ``caller`` may (the store's owner check, compared and set);
+        whether there was one."""
+        if caller is None:
+            return await store.delete(name) is not None
+
+        async def remove() -> bool:
+            existing = await store.get(name)
+            if existing is None:
+                return False
+            self.authz.check_unregister(caller, existing, what, now=time.time())
+            return await store.delete(name, revision=existing.revision) is not None
+
+        return await self._cas(remove, what)
 
     async def _find(
         self, store: Store[R], matches: Callable[[R], bool], watch: bool
@@ -316,16 +367,19 @@ class Registry:
 
 
 class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistryServicer):
-    """``registry.NetworkServiceRegistry`` over a :class:`Registry`."""
+    """``registry.NetworkServiceRegistry`` over a :class:`Registry`; ``security``: how callers
+    are identified (default: the registry's, which also dials URLs to check them: give the
+    registry and its server the same one)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, security: Security | None = None) -> None:
         self._registry = registry
+        self._security = registry.security if security is None else security
 
     @grpc_errors
     async def Register(
         self, request: NetworkService, context: grpc.aio.ServicerContext
     ) -> NetworkService:
-        return await self._registry.register_ns(request)
+        return await self._registry.register_ns(request, caller=caller_of(self._security, context))
 
     @grpc_errors
     async def Find(
@@ -338,23 +392,25 @@ class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistrySer
 
     @grpc_errors
     async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
-        await self._registry.unregister_ns(request.name)
+        await self._registry.unregister_ns(request.name, caller=caller_of(self._security, context))
         return Empty()
 
 
 class NetworkServiceEndpointRegistryServicer(
     registry_pb2_grpc.NetworkServiceEndpointRegistryServicer
 ):
-    """``registry.NetworkServiceEndpointRegistry`` over a :class:`Registry`."""
+    """``registry.NetworkServiceEndpointRegistry`` over a :class:`Registry`; ``security`` as
+    for :class:`NetworkServiceRegistryServicer`."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, security: Security | None = None) -> None:
         self._registry = registry
+        self._security = registry.security if security is None else security
 
     @grpc_errors
     async def Register(
         self, request: NetworkServiceEndpoint, context: grpc.aio.ServicerContext
     ) -> NetworkServiceEndpoint:
-        return await self._registry.register_nse(request)
+        return await self._registry.register_nse(request, caller=caller_of(self._security, context))
 
     @grpc_errors
     async def Find(
@@ -369,12 +425,16 @@ class NetworkServiceEndpointRegistryServicer(
     async def Unregister(
         self, request: NetworkServiceEndpoint, context: grpc.aio.ServicerContext
     ) -> Empty:
-        await self._registry.unregister_nse(request.name)
+        await self._registry.unregister_nse(request.name, caller=caller_of(self._security, context))
         return Empty()
 
 
 def add_to_server(registry: Registry, server: Server) -> None:
-    """Serve both registry services of ``registry`` on ``server`` (before it starts)."""
+    """Serve both registry services of ``registry`` on ``server`` (before it starts). A secure
+    server needs a secure registry (``Registry(security=...)``, the same): it identifies the
+    callers and proves their URLs."""
+    if server.security.enabled and not registry.security.enabled:
+        raise ValueError("a secure server serves a registry with a Security (its authorization)")
     registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
         NetworkServiceRegistryServicer(registry), server.grpc
     )

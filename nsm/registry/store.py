@@ -15,10 +15,15 @@ registry replicas must own itself, so that the servicers never hold a lock or a 
   from it and writes it back with the revision it read, retrying on a conflict, so two replicas
   refreshing one endpoint never lose each other's work.
 
+- **ownership**: ``put(record, owner=...)`` stores, with the record, the SPIFFE ID the registry
+  decided owns it (the first registrant; :mod:`nsm.registry.authz`). It is not part of the
+  record (a caller can neither set nor read it) and it ends with the entry: when the record
+  expires or is deleted, the name is free again. etcd: the value holds ``{owner, record}``.
+
 What a store implements (in memory: :mod:`nsm.registry.memory`; on etcd, for example):
 
-- ``put(record, expires=, revision=)`` → :class:`Entry`: create or replace, atomically with the
-  revision check. etcd: a txn comparing ``mod_revision`` (``create_revision == 0`` for 0) that
+- ``put(record, expires=, revision=, owner=)`` → :class:`Entry`: create or replace, atomically
+  with the revision check. etcd: a txn comparing ``mod_revision`` (``create_revision == 0`` for 0) that
   puts the key under a lease of TTL ``expires - now``.
 - ``get(name)`` → :class:`Entry` or None, with the revision to compare against. etcd: get, its
   ``mod_revision``.
@@ -67,12 +72,14 @@ ABSENT = 0
 
 @dataclass(frozen=True, slots=True)
 class Entry(Generic[R]):
-    """A stored record, the revision of its last write and when the store removes it (seconds
-    since the epoch; None: never)."""
+    """A stored record, the revision of its last write, when the store removes it (seconds
+    since the epoch; None: never) and who owns it (a SPIFFE ID; None: nobody, as in insecure
+    mode)."""
 
     record: R
     revision: int
     expires: float | None = None
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,14 +195,16 @@ class Store(Protocol[R]):
     this module's docstring). All methods are coroutines so that a networked store fits."""
 
     async def put(
-        self, record: R, *, expires: float | None = None, revision: int | None = None
+        self, record: R, *, expires: float | None = None, revision: int | None = None,
+        owner: str | None = None,
     ) -> Entry[R]:
         """Create or replace the record named ``record.name``; watchers get ``deleted=False``.
 
         ``expires``: when the store removes it (seconds since the epoch; None: never).
         ``revision``: write only if the stored entry's revision is still this one (:data:`ABSENT`:
         only if there is none), else raise :class:`~nsm.errors.Conflict`; None: unconditionally.
-        Returns the stored entry (a copy of ``record``, its new revision)."""
+        ``owner``: the entry's owner from now on (replaces the previous one; the registry passes
+        the one it keeps). Returns the stored entry (a copy of ``record``, its new revision)."""
         ...
 
     async def get(self, name: str) -> Entry[R] | None:

@@ -375,9 +375,10 @@ class RacingStore(MemoryStore[NetworkServiceEndpoint]):
         return entry
 
     async def put(self, record: NetworkServiceEndpoint, *, expires: float | None = None,
-                  revision: int | None = None) -> Entry[NetworkServiceEndpoint]:
+                  revision: int | None = None, owner: str | None = None
+                  ) -> Entry[NetworkServiceEndpoint]:
         try:
-            return await super().put(record, expires=expires, revision=revision)
+            return await super().put(record, expires=expires, revision=revision, owner=owner)
         except Conflict:
             self.conflicts += 1
             raise
