@@ -24,11 +24,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.log import Logger, get_logger
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from nsm.security.ids import SpiffeId
 
 NextRequest = Callable[["Ctx", NetworkServiceRequest], Awaitable[Connection]]
 NextClose = Callable[["Ctx", Connection], Awaitable[None]]
@@ -78,6 +83,10 @@ class Ctx:
     log: Logger = field(default_factory=lambda: get_logger("nsm.chain"))
     #: True when the event was started by the chain itself (timeout, heal) not by a peer.
     internal: bool = False
+    #: The caller's SPIFFE ID from its TLS certificate (None when insecure or internal).
+    peer: SpiffeId | None = None
+    #: The caller's leaf certificate (None when insecure or internal).
+    peer_cert: x509.Certificate | None = None
 
 
 class Element:
@@ -133,8 +142,10 @@ class Chain:
 
         return call
 
-    def context(self, headers: Mapping[str, str] | None = None, *, internal: bool = False) -> Ctx:
-        return Ctx(chain=self, headers=dict(headers or {}), log=self.log, internal=internal)
+    def context(self, headers: Mapping[str, str] | None = None, *, internal: bool = False,
+                peer: SpiffeId | None = None, peer_cert: x509.Certificate | None = None) -> Ctx:
+        return Ctx(chain=self, headers=dict(headers or {}), log=self.log, internal=internal,
+                   peer=peer, peer_cert=peer_cert)
 
     async def request(self, request: NetworkServiceRequest, ctx: Ctx | None = None) -> Connection:
         return await self._request(ctx or self.context(), request)

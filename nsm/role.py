@@ -32,16 +32,17 @@ from nsm.elements.validate import Validate
 from nsm.errors import FailedPrecondition, InvalidArgument
 from nsm.log import Logger, get_logger
 from nsm.names import check_name
+from nsm.security.tls import Security
 from nsm.servicer import SERVICE_NAME, NetworkServiceServicer
 from nsm.transport import Server, Service, Url
 
 MONITOR_SERVICE = "connection.MonitorConnection"
 
 
-def network_service(chain: Chain) -> Service:
+def network_service(chain: Chain, security: Security | None = None) -> Service:
     """``networkservice.NetworkService`` served by ``chain``."""
     return Service(SERVICE_NAME, networkservice_pb2_grpc.add_NetworkServiceServicer_to_server,
-                   NetworkServiceServicer(chain))
+                   NetworkServiceServicer(chain, security))
 
 
 def monitor_service(monitor: Monitor) -> Service:
@@ -61,13 +62,16 @@ class Role:
     kind: ClassVar[str] = "role"
 
     def __init__(self, *, name: str, listen: Sequence[str],
-                 lifetime: float = DEFAULT_LIFETIME, grace: float = 1.0) -> None:
+                 lifetime: float = DEFAULT_LIFETIME, grace: float = 1.0,
+                 security: Security | None = None) -> None:
         self.name = check_name(name, f"{self.kind} name")
+        #: This hop's identity and credentials (plaintext and no identity when insecure).
+        self.security = security or Security.insecure()
         if not lifetime > 0:
             raise InvalidArgument(f"connection lifetime must be positive, not {lifetime}")
         self.lifetime = float(lifetime)
         self.grace = grace
-        self.server = Server(listen)
+        self.server = Server(listen, security=self.security)
         self.log: Logger = get_logger(f"nsm.{self.kind}").bind(name=self.name)
         self.begin = Begin()
         self.timeout = Timeout()
@@ -133,7 +137,8 @@ class Role:
             chain = Chain([*self.prefix(), *self.elements()], name=self.kind)
             self._chain = chain
             stack.push_async_callback(chain.shutdown)
-            self.server.add(network_service(chain), monitor_service(self.monitor), *self.grpc_services())
+            self.server.add(network_service(chain, self.security), monitor_service(self.monitor),
+                            *self.grpc_services())
             try:
                 await self.server.start()
             except RuntimeError as exc:  # grpc's bind failure (address in use, not local)

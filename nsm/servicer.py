@@ -15,8 +15,9 @@ from google.protobuf.empty_pb2 import Empty
 from nsm.api import networkservice_pb2_grpc
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
-from nsm.chain import Chain
+from nsm.chain import Chain, Ctx
 from nsm.errors import DeadlineExceeded, Internal, NsmError, grpc_errors
+from nsm.security.tls import Security
 
 SERVICE_NAME = "networkservice.NetworkService"
 
@@ -29,14 +30,22 @@ def headers_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
 class NetworkServiceServicer(networkservice_pb2_grpc.NetworkServiceServicer):
     """Serves Request/Close by running them through ``chain``."""
 
-    def __init__(self, chain: Chain) -> None:
+    def __init__(self, chain: Chain, security: Security | None = None) -> None:
         self.chain = chain
+        self.security = security or Security.insecure()
+
+    def _context(self, context: grpc.aio.ServicerContext) -> Ctx:
+        """The chain context of a call: its headers and the caller's identity (an
+        unauthenticated caller of a secure server is refused here)."""
+        peer = self.security.peer_id(context)
+        cert = self.security.peer_certificate(context) if peer is not None else None
+        return self.chain.context(headers_of(context), peer=peer, peer_cert=cert)
 
     @grpc_errors
     async def Request(
         self, request: NetworkServiceRequest, context: grpc.aio.ServicerContext
     ) -> Connection:
-        ctx = self.chain.context(headers_of(context))
+        ctx = self._context(context)
         try:
             return await self.chain.request(request, ctx)
         except (NsmError, grpc.aio.AioRpcError):
@@ -49,7 +58,7 @@ class NetworkServiceServicer(networkservice_pb2_grpc.NetworkServiceServicer):
 
     @grpc_errors
     async def Close(self, request: Connection, context: grpc.aio.ServicerContext) -> Empty:
-        ctx = self.chain.context(headers_of(context))
+        ctx = self._context(context)
         try:
             await self.chain.close(request, ctx)
         except (NsmError, grpc.aio.AioRpcError):

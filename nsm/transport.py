@@ -26,6 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nsm.errors import FailedPrecondition, InvalidArgument
+from nsm.security import prove
+from nsm.security.ids import SpiffeId
 from nsm.security.tls import Security
 
 #: Longest path of a unix socket (sun_path is 108 bytes with its NUL).
@@ -196,6 +198,9 @@ class Server:
         self._names: list[str] = []
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.grpc)
+        if self.security.enabled:
+            self.grpc.add_generic_rpc_handlers((prove.handler(self.security),))
+            self._names.append(prove.SERVICE)
 
     def add(self, *services: Service) -> None:
         """Serve these services (before :meth:`start`); each is also reported by health and
@@ -316,6 +321,9 @@ class Channels:
         self._warming: dict[str, asyncio.Task[None]] = {}
         #: The channel each URL's preconnect was for (a renewed channel is connected again).
         self._warmed: dict[str, grpc.aio.Channel] = {}
+        self._security = security
+        #: Proven identities of the servers, by channel (a new channel proves again).
+        self._peers: dict[str, tuple[grpc.aio.Channel, asyncio.Future[tuple[SpiffeId, Any]]]] = {}
 
     def get(self, url: str) -> grpc.aio.Channel:
         channel = self._channels.get(url)
@@ -323,6 +331,20 @@ class Channels:
             channel = self._factory(url)
             self._channels[url] = channel
         return channel
+
+    async def peer(self, url: str) -> tuple[SpiffeId, Any]:
+        """The SPIFFE ID and certificate the server at ``url`` proves
+        (:mod:`nsm.security.prove`), once per channel; Unauthenticated if it cannot,
+        InvalidArgument when insecure."""
+        if self._security is None or not self._security.enabled:
+            raise InvalidArgument("an insecure channel has no identity to prove")
+        channel = self.get(url)
+        held = self._peers.get(url)
+        if held is None or held[0] is not channel or (held[1].done() and held[1].exception()):
+            future = asyncio.ensure_future(prove.prove(channel, self._security))
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            held = self._peers[url] = (channel, future)
+        return await asyncio.shield(held[1])
 
     def preconnect(self, url: str) -> None:
         """Connect to ``url`` now and make one health check over the channel, in the background

@@ -31,6 +31,7 @@ from nsm.mechanisms import PAYLOAD_IP
 from nsm.names import check_name
 from nsm.registry.client import NseRefresher, RegistryClient
 from nsm.role import Role
+from nsm.security.tls import Security
 from nsm.transport import dial, parse_url
 from nsm.wellknown import NODE_LABEL
 
@@ -73,11 +74,13 @@ class Endpoint(Role):
         advertise: str | None = None,
         node: str = "",
         grace: float = 1.0,
+        security: Security | None = None,
     ) -> None:
         if not listen:
             raise InvalidArgument("an endpoint needs at least one listen URL")
         self.listen = [str(parse_url(u)) for u in listen]
-        super().__init__(name=name, listen=self.listen, lifetime=lifetime, grace=grace)
+        super().__init__(name=name, listen=self.listen, lifetime=lifetime, grace=grace,
+                         security=security)
         if not services:
             raise InvalidArgument("an endpoint needs at least one network service")
         self.services = [check_name(s, "network service name") for s in services]
@@ -136,7 +139,7 @@ class Endpoint(Role):
                  services=",".join(self.services), cidr=str(self.network), netns=self.netns)
         if self.registry_url is None:
             return
-        self._registry_channel = dial(self.registry_url)
+        self._registry_channel = dial(self.registry_url, self.security)
         stack.push_async_callback(self._close_registry)
         self.refresher = NseRefresher(
             RegistryClient(self._registry_channel), self.nse(), expiry=self.expiry,

@@ -52,6 +52,7 @@ from nsm.names import check_name
 from nsm.registry.client import NseRefresher, RegistryClient
 from nsm.registry.matching import service_labels
 from nsm.role import Role
+from nsm.security.tls import Security
 from nsm.transport import Channels, dial
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL, NODE_LABEL
 
@@ -74,8 +75,8 @@ class Forwarder(Role):
     def __init__(self, *, name: str, listen: Sequence[str], manager_url: str, registry_url: str,
                  node: str = "", lifetime: float = DEFAULT_LIFETIME, request_timeout: float = 15.0,
                  expiry: float | None = None, tunnel_ip: str | None = None,
-                 adopt_grace: float = DEFAULT_ADOPT_GRACE) -> None:
-        super().__init__(name=name, listen=listen, lifetime=lifetime)
+                 adopt_grace: float = DEFAULT_ADOPT_GRACE, security: Security | None = None) -> None:
+        super().__init__(name=name, listen=listen, lifetime=lifetime, security=security)
         if not adopt_grace > 0:
             raise InvalidArgument(f"adopt grace must be positive, not {adopt_grace}")
         self.node = check_name(node, "node name") if node else self.name
@@ -85,7 +86,7 @@ class Forwarder(Role):
         self.request_timeout = request_timeout
         self.tunnel_ip = tunnel_ip
         self.tunnel: Tunnel | None = None
-        self.channels = Channels()
+        self.channels = Channels(security=self.security)
         self.netlink = Netlink()
         self.vnis = VniPool()
         self.tables = TablePool()
@@ -203,7 +204,7 @@ class Forwarder(Role):
 
     async def setup(self, stack: contextlib.AsyncExitStack) -> None:
         stack.push_async_callback(self.netlink.close)
-        self._registry_channel = dial(self.registry_url)
+        self._registry_channel = dial(self.registry_url, self.security)
         stack.push_async_callback(self._registry_channel.close)
         stack.push_async_callback(self.channels.close)
         self.registry = RegistryClient(self._registry_channel)

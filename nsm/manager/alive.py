@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nsm.log import get_logger
 from nsm.retry import Backoff
+from nsm.security.tls import Security
 from nsm.transport import dial
 
 log = get_logger("nsm.manager.alive")
@@ -59,7 +60,9 @@ class EndpointLiveness:
     never reached is watched no further."""
 
     def __init__(self, on_gone: Callable[[str], Awaitable[None]], *, grace: float = DEFAULT_GRACE,
-                 give_up: float = 10.0, min_delay: float = 0.05, max_delay: float = 0.5) -> None:
+                 give_up: float = 10.0, min_delay: float = 0.05, max_delay: float = 0.5,
+                 security: Security | None = None) -> None:
+        self.security = security
         if not grace > 0:
             raise ValueError(f"grace must be positive, not {grace}")
         Backoff(min_delay, max_delay)  # checks the bounds now
@@ -144,7 +147,7 @@ class EndpointLiveness:
         """Watch until the stream ends: (whether it answered SERVING, why it ended; None when
         the endpoint has no health service)."""
         if w.channel is None:
-            w.channel = dial(w.url)
+            w.channel = dial(w.url, self.security)
         call = health_pb2_grpc.HealthStub(w.channel).Watch(health_pb2.HealthCheckRequest(service=""))
         answered = False
         try:

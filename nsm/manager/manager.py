@@ -30,6 +30,7 @@ from nsm.manager.select import Discover, RoundRobin, SelectForwarder
 from nsm.registry.client import RegistryClient
 from nsm.registry.matching import service_labels
 from nsm.role import Role
+from nsm.security.tls import Security
 from nsm.transport import Channels, Service, dial, normalize_url, watch_reconnects
 from nsm.wellknown import FORWARDER_SERVICE, MANAGER_URL_LABEL
 
@@ -41,13 +42,13 @@ class Manager(Role):
 
     def __init__(self, *, name: str, listen: Sequence[str], registry_url: str,
                  advertise: Sequence[str] = (), lifetime: float = DEFAULT_LIFETIME,
-                 request_timeout: float = 15.0) -> None:
-        super().__init__(name=name, listen=listen, lifetime=lifetime)
+                 request_timeout: float = 15.0, security: Security | None = None) -> None:
+        super().__init__(name=name, listen=listen, lifetime=lifetime, security=security)
         self.registry_url = registry_url
         self.advertise = [normalize_url(u) for u in advertise]
         self.request_timeout = request_timeout
         self.local = LocalEndpoints()
-        self.channels = Channels()
+        self.channels = Channels(security=self.security)
         self._registry_channel: grpc.aio.Channel | None = None
         self.registry: RegistryClient  # set up at start (they need the registry channel)
         self.cache: RegistryCache
@@ -114,14 +115,15 @@ class Manager(Role):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def setup(self, stack: contextlib.AsyncExitStack) -> None:
-        self._registry_channel = dial(self.registry_url)
+        self._registry_channel = dial(self.registry_url, self.security)
         stack.push_async_callback(self._registry_channel.close)
         stack.push_async_callback(self.channels.close)
         self.registry = RegistryClient(self._registry_channel)
         self.cache = RegistryCache(self.registry, on_endpoint=self._seen)
         self.replay = Replay(self.registry)
         self.nse_proxy = NseProxy(self.registry, local=self.local, advertise=self.public_url,
-                                  own_urls=self.urls, node=self.name, replay=self.replay)
+                                  own_urls=self.urls, node=self.name, replay=self.replay,
+                                  security=self.security)
         stack.push_async_callback(self.nse_proxy.shutdown)
         await self.cache.start()
         stack.push_async_callback(self.cache.stop)

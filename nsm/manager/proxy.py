@@ -38,6 +38,7 @@ from nsm.log import get_logger
 from nsm.manager.alive import DEFAULT_GRACE, EndpointLiveness
 from nsm.registry.client import RegistryClient
 from nsm.registry.matching import expiration
+from nsm.security.tls import Security
 from nsm.transport import normalize_url, parse_url
 from nsm.wellknown import FORWARDER_SERVICE, NODE_LABEL
 
@@ -140,14 +141,15 @@ class NseProxy(registry_pb2_grpc.NetworkServiceEndpointRegistryServicer):
     def __init__(self, registry: RegistryClient, *, local: LocalEndpoints,
                  advertise: Callable[[], str | None], own_urls: Callable[[], Iterable[str]] = list,
                  node: str = "", replay: Replay | None = None,
-                 gone_grace: float | None = DEFAULT_GRACE) -> None:
+                 gone_grace: float | None = DEFAULT_GRACE, security: Security | None = None) -> None:
+        self.security = security or Security.insecure()
         self.registry = registry
         self.replay = replay or Replay(registry)
         self.local = local
         self.advertise = advertise
         self.own_urls = own_urls
         self.node = node
-        self.liveness = (EndpointLiveness(self.gone, grace=gone_grace)
+        self.liveness = (EndpointLiveness(self.gone, grace=gone_grace, security=self.security)
                          if gone_grace is not None else None)
 
     async def gone(self, name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from nsm.errors import InvalidArgument, Unauthenticated
 from nsm.security.ids import SpiffeId, parse_id
+
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -70,7 +72,7 @@ def verify_chain(chain: list[x509.Certificate] | tuple[x509.Certificate, ...],
             raise Unauthenticated(f"certificate of {spiffe_id_of(leaf)} is not valid now "
                                   f"(valid {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
                                   f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
-    for child, parent in zip(chain, chain[1:], strict=False):
+    for child, parent in itertools.pairwise(chain):
         if not _signed_by(child, parent):
             raise Unauthenticated(f"certificate chain of {sid} is broken")
     top = chain[-1]

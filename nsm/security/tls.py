@@ -33,7 +33,8 @@ PEER_CACHE = 1024
 class Security:
     """mTLS with the SVIDs of ``source``, or plaintext (:meth:`insecure`)."""
 
-    def __init__(self, source: SvidSource | None, *, trust_domain: str, server_name: str | None = None) -> None:
+    def __init__(self, source: SvidSource | None, *, trust_domain: str,
+                 server_name: str | None = None) -> None:
         self.source = source
         self.trust_domain = trust_domain
         self.server_name = server_name or trust_domain
