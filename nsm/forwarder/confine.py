@@ -69,7 +69,7 @@ class Confine:
         self.security = security
         self.node = node
         self.nodens = nodens or NodeNetns()
-        self.timeout = timeout
+        self.proof = NetnsProof(security, timeout=timeout)
         self.before = _Before(self)
         self.after = _After(self)
 
@@ -111,8 +111,7 @@ class Confine:
             if before == proven:
                 return None  # a refresh: the same namespace, proven for the same identity
             try:
-                await NetnsProof.prove(self.security, ns.fd, owner, timeout=self.timeout,
-                                       where=f"the {who}'s network namespace {ns.path}")
+                await self.proof.prove(ns.fd, owner, where=f"the {who}'s network namespace {ns.path}")
             except PermissionDenied as exc:
                 raise self.denied(ctx, exc) from None
             ctx.log.debug("namespace proven", side=who, netns=ns.path, owner=str(owner))

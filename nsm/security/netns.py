@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import errno
 import hashlib
 import json
@@ -53,11 +54,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nsm.api.connection_pb2 import PathSegment
-from nsm.errors import InvalidArgument, NsmError, PermissionDenied, Unauthenticated
+from nsm.errors import InvalidArgument, NsmError, PermissionDenied
 from nsm.kernel.netns import NetnsId, entered_netns, open_netns
 from nsm.log import get_logger
 from nsm.security.ids import SpiffeId, parse_id
-from nsm.security.svid import load_pem_chain, verify_chain
+from nsm.security.svid import load_pem_chain, now, verify_chain
 from nsm.security.tls import Security
 
 log = get_logger("nsm.security.netns")
@@ -71,6 +72,8 @@ MAX_FRAME = 64 * 1024
 #: How often a listener whose address is taken (another listener of the same identity in the
 #: namespace, e.g. a second client of the same workload) tries to take it over.
 STANDBY_RETRY = 0.2
+#: How many checked SVID chains a verifier remembers.
+CHAIN_CACHE = 256
 
 
 def proof_address(spiffe_id: str | SpiffeId) -> bytes:
@@ -216,8 +219,15 @@ class ProofListener:
 
 
 class NetnsProof:
-    """The proof protocol (see the module docstring): :meth:`listen` for workloads,
-    :meth:`prove` for the forwarder."""
+    """The proof protocol (see the module docstring): :meth:`listen` for workloads; an
+    instance (one per verifying daemon: it remembers the SVID chains it checked) :meth:`prove`s
+    for the forwarder."""
+
+    def __init__(self, security: Security, *, timeout: float = PROOF_TIMEOUT) -> None:
+        self.security = security
+        self.timeout = timeout
+        #: (chain PEM, bundle PEM) -> (SPIFFE ID, leaf key, end of validity) of checked chains.
+        self._chains: dict[tuple[str, bytes], tuple[SpiffeId, ec.EllipticCurvePublicKey, dt.datetime]] = {}
 
     @staticmethod
     @contextlib.asynccontextmanager
@@ -235,17 +245,17 @@ class NetnsProof:
         finally:
             await listener.close()
 
-    @staticmethod
-    async def prove(security: Security, ns_fd: int, claimed: SpiffeId | str, *,
-                    timeout: float = PROOF_TIMEOUT, where: str = "") -> SpiffeId:
+    async def prove(self, ns_fd: int, claimed: SpiffeId | str, *, where: str = "",
+                    timeout: float | None = None) -> SpiffeId:
         """Check that ``claimed`` has a listener inside the namespace open at ``ns_fd`` and
         holds the key of a valid SVID of our trust domain for that ID; its SPIFFE ID.
         PermissionDenied (with the reason) otherwise."""
         where = where or f"the namespace at fd {ns_fd}"
+        timeout = self.timeout if timeout is None else timeout
         ident = _ident(ns_fd)
         nonce = secrets.token_bytes(32)
         request = json.dumps({"v": 1, "id": str(claimed), "nonce": base64.b64encode(nonce).decode(),
-                              "netns": f"{ident[0]}:{ident[1]}", "verifier": security.id or ""},
+                              "netns": f"{ident[0]}:{ident[1]}", "verifier": self.security.id or ""},
                              sort_keys=True).encode()
         try:
             async with asyncio.timeout(timeout):
@@ -257,55 +267,68 @@ class NetnsProof:
                                    "inside it (no proof listener)") from None
         except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
             raise PermissionDenied(f"{where}: the proof of {claimed} failed ({exc})") from None
-        return _verify(security, answer, request, claimed, where)
+        return self._verify(answer, request, claimed, where)
+
+    def _verify(self, answer: bytes, request: bytes, claimed: SpiffeId | str, where: str) -> SpiffeId:
+        try:
+            doc: dict[str, Any] = json.loads(answer)
+        except ValueError:
+            raise PermissionDenied(f"{where}: the proof of {claimed} is malformed") from None
+        if not isinstance(doc, dict):
+            raise PermissionDenied(f"{where}: the proof of {claimed} is malformed")
+        if "error" in doc:
+            raise PermissionDenied(f"{where}: the listener of {claimed} refused: "
+                                   f"{str(doc['error'])[:200]}")
+        try:
+            pem = str(doc["chain"])
+            signature = base64.b64decode(str(doc["signature"]), validate=True)
+        except (KeyError, ValueError) as exc:
+            raise PermissionDenied(f"{where}: the proof of {claimed} is malformed ({exc})") from None
+        sid, key = self._chain(pem, claimed, where)
+        if str(sid) != str(claimed):
+            raise PermissionDenied(f"{where} is not {claimed}'s: its listener is {sid}")
+        try:
+            key.verify(signature, CONTEXT + request, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise PermissionDenied(f"{where}: the proof of {claimed} is not signed by its SVID "
+                                   "key") from None
+        return sid
+
+    def _chain(self, pem: str, claimed: SpiffeId | str,
+               where: str) -> tuple[SpiffeId, ec.EllipticCurvePublicKey]:
+        """The SPIFFE ID and leaf key of a chain checked against our bundle (remembered until
+        the chain's end of validity)."""
+        svid = self.security.svid
+        key = (pem, svid.bundle_pem)
+        known = self._chains.get(key)
+        if known is not None and now() <= known[2]:
+            return known[0], known[1]
+        try:
+            chain = load_pem_chain(pem.encode(), "proof chain")
+            sid = verify_chain(chain, svid.bundle, self.security.trust_domain)
+        except NsmError as exc:
+            raise PermissionDenied(f"{where}: the proof of {claimed} carries no valid SVID: "
+                                   f"{exc.message}") from None
+        leaf = chain[0].public_key()
+        if not isinstance(leaf, ec.EllipticCurvePublicKey):
+            raise PermissionDenied(f"{where}: the SVID of {claimed} has no EC key")
+        if len(self._chains) >= CHAIN_CACHE:
+            self._chains.clear()
+        self._chains[key] = (sid, leaf, min(c.not_valid_after_utc for c in chain))
+        return sid, leaf
 
 
 async def _exchange(ns_fd: int, address: bytes, request: bytes) -> bytes:
-    sock = _socket_in(ns_fd)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, address)
-    except BaseException:
-        sock.close()
-        raise
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
-    try:
-        writer.write(_frame(request))
-        await writer.drain()
-        return await _read_frame(reader)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-def _verify(security: Security, answer: bytes, request: bytes, claimed: SpiffeId | str,
-            where: str) -> SpiffeId:
-    try:
-        doc: dict[str, Any] = json.loads(answer)
-    except ValueError:
-        raise PermissionDenied(f"{where}: the proof of {claimed} is malformed") from None
-    if "error" in doc:
-        raise PermissionDenied(f"{where}: the listener of {claimed} refused: {str(doc['error'])[:200]}")
-    try:
-        chain = load_pem_chain(str(doc["chain"]).encode(), "proof chain")
-        signature = base64.b64decode(str(doc["signature"]), validate=True)
-    except (KeyError, ValueError, NsmError) as exc:
-        raise PermissionDenied(f"{where}: the proof of {claimed} is malformed ({exc})") from None
-    svid = security.svid
-    try:
-        sid = verify_chain(chain, svid.bundle, security.trust_domain)
-    except Unauthenticated as exc:
-        raise PermissionDenied(f"{where}: the proof of {claimed} carries no valid SVID: "
-                               f"{exc.message}") from None
-    if str(sid) != str(claimed):
-        raise PermissionDenied(f"{where} is not {claimed}'s: its listener is {sid}")
-    key = chain[0].public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise PermissionDenied(f"{where}: the SVID of {claimed} has no EC key")
-    try:
-        key.verify(signature, CONTEXT + request, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise PermissionDenied(f"{where}: the proof of {claimed} is not signed by its SVID "
-                               "key") from None
-    return sid
-
+    loop = asyncio.get_running_loop()
+    with _socket_in(ns_fd) as sock:
+        await loop.sock_connect(sock, address)
+        await loop.sock_sendall(sock, _frame(request))
+        data = b""
+        while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+            if len(data) >= 4 and struct.unpack(">I", data[:4])[0] > MAX_FRAME:
+                raise ValueError(f"answer larger than {MAX_FRAME} bytes")
+            chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                raise asyncio.IncompleteReadError(data, None)
+            data += chunk
+        return data[4:4 + struct.unpack(">I", data[:4])[0]]
