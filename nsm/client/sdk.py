@@ -39,6 +39,7 @@ from nsm.errors import NsmError
 from nsm.kernel.netns import resolve_netns
 from nsm.log import get_logger
 from nsm.mechanisms import NAME, kernel, netns_url, validate_ifname, validate_mechanism
+from nsm.security.tls import Security
 
 __all__ = ["DEFAULT_IFNAME", "DEFAULT_LIFETIME", "DEFAULT_TIMEOUT", "MAX_BACKOFF", "MIN_BACKOFF",
            "REFRESH_FRACTION", "Client", "close_once", "new_request", "request_once"]
@@ -58,7 +59,9 @@ class Client:
     ``heal`` says how it heals (None: not at all), ``hooks`` watch the live connection too
     (:class:`~nsm.client.hooks.Hook`). ``adopt`` (default: when ``conn_id`` is given): the first
     :meth:`request` takes over the manager's live connection ``conn_id`` when its interface is
-    in ``netns`` (a restarted client), instead of requesting afresh.
+    in ``netns`` (a restarted client), instead of requesting afresh. ``security``: this
+    client's identity (mTLS, and the proof that ``netns`` is its own: a listener inside it while
+    connected).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Client:
         heal: HealOptions | None = HealOptions(),
         hooks: Sequence[Element] = (),
         adopt: bool | None = None,
+        security: Security | None = None,
     ) -> None:
         self.service = service
         self.ifname = validate_ifname(ifname, "client interface name")
@@ -89,7 +93,7 @@ class Client:
         self.connections = Connections(manager_url=manager_url, name=name, lifetime=lifetime,
                                        request_timeout=request_timeout, min_backoff=min_backoff,
                                        max_backoff=max_backoff, heal=heal, hooks=hooks,
-                                       on_change=self._changed)
+                                       on_change=self._changed, security=security)
         self.manager_url = self.connections.manager_url
         self.name = self.connections.name
         self.lifetime = self.connections.lifetime

@@ -104,6 +104,7 @@ from nsm.log import get_logger
 from nsm.mechanisms import kernel, netns_url
 from nsm.names import check_name
 from nsm.retry import Backoff
+from nsm.security.tls import Security
 from nsm.transport import Server
 
 log = get_logger("nsm.cni")
@@ -162,7 +163,8 @@ class Agent:
                  state_dir: str = DEFAULT_STATE_DIR, name: str = DEFAULT_NAME,
                  listen: list[str] | None = None, lifetime: float = DEFAULT_LIFETIME,
                  request_timeout: float = DEFAULT_TIMEOUT, heal: HealOptions | None = HealOptions(),
-                 sweep_interval: float = DEFAULT_SWEEP, kubernetes: PodApi | None = None) -> None:
+                 sweep_interval: float = DEFAULT_SWEEP, kubernetes: PodApi | None = None,
+                 security: Security | None = None) -> None:
         self.name = check_name(name, "agent name")
         self.socket_path = Path(socket)
         self.state = StateDir(state_dir)
@@ -173,7 +175,8 @@ class Agent:
         if heal is not None and heal.liveness:
             heal = dataclasses.replace(heal, probe=PodProbe(self))
         self.conns = Connections(manager_url=manager_url, name=self.name, lifetime=lifetime,
-                                 request_timeout=request_timeout, on_change=self._changed, heal=heal)
+                                 request_timeout=request_timeout, on_change=self._changed, heal=heal,
+                                 security=security)  # a proof listener in each attached pod
         self.netlink = Netlink()
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}

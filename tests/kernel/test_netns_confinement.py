@@ -472,3 +472,72 @@ async def test_confine_insecure_checks_structure_only(pods: NetnsGroup) -> None:
     assert datapath.built == [netns_url(nse_ns)]
     with pytest.raises(PermissionDenied, match="node's own network namespace"):
         await chain.request(client_request("/proc/self/ns/net", ""))
+
+
+# ------------------------------------------------------------------ the workloads' listeners
+
+
+class Tail(Element):
+    def __init__(self) -> None:
+        self.fail = False
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        if self.fail:
+            raise PermissionDenied("refused downstream")
+        return request.connection
+
+
+async def proven(fwd: Security, netns: str, who: str) -> bool:
+    with opened(netns) as fd:
+        try:
+            await NetnsProof(fwd).prove(fd, who)
+        except PermissionDenied:
+            return False
+    return True
+
+
+async def test_a_client_holds_a_listener_while_a_connection_names_the_namespace(
+        identities, pods: NetnsGroup) -> None:
+    from nsm.client.netns import ProveNetns
+
+    alice, fwd = await identities(ALICE), await identities(FORWARDER)
+    pod, other = pods("pod"), pods("other")
+    prove, tail = ProveNetns(alice), Tail()
+    chain = Chain([prove, tail])
+
+    def ctx_for(conn_id: str) -> Ctx:
+        ctx = chain.context()
+        ctx.conn_id = conn_id
+        return ctx
+
+    await chain.request(client_request(pod, ""), ctx_for("c1"))
+    await chain.request(client_request(pod, ""), ctx_for("c2"))
+    assert prove.listeners == 1 and await proven(fwd, pod, ALICE)
+    await chain.close(Connection(id="c1"), ctx_for("c1"))
+    assert await proven(fwd, pod, ALICE)  # c2 still names it
+    await chain.close(Connection(id="c2"), ctx_for("c2"))
+    assert prove.listeners == 0 and not await proven(fwd, pod, ALICE)
+
+    tail.fail = True  # a failed first Request leaves no listener
+    with pytest.raises(PermissionDenied):
+        await chain.request(client_request(other, ""), ctx_for("c3"))
+    assert prove.listeners == 0 and not await proven(fwd, other, ALICE)
+
+    tail.fail = False
+    await chain.request(client_request(other, ""), ctx_for("c4"))
+    await chain.shutdown()
+    assert prove.listeners == 0 and not await proven(fwd, other, ALICE)
+
+
+async def test_an_endpoint_proves_its_namespace_while_it_runs(identities, pods: NetnsGroup,
+                                                             tmp_path: Path) -> None:
+    from nsm.endpoint.endpoint import Endpoint
+
+    nse_id = workload_id(TD, "nse")
+    nse, fwd = await identities(nse_id), await identities(FORWARDER)
+    pod = pods("nse")
+    endpoint = Endpoint(name="nse", services=["ip"], cidr="10.1.0.0/24",
+                        listen=[f"unix://{tmp_path}/nse.sock"], netns=pod, security=nse)
+    async with endpoint:
+        assert await proven(fwd, pod, nse_id)
+    assert not await proven(fwd, pod, nse_id)
