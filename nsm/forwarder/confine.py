@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
-from nsm.errors import NsmError, PermissionDenied
-from nsm.forwarder.mechanism import PAIR, UPSTREAM
+from nsm.errors import PermissionDenied
+from nsm.forwarder.mechanism import PAIR, UPSTREAM, close_downstream
 from nsm.kernel.netns import CheckedNetns, NetnsId, NodeNetns
 from nsm.mechanisms import KERNEL, LOCAL, NETNS_INODE_URL, netns_path
 from nsm.security.ids import MANAGER, SpiffeId, node_id
@@ -166,7 +166,7 @@ class _After(Element):
             endpoint = await self._endpoint(ctx, conn) if to_endpoint else None
         except BaseException as exc:
             if first:
-                await self._undo(ctx, conn, exc)
+                await close_downstream(self, ctx, conn, exc, "namespace refused")
             raise
         if client is not None:
             ctx.meta.set(_CLIENT, client)
@@ -183,13 +183,6 @@ class _After(Element):
         segments = conn.path.path_segments
         owner = claimed_id(segments[-1]) if segments else None
         return await c.prove(ctx, ns, owner, "endpoint", _ENDPOINT)
-
-    async def _undo(self, ctx: Ctx, conn: Connection, exc: BaseException) -> None:
-        ctx.log.warning("namespace refused; closing downstream", error=str(exc))
-        try:
-            await asyncio.shield(ctx.chain.close_after(self, ctx, conn))
-        except (NsmError, OSError) as close_exc:
-            ctx.log.warning("downstream close after refusal failed", error=str(close_exc))
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         await next(ctx, conn)
