@@ -3,7 +3,8 @@
 The client is the first hop of every path: its segment ``{name, id = connection id, expires =
 now + lifetime}`` is segment 0. Its chain, in order::
 
-    ClientBegin → Validate → Notify → UpdatePath(name) → Refresh → Heal → (hooks) → ManagerConnect
+    ClientBegin → Validate → Notify → UpdatePath(name) → Refresh → Heal → (hooks) → ProveNetns
+    → ManagerConnect
 
 The SDK's :class:`~nsm.client.sdk.Client` (one connection), ``nsm nsc`` and a long-lived agent
 holding many connections all run it through :class:`Connections`, which heals every connection
@@ -33,6 +34,7 @@ from nsm.chain import Chain, Element
 from nsm.client.begin import ClientBegin, refresh_request
 from nsm.client.connect import DEFAULT_TIMEOUT, ManagerConnect
 from nsm.client.heal import Heal, HealOptions, find_connection
+from nsm.client.netns import ProveNetns
 from nsm.client.notify import Notify, StateChange
 from nsm.client.refresh import Refresh
 from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath, ts
@@ -52,7 +54,7 @@ MAX_BACKOFF = MAX_DELAY
 
 def client_chain(*, name: str, lifetime: float, connect: Element, begin: ClientBegin,
                  notify: Notify, refresh: Refresh, heal: Heal | None = None,
-                 hooks: Sequence[Element] = ()) -> Chain:
+                 hooks: Sequence[Element] = (), prove: Element | None = None) -> Chain:
     """The client's chain, top-down."""
     return Chain([
         begin,                                # one event at a time per connection id; refresh/heal events
@@ -62,6 +64,7 @@ def client_chain(*, name: str, lifetime: float, connect: Element, begin: ClientB
         refresh,                              # re-sent at 1/3 of the time left; afresh once expired
         *([heal] if heal is not None else []),  # monitor stream, data-plane liveness: refresh/reselect
         *hooks,                               # whatever else watches live connections
+        *([prove] if prove is not None else []),  # proof listeners in the namespaces named
         connect,                              # the RPC to the manager
     ], name="client")
 
@@ -109,7 +112,9 @@ class Connections:
     ``request_timeout`` bounds each RPC, ``min_backoff``/``max_backoff`` the retries of refreshes,
     ``heal`` how connections heal (:class:`~nsm.client.heal.HealOptions`; None: not at all),
     ``hooks`` are more elements that watch live connections (:class:`~nsm.client.hooks.Hook`),
-    ``on_change`` gets every :class:`~nsm.client.notify.StateChange`."""
+    ``on_change`` gets every :class:`~nsm.client.notify.StateChange`; ``security`` is this
+    client's identity: while a connection names a namespace, a proof listener inside it tells
+    the forwarder the namespace is this client's (:mod:`nsm.client.netns`)."""
 
     def __init__(
         self,
@@ -150,7 +155,8 @@ class Connections:
         self.chain = client_chain(
             name=self.name, lifetime=self.lifetime, begin=self._begin, notify=self._notify,
             refresh=Refresh(min_backoff=min_backoff, max_backoff=max_backoff), heal=self.heal,
-            hooks=hooks, connect=self._connect)
+            hooks=hooks, prove=ProveNetns(self.security) if self.security.enabled else None,
+            connect=self._connect)
 
     def _channel(self) -> grpc.aio.Channel:
         return self._channels.get(self.manager_url)

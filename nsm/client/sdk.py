@@ -59,7 +59,9 @@ class Client:
     ``heal`` says how it heals (None: not at all), ``hooks`` watch the live connection too
     (:class:`~nsm.client.hooks.Hook`). ``adopt`` (default: when ``conn_id`` is given): the first
     :meth:`request` takes over the manager's live connection ``conn_id`` when its interface is
-    in ``netns`` (a restarted client), instead of requesting afresh.
+    in ``netns`` (a restarted client), instead of requesting afresh. ``security``: this
+    client's identity (mTLS, and the proof that ``netns`` is its own: a listener inside it while
+    connected).
     """
 
     def __init__(

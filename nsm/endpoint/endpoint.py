@@ -32,6 +32,7 @@ from nsm.mechanisms import PAYLOAD_IP
 from nsm.names import check_name
 from nsm.registry.client import NseRefresher, RegistryClient
 from nsm.role import Role
+from nsm.security.netns import NetnsProof
 from nsm.security.policy import Policies
 from nsm.security.tls import Security
 from nsm.transport import dial, parse_url
@@ -138,6 +139,8 @@ class Endpoint(Role):
 
     async def setup(self, stack: contextlib.AsyncExitStack) -> None:
         stack.callback(log.info, "endpoint stopped", name=self.name)
+        # The forwarder puts interfaces into ``netns`` only when this endpoint proves it is its.
+        await stack.enter_async_context(NetnsProof.listen(self.security, self.netns))
 
     async def serving(self, stack: contextlib.AsyncExitStack) -> None:
         """Register (retrying while the registry is unreachable); cancelling this stops

@@ -1,8 +1,10 @@
 """The forwarder daemon: its chain, composed in one place, its registration and lifecycle.
 
 Chain: (Begin → Validate → UpdatePath → Timeout → Monitor, see :mod:`nsm.role`) →
-SelectMechanism → KernelLocal → VxlanClient → VxlanServer → MonitorNext → Connect (to the next hop the
-forwarder resolved itself from the endpoint's name: the endpoint, or another node's manager).
+SelectMechanism → Confine.before → KernelLocal → VxlanClient → VxlanServer → Confine.after →
+MonitorNext → Connect (to the next hop the forwarder resolved itself from the endpoint's name: the
+endpoint, or another node's manager). Confine (:mod:`nsm.forwarder.confine`) checks every
+namespace a KERNEL mechanism names before a datapath element builds anything in it.
 The (upstream, downstream) mechanism pair selects the one datapath element that acts:
 
 - KERNEL upstream, KERNEL downstream: KernelLocal (one veth between two pods of this node);
@@ -35,6 +37,7 @@ from nsm.elements.connect import SENT_URL, Connect
 from nsm.elements.monitornext import MonitorNext
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.errors import EndpointUnreachable, FailedPrecondition, InvalidArgument, NsmError, Unsupported
+from nsm.forwarder.confine import Confine
 from nsm.forwarder.kernel import KernelLocal
 from nsm.forwarder.mechanism import PAIR, NextHop, SelectMechanism
 from nsm.forwarder.vxlan import (
@@ -97,6 +100,7 @@ class Forwarder(Role):
         self.leftovers = Leftovers(self.netlink, self.name, self.vnis, self.tables,
                                    grace=adopt_grace, log=self.log)
         self.kernel_local = KernelLocal(self.netlink)
+        self.confine = Confine(self.security, node=self.node)
         self.begin = Begin(unknown_close=self._close_leftover)
         self.monitor_next = MonitorNext(self.channels, self.monitor, name=self.name)
         self._registry_channel: grpc.aio.Channel | None = None
@@ -118,7 +122,9 @@ class Forwarder(Role):
         return [
             SelectMechanism(supported=[(LOCAL, KERNEL), (REMOTE, VXLAN)], pairs=pairs,
                             next_hop=self.next_hop, offer=self.offer),
+            self.confine.before,  # who may name a namespace; the client's checked, its proof started
             *datapath,
+            self.confine.after,  # the client's proof awaited, the endpoint's namespace proven
             self.monitor_next,
             Connect(self.channels, timeout=self.request_timeout, to_endpoint=to_endpoint,
                     policies=self.policies),

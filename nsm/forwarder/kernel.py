@@ -25,7 +25,7 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Key, NextClose, NextRequest
 from nsm.errors import AlreadyExists, InvalidArgument, NsmError
-from nsm.forwarder.mechanism import UPSTREAM, Datapath, answered
+from nsm.forwarder.mechanism import UPSTREAM, Datapath, answered, close_downstream
 from nsm.kernel.netlink import LinkInfo, Netlink
 from nsm.mechanisms import (
     KERNEL,
@@ -139,7 +139,7 @@ class KernelLocal(Datapath):
             return conn
         except BaseException as exc:
             if state is None:  # a failed first request leaves nothing behind anywhere
-                await self._undo_downstream(ctx, conn, exc)
+                await close_downstream(self, ctx, conn, exc)
             raise
 
     async def _free_or_ours(self, ctx: Ctx, netns: str, ifname: str) -> LinkInfo | None:
@@ -149,13 +149,6 @@ class KernelLocal(Datapath):
         if existing is not None and existing.alias != alias_for("client", ctx.conn_id):
             raise AlreadyExists(f"interface {ifname} already exists in {netns}")
         return existing
-
-    async def _undo_downstream(self, ctx: Ctx, conn: Connection, exc: BaseException) -> None:
-        ctx.log.warning("datapath failed; closing downstream", error=str(exc))
-        try:
-            await asyncio.shield(ctx.chain.close_after(self, ctx, conn))
-        except (NsmError, OSError) as close_exc:
-            ctx.log.warning("downstream close after failure failed", error=str(close_exc))
 
     async def _mismatch(self, ctx: Ctx, want: _Programmed, mine: LinkInfo) -> str | None:
         """Why the pair whose client end is ``mine`` is not exactly ``want`` (None: it is)."""

@@ -16,6 +16,7 @@ carries the upstream mechanism; the downstream one is remembered for refresh and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
 from nsm.elements.connect import NEXT_URL
-from nsm.errors import InvalidArgument, PermissionDenied, Unsupported
+from nsm.errors import InvalidArgument, NsmError, PermissionDenied, Unsupported
 from nsm.wellknown import NEXT_HOP_HEADER
 
 #: The mechanism chosen toward the previous hop.
@@ -137,3 +138,14 @@ class Datapath(Element):
 
     def mine(self, ctx: Ctx) -> bool:
         return ctx.meta.get(PAIR) == self.pair
+
+
+async def close_downstream(element: Element, ctx: Ctx, conn: Connection, exc: BaseException,
+                           what: str = "datapath failed") -> None:
+    """Undo what the hops after ``element`` did for a first Request that ``element`` then
+    failed (``exc``): Close through them, shielded, errors logged."""
+    ctx.log.warning(f"{what}; closing downstream", error=str(exc))
+    try:
+        await asyncio.shield(ctx.chain.close_after(element, ctx, conn))
+    except (NsmError, OSError) as close_exc:
+        ctx.log.warning("downstream close after failure failed", error=str(close_exc))

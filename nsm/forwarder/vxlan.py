@@ -57,7 +57,7 @@ from nsm.errors import (
     VniConflict,
 )
 from nsm.forwarder.kernel import alias_for
-from nsm.forwarder.mechanism import UPSTREAM, Datapath, answered
+from nsm.forwarder.mechanism import UPSTREAM, Datapath, answered, close_downstream
 from nsm.kernel.netlink import LinkInfo, Netlink, RuleInfo
 from nsm.log import Logger
 from nsm.mechanisms import (
@@ -642,7 +642,7 @@ class _Side(Datapath):
         """A first Request failed after the next hop answered: undo the next hop's part and give
         the VNI back (a refresh that fails keeps what it had)."""
         if half is None:
-            await self._undo(ctx, conn, exc)
+            await close_downstream(self, ctx, conn, exc, "VXLAN datapath failed")
             self._release_vni(ctx)
 
     def _release_vni(self, ctx: Ctx) -> None:
@@ -660,13 +660,6 @@ class _Side(Datapath):
             await self.datapath.remove(half)
             ctx.meta.pop(_HALF)
         ctx.meta.set(_HALF, await self._install(ctx, want))
-
-    async def _undo(self, ctx: Ctx, conn: Connection, exc: BaseException) -> None:
-        ctx.log.warning("VXLAN datapath failed; closing downstream", error=str(exc))
-        try:
-            await asyncio.shield(ctx.chain.close_after(self, ctx, conn))
-        except (NsmError, OSError) as close_exc:
-            ctx.log.warning("downstream close after failure failed", error=str(close_exc))
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         half = ctx.meta.pop(_HALF)

@@ -31,9 +31,10 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from nsm.errors import AlreadyExists, Internal, InvalidArgument, NotFound
+from nsm.errors import AlreadyExists, Internal, InvalidArgument, NotFound, PermissionDenied
 from nsm.mechanisms import netns_path as url_netns_path
 
 T = TypeVar("T")
@@ -64,6 +65,7 @@ _libc.unshare.argtypes = (ctypes.c_int,)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_void_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
 
 
 def _oserror(what: str) -> OSError:
@@ -155,6 +157,93 @@ def _check_netns_fd(fd: int, path: str) -> None:
         nstype = -1
     if nstype != CLONE_NEWNET:
         raise InvalidArgument(f"{path} is not a network namespace")
+
+
+def fs_type(fd: int) -> int:
+    """The filesystem magic of the file open at ``fd`` (``fstatfs``'s ``f_type``)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.fstatfs(fd, buf) != 0:
+        raise _oserror("fstatfs")
+    return int(ctypes.c_long.from_buffer(buf).value)
+
+
+#: A namespace's identity: (st_dev, st_ino) of its nsfs file.
+NetnsId = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CheckedNetns:
+    """A namespace a caller named, opened once and checked (:meth:`NodeNetns.open`): later
+    work uses ``fd`` (or compares ``ident``), never the path again, so a path that changes
+    meanwhile cannot redirect it. Close it with :meth:`close`."""
+
+    path: str
+    fd: int
+    ident: NetnsId
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class NodeNetns:
+    """What a node daemon (the forwarder) may be asked to program: a network namespace that is
+    not the node's. Made once at start: it remembers the identities of its own network
+    namespace (``/proc/self/ns/net``: the node's, where the forwarder runs) and of PID 1's
+    (``/proc/1/ns/net``: the host's, also when the node is emulated), and :meth:`open` refuses
+    them and anything that is not a network namespace."""
+
+    def __init__(self, *, refused: dict[NetnsId, str] | None = None) -> None:
+        self.refused: dict[NetnsId, str] = {}
+        for path, what in (("/proc/1/ns/net", "PID 1's network namespace"),
+                           ("/proc/self/ns/net", "the node's own network namespace")):
+            try:
+                st = os.stat(path)
+            except OSError:  # pragma: no cover - no /proc, or PID 1 hidden from us
+                continue
+            self.refused[(st.st_dev, st.st_ino)] = what
+        self.refused.update(refused or {})
+
+    def open(self, path: str) -> CheckedNetns:
+        """Open ``path`` once (``O_RDONLY|O_CLOEXEC|O_NOCTTY``, never ``O_CREAT``) and check the
+        file itself: on nsfs, ``NS_GET_NSTYPE`` = ``CLONE_NEWNET``, and not one of the refused
+        namespaces. NotFound when it does not exist; PermissionDenied, with the reason, for
+        anything else."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise NotFound(f"network namespace {path} does not exist") from None
+        except OSError as exc:
+            raise PermissionDenied(f"{path} cannot be opened as a network namespace: "
+                                   f"{exc.strerror}") from None
+        try:
+            ident = self.check(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return CheckedNetns(path=path, fd=fd, ident=ident)
+
+    def check(self, fd: int, path: str) -> NetnsId:
+        """The checks of :meth:`open` on an open file; its identity."""
+        try:
+            on_nsfs = fs_type(fd) == _NSFS_MAGIC
+        except OSError:
+            on_nsfs = False
+        if not on_nsfs:
+            raise PermissionDenied(f"{path} is not a namespace file (not on nsfs)")
+        try:
+            nstype = fcntl.ioctl(fd, 0xB703)  # NS_GET_NSTYPE
+        except OSError:
+            nstype = -1
+        if nstype != CLONE_NEWNET:
+            raise PermissionDenied(f"{path} is not a network namespace")
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        what = self.refused.get(ident)
+        if what is not None:
+            raise PermissionDenied(f"{path} is {what}: a forwarder programs only pods' "
+                                   "namespaces")
+        return ident
 
 
 def netns_id(path: str) -> tuple[int, int]:

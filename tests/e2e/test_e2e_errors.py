@@ -79,7 +79,6 @@ INVALID: dict[str, dict[str, Any]] = {
     "empty-type": {"mechanism": mech("LOCAL", "")},
     "inode-url-not-file": {"mechanism": with_params(inodeURL="http://example.com/netns/x")},
     "inode-url-relative": {"mechanism": with_params(inodeURL="file://relative")},
-    "inode-url-not-a-netns": {"mechanism": with_params(inodeURL="file:///etc/hostname")},
     "mtu-not-a-number": {"mechanism": with_params(MTU="abc")},
     "mtu-out-of-range": {"mechanism": with_params(MTU="10")},
     "payload-unknown": {"payload": "BOGUS"},
