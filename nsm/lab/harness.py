@@ -49,11 +49,15 @@ from nsm.api.connection_pb2 import (
     UPDATE,
     Connection,
     ConnectionEvent,
+    Mechanism,
     MonitorScopeSelector,
 )
+from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.api.networkservice_pb2_grpc import NetworkServiceStub
 from nsm.api.registry_pb2 import NetworkService, NetworkServiceEndpoint
 from nsm.client.sdk import Client
 from nsm.daemon import STATUS_SIGNAL
+from nsm.elements.tokens import HopTokens
 from nsm.kernel import netns as nsns
 from nsm.kernel.netlink import LinkInfo, Netlink
 from nsm.kernel.ping import PingResult, ping
@@ -63,8 +67,13 @@ from nsm.lab.census import Census, fd_counts, kernel_counts, parse_status, rss_k
 from nsm.lab.leftovers import cleanup
 from nsm.lab.processes import NSM_ROOT, Daemon, daemon_env, end_processes_in, pids_naming, tail
 from nsm.lab.topology import Topology
+from nsm.mechanisms import NETNS_INODE_URL, REMOTE
 from nsm.registry.client import RegistryClient
+from nsm.security.ids import FORWARDER, MANAGER, node_id
+from nsm.security.netns import NetnsProof
+from nsm.security.policy import Policies
 from nsm.security.tls import Security
+from nsm.transport import Channels as TransportChannels
 from nsm.transport import dial
 from nsm.wellknown import FORWARDER_SERVICE
 
@@ -352,6 +361,9 @@ class LabHarness:
         self.prefix = lab.prefix
         self.netlink = Netlink()
         self.channels = Channels(lab.security)
+        #: Channels of the identities raw calls are signed with (:meth:`raw_request`).
+        self._signing: dict[str, TransportChannels] = {}
+
         self.logs = LogMarks(lab.log_dir)
         #: Endpoints started with :meth:`start_nse`, by name (while they run).
         self.nses: dict[str, Nse] = {}
@@ -389,6 +401,9 @@ class LabHarness:
                 await self.lab.remove_daemon(name)
         self.nses.clear()
         await self.channels.close()
+        for channels in self._signing.values():
+            await channels.close()
+        self._signing.clear()
         await self.netlink.close()
         for name in self._session_pods:
             with contextlib.suppress(Exception):
@@ -677,6 +692,60 @@ class LabHarness:
 
     def channel(self, url: str) -> grpc.aio.Channel:
         return self.channels.get(url)
+
+    # -- raw calls, signed as the hop's real caller -------------------------------------------
+
+    def caller_of(self, url: str, mechanisms: Sequence[Mechanism] = ()) -> Security:
+        """The identity the real caller of the hop at ``url`` has: a node's forwarder is called
+        by that node's manager, an endpoint by its node's forwarder, a manager asked for a REMOTE
+        mechanism by a forwarder; anything else by the lab."""
+        for node in self.lab.nodes.values():
+            if url == node.forwarder_url:
+                return self.lab.identity(node_id(self.lab.trust_domain, node.name, MANAGER))
+            if url in (node.manager_url, node.manager_tcp_url) and any(
+                    m.cls == REMOTE for m in mechanisms):
+                return self.lab.identity(node_id(self.lab.trust_domain, node.name, FORWARDER))
+        for name, ep in [*((e.url, e.node) for e in self.lab.endpoints.values()),
+                         *((n.url, n.node) for n in self.nses.values())]:
+            if url == name:
+                return self.lab.identity(node_id(self.lab.trust_domain, ep, FORWARDER))
+        return self.lab.security
+
+    async def _signed(self, url: str, conn: Connection, security: Security | None,
+                      mechanisms: Sequence[Mechanism] = ()) -> tuple[grpc.aio.Channel, list[tuple[str, str]]]:
+        security = security or self.caller_of(url, mechanisms)
+        await security.start()
+        channels = self._signing.get(security.id or "")
+        if channels is None:
+            channels = self._signing[security.id or ""] = TransportChannels(security=security)
+        # Signed on a copy: the request goes as the test made it (a malformed expiry included),
+        # the token in the metadata.
+        copy = Connection()
+        copy.CopyFrom(conn)
+        metadata: list[tuple[str, str]] = []
+        if copy.path.path_segments and copy.path.index < len(copy.path.path_segments):
+            copy.path.path_segments[copy.path.index].ClearField("expires")
+            metadata = await HopTokens(channels, Policies(next_token_signed=False)).sign(url, copy)
+        for m in mechanisms:  # the caller proves the namespaces it names (until the scope ends)
+            path = m.parameters.get(NETNS_INODE_URL, "")
+            if path.startswith("file://") and security.enabled and await asyncio.to_thread(
+                    os.path.exists, path[7:]):
+                await self.stack.enter_async_context(NetnsProof.listen(security, path[7:]))
+        return channels.get(url), metadata
+
+    async def raw_request(self, url: str, request: NetworkServiceRequest, *,
+                          security: Security | None = None, timeout: float = 20.0) -> Connection:
+        """``Request`` straight to the hop at ``url`` as its real caller would send it (signed by
+        :meth:`caller_of`'s identity, or ``security``; the namespaces it names proven): how tests
+        reach one hop with a request of their own. Raises the ``AioRpcError``."""
+        channel, metadata = await self._signed(url, request.connection, security,
+                                               request.mechanism_preferences)
+        return await NetworkServiceStub(channel).Request(request, metadata=metadata, timeout=timeout)
+
+    async def raw_close(self, url: str, conn: Connection, *, security: Security | None = None,
+                        timeout: float = 20.0) -> None:
+        channel, metadata = await self._signed(url, conn, security)
+        await NetworkServiceStub(channel).Close(conn, metadata=metadata, timeout=timeout)
 
     async def connections(self, url: str, timeout: float = 5.0) -> dict[str, Connection]:
         """The connections the monitor at ``url`` knows (its INITIAL_STATE_TRANSFER)."""

@@ -24,9 +24,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="session")]
 
 
 async def raw_request(mesh: Any, request: NetworkServiceRequest) -> grpc.aio.AioRpcError:
-    stub = NetworkServiceStub(mesh.channel(mesh.manager_url))
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Request(request, timeout=20)
+        await mesh.raw_request(mesh.manager_url, request)  # signed, as a client would
     return info.value
 
 
