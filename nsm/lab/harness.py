@@ -712,7 +712,8 @@ class LabHarness:
         return self.lab.security
 
     async def _signed(self, url: str, conn: Connection, security: Security | None,
-                      mechanisms: Sequence[Mechanism] = ()) -> tuple[grpc.aio.Channel, list[tuple[str, str]]]:
+                      mechanisms: Sequence[Mechanism] = (), prove: bool = True,
+                      ) -> tuple[grpc.aio.Channel, list[tuple[str, str]]]:
         security = security or self.caller_of(url, mechanisms)
         await security.start()
         channels = self._signing.get(security.id or "")
@@ -728,18 +729,20 @@ class LabHarness:
             metadata = await HopTokens(channels, Policies(next_token_signed=False)).sign(url, copy)
         for m in mechanisms:  # the caller proves the namespaces it names (until the scope ends)
             path = m.parameters.get(NETNS_INODE_URL, "")
-            if path.startswith("file://") and security.enabled and await asyncio.to_thread(
+            if prove and path.startswith("file://") and security.enabled and await asyncio.to_thread(
                     os.path.exists, path[7:]):
                 await self.stack.enter_async_context(NetnsProof.listen(security, path[7:]))
         return channels.get(url), metadata
 
     async def raw_request(self, url: str, request: NetworkServiceRequest, *,
-                          security: Security | None = None, timeout: float = 20.0) -> Connection:
+                          security: Security | None = None, timeout: float = 20.0,
+                          prove: bool = True) -> Connection:
         """``Request`` straight to the hop at ``url`` as its real caller would send it (signed by
-        :meth:`caller_of`'s identity, or ``security``; the namespaces it names proven): how tests
-        reach one hop with a request of their own. Raises the ``AioRpcError``."""
+        :meth:`caller_of`'s identity, or ``security``; the namespaces it names proven unless not
+        ``prove``): how tests reach one hop with a request of their own. Raises the
+        ``AioRpcError``."""
         channel, metadata = await self._signed(url, request.connection, security,
-                                               request.mechanism_preferences)
+                                               request.mechanism_preferences, prove)
         return await NetworkServiceStub(channel).Request(request, metadata=metadata, timeout=timeout)
 
     async def raw_close(self, url: str, conn: Connection, *, security: Security | None = None,
