@@ -337,14 +337,17 @@ class Channels:
             self._channels[url] = channel
         return channel
 
-    async def peer(self, url: str) -> tuple[SpiffeId, Any]:
+    async def peer(self, url: str, *, again: bool = False) -> tuple[SpiffeId, Any]:
         """The SPIFFE ID and certificate the server at ``url`` proves
-        (:mod:`nsm.security.prove`), once per channel; Unauthenticated if it cannot,
+        (:mod:`nsm.security.prove`), once per channel (``again``: ask anew, e.g. the peer
+        restarted on the same channel with a new key); Unauthenticated if it cannot,
         InvalidArgument when insecure."""
         if not self._security.enabled:
             raise InvalidArgument("an insecure channel has no identity to prove")
         channel = self.get(url)
         held = self._peers.get(url)
+        if again and held is not None and held[1].done():
+            held = None
         if held is None or held[0] is not channel or (held[1].done() and held[1].exception()):
             future = asyncio.ensure_future(prove.prove(channel, self._security))
             future.add_done_callback(lambda f: f.cancelled() or f.exception())

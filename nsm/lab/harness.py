@@ -736,14 +736,16 @@ class LabHarness:
 
     async def raw_request(self, url: str, request: NetworkServiceRequest, *,
                           security: Security | None = None, timeout: float = 20.0,
-                          prove: bool = True) -> Connection:
+                          prove: bool = True,
+                          metadata: Sequence[tuple[str, str]] = ()) -> Connection:
         """``Request`` straight to the hop at ``url`` as its real caller would send it (signed by
         :meth:`caller_of`'s identity, or ``security``; the namespaces it names proven unless not
         ``prove``): how tests reach one hop with a request of their own. Raises the
         ``AioRpcError``."""
-        channel, metadata = await self._signed(url, request.connection, security,
-                                               request.mechanism_preferences, prove)
-        return await NetworkServiceStub(channel).Request(request, metadata=metadata, timeout=timeout)
+        channel, signed = await self._signed(url, request.connection, security,
+                                             request.mechanism_preferences, prove)
+        return await NetworkServiceStub(channel).Request(request, metadata=[*signed, *metadata],
+                                                         timeout=timeout)
 
     async def raw_close(self, url: str, conn: Connection, *, security: Security | None = None,
                         timeout: float = 20.0) -> None:

@@ -157,14 +157,17 @@ def check_tokens(policies: Policies, tokens: Sequence[str], *, own_id: str, peer
 
 
 def check_next_token(policies: Policies, token: str, *, next_id: SpiffeId,
-                     next_cert: x509.Certificate) -> None:
+                     next_cert: x509.Certificate, quiet: bool = False) -> None:
     """``next_token_signed``: the next hop's token (in the path it answered) verifies with the
-    certificate it proved and is of it."""
+    certificate it proved and is of it (``quiet``: a bad signature is not logged: the caller
+    asks the next hop to prove itself again first)."""
     if not policies.next_token_signed:
         return
     try:
         claims = verify(token, next_cert)
     except PermissionDenied as exc:
+        if quiet:
+            raise
         raise deny(NEXT_TOKEN_SIGNED, f"the next hop's token: {exc.message}",
                    next_hop=str(next_id)) from exc
     if claims.sub != str(next_id):

@@ -22,7 +22,6 @@ from google.protobuf.empty_pb2 import Empty
 from nsm.api import networkservice_pb2_grpc
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
-from nsm.api.networkservice_pb2_grpc import NetworkServiceStub
 from nsm.client.sdk import new_request
 from nsm.kernel.ping import ping
 from nsm.mechanisms import KERNEL, kernel, netns_url
@@ -86,9 +85,8 @@ async def test_endpoint_on_a_tcp_url_on_its_node_gets_a_kernel_link(mesh) -> Non
 
 async def _forwarder_request(mesh: Any, request: NetworkServiceRequest,
                              metadata: tuple[tuple[str, str], ...] | None) -> grpc.aio.AioRpcError:
-    stub = NetworkServiceStub(mesh.channel(mesh.forwarder_url))
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Request(request, timeout=10, metadata=metadata)
+        await mesh.raw_request(mesh.forwarder_url, request, timeout=10, metadata=metadata or ())
     return info.value
 
 
