@@ -7,6 +7,11 @@ The generated modules register ``connection.proto`` & co. in protobuf's global d
 as ``nsm.api`` does: the upstream client therefore runs in its own Python process, which imports
 nothing from ``nsm``. It reports JSON lines on stdout and waits for a line on stdin before Close,
 so the test can look at the kernel while the connection is up.
+
+It is secure as the reference's clients are: mTLS with an X.509-SVID (PEM files the test issues
+from the lab's CA) and an ES256 path token in ``nsm-client-token`` (made with PyJWT, not with
+``nsm``); the audience is the manager's SPIFFE ID. What grpcio cannot do for it (prove its pod
+namespace, serve the URL it registers) the test does with the same identity.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from typing import Any
 
 import pytest
 
+from nsm.security.ca import CertificateAuthority
+from nsm.security.ids import MANAGER, node_id, workload_id
+from nsm.security.netns import NetnsProof
+from nsm.transport import Server
+
 pytestmark = [pytest.mark.kernel, pytest.mark.asyncio(loop_scope="session")]
 
 PROTOS = Path(__file__).resolve().parent / "upstream_protos"
@@ -28,10 +38,11 @@ FILES = ["connectioncontext.proto", "connection.proto", "networkservice.proto", 
 CLIENT = textwrap.dedent('''
     import json, sys, time, uuid
 
-    gen, registry_target, manager_target, service, netns = sys.argv[1:6]
+    gen, registry_target, manager_target, service, netns, pki, manager_id, nse_url = sys.argv[1:9]
     sys.path.insert(0, gen)
 
-    import grpc
+    import grpc, jwt
+    from datetime import datetime, timezone
     from google.protobuf import json_format
     from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -52,8 +63,26 @@ CLIENT = textwrap.dedent('''
         t.FromSeconds(int(seconds))
         return t
 
+    def pem(name):
+        with open(f"{pki}/{name}", "rb") as f:
+            return f.read()
+
+    creds = grpc.ssl_channel_credentials(pem("svid_bundle.pem"), pem("svid_key.pem"), pem("svid.pem"))
+    options = [("grpc.ssl_target_name_override", pem("server_name").decode())]
+
+    def token_metadata(conn):
+        """Sign our segment of ``conn`` for the manager, as the reference's updatetoken does."""
+        exp = int(time.time()) + 120
+        claims = {"sub": pem("spiffe_id").decode(), "aud": [manager_id], "iat": int(time.time()),
+                  "exp": exp}
+        token = jwt.encode(claims, pem("svid_key.pem"), algorithm="ES256")
+        conn.path.path_segments[0].token = token
+        conn.path.path_segments[0].expires.FromSeconds(exp)
+        when = datetime.fromtimestamp(exp, timezone.utc).isoformat().replace("+00:00", "Z")
+        return (("nsm-client-token", token), ("nsm-client-token-expires", when))
+
     R = registry_pb2
-    reg = grpc.insecure_channel(registry_target)
+    reg = grpc.secure_channel(registry_target, creds, options=options)
     ns_stub = registry_pb2_grpc.NetworkServiceRegistryStub(reg)
     nse_stub = registry_pb2_grpc.NetworkServiceEndpointRegistryStub(reg)
 
@@ -73,7 +102,7 @@ CLIENT = textwrap.dedent('''
     nse = R.NetworkServiceEndpoint(
         name="wire-nse-" + uuid.uuid4().hex[:6], network_service_names=[wire_service],
         network_service_labels={wire_service: R.NetworkServiceLabels(labels={"color": "c"})},
-        url="tcp://127.0.0.1:1", expiration_time=ts(time.time() + 60))
+        url=nse_url, expiration_time=ts(time.time() + 60))
     got = nse_stub.Register(nse, timeout=10)
     event = next(watch)
     watch.cancel()
@@ -89,7 +118,7 @@ CLIENT = textwrap.dedent('''
         found=found, after_unregister=after)
 
     # -- a connection through our manager
-    mgr = grpc.insecure_channel(manager_target)
+    mgr = grpc.secure_channel(manager_target, creds, options=options)
     C = connection_pb2
     conn_id = str(uuid.uuid4())
     request = networkservice_pb2.NetworkServiceRequest(
@@ -100,7 +129,7 @@ CLIENT = textwrap.dedent('''
         mechanism_preferences=[C.Mechanism(cls="LOCAL", type="KERNEL", parameters={
             "name": "wire-1", "inodeURL": "file://" + netns})])
     client = networkservice_pb2_grpc.NetworkServiceStub(mgr)
-    conn = client.Request(request, timeout=20)
+    conn = client.Request(request, timeout=20, metadata=token_metadata(request.connection))
     monitor = connection_pb2_grpc.MonitorConnectionStub(mgr).MonitorConnections(
         C.MonitorScopeSelector(network_services=[service]), timeout=10)
     first = next(monitor)
@@ -108,8 +137,8 @@ CLIENT = textwrap.dedent('''
     out("requested", conn=as_dict(conn), monitor_type=C.ConnectionEventType.Name(first.type),
         monitor=[as_dict(c) for c in first.connections.values()])
     sys.stdin.readline()
-    client.Close(conn, timeout=20)
-    client.Close(conn, timeout=20)  # idempotent
+    client.Close(conn, timeout=20, metadata=token_metadata(conn))
+    client.Close(conn, timeout=20, metadata=token_metadata(conn))  # idempotent
     out("closed")
 ''')
 
@@ -137,8 +166,29 @@ async def test_upstream_generated_client_against_registry_and_manager(mesh, tmp_
     script.write_text(CLIENT)
     registry_target = "unix:" + mesh.registry_url.removeprefix("unix://")
     manager_target = "unix:" + mesh.manager_url.removeprefix("unix://")
+    # The upstream client's identity: PEM files in spiffe-helper's layout.
+    lab = mesh.lab
+    spiffe_id = workload_id(lab.trust_domain, mesh.name("upstream"))
+    svid = CertificateAuthority.open(lab.ca_dir, lab.trust_domain).issue(
+        spiffe_id, dns_names=(lab.trust_domain,))
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for name, data in (("svid.pem", svid.chain_pem), ("svid_key.pem", svid.key_pem),
+                       ("svid_bundle.pem", svid.bundle_pem), ("spiffe_id", svid.id.encode()),
+                       ("server_name", lab.trust_domain.encode())):
+        (pki / name).write_bytes(data)
+    # What it cannot do with grpcio alone, the test does with the same identity: serve the URL
+    # it registers (the registry asks it to prove who it is) and prove its pod's namespace.
+    same = lab.identity(spiffe_id)
+    await same.start()
+    nse_url = f"unix://{tmp_path}/upstream-nse.sock"
+    nse_server = Server([nse_url], security=same)
+    await nse_server.start()
+    mesh.stack.push_async_callback(nse_server.stop, 0)
+    await mesh.stack.enter_async_context(NetnsProof.listen(same, ns))
+    manager_id = node_id(lab.trust_domain, "node1", MANAGER)
     proc = await mesh.spawn_python(str(script), str(gen), registry_target, manager_target,
-                                   mesh.service, ns)
+                                   mesh.service, ns, str(pki), manager_id, nse_url)
     assert proc.stdout is not None and proc.stdin is not None
 
     async def line() -> dict[str, Any]:
