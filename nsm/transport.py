@@ -45,13 +45,18 @@ PRECONNECT_TIMEOUT = 5.0
 #: (``use_local_subchannel_pool``): by default a process shares one subchannel per target among
 #: its channels, so a new channel to a peer that was down would inherit the old one's reconnect
 #: backoff (up to 2 s) instead of connecting at once to the restarted peer.
+#: ``grpc.min_reconnect_backoff_ms`` is, in gRPC core, the *connect timeout* of one attempt
+#: (connect, TLS handshake, HTTP/2 settings), not a backoff: at 100 ms, TLS handshakes with a
+#: busy peer (tens of clients connecting at once on two loaded cores) timed out and were retried
+#: in a loop; 2 s lets them finish. A refused connect (a peer restarting) still fails at once and
+#: is retried after the initial backoff.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 2_000),
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 )

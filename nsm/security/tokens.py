@@ -2,7 +2,8 @@
 SVID key), as the reference does (``sdk:pkg/networkservice/common/updatetoken``).
 
 Claims: ``sub`` = the signer's SPIFFE ID, ``aud`` = [the next hop's SPIFFE ID, as the next hop
-proved it], ``exp`` (whole seconds) = the segment's expiry, never later than the signer's SVID,
+proved it], ``exp`` (to the millisecond: a NumericDate may be fractional) = the segment's
+expiry, never later than the signer's SVID,
 ``iat``. The token also travels as gRPC metadata (:data:`TOKEN_HEADER`, and its expiry in RFC
 3339 as :data:`EXPIRES_HEADER`); the receiving hop copies it into the caller's segment, whose
 expiry is then the token's (the timeout element closes the connection at it).
@@ -46,8 +47,8 @@ class Claims:
 
     sub: str
     aud: tuple[str, ...]
-    exp: int
-    iat: int | None = None
+    exp: float
+    iat: float | None = None
 
     def expired(self, at: float | None = None) -> bool:
         return self.exp <= (time.time() if at is None else at)
@@ -61,7 +62,7 @@ class Token:
     claims: Claims
 
     @property
-    def expires(self) -> int:
+    def expires(self) -> float:
         return self.claims.exp
 
     def metadata(self) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -70,18 +71,21 @@ class Token:
 
 
 def rfc3339(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``2026-12-01T14:00:00.250Z`` (to the millisecond)."""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
 
 
 def mint(svid: Svid, audience: str | Sequence[str], *, expires: float,
          now: float | None = None) -> Token:
     """A token of ``svid``'s identity for ``audience``, expiring at ``expires`` (seconds since
-    the epoch) or at the SVID's expiry, whichever is first (rounded down to a whole second)."""
+    the epoch) or at the SVID's expiry, whichever is first (to the millisecond: rounding to
+    whole seconds took up to a second off every segment's life, and refreshes came early)."""
     aud = (audience,) if isinstance(audience, str) else tuple(audience)
     if not aud:
         raise InvalidArgument("a path token needs an audience")
     issued = int(time.time() if now is None else now)
-    exp = math.floor(min(expires, svid.expires.timestamp()))
+    exp = math.floor(min(expires, svid.expires.timestamp()) * 1000) / 1000
     claims = Claims(sub=svid.id, aud=aud, exp=exp, iat=issued)
     text = jwt.encode({"sub": claims.sub, "aud": list(aud), "exp": exp, "iat": issued}, svid.key,
                       algorithm=ALGORITHM)
@@ -96,10 +100,11 @@ def _claims(payload: dict[str, Any]) -> Claims:
         raise PermissionDenied("the token has no subject")
     if not isinstance(aud, list) or not aud or not all(isinstance(a, str) for a in aud):
         raise PermissionDenied("the token has no audience")
-    if not isinstance(exp, int) or isinstance(exp, bool):
-        raise PermissionDenied("the token has no whole-second expiry")
-    if iat is not None and (not isinstance(iat, int) or isinstance(iat, bool)):
-        raise PermissionDenied("the token's issue time is not whole seconds")
+    if not isinstance(exp, int | float) or isinstance(exp, bool) or not math.isfinite(exp):
+        raise PermissionDenied("the token has no expiry (a NumericDate)")
+    if iat is not None and (not isinstance(iat, int | float) or isinstance(iat, bool)
+                            or not math.isfinite(iat)):
+        raise PermissionDenied("the token's issue time is not a NumericDate")
     return Claims(sub=sub, aud=tuple(aud), exp=exp, iat=iat)
 
 

@@ -58,7 +58,7 @@ def test_forged_token_does_not_verify(svids) -> None:  # type: ignore[no-untyped
     {"aud": [MGR1], "exp": 2**31},  # no sub
     {"sub": NSC, "exp": 2**31},  # no aud
     {"sub": NSC, "aud": [MGR1]},  # no exp
-    {"sub": NSC, "aud": [MGR1], "exp": 1.5},  # not whole seconds
+    {"sub": NSC, "aud": [MGR1], "exp": "1.5"},  # not a NumericDate
 ])
 def test_malformed_tokens(svids, payload) -> None:  # type: ignore[no-untyped-def]
     text = jwt.encode(payload, svids[NSC].key, algorithm="ES256")
