@@ -248,6 +248,12 @@ class Registry:
         """Register or refresh an NSE; returns the stored record (name, expiration and initial
         registration time filled in)."""
         validate_nse(nse)
+        if nse.name:
+            # The owner first: another's name is refused before its URL is dialed (a caller
+            # must not make the registry connect where it likes, for a record it cannot have).
+            held = await self.nse_store.get(nse.name)
+            if held is not None:
+                self.authz.owner_for(caller, held, f"endpoint {nse.name!r}", now=time.time())
         await self.authz.admit_nse(caller, nse)
         record = NetworkServiceEndpoint()
         record.CopyFrom(nse)
