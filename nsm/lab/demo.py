@@ -21,6 +21,7 @@ from nsm.kernel.netlink import Netlink
 from nsm.kernel.ping import ping
 from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
 from nsm.mechanisms import PAYLOADS
+from nsm.security.tokens import claims_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +90,8 @@ async def show(args: argparse.Namespace, lab: Lab, netlink: Netlink, client_ns: 
         say(f"\nconnection to {conn.network_service!r} ({conn.payload}) in {setup_ms:.1f} ms; "
             f"path of {len(conn.path.path_segments)} segments:")
         for i, seg in enumerate(conn.path.path_segments):
-            say(f"  {i}. {seg.name}")
+            signed = f"  signed by {claims_of(seg.token).sub}" if seg.token else ""
+            say(f"  {i}. {seg.name:14}{signed}")
         for link in await netlink.links(node1.netns):
             if link.kind == "vxlan":
                 vni = getattr(link, "vxlan_id", None)
