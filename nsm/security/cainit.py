@@ -15,6 +15,7 @@ a development default; production uses SPIRE.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -28,14 +29,19 @@ PROG = "nsm ca-init"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    flag(parser, "--dir", required=True, help=f"directory to hold the CA ({CA_CERT}, {CA_KEY}; created mode 0700)")
+    flag(parser, "--dir", required=True,
+         help=f"directory to hold the CA ({CA_CERT}, {CA_KEY}; created mode 0700)")
     flag(parser, "--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain of the CA")
 
 
 async def run(args: argparse.Namespace) -> int:
-    path = Path(args.dir)
+    return await asyncio.to_thread(init, Path(args.dir), args.trust_domain)
+
+
+def init(path: Path, trust_domain: str) -> int:
+    """Make (or keep) the CA in ``path``, print what is there; the exit status."""
     try:
-        trust_domain = check_trust_domain(args.trust_domain)
+        trust_domain = check_trust_domain(trust_domain)
     except InvalidArgument as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
     if path.exists() and not path.is_dir():
