@@ -70,13 +70,23 @@ def volume(pod: Doc, container: Doc, path: str) -> tuple[Doc, Doc]:
     return mounts[0], next(v for v in pod["volumes"] if v["name"] == mounts[0]["name"])
 
 
-@pytest.mark.parametrize("kustomization", CA_MODE)
-def test_every_daemon_has_the_cluster_ca(kustomization: str) -> None:
-    found = set()
+def each_daemon(kustomization: str) -> list[tuple[str, Doc, Doc, dict[str, str]]]:
+    """(where, pod spec, container, environment) of every daemon of ``kustomization``, all of
+    the one trust domain; the mesh's four daemons (or the example's endpoint) among them."""
+    out = []
     for doc, pod, c in daemons(rendered(kustomization)):
         where = f"{kustomization}: {doc['metadata']['name']}/{c['name']}"
         env = env_of(c, FIELDS)
         assert env.get("NSM_TRUST_DOMAIN") == trust_domain(), where
+        out.append((where, pod, c, env))
+    roles = {"nse"} if "kernel2kernel" in kustomization else {"registry", "manager", "forwarder", "cni-agent"}
+    assert {c["args"][0] for _, _, c, _ in out} >= roles, kustomization
+    return out
+
+
+@pytest.mark.parametrize("kustomization", CA_MODE)
+def test_every_daemon_has_the_cluster_ca(kustomization: str) -> None:
+    for where, pod, c, env in each_daemon(kustomization):
         assert "NSM_SPIFFE_SOCKET" not in env and "NSM_SVID_DIR" not in env, where
         assert env.get("NSM_INSECURE", "false") == "false", where
         mount, vol = volume(pod, c, env["NSM_CA_DIR"])
@@ -87,27 +97,17 @@ def test_every_daemon_has_the_cluster_ca(kustomization: str) -> None:
         user = c.get("securityContext", {}).get("runAsUser", pod.get("securityContext", {}).get("runAsUser"))
         if user != 0:  # the image's user reads it through the pod's group
             assert pod.get("securityContext", {}).get("fsGroup") == user and mode & 0o040, where
-        found.add(c["args"][0])
-    assert found >= ({"nse"} if "examples" in kustomization else {"registry", "manager", "forwarder",
-                                                                     "cni-agent"})
 
 
 @pytest.mark.parametrize("kustomization", SPIRE_MODE)
 def test_spire_overlay_uses_the_agent_socket(kustomization: str) -> None:
-    found = set()
-    for doc, pod, c in daemons(rendered(kustomization)):
-        where = f"{kustomization}: {doc['metadata']['name']}/{c['name']}"
-        env = env_of(c, FIELDS)
+    for where, pod, c, env in each_daemon(kustomization):
         assert env.get("NSM_SPIFFE_SOCKET") == SOCKET, where
-        assert env.get("NSM_TRUST_DOMAIN") == trust_domain(), where
         assert "NSM_CA_DIR" not in env and "NSM_SPIFFE_ID" not in env, where
         mount, vol = volume(pod, c, "/run/spire/sockets")
         assert mount.get("readOnly") is True and vol["hostPath"]["path"] == "/run/spire/sockets", where
         assert not [v for v in pod["volumes"] if "secret" in v], f"{where}: a Secret is still mounted"
         assert not [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/nsm/ca"], where
-        found.add(c["args"][0])
-    assert found >= ({"nse"} if "kernel2kernel" in kustomization else {"registry", "manager", "forwarder",
-                                                                          "cni-agent"})
 
 
 @pytest.mark.parametrize("kustomization", CA_MODE + SPIRE_MODE)
