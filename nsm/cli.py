@@ -7,6 +7,7 @@
     nsm nsc        --service S --netns PATH --ifname NAME --manager URL
     nsm cni-agent  --manager URL --socket PATH --state-dir DIR   (the nsm-cni plugin's agent)
     nsm cni-install / cni-uninstall   put nsm-cni into the node's conflist / take it out
+    nsm ca-init    --dir DIR [--trust-domain TD]   a CA for every machine (Kubernetes: Secret nsm-ca)
     nsm health     [--url URL]   exit 0 when the daemon at URL (default: NSM_LISTEN) is SERVING
     nsm demo       build a throwaway mesh, show a link and a ping, tear it all down
 
@@ -32,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cni-agent": ("nsm.cni.agent", "run a node's CNI agent (behind the nsm-cni plugin)"),
     "cni-install": ("nsm.cni.install", "install nsm-cni on this node: the executable, the conflist entry"),
     "cni-uninstall": ("nsm.cni.install", "remove nsm-cni from this node (conflist entries, executable)"),
+    "ca-init": ("nsm.security.cainit", "make a built-in CA directory to share between machines (a Secret)"),
     "health": ("nsm.health", "ask a daemon's gRPC health service once (exit 0 when SERVING)"),
     "demo": ("nsm.lab.demo", "build a throwaway mesh in namespaces and show it working"),
     "lab": ("nsm.lab.cli", "an emulated cluster of nodes in namespaces: lab up|down|status"),

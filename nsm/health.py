@@ -6,8 +6,12 @@
 For Kubernetes exec probes: a daemon listening only on a unix socket (the forwarder, the CNI
 agent) cannot have a native ``grpc:`` probe, which dials a TCP port. Run in the daemon's
 container, the probe inherits its environment, so without ``--url`` it checks the first URL the
-daemon listens on (``NSM_LISTEN``). Exit 1 (with one line on stderr) when the daemon answers
-anything but SERVING, or does not answer within ``--timeout``; 2 on bad input.
+daemon listens on (``NSM_LISTEN``), with the daemon's security settings (``NSM_CA_DIR``,
+``NSM_SPIFFE_SOCKET``, ``NSM_TRUST_DOMAIN``...): the probe has an identity of its own (default
+``spiffe://<td>/nsm/health``, or the container's SVID from the Workload API). Its other flags are
+not read from the environment (there they are the daemon's: an endpoint's ``NSM_SERVICE``).
+Exit 1 (with one line on stderr) when the daemon answers anything but SERVING, or does not
+answer within ``--timeout``; 2 on bad input.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Mapping
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nsm.config import EXIT_FAILED, EXIT_USAGE, duration, fail, flag
+from nsm.config import EXIT_FAILED, EXIT_USAGE, duration, fail
 from nsm.errors import NsmError
 from nsm.security.options import add_security_flags, security_from_args
 from nsm.transport import dial, parse_url
@@ -28,10 +32,13 @@ PROG = "nsm health"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    flag(parser, "--url", default=None,
-         help="the daemon's URL, unix:///path or tcp://host:port (default: the first of NSM_LISTEN)")
-    flag(parser, "--service", default="", help="the service to ask about (default: the whole server)")
-    flag(parser, "--timeout", type=duration, default=3.0, help="how long to wait for the answer")
+    # Not read from NSM_URL/NSM_SERVICE/NSM_TIMEOUT: a probe runs with its daemon's environment,
+    # where those are the daemon's own settings (an endpoint's NSM_SERVICE is its network
+    # service, not a health service name). The security flags are read from it on purpose.
+    parser.add_argument("--url", default=None, help="the daemon's URL, unix:///path or tcp://host:port "
+                                                    "(default: the first of NSM_LISTEN)")
+    parser.add_argument("--service", default="", help="the service to ask about (default: the whole server)")
+    parser.add_argument("--timeout", type=duration, default=3.0, help="how long to wait for the answer")
     add_security_flags(parser)
 
 

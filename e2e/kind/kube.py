@@ -1,5 +1,9 @@
 """kubectl for the kind suite: a context, JSON answers, waiting, exec, and the suite's objects
-(an endpoint Deployment and a client pod like deploy/examples/kernel2kernel's, per test)."""
+(an endpoint Deployment and a client pod like deploy/examples/kernel2kernel's, per test).
+
+Identities as in deploy/base: the cluster's CA is the Secret ``nsm-ca`` in nsm-system (made by
+run.sh with ``nsm ca-init``); each test namespace gets a copy, mounted read-only by the pods of
+the nsm image (the endpoints, the tools pod) at CA_DIR."""
 
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("NSM_KIND_IMAGE", "nsm:dev")
 CLIENT_IMAGE = os.environ.get("NSM_KIND_CLIENT_IMAGE", "nsm-e2e:dev")
 TOOLS = ("docker", "kind", "kubectl")
+#: deploy/base's identity settings (tests/deploy checks they agree).
+TRUST_DOMAIN = "k8s.nsm"
+CA_SECRET = "nsm-ca"
+CA_DIR = "/etc/nsm/ca"
 
 
 def missing_tools() -> list[str]:
@@ -140,7 +148,34 @@ class Kube:
                 "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "privileged"}},
             }
         )
+        self.copy_ca(name)
         return name
+
+    def copy_ca(self, namespace: str) -> None:
+        """The cluster's CA Secret (nsm-system's ``nsm-ca``) into ``namespace``, for its NSM pods."""
+        secret = self.json("get", "secret", CA_SECRET, namespace="nsm-system")
+        self.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": CA_SECRET, "namespace": namespace},
+                "type": secret.get("type", "Opaque"),
+                "data": secret["data"],
+            }
+        )
+
+
+def ca_identity(env: list[dict[str, Any]], spec: dict[str, Any]) -> None:
+    """Give a pod of the nsm image its identity from the CA Secret (as deploy/base does): the
+    settings appended to ``env``, the Secret mounted read-only (group-readable by the image's
+    user) into ``spec``'s first container."""
+    env += [
+        {"name": "NSM_TRUST_DOMAIN", "value": TRUST_DOMAIN},
+        {"name": "NSM_CA_DIR", "value": CA_DIR},
+    ]
+    spec["securityContext"] = {"fsGroup": 10001}
+    spec["volumes"] = [{"name": CA_SECRET, "secret": {"secretName": CA_SECRET, "defaultMode": 0o440}}]
+    spec["containers"][0]["volumeMounts"] = [{"name": CA_SECRET, "mountPath": CA_DIR, "readOnly": True}]
 
 
 def node_links(node: str) -> set[str]:
@@ -163,6 +198,7 @@ def endpoint(
     """deploy/examples/kernel2kernel/endpoint.yaml's Deployment for ``service``."""
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
         {"name": "NSM_NAME", "value": "$(POD_NAME)"},
@@ -182,10 +218,19 @@ def endpoint(
                 "imagePullPolicy": "Never",
                 "args": ["nse"],
                 "env": env,
-                "readinessProbe": {"grpc": {"port": 5003}, "periodSeconds": 2},
+                # mutual TLS only: no grpc: probe (the kubelet dials plaintext)
+                "readinessProbe": {
+                    "exec": {"command": ["nsm", "health"]},
+                    "periodSeconds": 2,
+                    "timeoutSeconds": 5,
+                },
             }
         ],
     }
+    ca_identity(env, spec)
+    env.append(
+        {"name": "NSM_SPIFFE_ID", "value": "spiffe://$(NSM_TRUST_DOMAIN)/ns/$(POD_NAMESPACE)/pod/$(POD_NAME)"}
+    )
     if node:
         spec["nodeSelector"] = {"kubernetes.io/hostname": node}
     return {
@@ -244,23 +289,28 @@ def client(
 
 
 def tools_pod(name: str = "tools") -> dict[str, Any]:
-    """A pod of the client image to talk to the registry from inside the cluster."""
+    """A pod of the client image to talk to the registry from inside the cluster (with an
+    identity from the CA Secret: the registry takes mutual TLS only)."""
+    env: list[dict[str, Any]] = []
+    spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 1,
+        "containers": [
+            {
+                "name": "tools",
+                "image": CLIENT_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sleep", "infinity"],
+                "env": env,
+            }
+        ],
+    }
+    ca_identity(env, spec)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": {"app": name}},
-        "spec": {
-            "automountServiceAccountToken": False,
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": "tools",
-                    "image": CLIENT_IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["sleep", "infinity"],
-                }
-            ],
-        },
+        "spec": spec,
     }
 
 
@@ -269,14 +319,18 @@ REGISTER_SERVICE = """
 import asyncio, sys
 from nsm.api.registry_pb2 import NetworkService
 from nsm.registry.client import RegistryClient
+from nsm.security.options import security_from_environment
 from nsm.transport import dial
 
 async def main():
-    channel = dial("tcp://registry.nsm-system.svc.cluster.local:5002")
+    security = security_from_environment("spiffe://k8s.nsm/ns/default/pod/tools")
+    await security.start()
+    channel = dial("tcp://registry.nsm-system.svc.cluster.local:5002", security)
     try:
         await RegistryClient(channel).register_ns(NetworkService(name=sys.argv[1], payload=sys.argv[2]))
     finally:
         await channel.close()
+        await security.close()
 
 asyncio.run(main())
 """

@@ -17,9 +17,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 #: Every kustomization a user applies.
-KUSTOMIZATIONS = ["base", "overlays/kind", "examples/kernel2kernel", "uninstall"]
+KUSTOMIZATIONS = ["base", "overlays/kind", "overlays/spire", "examples/kernel2kernel",
+                  "overlays/spire/kernel2kernel", "uninstall"]
 #: Kinds without a namespace (kustomize's namespace transformer leaves them alone).
-CLUSTER_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+CLUSTER_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                 "ClusterSPIFFEID"}
 
 
 def tool() -> list[str] | None:

@@ -11,6 +11,11 @@ environment; ``grpc:`` probes are checked on the port and address the kubelet wo
 init container installs nsm-cni (the image's self-contained bundle) into a copy of kind's
 kindnet conflist (and deploy/uninstall's takes it out again), and a pod asking for the example's
 service through the installed plugin gets its interface and answers a ping.
+
+Secure, as the manifests run: the cluster's CA (the Secret ``nsm-ca``) is made with ``nsm
+ca-init`` as e2e/kind/run.sh makes it, and stands at the Secret's mount path; every daemon and
+every probe issues itself its identity from it. The example endpoint runs in a namespace of its
+own (a pod's, with its pod IP): the forwarder programs only pods' namespaces.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
 #: The node's address, on its eth0 (a bridge standing for the node's uplink).
 NODE_IP = "10.255.0.1"
+#: The example endpoint pod's address (a veth to the node; the node's side has POD_GW).
+POD_IP, POD_GW = "10.255.1.2", "10.255.1.1"
 SERVICE = "registry.nsm-system.svc.cluster.local"
 
 
@@ -51,33 +58,39 @@ class Node:
         self.root = root
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.logs: dict[str, Path] = {}
+        self.netnses: dict[str, str] = {}
 
     def host(self, text: str) -> str:
-        for path in ("/run/nsm", "/var/lib/nsm/cni", "/opt/cni/bin", "/etc/cni/net.d", "/opt/nsm-cni"):
+        for path in ("/run/nsm", "/var/lib/nsm/cni", "/opt/cni/bin", "/etc/cni/net.d", "/opt/nsm-cni",
+                     "/etc/nsm/ca"):
             text = text.replace(path, str(self.root / path.strip("/").replace("/", "_")))
         return text.replace(SERVICE, NODE_IP)
 
     def env(self, container: dict[str, Any], **values: str) -> dict[str, str]:
-        fields = {"NODE_NAME": "node1", "NODE_IP": NODE_IP, "POD_IP": NODE_IP, **values}
+        fields = {"NODE_NAME": "node1", "NODE_IP": NODE_IP, "POD_IP": NODE_IP,
+                  "POD_NAMESPACE": "nsm-examples", **values}
         return {k: self.host(v) for k, v in env_of(container, fields).items()}
 
-    def command(self, args: list[str]) -> list[str]:
-        return [sys.executable, "-m", "nsm.lab.netns_exec", self.netns, "--", sys.executable, "-m",
+    def command(self, args: list[str], netns: str | None = None) -> list[str]:
+        return [sys.executable, "-m", "nsm.lab.netns_exec", netns or self.netns, "--", sys.executable, "-m",
                 "nsm.cli", *args]
 
-    async def start(self, name: str, container: dict[str, Any], env: dict[str, str]) -> None:
+    async def start(self, name: str, container: dict[str, Any], env: dict[str, str],
+                    netns: str | None = None) -> None:
         self.logs[name] = self.root / f"{name}.log"
+        self.netnses[name] = netns or self.netns
         out = os.open(self.logs[name], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             self.procs[name] = await asyncio.create_subprocess_exec(
-                *self.command(container["args"]), env=daemon_env(env), stdin=asyncio.subprocess.DEVNULL,
-                stdout=out, stderr=out, start_new_session=True)
+                *self.command(container["args"], netns), env=daemon_env(env),
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         finally:
             os.close(out)
 
-    async def run(self, args: list[str], env: dict[str, str], timeout: float = 30) -> tuple[int, str]:
+    async def run(self, args: list[str], env: dict[str, str], timeout: float = 30,
+                  netns: str | None = None) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            *self.command(args), env=daemon_env(env), stdout=asyncio.subprocess.PIPE,
+            *self.command(args, netns), env=daemon_env(env), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
         return proc.returncode or 0, out.decode()
@@ -100,7 +113,7 @@ class Node:
                              last: list[str] = last) -> bool:
                 proc = self.procs[name]
                 assert proc.returncode is None, f"{name} exited {proc.returncode}:\n{self.log(name)}"
-                status, out = await self.run(args, probe_env)
+                status, out = await self.run(args, probe_env, netns=self.netnses[name])
                 last[:] = [out]
                 return status == 0
 
@@ -172,6 +185,12 @@ async def test_every_role_starts_with_the_manifests_environment(node: Node) -> N
     nse = containers(find(render("examples/kernel2kernel"), "Deployment", "nse-icmp-responder"))[0]
     for d in ("run_nsm", "var_lib_nsm_cni", "opt_cni_bin", "etc_cni_net.d"):
         (node.root / d).mkdir()
+    # The Secret nsm-ca, made as e2e/kind/run.sh makes it, of the manifests' trust domain.
+    trust_domain = node.env(by_name["manager"])["NSM_TRUST_DOMAIN"]
+    status, out = await node.run(["ca-init", "--dir", str(node.root / "etc_nsm_ca"), "--trust-domain",
+                                  trust_domain], {})
+    assert status == 0, out
+    assert node.env(by_name["manager"])["NSM_CA_DIR"] == str(node.root / "etc_nsm_ca")
     shutil.copy(Path(__file__).parent / "conflists" / "10-kindnet.conflist", node.root / "etc_cni_net.d")
 
     # The init container: nsm-cni (the image's bundle) into the bin dir, into kindnet's conflist.
@@ -184,17 +203,25 @@ async def test_every_role_starts_with_the_manifests_environment(node: Node) -> N
     assert entry["type"] == "nsm-cni" and entry["socket"] == str(node.root / "run_nsm" / "cni" / "agent.sock")
 
     # The daemons, in the order Kubernetes would get them serving.
-    await node.start("registry", registry["spec"]["template"]["spec"]["containers"][0],
-                     node.env(registry["spec"]["template"]["spec"]["containers"][0]))
-    await node.probe("registry", registry["spec"]["template"]["spec"]["containers"][0], {}, NODE_IP)
+    reg = registry["spec"]["template"]["spec"]["containers"][0]
+    await node.start("registry", reg, node.env(reg))
+    await node.probe("registry", reg, node.env(reg), NODE_IP)
     envs = {name: node.env(by_name[name]) for name in ("manager", "forwarder", "cni-agent")}
     envs["cni-agent"]["NSM_KUBECONFIG"] = kubeconfig(node.root)  # in a cluster: the service account
     for name in ("manager", "forwarder", "cni-agent"):
         await node.start(name, by_name[name], envs[name])
     for name in ("manager", "forwarder", "cni-agent"):
         await node.probe(name, by_name[name], envs[name], NODE_IP)
-    nse_env = node.env(nse, POD_NAME="nse-icmp-responder-1")
-    await node.start("nse", nse, nse_env)
+    nse_env = node.env(nse, POD_NAME="nse-icmp-responder-1", POD_IP=POD_IP)
+    nse_pod = node.pods("nsepod")  # type: ignore[attr-defined]
+    async with Netlink() as nl:
+        await nl.create_veth("eth0", nse_pod, "vethnse", node.netns)
+        await nl.add_address(nse_pod, "eth0", f"{POD_IP}/24")
+        await nl.add_address(node.netns, "vethnse", f"{POD_GW}/24")
+        for ns, dev in ((nse_pod, "eth0"), (node.netns, "vethnse")):
+            await nl.set_up(ns, dev)
+        await nl.add_route(nse_pod, f"{NODE_IP}/32", "eth0", gateway=POD_GW)
+    await node.start("nse", nse, nse_env, netns=nse_pod)
     await node.probe("nse", nse, nse_env, NODE_IP)
 
     # A pod created by the runtime: kindnet's list at 0.3.1, nsm-cni last (here: asked by config).
