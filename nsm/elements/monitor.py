@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -33,6 +34,10 @@ from nsm.api.connection_pb2 import (
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
 from nsm.errors import ResourceExhausted, grpc_errors
+from nsm.limits import Limits, StreamLimiter, caller_key, check_selector
+
+if TYPE_CHECKING:
+    from nsm.security.tls import Security
 
 QUEUE_SIZE = 1024
 
@@ -57,11 +62,18 @@ class _Watcher:
 
 
 class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
-    """Both the chain element and the MonitorConnection servicer of one daemon."""
+    """Both the chain element and the MonitorConnection servicer of one daemon.
 
-    def __init__(self) -> None:
+    Streams are limited per caller (:func:`nsm.limits.caller_key`: its SPIFFE ID with
+    ``security``) and in all (``limits``); past either, RESOURCE_EXHAUSTED."""
+
+    def __init__(self, *, security: Security | None = None, limits: Limits | None = None) -> None:
         self._conns: dict[str, Connection] = {}
         self._watchers: set[_Watcher] = set()
+        self.security = security
+        limits = limits or Limits()
+        self._streams = StreamLimiter("MonitorConnections", limits.monitor_streams_per_caller,
+                                      limits.monitor_streams)
 
     @property
     def connections(self) -> dict[str, Connection]:
@@ -126,18 +138,20 @@ class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
     async def MonitorConnections(
         self, request: MonitorScopeSelector, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ConnectionEvent]:
-        watcher = _Watcher(request)
-        initial = ConnectionEvent(type=INITIAL_STATE_TRANSFER)
-        for conn_id, conn in self._conns.items():
-            if matches(request, conn):
-                initial.connections[conn_id].CopyFrom(conn)
-        self._watchers.add(watcher)
-        try:
-            yield initial
-            while True:
-                event = await watcher.queue.get()
-                if event is None:
-                    raise ResourceExhausted("monitor watcher fell behind and was dropped")
-                yield event
-        finally:
-            self._watchers.discard(watcher)
+        check_selector(request)
+        with self._streams.hold(caller_key(context, self.security)):
+            watcher = _Watcher(request)
+            initial = ConnectionEvent(type=INITIAL_STATE_TRANSFER)
+            for conn_id, conn in self._conns.items():
+                if matches(request, conn):
+                    initial.connections[conn_id].CopyFrom(conn)
+            self._watchers.add(watcher)
+            try:
+                yield initial
+                while True:
+                    event = await watcher.queue.get()
+                    if event is None:
+                        raise ResourceExhausted("monitor watcher fell behind and was dropped")
+                    yield event
+            finally:
+                self._watchers.discard(watcher)

@@ -29,6 +29,15 @@ from nsm.api.registry_pb2 import (
     NetworkServiceResponse,
 )
 from nsm.errors import Conflict, InvalidArgument, Unavailable, grpc_errors
+from nsm.limits import (
+    MAX_LABELS,
+    MAX_NS_MATCHES,
+    MAX_NS_ROUTES,
+    MAX_NSE_SERVICES,
+    MAX_RECORD_BYTES,
+    check_count,
+    check_size,
+)
 from nsm.log import get_logger
 from nsm.registry.matching import expiration, match_ns, match_nse
 from nsm.registry.memory import MemoryStore
@@ -74,6 +83,7 @@ def check_name(what: str, name: str, *, required: bool = True) -> None:
 
 
 def _check_labels(what: str, labels: Mapping[str, str]) -> None:
+    check_count(labels, MAX_LABELS, f"{what} labels")
     for key, value in labels.items():
         check_name(f"{what} label key", key)
         if len(value) > MAX_LABEL_VALUE_LENGTH:
@@ -96,20 +106,26 @@ def _check_url(url: str) -> None:
 
 
 def validate_ns(ns: NetworkService) -> None:
+    check_size(ns, MAX_RECORD_BYTES, "network service record")
     check_name("network service name", ns.name)
     if ns.payload and ns.payload not in PAYLOADS:
         raise InvalidArgument(
             f"network service payload {ns.payload!r} is not one of {sorted(PAYLOADS)}"
         )
+    check_count(ns.matches, MAX_NS_MATCHES, "network service matches")
     for match in ns.matches:
         _check_labels("source selector", match.source_selector)
+        check_count(match.routes, MAX_NS_ROUTES, "network service match routes")
         for route in match.routes:
             _check_labels("destination selector", route.destination_selector)
 
 
 def validate_nse(nse: NetworkServiceEndpoint) -> None:
+    check_size(nse, MAX_RECORD_BYTES, "network service endpoint record")
     check_name("network service endpoint name", nse.name, required=False)
     _check_url(nse.url)
+    check_count(nse.network_service_names, MAX_NSE_SERVICES, "network service endpoint services")
+    check_count(nse.network_service_labels, MAX_NSE_SERVICES, "network service endpoint service labels")
     for service in nse.network_service_names:
         check_name("network service name", service)
     for service, labels in nse.network_service_labels.items():
