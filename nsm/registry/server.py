@@ -9,12 +9,14 @@ messages and leave error mapping to :func:`nsm.errors.grpc_errors`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -28,13 +30,16 @@ from nsm.api.registry_pb2 import (
     NetworkServiceQuery,
     NetworkServiceResponse,
 )
-from nsm.errors import Conflict, InvalidArgument, Unavailable, grpc_errors
+from nsm.errors import Conflict, InvalidArgument, ResourceExhausted, Unavailable, grpc_errors
 from nsm.limits import (
     MAX_LABELS,
     MAX_NS_MATCHES,
     MAX_NS_ROUTES,
     MAX_NSE_SERVICES,
     MAX_RECORD_BYTES,
+    Limits,
+    StreamLimiter,
+    caller_key,
     check_count,
     check_size,
 )
@@ -44,6 +49,9 @@ from nsm.registry.memory import MemoryStore
 from nsm.registry.store import ABSENT, DEFAULT_WATCH_QUEUE, R, Store
 from nsm.retry import Backoff, retry
 from nsm.transport import Server, parse_url
+
+if TYPE_CHECKING:
+    from nsm.security.tls import Security
 
 log = get_logger(__name__)
 
@@ -144,6 +152,49 @@ def _set_timestamp(ts: Any, seconds: float) -> None:
     ts.nanos = min(int((seconds - whole) * 1e9), 999_999_999)
 
 
+# --- records per caller ----------------------------------------------------------------------
+
+
+class _Owners:
+    """Which caller registered each record of one store, so that no caller holds more than
+    :attr:`Limits.registrations_per_caller` of them (RESOURCE_EXHAUSTED past it). Records
+    that expired are noticed (and no longer count) when their caller reaches the limit."""
+
+    def __init__(self, store: Store[Any], what: str, limits: Limits) -> None:
+        self._store = store
+        self._what = what
+        self._limit = limits.registrations_per_caller
+        self._owner: dict[str, str] = {}
+        self._owned: dict[str, set[str]] = {}
+
+    def count(self, caller: str) -> int:
+        return len(self._owned.get(caller, ()))
+
+    async def admit(self, caller: str, name: str) -> None:
+        """Count ``name`` as registered by ``caller``, or raise ResourceExhausted."""
+        if self._owner.get(name) == caller:
+            return
+        if self.count(caller) >= self._limit:
+            for owned in list(self._owned.get(caller, ())):
+                if await self._store.get(owned) is None:
+                    self.forget(owned)
+            if self.count(caller) >= self._limit:
+                raise ResourceExhausted(f"caller {caller} has registered {self._limit} {self._what} "
+                                        f"(the limit per caller)")
+        self.forget(name)
+        self._owner[name] = caller
+        self._owned.setdefault(caller, set()).add(name)
+
+    def forget(self, name: str) -> None:
+        caller = self._owner.pop(name, None)
+        if caller is None:
+            return
+        owned = self._owned[caller]
+        owned.discard(name)
+        if not owned:
+            del self._owned[caller]
+
+
 # --- the registry ----------------------------------------------------------------------------
 
 
@@ -164,6 +215,7 @@ class Registry:
         ns_store: Store[NetworkService] | None = None,
         nse_store: Store[NetworkServiceEndpoint] | None = None,
         watch_queue: int = DEFAULT_WATCH_QUEUE,
+        limits: Limits | None = None,
     ) -> None:
         if not expiry > 0:
             raise ValueError("expiry must be positive")
@@ -174,6 +226,13 @@ class Registry:
         self.nse_store: Store[NetworkServiceEndpoint] = (
             MemoryStore(kind="endpoint") if nse_store is None else nse_store)
         self.watch_queue = watch_queue
+        self.limits = limits or Limits()
+        self._watches = StreamLimiter("registry watch", self.limits.watches_per_caller,
+                                      self.limits.watches)
+        #: Watchers being sent their snapshot (created on first use: it needs the running loop).
+        self._snapshots: asyncio.Semaphore | None = None
+        self._owners = {"ns": _Owners(self.ns_store, "network services", self.limits),
+                        "nse": _Owners(self.nse_store, "endpoints", self.limits)}
         self._closed = False
 
     # lifecycle
@@ -206,12 +265,15 @@ class Registry:
 
     # network services
 
-    async def register_ns(self, ns: NetworkService) -> NetworkService:
+    async def register_ns(self, ns: NetworkService, *, caller: str = "local") -> NetworkService:
+        """Register or replace a network service (``caller``: who registers it, for the limit
+        of records per caller)."""
         validate_ns(ns)
         record = NetworkService()
         record.CopyFrom(ns)
         if not record.payload:
             record.payload = DEFAULT_PAYLOAD
+        await self._owners["ns"].admit(caller, record.name)
         stored = (await self.ns_store.put(record)).record
         log.info("network service registered", name=stored.name, payload=stored.payload)
         return stored
@@ -220,21 +282,25 @@ class Registry:
         check_name("network service name", name)
         if await self.ns_store.delete(name) is not None:
             log.info("network service unregistered", name=name)
+        self._owners["ns"].forget(name)
 
     def find_ns(
-        self, query: NetworkService, *, watch: bool = False
+        self, query: NetworkService, *, watch: bool = False, caller: str = "local"
     ) -> AsyncIterator[tuple[NetworkService, bool]]:
         """Matching services as ``(record, deleted)``; with ``watch``, then live changes until
-        the consumer stops iterating."""
+        the consumer stops iterating (``caller``: for the limit of watches per caller)."""
         q = NetworkService()
         q.CopyFrom(query)
-        return self._find(self.ns_store, lambda ns: match_ns(q, ns), watch)
+        return self._find(self.ns_store, lambda ns: match_ns(q, ns), watch, caller)
 
     # network service endpoints
 
-    async def register_nse(self, nse: NetworkServiceEndpoint) -> NetworkServiceEndpoint:
+    async def register_nse(
+        self, nse: NetworkServiceEndpoint, *, caller: str = "local"
+    ) -> NetworkServiceEndpoint:
         """Register or refresh an NSE; returns the stored record (name, expiration and initial
-        registration time filled in)."""
+        registration time filled in). ``caller``: who registers it, for the limit of records
+        per caller."""
         validate_nse(nse)
         record = NetworkServiceEndpoint()
         record.CopyFrom(nse)
@@ -253,6 +319,7 @@ class Registry:
             _set_timestamp(record.expiration_time, requested)  # normalize a malformed Timestamp
         exp = expiration(record)
         assert exp is not None
+        await self._owners["nse"].admit(caller, record.name)
         refreshed = False
 
         async def write() -> NetworkServiceEndpoint:
@@ -286,20 +353,23 @@ class Registry:
         check_name("network service endpoint name", name)
         if await self.nse_store.delete(name) is not None:
             log.info("endpoint unregistered", name=name)
+        self._owners["nse"].forget(name)
 
     def find_nse(
-        self, query: NetworkServiceEndpoint, *, watch: bool = False
+        self, query: NetworkServiceEndpoint, *, watch: bool = False, caller: str = "local"
     ) -> AsyncIterator[tuple[NetworkServiceEndpoint, bool]]:
         """Matching unexpired endpoints as ``(record, deleted)``; with ``watch``, then live
-        changes (register/refresh, unregister/expiry) until the consumer stops iterating."""
+        changes (register/refresh, unregister/expiry) until the consumer stops iterating
+        (``caller``: for the limit of watches per caller)."""
         q = NetworkServiceEndpoint()
         q.CopyFrom(query)
-        return self._find(self.nse_store, lambda nse: match_nse(q, nse, now=time.time()), watch)
+        return self._find(self.nse_store, lambda nse: match_nse(q, nse, now=time.time()), watch,
+                          caller)
 
     # internals
 
     async def _find(
-        self, store: Store[R], matches: Callable[[R], bool], watch: bool
+        self, store: Store[R], matches: Callable[[R], bool], watch: bool, caller: str
     ) -> AsyncIterator[tuple[R, bool]]:
         if not watch:
             for record in await store.list():
@@ -308,22 +378,50 @@ class Registry:
             return
         if self._closed:
             raise Unavailable("registry is shutting down")
+        with self._watches.hold(caller):
+            async with contextlib.aclosing(self._watch(store, matches)) as items:
+                async for item in items:
+                    yield item
+
+    async def _watch(self, store: Store[R], matches: Callable[[R], bool]) -> AsyncIterator[tuple[R, bool]]:
+        """A watch: its snapshot, then its events. Only a few watchers are sent their snapshot
+        at once (:attr:`Limits.snapshots_in_flight`): each snapshot is the whole store, and every
+        stream sending at the same time slows every other call (a Find among 500 watchers
+        receiving their snapshots got 1/500 of the registry's turns). One that takes longer than
+        :attr:`Limits.watch_send_timeout` to read it is dropped."""
+        if self._snapshots is None:
+            self._snapshots = asyncio.Semaphore(self.limits.snapshots_in_flight)
         # The watcher hears of deletions (and of updates that stop matching) only for records
         # it was told about; ``sent`` holds their names.
         sent: set[str] = set()
-        async with await store.watch(maxsize=self.watch_queue) as sub:
-            for record in sub.snapshot:
-                if matches(record):
-                    sent.add(record.name)  # type: ignore[attr-defined]
-                    yield record, False
-            async for event in sub:
-                name: str = event.record.name  # type: ignore[attr-defined]
-                if not event.deleted and matches(event.record):
-                    sent.add(name)
-                    yield event.record, False
-                elif name in sent:
-                    sent.discard(name)
-                    yield event.record, True
+        loop = asyncio.get_running_loop()
+        gate = self._snapshots
+        await gate.acquire()
+        sending_snapshot = True
+        try:
+            async with await store.watch(maxsize=self.watch_queue) as sub:
+                deadline = loop.time() + self.limits.watch_send_timeout
+                for record in sub.snapshot:
+                    if matches(record):
+                        sent.add(record.name)  # type: ignore[attr-defined]
+                        yield record, False
+                        if loop.time() > deadline:
+                            raise ResourceExhausted(
+                                f"watcher took more than {self.limits.watch_send_timeout:g} s to "
+                                f"read its snapshot and was dropped")
+                sending_snapshot = False
+                gate.release()
+                async for event in sub:
+                    name: str = event.record.name  # type: ignore[attr-defined]
+                    if not event.deleted and matches(event.record):
+                        sent.add(name)
+                        yield event.record, False
+                    elif name in sent:
+                        sent.discard(name)
+                        yield event.record, True
+        finally:
+            if sending_snapshot:
+                gate.release()
         if self._closed:  # the store ended the subscription because the registry stops
             raise Unavailable("registry is shutting down")
 
@@ -331,26 +429,42 @@ class Registry:
 # --- gRPC servicers --------------------------------------------------------------------------
 
 
-class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistryServicer):
-    """``registry.NetworkServiceRegistry`` over a :class:`Registry`."""
+async def _send(context: grpc.aio.ServicerContext, responses: AsyncIterator[Any], timeout: float) -> None:
+    """Write every response of a Find; a caller that does not read one within ``timeout`` is
+    dropped with RESOURCE_EXHAUSTED (its stream no longer holds a snapshot slot or memory)."""
+    async with contextlib.aclosing(responses):
+        async for response in responses:
+            try:
+                await asyncio.wait_for(context.write(response), timeout)
+            except TimeoutError:
+                raise ResourceExhausted(f"the caller read nothing for {timeout:g} s and was "
+                                        f"dropped") from None
 
-    def __init__(self, registry: Registry) -> None:
+
+class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistryServicer):
+    """``registry.NetworkServiceRegistry`` over a :class:`Registry` (callers are told apart by
+    :func:`nsm.limits.caller_key` with ``security``)."""
+
+    def __init__(self, registry: Registry, security: Security | None = None) -> None:
         self._registry = registry
+        self._security = security
 
     @grpc_errors
     async def Register(
         self, request: NetworkService, context: grpc.aio.ServicerContext
     ) -> NetworkService:
-        return await self._registry.register_ns(request)
+        return await self._registry.register_ns(request, caller=caller_key(context, self._security))
 
     @grpc_errors
-    async def Find(
-        self, request: NetworkServiceQuery, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[NetworkServiceResponse]:
-        async for ns, deleted in self._registry.find_ns(
-            request.network_service, watch=request.watch
-        ):
-            yield NetworkServiceResponse(network_service=ns, deleted=deleted)
+    async def Find(self, request: NetworkServiceQuery, context: grpc.aio.ServicerContext) -> None:
+        found = self._registry.find_ns(request.network_service, watch=request.watch,
+                                       caller=caller_key(context, self._security))
+
+        async def responses() -> AsyncIterator[NetworkServiceResponse]:
+            async for ns, deleted in found:
+                yield NetworkServiceResponse(network_service=ns, deleted=deleted)
+
+        await _send(context, responses(), self._registry.limits.watch_send_timeout)
 
     @grpc_errors
     async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
@@ -361,25 +475,29 @@ class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistrySer
 class NetworkServiceEndpointRegistryServicer(
     registry_pb2_grpc.NetworkServiceEndpointRegistryServicer
 ):
-    """``registry.NetworkServiceEndpointRegistry`` over a :class:`Registry`."""
+    """``registry.NetworkServiceEndpointRegistry`` over a :class:`Registry` (callers are told
+    apart by :func:`nsm.limits.caller_key` with ``security``)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, security: Security | None = None) -> None:
         self._registry = registry
+        self._security = security
 
     @grpc_errors
     async def Register(
         self, request: NetworkServiceEndpoint, context: grpc.aio.ServicerContext
     ) -> NetworkServiceEndpoint:
-        return await self._registry.register_nse(request)
+        return await self._registry.register_nse(request, caller=caller_key(context, self._security))
 
     @grpc_errors
-    async def Find(
-        self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[NetworkServiceEndpointResponse]:
-        async for nse, deleted in self._registry.find_nse(
-            request.network_service_endpoint, watch=request.watch
-        ):
-            yield NetworkServiceEndpointResponse(network_service_endpoint=nse, deleted=deleted)
+    async def Find(self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext) -> None:
+        found = self._registry.find_nse(request.network_service_endpoint, watch=request.watch,
+                                        caller=caller_key(context, self._security))
+
+        async def responses() -> AsyncIterator[NetworkServiceEndpointResponse]:
+            async for nse, deleted in found:
+                yield NetworkServiceEndpointResponse(network_service_endpoint=nse, deleted=deleted)
+
+        await _send(context, responses(), self._registry.limits.watch_send_timeout)
 
     @grpc_errors
     async def Unregister(
@@ -392,9 +510,9 @@ class NetworkServiceEndpointRegistryServicer(
 def add_to_server(registry: Registry, server: Server) -> None:
     """Serve both registry services of ``registry`` on ``server`` (before it starts)."""
     registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
-        NetworkServiceRegistryServicer(registry), server.grpc
+        NetworkServiceRegistryServicer(registry, server.security), server.grpc
     )
     registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server(
-        NetworkServiceEndpointRegistryServicer(registry), server.grpc
+        NetworkServiceEndpointRegistryServicer(registry, server.security), server.grpc
     )
     server.add_service_names(SERVICE_NAMES)
