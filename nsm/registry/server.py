@@ -429,13 +429,15 @@ class Registry:
 # --- gRPC servicers --------------------------------------------------------------------------
 
 
-async def _send(context: grpc.aio.ServicerContext, responses: AsyncIterator[Any], timeout: float) -> None:
-    """Write every response of a Find; a caller that does not read one within ``timeout`` is
-    dropped with RESOURCE_EXHAUSTED (its stream no longer holds a snapshot slot or memory)."""
-    async with contextlib.aclosing(responses):
-        async for response in responses:
+async def _send(context: grpc.aio.ServicerContext, found: AsyncIterator[tuple[R, bool]],
+                response: Callable[[R, bool], Any], timeout: float) -> None:
+    """Write a response for every record ``found``. A caller that does not read one within
+    ``timeout`` is dropped: its watch ends here (no snapshot slot, subscription or queue is
+    held for it any more) and it gets RESOURCE_EXHAUSTED after what gRPC had buffered for it."""
+    async with contextlib.aclosing(found):
+        async for record, deleted in found:
             try:
-                await asyncio.wait_for(context.write(response), timeout)
+                await asyncio.wait_for(context.write(response(record, deleted)), timeout)
             except TimeoutError:
                 raise ResourceExhausted(f"the caller read nothing for {timeout:g} s and was "
                                         f"dropped") from None
@@ -459,12 +461,8 @@ class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistrySer
     async def Find(self, request: NetworkServiceQuery, context: grpc.aio.ServicerContext) -> None:
         found = self._registry.find_ns(request.network_service, watch=request.watch,
                                        caller=caller_key(context, self._security))
-
-        async def responses() -> AsyncIterator[NetworkServiceResponse]:
-            async for ns, deleted in found:
-                yield NetworkServiceResponse(network_service=ns, deleted=deleted)
-
-        await _send(context, responses(), self._registry.limits.watch_send_timeout)
+        await _send(context, found, lambda ns, deleted: NetworkServiceResponse(
+            network_service=ns, deleted=deleted), self._registry.limits.watch_send_timeout)
 
     @grpc_errors
     async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
@@ -492,12 +490,8 @@ class NetworkServiceEndpointRegistryServicer(
     async def Find(self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext) -> None:
         found = self._registry.find_nse(request.network_service_endpoint, watch=request.watch,
                                         caller=caller_key(context, self._security))
-
-        async def responses() -> AsyncIterator[NetworkServiceEndpointResponse]:
-            async for nse, deleted in found:
-                yield NetworkServiceEndpointResponse(network_service_endpoint=nse, deleted=deleted)
-
-        await _send(context, responses(), self._registry.limits.watch_send_timeout)
+        await _send(context, found, lambda nse, deleted: NetworkServiceEndpointResponse(
+            network_service_endpoint=nse, deleted=deleted), self._registry.limits.watch_send_timeout)
 
     @grpc_errors
     async def Unregister(
