@@ -56,8 +56,8 @@ class Validate(Element):
                                   f"are allowed")
         for index, m in enumerate(prefs):
             check_mechanism(m, f"mechanism preference {index}")
-        check_size(request, MAX_REQUEST_BYTES, "request")
         validate_connection(request.connection)
+        check_size(request, MAX_REQUEST_BYTES, "request")
         if self.need_mechanism and not prefs and not request.connection.HasField("mechanism"):
             raise InvalidArgument("request offers no mechanism preferences")
         for m in prefs:
