@@ -1,0 +1,163 @@
+"""Hypothesis strategies of every server's inputs, for the fuzz tests (test tooling: only tests
+import this module, and it is the only one that imports hypothesis).
+
+Messages are arbitrary but plausible enough to get past the first checks now and then: strings
+include unicode, NUL and very long ones; maps, enums and numbers are random; mechanisms are
+KERNEL, VXLAN or random, with random parameters; a KERNEL ``inodeURL`` is either garbage or one
+of the namespaces the caller passes (never a path of the host's), so a request that happens to
+be valid builds only in the test's own pods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hypothesis import strategies as st
+
+from nsm.api.connection_pb2 import Connection, Mechanism, MonitorScopeSelector, PathSegment
+from nsm.api.networkservice_pb2 import NetworkServiceRequest
+from nsm.api.registry_pb2 import (
+    NetworkService,
+    NetworkServiceEndpoint,
+    NetworkServiceEndpointQuery,
+    NetworkServiceQuery,
+)
+from nsm.mechanisms import KERNEL, LOCAL, MTU, NAME, NETNS_INODE_URL, REMOTE, VNI, VXLAN
+
+INT32 = st.integers(-(2**31), 2**31 - 1)
+UINT32 = st.integers(0, 2**32 - 1)
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+#: Strings: short unicode (NUL and control characters included), ASCII names, or very long.
+TEXT = st.one_of(
+    st.text(max_size=20),
+    st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=40),
+    st.builds(lambda c, n: c * n, st.sampled_from(["x", "\x00", "é", "/"]),
+              st.sampled_from([254, 1025, 4097, 8193, 70_000])),
+)
+
+
+def texts(*known: str) -> st.SearchStrategy[str]:
+    """A random string, or one of ``known`` (valid values, so later checks are reached too)."""
+    return st.one_of(st.sampled_from(known), TEXT) if known else TEXT
+
+
+def maps(keys: st.SearchStrategy[str] = TEXT, max_size: int = 4) -> st.SearchStrategy[dict[str, str]]:
+    return st.one_of(
+        st.dictionaries(keys, TEXT, max_size=max_size),
+        st.builds(lambda n: {f"k{i}": "v" for i in range(n)}, st.sampled_from([65, 300])),
+    )
+
+
+def lists(strategy: st.SearchStrategy[Any], max_size: int = 3) -> st.SearchStrategy[list[Any]]:
+    """A few items, or (rarely) a great many copies of one."""
+    return st.one_of(st.lists(strategy, max_size=max_size),
+                     st.builds(lambda x, n: [x] * n, strategy, st.sampled_from([70, 2000])))
+
+
+ADDRESS = texts("10.0.0.1/32", "172.30.0.9/32", "fd00::1/128", "10.0.0.0/8", "", "10.0.0.1")
+
+
+@st.composite
+def mechanisms(draw: Any, netns: Sequence[str] = ()) -> Mechanism:
+    kind = draw(texts(KERNEL, VXLAN, "MEMIF"))
+    params = draw(maps(texts(NAME, NETNS_INODE_URL, MTU, VNI, "src_ip", "dst_ip")))
+    if kind == KERNEL and draw(st.booleans()):
+        params[NETNS_INODE_URL] = draw(st.sampled_from(list(netns) or ["file:///nonexistent"]))
+        params[NAME] = draw(texts("nsm-1", "nsm-fuzz"))
+    return Mechanism(cls=draw(texts(LOCAL, REMOTE)), type=kind, parameters=params)
+
+
+@st.composite
+def segments(draw: Any) -> PathSegment:
+    segment = PathSegment(name=draw(texts("nsc", "fuzz")), id=draw(TEXT), token=draw(TEXT),
+                          metrics=draw(maps()))
+    if draw(st.booleans()):
+        segment.expires.seconds = draw(INT64)
+        segment.expires.nanos = draw(INT32)
+    return segment
+
+
+@st.composite
+def connections(draw: Any, service: str = "", netns: Sequence[str] = ()) -> Connection:
+    conn = Connection(
+        id=draw(texts("fuzz-1")), network_service=draw(texts(service) if service else TEXT),
+        network_service_endpoint_name=draw(TEXT), payload=draw(texts("IP", "ETHERNET")),
+        labels=draw(maps()), state=draw(st.integers(-1, 5)))
+    if draw(st.booleans()):
+        conn.mechanism.CopyFrom(draw(mechanisms(netns)))
+    conn.path.path_segments.extend(draw(lists(segments(), max_size=4)))
+    conn.path.index = draw(UINT32)
+    ctx = conn.context
+    ctx.MTU = draw(UINT32)
+    ctx.extra_context.update(draw(maps()))
+    ip = ctx.ip_context
+    ip.src_ip_addrs.extend(draw(lists(ADDRESS)))
+    ip.dst_ip_addrs.extend(draw(lists(ADDRESS)))
+    ip.excluded_prefixes.extend(draw(lists(ADDRESS)))
+    ip.extra_prefixes.extend(draw(lists(ADDRESS)))
+    for route in draw(lists(st.tuples(ADDRESS, ADDRESS))):
+        draw(st.sampled_from([ip.src_routes, ip.dst_routes])).add(prefix=route[0], nextHop=route[1])
+    for neighbor in draw(lists(st.tuples(ADDRESS, TEXT))):
+        ip.ip_neighbors.add(ip=neighbor[0], hardware_address=neighbor[1])
+    ip.src_ip_required, ip.dst_ip_required = draw(st.booleans()), draw(st.booleans())
+    for _ in range(draw(st.integers(0, 2))):
+        ip.extra_prefix_request.add(prefix_len=draw(UINT32), required_number=draw(UINT32),
+                                    requested_number=draw(UINT32))
+        policy = ip.policies.add(proto=draw(TEXT), dst_port=draw(TEXT), src_port=draw(TEXT))
+        policy.routes.add(prefix=draw(ADDRESS))
+    for _ in range(draw(st.integers(0, 2))):
+        ctx.dns_context.configs.add(dns_server_ips=draw(lists(ADDRESS)), search_domains=draw(lists(TEXT)))
+    ctx.ethernet_context.src_mac, ctx.ethernet_context.dst_mac = draw(TEXT), draw(TEXT)
+    ctx.ethernet_context.vlan_tag = draw(INT32)
+    return conn
+
+
+@st.composite
+def requests(draw: Any, service: str = "", netns: Sequence[str] = ()) -> NetworkServiceRequest:
+    return NetworkServiceRequest(connection=draw(connections(service, netns)),
+                                 mechanism_preferences=draw(lists(mechanisms(netns))))
+
+
+@st.composite
+def selectors(draw: Any) -> MonitorScopeSelector:
+    return MonitorScopeSelector(path_segments=draw(lists(segments())),
+                                network_services=draw(lists(TEXT)))
+
+
+@st.composite
+def network_services(draw: Any) -> NetworkService:
+    ns = NetworkService(name=draw(texts("fuzz-svc")), payload=draw(texts("IP", "ETHERNET")))
+    for _ in range(draw(st.integers(0, 2))):
+        match = ns.matches.add(source_selector=draw(maps()), fallthrough=draw(st.booleans()))
+        for _ in range(draw(st.integers(0, 2))):
+            match.routes.add(destination_selector=draw(maps()))
+    return ns
+
+
+@st.composite
+def endpoints(draw: Any) -> NetworkServiceEndpoint:
+    nse = NetworkServiceEndpoint(
+        name=draw(texts("fuzz-nse", "")), url=draw(texts("unix:///run/fuzz.sock", "tcp://10.0.0.1:5000")),
+        network_service_names=draw(lists(texts("fuzz-svc"))))
+    for service, labels in draw(st.dictionaries(texts("fuzz-svc"), maps(), max_size=2)).items():
+        nse.network_service_labels[service].labels.update(labels)
+    if draw(st.booleans()):
+        nse.expiration_time.seconds = draw(INT64)
+        nse.expiration_time.nanos = draw(INT32)
+    if draw(st.booleans()):
+        nse.initial_registration_time.seconds = draw(INT64)
+        nse.initial_registration_time.nanos = draw(INT32)
+    return nse
+
+
+def ns_queries() -> st.SearchStrategy[NetworkServiceQuery]:
+    return st.builds(lambda ns, watch: NetworkServiceQuery(network_service=ns, watch=watch),
+                     network_services(), st.booleans())
+
+
+def nse_queries() -> st.SearchStrategy[NetworkServiceEndpointQuery]:
+    return st.builds(lambda nse, watch: NetworkServiceEndpointQuery(network_service_endpoint=nse,
+                                                                    watch=watch),
+                     endpoints(), st.booleans())
