@@ -38,6 +38,10 @@ TEXT = st.one_of(
 )
 
 
+#: Short strings only: the items of lists that may be repeated thousands of times.
+SHORT = st.text(max_size=20)
+
+
 def texts(*known: str) -> st.SearchStrategy[str]:
     """A random string, or one of ``known`` (valid values, so later checks are reached too)."""
     return st.one_of(st.sampled_from(known), TEXT) if known else TEXT
@@ -50,13 +54,22 @@ def maps(keys: st.SearchStrategy[str] = TEXT, max_size: int = 4) -> st.SearchStr
     )
 
 
-def lists(strategy: st.SearchStrategy[Any], max_size: int = 3) -> st.SearchStrategy[list[Any]]:
-    """A few items, or (rarely) a great many copies of one."""
-    return st.one_of(st.lists(strategy, max_size=max_size),
-                     st.builds(lambda x, n: [x] * n, strategy, st.sampled_from([70, 2000])))
+def lists(strategy: st.SearchStrategy[Any], max_size: int = 3, *,
+          many: st.SearchStrategy[Any] | None = None) -> st.SearchStrategy[list[Any]]:
+    """A few items, or a great many copies of one drawn from ``many`` (small items: a list of
+    them still fits a message)."""
+    few = st.lists(strategy, max_size=max_size)
+    if many is None:
+        return few
+    return st.one_of(few, st.builds(lambda x, n: [x] * n, many, st.sampled_from([70, 2000])))
 
 
-ADDRESS = texts("10.0.0.1/32", "172.30.0.9/32", "fd00::1/128", "10.0.0.0/8", "", "10.0.0.1")
+ADDRESS = st.one_of(st.sampled_from(["10.0.0.1/32", "172.30.0.9/32", "fd00::1/128", "10.0.0.0/8", "",
+                                     "10.0.0.1"]), SHORT)
+
+
+ONE_MECHANISM = st.just(Mechanism(cls=LOCAL, type=KERNEL))
+ONE_SEGMENT = st.just(PathSegment(name="x"))
 
 
 @st.composite
@@ -87,19 +100,19 @@ def connections(draw: Any, service: str = "", netns: Sequence[str] = ()) -> Conn
         labels=draw(maps()), state=draw(st.integers(-1, 5)))
     if draw(st.booleans()):
         conn.mechanism.CopyFrom(draw(mechanisms(netns)))
-    conn.path.path_segments.extend(draw(lists(segments(), max_size=4)))
+    conn.path.path_segments.extend(draw(lists(segments(), max_size=4, many=ONE_SEGMENT)))
     conn.path.index = draw(UINT32)
     ctx = conn.context
     ctx.MTU = draw(UINT32)
     ctx.extra_context.update(draw(maps()))
     ip = ctx.ip_context
-    ip.src_ip_addrs.extend(draw(lists(ADDRESS)))
-    ip.dst_ip_addrs.extend(draw(lists(ADDRESS)))
-    ip.excluded_prefixes.extend(draw(lists(ADDRESS)))
-    ip.extra_prefixes.extend(draw(lists(ADDRESS)))
-    for route in draw(lists(st.tuples(ADDRESS, ADDRESS))):
+    ip.src_ip_addrs.extend(draw(lists(ADDRESS, many=ADDRESS)))
+    ip.dst_ip_addrs.extend(draw(lists(ADDRESS, many=ADDRESS)))
+    ip.excluded_prefixes.extend(draw(lists(ADDRESS, many=ADDRESS)))
+    ip.extra_prefixes.extend(draw(lists(ADDRESS, many=ADDRESS)))
+    for route in draw(lists(st.tuples(ADDRESS, ADDRESS), many=st.tuples(ADDRESS, ADDRESS))):
         draw(st.sampled_from([ip.src_routes, ip.dst_routes])).add(prefix=route[0], nextHop=route[1])
-    for neighbor in draw(lists(st.tuples(ADDRESS, TEXT))):
+    for neighbor in draw(lists(st.tuples(ADDRESS, SHORT), many=st.tuples(ADDRESS, SHORT))):
         ip.ip_neighbors.add(ip=neighbor[0], hardware_address=neighbor[1])
     ip.src_ip_required, ip.dst_ip_required = draw(st.booleans()), draw(st.booleans())
     for _ in range(draw(st.integers(0, 2))):
@@ -108,7 +121,8 @@ def connections(draw: Any, service: str = "", netns: Sequence[str] = ()) -> Conn
         policy = ip.policies.add(proto=draw(TEXT), dst_port=draw(TEXT), src_port=draw(TEXT))
         policy.routes.add(prefix=draw(ADDRESS))
     for _ in range(draw(st.integers(0, 2))):
-        ctx.dns_context.configs.add(dns_server_ips=draw(lists(ADDRESS)), search_domains=draw(lists(TEXT)))
+        ctx.dns_context.configs.add(dns_server_ips=draw(lists(ADDRESS, many=ADDRESS)),
+                                    search_domains=draw(lists(SHORT, many=SHORT)))
     ctx.ethernet_context.src_mac, ctx.ethernet_context.dst_mac = draw(TEXT), draw(TEXT)
     ctx.ethernet_context.vlan_tag = draw(INT32)
     return conn
@@ -117,13 +131,13 @@ def connections(draw: Any, service: str = "", netns: Sequence[str] = ()) -> Conn
 @st.composite
 def requests(draw: Any, service: str = "", netns: Sequence[str] = ()) -> NetworkServiceRequest:
     return NetworkServiceRequest(connection=draw(connections(service, netns)),
-                                 mechanism_preferences=draw(lists(mechanisms(netns))))
+                                 mechanism_preferences=draw(lists(mechanisms(netns), many=ONE_MECHANISM)))
 
 
 @st.composite
 def selectors(draw: Any) -> MonitorScopeSelector:
-    return MonitorScopeSelector(path_segments=draw(lists(segments())),
-                                network_services=draw(lists(TEXT)))
+    return MonitorScopeSelector(path_segments=draw(lists(segments(), many=ONE_SEGMENT)),
+                                network_services=draw(lists(SHORT, many=SHORT)))
 
 
 @st.composite
@@ -140,7 +154,7 @@ def network_services(draw: Any) -> NetworkService:
 def endpoints(draw: Any) -> NetworkServiceEndpoint:
     nse = NetworkServiceEndpoint(
         name=draw(texts("fuzz-nse", "")), url=draw(texts("unix:///run/fuzz.sock", "tcp://10.0.0.1:5000")),
-        network_service_names=draw(lists(texts("fuzz-svc"))))
+        network_service_names=draw(lists(texts("fuzz-svc"), many=SHORT)))
     for service, labels in draw(st.dictionaries(texts("fuzz-svc"), maps(), max_size=2)).items():
         nse.network_service_labels[service].labels.update(labels)
     if draw(st.booleans()):
