@@ -175,3 +175,33 @@ def nse_queries() -> st.SearchStrategy[NetworkServiceEndpointQuery]:
     return st.builds(lambda nse, watch: NetworkServiceEndpointQuery(network_service_endpoint=nse,
                                                                     watch=watch),
                      endpoints(), st.booleans())
+
+
+NAME_TEXT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._", min_size=1, max_size=12)
+PREFIXES = st.sampled_from(["10.0.0.0/8", "192.168.0.0/16", "fd00::/8", "172.16.0.0/12", "0.0.0.0/0"])
+
+
+@st.composite
+def near_valid_requests(draw: Any, service: str, netns: Sequence[str]) -> NetworkServiceRequest:
+    """A client's well-formed first Request for ``service`` from one of ``netns``, with random
+    labels, extra context, excluded prefixes, DNS, MTU, payload and interface name: most get
+    past Validate, so the later elements (selection, IPAM, the kernel) are fuzzed too."""
+    from nsm.client.chain import new_request
+    from nsm.mechanisms import kernel
+
+    name = draw(st.sampled_from(["nsm-1", "nsm-fuzz", "x" * 15, "x" * 16, "", "eth0", "lo"]))
+    request = new_request(service=service, name="fuzz",
+                          mechanisms=[kernel(name, draw(st.sampled_from(netns)))],
+                          labels=draw(st.dictionaries(NAME_TEXT, NAME_TEXT, max_size=4)))
+    mech = request.mechanism_preferences[0]
+    if draw(st.booleans()):
+        mech.parameters[MTU] = str(draw(st.one_of(st.integers(60, 70000), st.just(1500))))
+    conn = request.connection
+    conn.payload = draw(st.sampled_from(["", "IP", "ETHERNET"]))
+    conn.context.extra_context.update(draw(st.dictionaries(NAME_TEXT, SHORT, max_size=3)))
+    conn.context.ip_context.excluded_prefixes.extend(draw(st.lists(PREFIXES, max_size=3)))
+    if draw(st.booleans()):
+        conn.context.dns_context.configs.add(dns_server_ips=draw(st.lists(st.sampled_from(
+            ["10.0.0.53", "fd00::53"]), max_size=2)), search_domains=draw(st.lists(NAME_TEXT, max_size=2)))
+    conn.context.MTU = draw(st.sampled_from([0, 1400, 9000]))
+    return request

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nsm.api.connection_pb2 import Connection, MonitorScopeSelector
 from nsm.api.connection_pb2_grpc import MonitorConnectionStub
@@ -69,7 +70,9 @@ async def test_fuzz_every_hop(mesh: Any, hop: str) -> None:
         return code, result
 
     @FUZZ
-    @given(request=fuzz.requests(mesh.service, [netns_url(pod)]), close=fuzz.connections(mesh.service),
+    @given(request=st.one_of(fuzz.requests(mesh.service, [netns_url(pod)]),
+                             fuzz.near_valid_requests(mesh.service, [netns_url(pod)])),
+           close=fuzz.connections(mesh.service),
            selector=fuzz.selectors())
     def examples(request: NetworkServiceRequest, close: Connection, selector: MonitorScopeSelector) -> None:
         code, conn = run("Request", lambda: service.Request(request, timeout=20))
