@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
+from nsm.limits import MAX_MESSAGE_BYTES
 from nsm.security import prove
 from nsm.security.ids import SpiffeId
 from nsm.security.tls import Security
@@ -40,6 +41,14 @@ STALE_GRACE = 5.0
 STALE_AFTER_ROTATION = 600.0
 #: How long the health check of a preconnect (:meth:`Channels.preconnect`) may take.
 PRECONNECT_TIMEOUT = 5.0
+
+#: The largest message a dialed channel accepts. A server accepts at most
+#: :data:`~nsm.limits.MAX_MESSAGE_BYTES` (every request is bounded), and a channel sends no more;
+#: but one answer is not bounded by the limits of a single message: a MonitorConnections
+#: INITIAL_STATE_TRANSFER carries every connection of the hop in one event (its consumers take
+#: what is missing from it as gone, so it cannot be split). 16 MiB is ~4000 connections of the
+#: largest valid size, far more of typical ones.
+MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 
 #: Channel options shared by every dialed connection. Each channel has subchannels of its own
 #: (``use_local_subchannel_pool``): by default a process shares one subchannel per target among
@@ -58,7 +67,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 2_000),
     ("grpc.max_reconnect_backoff_ms", 2_000),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
 )
 #: Longest reconnect backoff to a peer on this node (a unix socket): a connect there costs
 #: microseconds, and a restarted manager or forwarder is used — and registered with again by its
@@ -68,7 +78,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
 
 

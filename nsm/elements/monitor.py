@@ -38,6 +38,7 @@ from nsm.api.connection_pb2 import (
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
 from nsm.errors import NsmError, ResourceExhausted, grpc_errors
+from nsm.limits import Limits, StreamLimiter, caller_key, check_selector
 from nsm.security.policy import Policies
 from nsm.security.tls import Security
 from nsm.security.tokens import claims_of
@@ -67,9 +68,13 @@ class _Watcher:
 
 
 class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
-    """Both the chain element and the MonitorConnection servicer of one daemon."""
+    """Both the chain element and the MonitorConnection servicer of one daemon.
 
-    def __init__(self, security: Security | None = None, policies: Policies | None = None) -> None:
+    Streams are limited per caller (:func:`nsm.limits.caller_key`: its SPIFFE ID when secure)
+    and in all (``limits``); past either, RESOURCE_EXHAUSTED."""
+
+    def __init__(self, security: Security | None = None, policies: Policies | None = None, *,
+                 limits: Limits | None = None) -> None:
         self.security = security or Security.insecure()
         self.policies = policies or Policies()
         self._conns: dict[str, Connection] = {}
@@ -77,6 +82,9 @@ class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
         #: Who may see each connection (its holder, the signers on its path), when secure.
         self._holders: dict[str, str] = {}
         self._viewers: dict[str, frozenset[str]] = {}
+        limits = limits or Limits()
+        self._streams = StreamLimiter("MonitorConnections", limits.monitor_streams_per_caller,
+                                      limits.monitor_streams)
 
     @property
     def connections(self) -> dict[str, Connection]:
@@ -168,18 +176,20 @@ class Monitor(Element, connection_pb2_grpc.MonitorConnectionServicer):
     async def MonitorConnections(
         self, request: MonitorScopeSelector, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ConnectionEvent]:
-        watcher = _Watcher(request, self._viewer(context))
-        initial = ConnectionEvent(type=INITIAL_STATE_TRANSFER)
-        for conn_id, conn in self._conns.items():
-            if matches(request, conn) and self._visible(watcher.viewer, conn):
-                initial.connections[conn_id].CopyFrom(conn)
-        self._watchers.add(watcher)
-        try:
-            yield initial
-            while True:
-                event = await watcher.queue.get()
-                if event is None:
-                    raise ResourceExhausted("monitor watcher fell behind and was dropped")
-                yield event
-        finally:
-            self._watchers.discard(watcher)
+        check_selector(request)
+        with self._streams.hold(caller_key(context, self.security)):
+            watcher = _Watcher(request, self._viewer(context))
+            initial = ConnectionEvent(type=INITIAL_STATE_TRANSFER)
+            for conn_id, conn in self._conns.items():
+                if matches(request, conn) and self._visible(watcher.viewer, conn):
+                    initial.connections[conn_id].CopyFrom(conn)
+            self._watchers.add(watcher)
+            try:
+                yield initial
+                while True:
+                    event = await watcher.queue.get()
+                    if event is None:
+                        raise ResourceExhausted("monitor watcher fell behind and was dropped")
+                    yield event
+            finally:
+                self._watchers.discard(watcher)

@@ -8,28 +8,20 @@ from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
 from nsm.elements.updatepath import check_expires
 from nsm.errors import InvalidArgument
+from nsm.limits import MAX_MECHANISMS, MAX_REQUEST_BYTES, check_connection, check_mechanism, check_size
 from nsm.mechanisms import DST_IP, PAYLOADS, SRC_IP, validate_mechanism
 from nsm.names import check_name
 
-MAX_LABELS = 64
-MAX_LABEL_LEN = 1024
-MAX_MECHANISMS = 16
-MAX_PATH = 32
-
 
 def validate_connection(conn: Connection) -> None:
+    check_connection(conn)  # the bounds first: nothing below parses an oversized field
     check_name(conn.id, "connection id", required=False)
     check_name(conn.network_service, "network service name", required=True)
     check_name(conn.network_service_endpoint_name, "endpoint name", required=False)
     if conn.payload and conn.payload not in PAYLOADS:
         raise InvalidArgument(f"payload {conn.payload!r} is not one of {', '.join(PAYLOADS)}")
-    if len(conn.labels) > MAX_LABELS:
-        raise InvalidArgument(f"more than {MAX_LABELS} labels")
-    for k, v in conn.labels.items():
-        if not k or len(k) > MAX_LABEL_LEN or len(v) > MAX_LABEL_LEN:
-            raise InvalidArgument(f"label {k[:40]!r} is empty or too long")
-    if len(conn.path.path_segments) > MAX_PATH:
-        raise InvalidArgument(f"path longer than {MAX_PATH} segments")
+    if any(not k for k in conn.labels):
+        raise InvalidArgument("a label has an empty key")
     if conn.path.path_segments and conn.path.index >= len(conn.path.path_segments):
         raise InvalidArgument(
             f"path index {conn.path.index} is outside a path of {len(conn.path.path_segments)}")
@@ -58,10 +50,14 @@ class Validate(Element):
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         if not request.HasField("connection"):
             raise InvalidArgument("request has no connection")
-        validate_connection(request.connection)
         prefs = request.mechanism_preferences
         if len(prefs) > MAX_MECHANISMS:
-            raise InvalidArgument(f"more than {MAX_MECHANISMS} mechanism preferences")
+            raise InvalidArgument(f"mechanism preferences: {len(prefs)} entries; at most {MAX_MECHANISMS} "
+                                  f"are allowed")
+        for index, m in enumerate(prefs):
+            check_mechanism(m, f"mechanism preference {index}")
+        validate_connection(request.connection)
+        check_size(request, MAX_REQUEST_BYTES, "request")
         if self.need_mechanism and not prefs and not request.connection.HasField("mechanism"):
             raise InvalidArgument("request offers no mechanism preferences")
         for m in prefs:
@@ -69,4 +65,5 @@ class Validate(Element):
         return await next(ctx, request)
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
+        check_connection(conn)
         await next(ctx, conn)

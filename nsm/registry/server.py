@@ -9,12 +9,14 @@ messages and leave error mapping to :func:`nsm.errors.grpc_errors`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -28,7 +30,19 @@ from nsm.api.registry_pb2 import (
     NetworkServiceQuery,
     NetworkServiceResponse,
 )
-from nsm.errors import Conflict, InvalidArgument, Unavailable, grpc_errors
+from nsm.errors import Conflict, InvalidArgument, ResourceExhausted, Unavailable, grpc_errors
+from nsm.limits import (
+    MAX_LABELS,
+    MAX_NS_MATCHES,
+    MAX_NS_ROUTES,
+    MAX_NSE_SERVICES,
+    MAX_RECORD_BYTES,
+    Limits,
+    StreamLimiter,
+    caller_key,
+    check_count,
+    check_size,
+)
 from nsm.log import get_logger
 from nsm.registry.authz import Caller, RegistryAuthz, RegistryPolicy, caller_of
 from nsm.registry.matching import expiration, match_ns, match_nse
@@ -37,6 +51,9 @@ from nsm.registry.store import ABSENT, DEFAULT_WATCH_QUEUE, R, Store
 from nsm.retry import Backoff, retry
 from nsm.security.tls import Security
 from nsm.transport import Server, parse_url
+
+if TYPE_CHECKING:
+    from nsm.security.tls import Security
 
 log = get_logger(__name__)
 
@@ -78,6 +95,7 @@ def check_name(what: str, name: str, *, required: bool = True) -> None:
 
 
 def _check_labels(what: str, labels: Mapping[str, str]) -> None:
+    check_count(labels, MAX_LABELS, f"{what} labels")
     for key, value in labels.items():
         check_name(f"{what} label key", key)
         if len(value) > MAX_LABEL_VALUE_LENGTH:
@@ -100,20 +118,26 @@ def _check_url(url: str) -> None:
 
 
 def validate_ns(ns: NetworkService) -> None:
+    check_size(ns, MAX_RECORD_BYTES, "network service record")
     check_name("network service name", ns.name)
     if ns.payload and ns.payload not in PAYLOADS:
         raise InvalidArgument(
             f"network service payload {ns.payload!r} is not one of {sorted(PAYLOADS)}"
         )
+    check_count(ns.matches, MAX_NS_MATCHES, "network service matches")
     for match in ns.matches:
         _check_labels("source selector", match.source_selector)
+        check_count(match.routes, MAX_NS_ROUTES, "network service match routes")
         for route in match.routes:
             _check_labels("destination selector", route.destination_selector)
 
 
 def validate_nse(nse: NetworkServiceEndpoint) -> None:
+    check_size(nse, MAX_RECORD_BYTES, "network service endpoint record")
     check_name("network service endpoint name", nse.name, required=False)
     _check_url(nse.url)
+    check_count(nse.network_service_names, MAX_NSE_SERVICES, "network service endpoint services")
+    check_count(nse.network_service_labels, MAX_NSE_SERVICES, "network service endpoint service labels")
     for service in nse.network_service_names:
         check_name("network service name", service)
     for service, labels in nse.network_service_labels.items():
@@ -130,6 +154,49 @@ def _set_timestamp(ts: Any, seconds: float) -> None:
     whole = math.floor(seconds)
     ts.seconds = whole
     ts.nanos = min(int((seconds - whole) * 1e9), 999_999_999)
+
+
+# --- records per caller ----------------------------------------------------------------------
+
+
+class _Owners:
+    """Which caller registered each record of one store, so that no caller holds more than
+    :attr:`Limits.registrations_per_caller` of them (RESOURCE_EXHAUSTED past it). Records
+    that expired are noticed (and no longer count) when their caller reaches the limit."""
+
+    def __init__(self, store: Store[Any], what: str, limits: Limits) -> None:
+        self._store = store
+        self._what = what
+        self._limit = limits.registrations_per_caller
+        self._owner: dict[str, str] = {}
+        self._owned: dict[str, set[str]] = {}
+
+    def count(self, caller: str) -> int:
+        return len(self._owned.get(caller, ()))
+
+    async def admit(self, caller: str, name: str) -> None:
+        """Count ``name`` as registered by ``caller``, or raise ResourceExhausted."""
+        if self._owner.get(name) == caller:
+            return
+        if self.count(caller) >= self._limit:
+            for owned in list(self._owned.get(caller, ())):
+                if await self._store.get(owned) is None:
+                    self.forget(owned)
+            if self.count(caller) >= self._limit:
+                raise ResourceExhausted(f"caller {caller} has registered {self._limit} {self._what} "
+                                        f"(the limit per caller)")
+        self.forget(name)
+        self._owner[name] = caller
+        self._owned.setdefault(caller, set()).add(name)
+
+    def forget(self, name: str) -> None:
+        caller = self._owner.pop(name, None)
+        if caller is None:
+            return
+        owned = self._owned[caller]
+        owned.discard(name)
+        if not owned:
+            del self._owned[caller]
 
 
 # --- the registry ----------------------------------------------------------------------------
@@ -158,6 +225,7 @@ class Registry:
         watch_queue: int = DEFAULT_WATCH_QUEUE,
         security: Security | None = None,
         policy: RegistryPolicy | None = None,
+        limits: Limits | None = None,
     ) -> None:
         if not expiry > 0:
             raise ValueError("expiry must be positive")
@@ -170,6 +238,13 @@ class Registry:
         self.watch_queue = watch_queue
         self.authz = RegistryAuthz(security, policy)
         self.security = self.authz.security
+        self.limits = limits or Limits()
+        self._watches = StreamLimiter("registry watch", self.limits.watches_per_caller,
+                                      self.limits.watches)
+        #: Watchers being sent their snapshot (created on first use: it needs the running loop).
+        self._snapshots: asyncio.Semaphore | None = None
+        self._owners = {"ns": _Owners(self.ns_store, "network services", self.limits),
+                        "nse": _Owners(self.nse_store, "endpoints", self.limits)}
         self._closed = False
 
     # lifecycle
@@ -203,7 +278,10 @@ class Registry:
 
     # network services
 
-    async def register_ns(self, ns: NetworkService, *, caller: Caller | None = None) -> NetworkService:
+    async def register_ns(self, ns: NetworkService, *, caller: Caller | None = None,
+                          key: str = "local") -> NetworkService:
+        """Register or replace a network service (``caller``: who registers it, for the
+        authorization; ``key``: whose records it counts against, for the limit per caller)."""
         validate_ns(ns)
         record = NetworkService()
         record.CopyFrom(ns)
@@ -221,6 +299,7 @@ class Registry:
             revision = ABSENT if existing is None else existing.revision
             return (await self.ns_store.put(record, revision=revision, owner=owner)).record
 
+        await self._owners["ns"].admit(key, record.name)
         stored = await self._cas(write, f"network service {record.name!r}")
         if stored is None:
             return record
@@ -231,22 +310,24 @@ class Registry:
         check_name("network service name", name)
         if await self._unregister(self.ns_store, name, f"network service {name!r}", caller):
             log.info("network service unregistered", name=name)
+        self._owners["ns"].forget(name)
 
     def find_ns(
-        self, query: NetworkService, *, watch: bool = False
+        self, query: NetworkService, *, watch: bool = False, caller: str = "local"
     ) -> AsyncIterator[tuple[NetworkService, bool]]:
         """Matching services as ``(record, deleted)``; with ``watch``, then live changes until
-        the consumer stops iterating."""
+        the consumer stops iterating (``caller``: for the limit of watches per caller)."""
         q = NetworkService()
         q.CopyFrom(query)
-        return self._find(self.ns_store, lambda ns: match_ns(q, ns), watch)
+        return self._find(self.ns_store, lambda ns: match_ns(q, ns), watch, caller)
 
     # network service endpoints
 
-    async def register_nse(self, nse: NetworkServiceEndpoint, *,
-                           caller: Caller | None = None) -> NetworkServiceEndpoint:
+    async def register_nse(self, nse: NetworkServiceEndpoint, *, caller: Caller | None = None,
+                           key: str = "local") -> NetworkServiceEndpoint:
         """Register or refresh an NSE; returns the stored record (name, expiration and initial
-        registration time filled in)."""
+        registration time filled in). ``caller``: who registers it, for the limit of records
+        per caller."""
         validate_nse(nse)
         if nse.name:
             # The owner first: another's name is refused before its URL is dialed (a caller
@@ -272,6 +353,7 @@ class Registry:
             _set_timestamp(record.expiration_time, requested)  # normalize a malformed Timestamp
         exp = expiration(record)
         assert exp is not None
+        await self._owners["nse"].admit(key, record.name)
         refreshed = False
 
         async def write() -> NetworkServiceEndpoint:
@@ -301,15 +383,18 @@ class Registry:
         check_name("network service endpoint name", name)
         if await self._unregister(self.nse_store, name, f"endpoint {name!r}", caller):
             log.info("endpoint unregistered", name=name)
+        self._owners["nse"].forget(name)
 
     def find_nse(
-        self, query: NetworkServiceEndpoint, *, watch: bool = False
+        self, query: NetworkServiceEndpoint, *, watch: bool = False, caller: str = "local"
     ) -> AsyncIterator[tuple[NetworkServiceEndpoint, bool]]:
         """Matching unexpired endpoints as ``(record, deleted)``; with ``watch``, then live
-        changes (register/refresh, unregister/expiry) until the consumer stops iterating."""
+        changes (register/refresh, unregister/expiry) until the consumer stops iterating
+        (``caller``: for the limit of watches per caller)."""
         q = NetworkServiceEndpoint()
         q.CopyFrom(query)
-        return self._find(self.nse_store, lambda nse: match_nse(q, nse, now=time.time()), watch)
+        return self._find(self.nse_store, lambda nse: match_nse(q, nse, now=time.time()), watch,
+                          caller)
 
     # internals
 
@@ -340,7 +425,7 @@ class Registry:
         return await self._cas(remove, what)
 
     async def _find(
-        self, store: Store[R], matches: Callable[[R], bool], watch: bool
+        self, store: Store[R], matches: Callable[[R], bool], watch: bool, caller: str
     ) -> AsyncIterator[tuple[R, bool]]:
         if not watch:
             for record in await store.list():
@@ -349,27 +434,76 @@ class Registry:
             return
         if self._closed:
             raise Unavailable("registry is shutting down")
+        with self._watches.hold(caller):
+            async with contextlib.aclosing(self._watch(store, matches)) as items:
+                async for item in items:
+                    yield item
+
+    async def _watch(self, store: Store[R], matches: Callable[[R], bool]) -> AsyncIterator[tuple[R, bool]]:
+        """A watch: its snapshot, then its events. Only a few watchers are sent their snapshot
+        at once (:attr:`Limits.snapshots_in_flight`): each snapshot is the whole store, and every
+        stream sending at the same time slows every other call (a Find among 500 watchers
+        receiving their snapshots got 1/500 of the registry's turns). One that takes longer than
+        :attr:`Limits.watch_send_timeout` to read it is dropped."""
+        if self._snapshots is None:
+            self._snapshots = asyncio.Semaphore(self.limits.snapshots_in_flight)
         # The watcher hears of deletions (and of updates that stop matching) only for records
         # it was told about; ``sent`` holds their names.
         sent: set[str] = set()
-        async with await store.watch(maxsize=self.watch_queue) as sub:
-            for record in sub.snapshot:
-                if matches(record):
-                    sent.add(record.name)  # type: ignore[attr-defined]
-                    yield record, False
-            async for event in sub:
-                name: str = event.record.name  # type: ignore[attr-defined]
-                if not event.deleted and matches(event.record):
-                    sent.add(name)
-                    yield event.record, False
-                elif name in sent:
-                    sent.discard(name)
-                    yield event.record, True
+        loop = asyncio.get_running_loop()
+        gate = self._snapshots
+        await gate.acquire()
+        sending_snapshot = True
+        try:
+            async with await store.watch(maxsize=self.watch_queue) as sub:
+                deadline = loop.time() + self.limits.watch_send_timeout
+                for record in sub.snapshot:
+                    if matches(record):
+                        sent.add(record.name)  # type: ignore[attr-defined]
+                        yield record, False
+                        if loop.time() > deadline:
+                            raise ResourceExhausted(
+                                f"watcher took more than {self.limits.watch_send_timeout:g} s to "
+                                f"read its snapshot and was dropped")
+                sending_snapshot = False
+                gate.release()
+                async for event in sub:
+                    name: str = event.record.name  # type: ignore[attr-defined]
+                    if not event.deleted and matches(event.record):
+                        sent.add(name)
+                        yield event.record, False
+                    elif name in sent:
+                        sent.discard(name)
+                        yield event.record, True
+        finally:
+            if sending_snapshot:
+                gate.release()
         if self._closed:  # the store ended the subscription because the registry stops
             raise Unavailable("registry is shutting down")
 
 
 # --- gRPC servicers --------------------------------------------------------------------------
+
+
+async def _send(context: grpc.aio.ServicerContext, found: AsyncIterator[tuple[R, bool]],
+                response: Callable[[R, bool], Any], timeout: float) -> None:
+    """Write a response for every record ``found``. A caller that does not read one within
+    ``timeout`` is dropped: its watch ends here (no snapshot slot, subscription or queue is
+    held for it any more) and it gets RESOURCE_EXHAUSTED after what gRPC had buffered for it."""
+    async with contextlib.aclosing(found):
+        async for record, deleted in found:
+            try:
+                await asyncio.wait_for(context.write(response(record, deleted)), timeout)
+            except TimeoutError:
+                raise ResourceExhausted(f"the caller read nothing for {timeout:g} s and was "
+                                        f"dropped") from None
+
+
+def registrant_key(context: grpc.aio.ServicerContext, security: Security | None) -> str:
+    """Whose records a registration counts against: the registrant's SPIFFE ID (the endpoint's
+    when a manager registers on its behalf), else :func:`nsm.limits.caller_key`."""
+    caller = caller_of(security, context) if security is not None else None
+    return caller.owner if caller is not None else caller_key(context, security)
 
 
 class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistryServicer):
@@ -385,16 +519,15 @@ class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistrySer
     async def Register(
         self, request: NetworkService, context: grpc.aio.ServicerContext
     ) -> NetworkService:
-        return await self._registry.register_ns(request, caller=caller_of(self._security, context))
+        return await self._registry.register_ns(request, caller=caller_of(self._security, context),
+                                                key=registrant_key(context, self._security))
 
     @grpc_errors
-    async def Find(
-        self, request: NetworkServiceQuery, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[NetworkServiceResponse]:
-        async for ns, deleted in self._registry.find_ns(
-            request.network_service, watch=request.watch
-        ):
-            yield NetworkServiceResponse(network_service=ns, deleted=deleted)
+    async def Find(self, request: NetworkServiceQuery, context: grpc.aio.ServicerContext) -> None:
+        found = self._registry.find_ns(request.network_service, watch=request.watch,
+                                       caller=caller_key(context, self._security))
+        await _send(context, found, lambda ns, deleted: NetworkServiceResponse(
+            network_service=ns, deleted=deleted), self._registry.limits.watch_send_timeout)
 
     @grpc_errors
     async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
@@ -416,16 +549,15 @@ class NetworkServiceEndpointRegistryServicer(
     async def Register(
         self, request: NetworkServiceEndpoint, context: grpc.aio.ServicerContext
     ) -> NetworkServiceEndpoint:
-        return await self._registry.register_nse(request, caller=caller_of(self._security, context))
+        return await self._registry.register_nse(request, caller=caller_of(self._security, context),
+                                                 key=registrant_key(context, self._security))
 
     @grpc_errors
-    async def Find(
-        self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[NetworkServiceEndpointResponse]:
-        async for nse, deleted in self._registry.find_nse(
-            request.network_service_endpoint, watch=request.watch
-        ):
-            yield NetworkServiceEndpointResponse(network_service_endpoint=nse, deleted=deleted)
+    async def Find(self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext) -> None:
+        found = self._registry.find_nse(request.network_service_endpoint, watch=request.watch,
+                                        caller=caller_key(context, self._security))
+        await _send(context, found, lambda nse, deleted: NetworkServiceEndpointResponse(
+            network_service_endpoint=nse, deleted=deleted), self._registry.limits.watch_send_timeout)
 
     @grpc_errors
     async def Unregister(
@@ -442,9 +574,9 @@ def add_to_server(registry: Registry, server: Server) -> None:
     if server.security.enabled and not registry.security.enabled:
         raise ValueError("a secure server serves a registry with a Security (its authorization)")
     registry_pb2_grpc.add_NetworkServiceRegistryServicer_to_server(
-        NetworkServiceRegistryServicer(registry), server.grpc
+        NetworkServiceRegistryServicer(registry, server.security), server.grpc
     )
     registry_pb2_grpc.add_NetworkServiceEndpointRegistryServicer_to_server(
-        NetworkServiceEndpointRegistryServicer(registry), server.grpc
+        NetworkServiceEndpointRegistryServicer(registry, server.security), server.grpc
     )
     server.add_service_names(SERVICE_NAMES)
