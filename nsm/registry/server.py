@@ -329,7 +329,7 @@ class Registry:
         registration time filled in). ``caller``: who registers it, for the limit of records
         per caller."""
         validate_nse(nse)
-        if nse.name:
+        if nse.name and caller is not None and self.authz.policy.owner:
             # The owner first: another's name is refused before its URL is dialed (a caller
             # must not make the registry connect where it likes, for a record it cannot have).
             held = await self.nse_store.get(nse.name)
