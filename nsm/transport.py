@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import os
 import secrets
 import stat
@@ -175,6 +176,59 @@ def _remove_dirs(directories: list[Path]) -> None:
             directory.rmdir()
 
 
+class _TrustDomainOnly(grpc.aio.ServerInterceptor):
+    """Every call of a secure server comes from an SVID of the trust domain: the handshake only
+    checks that the client's certificate chains to the bundle, so a certificate of that
+    authority with another trust domain's ID (or none) is refused here, UNAUTHENTICATED,
+    before any servicer (health, reflection and Prove included) sees the call."""
+
+    def __init__(self, security: Security) -> None:
+        self._security = security
+
+    async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        for kind, make in _HANDLER_KINDS:
+            inner = getattr(handler, kind)
+            if inner is not None:
+                return make(self._guard(inner, streaming=kind.endswith("_stream")),
+                            request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+    def _guard(self, inner: Callable[..., Any], *, streaming: bool) -> Callable[..., Any]:
+        security = self._security
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            try:
+                security.peer_id(context)
+            except NsmError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+
+        if streaming and inspect.isasyncgenfunction(inner):
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(context)
+                async for response in inner(request, context):
+                    yield response
+            return stream
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(context)
+            result = inner(request, context)
+            return await result if inspect.isawaitable(result) else result
+        return call
+
+
+#: The four kinds of RPC method handlers, and how each is made.
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., Any]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
 class Server:
     """An asyncio gRPC server bound to one or more URLs, with health and reflection.
 
@@ -190,7 +244,8 @@ class Server:
 
     def __init__(self, urls: Iterable[str | Url], *, security: Security | None = None) -> None:
         self.security = security or Security.insecure()
-        self.grpc: grpc.aio.Server = grpc.aio.server(options=SERVER_OPTIONS)
+        interceptors = (_TrustDomainOnly(self.security),) if self.security.enabled else ()
+        self.grpc: grpc.aio.Server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self._requested = [u if isinstance(u, Url) else parse_url(u) for u in urls]
         if not self._requested:
             raise InvalidArgument("a server needs at least one listen URL")

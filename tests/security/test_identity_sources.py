@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -18,34 +19,38 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from security_ids import TD  # type: ignore[import-not-found]
 from tls_probe import (  # type: ignore[import-not-found]
     CSI_DRIVER,
     SPIFFE_HELPER,
     WORKLOAD_HEADER,
     FakeWorkloadApi,
+    StaticSource,
+    forge,
     presented_serial,
     write_csi_driver,
     write_spiffe_helper,
 )
 
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
-from nsm.errors import FailedPrecondition
-from nsm.lab.processes import Daemon, tail
+from nsm.errors import FailedPrecondition, NsmError
+from nsm.lab.processes import Daemon, daemon_env, tail
 from nsm.registry.client import RegistryClient
 from nsm.security import prove
 from nsm.security.ca import DEFAULT_SVID_TTL, CertificateAuthority
 from nsm.security.ids import registry_id
 from nsm.security.options import add_security_flags, security_from_args
-from nsm.security.sources import FilesSource, WorkloadApiSource
+from nsm.security.sources import CaSource, FilesSource, WorkloadApiSource
 from nsm.security.svid import Svid
 from nsm.security.tls import Security
-from nsm.transport import dial
+from nsm.transport import Server, dial
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -433,3 +438,170 @@ async def test_a_daemon_takes_its_identity_from_the_workload_api_and_its_rotatio
         return fresh
 
     await rotation_keeps_the_old_channel(reg, client, rotate)
+
+
+# -- who is refused, at the transport ------------------------------------------------------------
+
+
+class Counted:
+    """A secure in-process server with one method that counts the calls reaching it."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+
+    def add(self, server: Server) -> None:
+        async def hit(request: bytes, context: Any) -> bytes:
+            self.hits += 1
+            return b"ok"
+
+        server.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Count", {"Hit": grpc.unary_unary_rpc_method_handler(hit)}),))
+
+
+async def call_hit(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    try:
+        await channel.unary_unary("/test.Count/Hit")(b"", timeout=3)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def health_code(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    try:
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def refused_identities(ca: CertificateAuthority) -> dict[str, Svid]:
+    """Client identities a secure server of ``ca`` (trust domain nsm.lab) must refuse; each
+    trusts ``ca`` for the server's certificate, so only the server's check refuses it."""
+    other = CertificateAuthority.create("other.example")
+    impostor = CertificateAuthority.create(TD)  # another authority calling itself nsm.lab
+    return {
+        "another trust domain's CA": forge(other, "spiffe://other.example/ns/default/pod/x", dns=TD,
+                                           bundle=(ca.cert,)),
+        "another CA of the same name": forge(impostor, f"spiffe://{TD}/ns/default/pod/x", dns=TD,
+                                             bundle=(ca.cert,)),
+        "our CA, another trust domain's ID": forge(ca, "spiffe://other.example/ns/default/pod/x", dns=TD),
+        "our CA, no SPIFFE ID": forge(ca, None, dns=TD),
+        "expired": forge(ca, f"spiffe://{TD}/ns/default/pod/x", dns=TD, age=7200, lifetime=3600),
+    }
+
+
+#: What each is refused with: at the handshake (UNAVAILABLE) or, for a certificate our CA signed
+#: whose ID is not of the trust domain, before any servicer (UNAUTHENTICATED).
+REFUSAL = {"another trust domain's CA": grpc.StatusCode.UNAVAILABLE,
+           "another CA of the same name": grpc.StatusCode.UNAVAILABLE,
+           "our CA, another trust domain's ID": grpc.StatusCode.UNAUTHENTICATED,
+           "our CA, no SPIFFE ID": grpc.StatusCode.UNAUTHENTICATED,
+           "expired": grpc.StatusCode.UNAVAILABLE}
+
+
+async def test_plaintext_foreign_forged_and_expired_callers_never_reach_a_servicer(
+        ca: CertificateAuthority, identity: Any, nsm_run_prefix: str) -> None:
+    server_sec = await identity(REG)
+    counted = Counted()
+    server = Server([f"unix:///tmp/{nsm_run_prefix}-refuse.sock", "tcp://127.0.0.1:0"], security=server_sec)
+    counted.add(server)
+    await server.start()
+    made: list[Security] = []
+    try:
+        for url in map(str, server.urls):
+            good = dial(url, await identity(CLIENT))
+            try:
+                assert await call_hit(good) == grpc.StatusCode.OK
+            finally:
+                await good.close()
+            plain = dial(url)
+            try:
+                assert await call_hit(plain) == grpc.StatusCode.UNAVAILABLE
+                assert await health_code(plain) == grpc.StatusCode.UNAVAILABLE
+            finally:
+                await plain.close()
+            for what, svid in refused_identities(ca).items():
+                security = Security(StaticSource(svid), trust_domain=TD)
+                await security.start()
+                made.append(security)
+                channel = dial(url, security)
+                try:
+                    assert await call_hit(channel) == REFUSAL[what], (url, what)
+                    assert await health_code(channel) == REFUSAL[what], (url, what)
+                finally:
+                    await channel.close()
+        assert counted.hits == 2  # the good caller's, one per listener
+    finally:
+        for security in made:
+            await security.close()
+        await server.stop(0)
+
+
+@pytest.mark.timeout(90)
+async def test_a_secure_daemon_refuses_plaintext_foreign_and_forged_callers(
+        src_dir: Path, src_registry: Callable[..., Any]) -> None:
+    """A real ``nsm registry`` with its built-in CA: a plaintext client, one of another CA and
+    one whose certificate that CA signed for another trust domain's ID are refused; a client
+    of the CA is served."""
+    ca_dir = src_dir / "ca"
+    ca = CertificateAuthority.open(ca_dir, TD)
+    good = Security(CaSource(ca, CLIENT, trust_domain=TD, dns_names=(TD,)), trust_domain=TD)
+    await good.start()
+    made = [good]
+    try:
+        reg = await src_registry(src_dir, good, "--ca-dir", str(ca_dir))
+        for url in reg.urls:
+            channel = dial(url, good)
+            try:
+                assert await RegistryClient(channel, security=good).find_nse(timeout=5) == []
+            finally:
+                await channel.close()
+            plain = dial(url)
+            try:
+                assert await health_code(plain) == grpc.StatusCode.UNAVAILABLE
+            finally:
+                await plain.close()
+            for what, svid in refused_identities(ca).items():
+                security = Security(StaticSource(svid), trust_domain=TD)
+                await security.start()
+                made.append(security)
+                channel = dial(url, security)
+                try:
+                    with pytest.raises(NsmError) as err:
+                        await RegistryClient(channel, security=security).find_nse(timeout=5)
+                    expected = "UNAUTHENTICATED" if REFUSAL[what] == grpc.StatusCode.UNAUTHENTICATED \
+                        else "UNAVAILABLE"
+                    assert err.value.code.name == expected, (what, err.value)
+                finally:
+                    await channel.close()
+        assert reg.daemon.running
+    finally:
+        for security in made:
+            await security.close()
+
+
+@pytest.mark.timeout(60)
+async def test_insecure_is_logged_loudly_and_a_foreign_spiffe_id_is_a_clear_error(
+        src_dir: Path) -> None:
+    sock = f"unix://{src_dir}/insecure.sock"
+    log = src_dir / "insecure.log"
+    daemon = Daemon("registry", ["registry", "--insecure", "--listen", sock], url=sock, log_path=log,
+                    env={"SPIFFE_ENDPOINT_SOCKET": ""})
+    await daemon.start(timeout=20)
+    try:
+        warned = [line for line in log.read_text().splitlines() if "insecure" in line]
+        assert warned and any("warn" in line.lower() for line in warned), log.read_text()
+    finally:
+        await daemon.stop()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nsm.cli", "registry", "--listen", f"unix://{src_dir}/bad.sock",
+        "--ca-dir", str(src_dir / "ca"), "--trust-domain", TD,
+        "--spiffe-id", "spiffe://other.example/nsm/registry",
+        env=daemon_env({"SPIFFE_ENDPOINT_SOCKET": ""}), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    text = out.decode()
+    assert proc.returncode not in (0, None), text
+    assert "spiffe://other.example/nsm/registry is not of trust domain nsm.lab" in text, text
+    assert "Traceback" not in text, text
+    assert not (src_dir / "bad.sock").exists()

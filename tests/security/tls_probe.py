@@ -17,10 +17,15 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from nsm.security.svid import Svid
+from nsm.security.ca import CertificateAuthority
+from nsm.security.ids import parse_id
+from nsm.security.sources import SvidSource
+from nsm.security.svid import Svid, now
 
 #: The header every Workload API request carries (SPIRE refuses a request without it).
 WORKLOAD_HEADER = ("workload.spiffe.io", "true")
@@ -171,3 +176,52 @@ class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 yield await queue.get()
         finally:
             self._streams.discard(queue)
+
+
+# -- identities a CA would not issue -------------------------------------------------------------
+
+
+class StaticSource(SvidSource):
+    """One given SVID, never renewed (forged, expired or foreign identities for refusals)."""
+
+    def __init__(self, svid: Svid) -> None:
+        super().__init__()
+        self._given = svid
+
+    async def start(self) -> None:
+        self._set(self._given)
+
+
+def forge(ca: CertificateAuthority, uri: str | None, *, dns: str, lifetime: float = 3600.0,
+          age: float = 60.0, bundle: tuple[x509.Certificate, ...] | None = None) -> Svid:
+    """A leaf signed by ``ca`` with URI SAN ``uri`` (None: none) whatever its trust domain,
+    valid from ``age`` seconds ago for ``lifetime`` seconds; its bundle ``bundle`` (default
+    the CA)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = now() - dt.timedelta(seconds=age)
+    sans: list[x509.GeneralName] = [x509.DNSName(dns)]
+    if uri is not None:
+        sans.insert(0, x509.UniformResourceIdentifier(uri))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, uri or "no id")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + dt.timedelta(seconds=lifetime))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    if uri is None:  # Svid insists on an ID: build it around one, then swap the certificate in
+        holder = Svid.__new__(Svid)
+        object.__setattr__(holder, "chain", (cert,))
+        object.__setattr__(holder, "key", key)
+        object.__setattr__(holder, "spiffe_id", parse_id(f"spiffe://{dns}/what-it-claims-locally"))
+        object.__setattr__(holder, "bundle", bundle or (ca.cert,))
+        object.__setattr__(holder, "chain_pem", cert.public_bytes(serialization.Encoding.PEM))
+        object.__setattr__(holder, "key_pem", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        object.__setattr__(holder, "bundle_pem", b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (bundle or (ca.cert,))))
+        return holder
+    return Svid((cert,), key, bundle or (ca.cert,))
