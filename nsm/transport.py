@@ -450,10 +450,17 @@ class FollowingChannel(grpc.aio.Channel):
                 await asyncio.gather(changed, rotated, return_exceptions=True)
             if self.current is channel:
                 return
-            # A rotation: let the new channel connect before its state is compared.
+            # A rotation: let the new channel connect before its state is compared; unless the
+            # old channel's connection changed meanwhile (lost: the peer may have restarted),
+            # which is a change whatever the new channel's state.
             self.current.get_state(try_to_connect=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.current.channel_ready(), PRECONNECT_TIMEOUT)
+            try:
+                if channel.get_state() != last_observed_state:
+                    return
+            except Exception:  # closed meanwhile (its certificate expired)
+                return
 
     async def channel_ready(self) -> None:
         await self.current.channel_ready()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -89,10 +90,24 @@ def src_dir(nsm_run_prefix: str) -> Iterator[Path]:
 
 
 @pytest.fixture
-async def src_files() -> AsyncIterator[list[FilesSource]]:
-    """FilesSources a test starts, closed at its end."""
+async def src_files() -> AsyncIterator[Callable[..., Any]]:
+    """``await watch(directory, svid, write)``: ``svid`` written into ``directory`` by ``write``
+    (default spiffe-helper's way), a started FilesSource of it polling every :data:`POLL` and
+    the list its subscriber appends rotations to; closed at the end of the test."""
     made: list[FilesSource] = []
-    yield made
+
+    async def watch(directory: Path, svid: Svid, write: Callable[[Path, Svid], None] = write_spiffe_helper,
+                    ) -> tuple[FilesSource, list[Svid]]:
+        write(directory, svid)
+        source = FilesSource.directory(directory, poll=POLL, trust_domain=TD)
+        made.append(source)
+        got: list[Svid] = []
+        source.subscribe(got.append)
+        await source.start()
+        assert serial(source.svid) == serial(svid) and source.svid.id == svid.id
+        return source, got
+
+    yield watch
     for source in made:
         await source.close()
 
@@ -146,17 +161,10 @@ LAYOUTS = {"spiffe-helper": (SPIFFE_HELPER, write_spiffe_helper),
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 async def test_files_of_either_layout_are_read_and_a_rewrite_is_picked_up(
-        layout: str, src_dir: Path, ca: CertificateAuthority, src_files: list[FilesSource]) -> None:
+        layout: str, src_dir: Path, ca: CertificateAuthority, src_files: Callable[..., Any]) -> None:
     names, write = LAYOUTS[layout]
-    first = svid_of(ca)
-    write(src_dir, first)
-    source = FilesSource.directory(src_dir, poll=POLL, trust_domain=TD)
+    source, got = await src_files(src_dir, svid_of(ca), write)
     assert [p.name for p in source.paths] == list(names)
-    src_files.append(source)
-    got: list[Svid] = []
-    source.subscribe(got.append)
-    await source.start()
-    assert serial(source.svid) == serial(first) and source.svid.id == REG
     assert not got  # the first SVID is no rotation
     for _ in range(2):  # two rotations: new key and certificate from the same CA
         fresh = svid_of(ca)
@@ -171,14 +179,9 @@ async def test_files_of_either_layout_are_read_and_a_rewrite_is_picked_up(
 
 
 async def test_a_half_written_set_is_skipped_and_the_complete_one_taken(
-        src_dir: Path, ca: CertificateAuthority, src_files: list[FilesSource]) -> None:
+        src_dir: Path, ca: CertificateAuthority, src_files: Callable[..., Any]) -> None:
     first = svid_of(ca)
-    write_spiffe_helper(src_dir, first)
-    source = FilesSource.directory(src_dir, poll=POLL, trust_domain=TD)
-    src_files.append(source)
-    got: list[Svid] = []
-    source.subscribe(got.append)
-    await source.start()
+    source, got = await src_files(src_dir, first)
     fresh = svid_of(ca)
     # The key first: it does not match the certificate still there.
     write_spiffe_helper(src_dir, fresh, only=("svid_key.pem",))
@@ -195,26 +198,12 @@ async def test_a_half_written_set_is_skipped_and_the_complete_one_taken(
 
 
 async def test_the_watch_survives_files_that_are_no_svid(
-        src_dir: Path, ca: CertificateAuthority, src_files: list[FilesSource]) -> None:
+        src_dir: Path, ca: CertificateAuthority, src_files: Callable[..., Any]) -> None:
     """A certificate without a SPIFFE ID (a writer's mistake, or the wrong file copied in) is
     refused, and the watch goes on: the next correct set is taken."""
     first = svid_of(ca)
-    write_spiffe_helper(src_dir, first)
-    source = FilesSource.directory(src_dir, poll=POLL, trust_domain=TD)
-    src_files.append(source)
-    got: list[Svid] = []
-    source.subscribe(got.append)
-    await source.start()
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not an svid")])
-    plain = (x509.CertificateBuilder().subject_name(name).issuer_name(ca.cert.subject)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(dt_now()).not_valid_after(ca.cert.not_valid_after_utc)
-             .sign(ca.key, hashes.SHA256()))
-    from cryptography.hazmat.primitives import serialization
-    (src_dir / "svid_key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    (src_dir / "svid.pem").write_bytes(plain.public_bytes(serialization.Encoding.PEM))
+    source, got = await src_files(src_dir, first)
+    write_spiffe_helper(src_dir, forge(ca, None, dns=TD))  # signed by the CA, but no SPIFFE ID
     await asyncio.sleep(5 * POLL)
     assert not got and serial(source.svid) == serial(first)
     fresh = svid_of(ca)
@@ -224,16 +213,11 @@ async def test_the_watch_survives_files_that_are_no_svid(
 
 
 async def test_files_rewritten_with_the_same_svid_are_no_rotation(
-        src_dir: Path, ca: CertificateAuthority, src_files: list[FilesSource]) -> None:
+        src_dir: Path, ca: CertificateAuthority, src_files: Callable[..., Any]) -> None:
     """spiffe-helper rewrites the files whenever the agent sends an update (a bundle change,
     a restart): the same SVID again makes no subscriber renew its channels."""
     first = svid_of(ca)
-    write_spiffe_helper(src_dir, first)
-    source = FilesSource.directory(src_dir, poll=POLL, trust_domain=TD)
-    src_files.append(source)
-    got: list[Svid] = []
-    source.subscribe(got.append)
-    await source.start()
+    _, got = await src_files(src_dir, first)
     write_spiffe_helper(src_dir, first)
     await asyncio.sleep(0.02)
     write_spiffe_helper(src_dir, first, only=("svid_bundle.pem",))
@@ -499,6 +483,27 @@ REFUSAL = {"another trust domain's CA": grpc.StatusCode.UNAVAILABLE,
            "expired": grpc.StatusCode.UNAVAILABLE}
 
 
+@contextlib.asynccontextmanager
+async def refused_callers(ca: CertificateAuthority, url: str
+                          ) -> AsyncIterator[list[tuple[str, grpc.StatusCode, grpc.aio.Channel]]]:
+    """Channels to ``url`` of every caller to refuse, plaintext first, with the code each must
+    get: ``(what, code, channel)``; closed (and their identities) at the end."""
+    made: list[Security] = []
+    callers = [("plaintext", grpc.StatusCode.UNAVAILABLE, dial(url))]
+    try:
+        for what, svid in refused_identities(ca).items():
+            security = Security(StaticSource(svid), trust_domain=TD)
+            await security.start()
+            made.append(security)
+            callers.append((what, REFUSAL[what], dial(url, security)))
+        yield callers
+    finally:
+        for _, _, channel in callers:
+            await channel.close()
+        for security in made:
+            await security.close()
+
+
 async def test_plaintext_foreign_forged_and_expired_callers_never_reach_a_servicer(
         ca: CertificateAuthority, identity: Any, nsm_run_prefix: str) -> None:
     server_sec = await identity(REG)
@@ -506,7 +511,6 @@ async def test_plaintext_foreign_forged_and_expired_callers_never_reach_a_servic
     server = Server([f"unix:///tmp/{nsm_run_prefix}-refuse.sock", "tcp://127.0.0.1:0"], security=server_sec)
     counted.add(server)
     await server.start()
-    made: list[Security] = []
     try:
         for url in map(str, server.urls):
             good = dial(url, await identity(CLIENT))
@@ -514,26 +518,12 @@ async def test_plaintext_foreign_forged_and_expired_callers_never_reach_a_servic
                 assert await call_hit(good) == grpc.StatusCode.OK
             finally:
                 await good.close()
-            plain = dial(url)
-            try:
-                assert await call_hit(plain) == grpc.StatusCode.UNAVAILABLE
-                assert await health_code(plain) == grpc.StatusCode.UNAVAILABLE
-            finally:
-                await plain.close()
-            for what, svid in refused_identities(ca).items():
-                security = Security(StaticSource(svid), trust_domain=TD)
-                await security.start()
-                made.append(security)
-                channel = dial(url, security)
-                try:
-                    assert await call_hit(channel) == REFUSAL[what], (url, what)
-                    assert await health_code(channel) == REFUSAL[what], (url, what)
-                finally:
-                    await channel.close()
+            async with refused_callers(ca, url) as callers:
+                for what, code, channel in callers:
+                    assert await call_hit(channel) == code, (url, what)
+                    assert await health_code(channel) == code, (url, what)
         assert counted.hits == 2  # the good caller's, one per listener
     finally:
-        for security in made:
-            await security.close()
         await server.stop(0)
 
 
@@ -547,7 +537,6 @@ async def test_a_secure_daemon_refuses_plaintext_foreign_and_forged_callers(
     ca = CertificateAuthority.open(ca_dir, TD)
     good = Security(CaSource(ca, CLIENT, trust_domain=TD, dns_names=(TD,)), trust_domain=TD)
     await good.start()
-    made = [good]
     try:
         reg = await src_registry(src_dir, good, "--ca-dir", str(ca_dir))
         for url in reg.urls:
@@ -556,28 +545,14 @@ async def test_a_secure_daemon_refuses_plaintext_foreign_and_forged_callers(
                 assert await RegistryClient(channel, security=good).find_nse(timeout=5) == []
             finally:
                 await channel.close()
-            plain = dial(url)
-            try:
-                assert await health_code(plain) == grpc.StatusCode.UNAVAILABLE
-            finally:
-                await plain.close()
-            for what, svid in refused_identities(ca).items():
-                security = Security(StaticSource(svid), trust_domain=TD)
-                await security.start()
-                made.append(security)
-                channel = dial(url, security)
-                try:
+            async with refused_callers(ca, url) as callers:
+                for what, code, channel in callers:
                     with pytest.raises(NsmError) as err:
-                        await RegistryClient(channel, security=security).find_nse(timeout=5)
-                    expected = "UNAUTHENTICATED" if REFUSAL[what] == grpc.StatusCode.UNAUTHENTICATED \
-                        else "UNAVAILABLE"
-                    assert err.value.code.name == expected, (what, err.value)
-                finally:
-                    await channel.close()
+                        await RegistryClient(channel).find_nse(timeout=5)
+                    assert err.value.code.name == code.name, (what, err.value)
         assert reg.daemon.running
     finally:
-        for security in made:
-            await security.close()
+        await good.close()
 
 
 @pytest.mark.timeout(60)
