@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import os
 import secrets
 import stat
@@ -36,8 +37,9 @@ UNIX_PATH_MAX = 107
 
 #: How long a replaced channel lives on for the calls still on it (:meth:`Channels.renew`).
 STALE_GRACE = 5.0
-#: How long a channel made before an SVID rotation lives on (its streams keep their connection;
-#: its certificate, if it had to reconnect, would be the old one).
+#: How long at most a channel made before an SVID rotation may still connect again (with its
+#: certificate, the old one); after that it is closed as soon as its connection is gone or idle
+#: (its streams keep their connection until then: :meth:`Channels._rotated`).
 STALE_AFTER_ROTATION = 600.0
 #: How long the health check of a preconnect (:meth:`Channels.preconnect`) may take.
 PRECONNECT_TIMEOUT = 5.0
@@ -189,6 +191,59 @@ def _remove_dirs(directories: list[Path]) -> None:
             directory.rmdir()
 
 
+class _TrustDomainOnly(grpc.aio.ServerInterceptor):
+    """Every call of a secure server comes from an SVID of the trust domain: the handshake only
+    checks that the client's certificate chains to the bundle, so a certificate of that
+    authority with another trust domain's ID (or none) is refused here, UNAUTHENTICATED,
+    before any servicer (health, reflection and Prove included) sees the call."""
+
+    def __init__(self, security: Security) -> None:
+        self._security = security
+
+    async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        for kind, make in _HANDLER_KINDS:
+            inner = getattr(handler, kind)
+            if inner is not None:
+                return make(self._guard(inner, streaming=kind.endswith("_stream")),
+                            request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+    def _guard(self, inner: Callable[..., Any], *, streaming: bool) -> Callable[..., Any]:
+        security = self._security
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            try:
+                security.peer_id(context)
+            except NsmError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+
+        if streaming and inspect.isasyncgenfunction(inner):
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(context)
+                async for response in inner(request, context):
+                    yield response
+            return stream
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(context)
+            result = inner(request, context)
+            return await result if inspect.isawaitable(result) else result
+        return call
+
+
+#: The four kinds of RPC method handlers, and how each is made.
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., Any]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
 class Server:
     """An asyncio gRPC server bound to one or more URLs, with health and reflection.
 
@@ -204,7 +259,8 @@ class Server:
 
     def __init__(self, urls: Iterable[str | Url], *, security: Security | None = None) -> None:
         self.security = security or Security.insecure()
-        self.grpc: grpc.aio.Server = grpc.aio.server(options=SERVER_OPTIONS)
+        interceptors = (_TrustDomainOnly(self.security),) if self.security.enabled else ()
+        self.grpc: grpc.aio.Server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self._requested = [u if isinstance(u, Url) else parse_url(u) for u in urls]
         if not self._requested:
             raise InvalidArgument("a server needs at least one listen URL")
@@ -294,13 +350,159 @@ def channel_options(url: Url) -> tuple[tuple[str, int], ...]:
                  for k, v in CHANNEL_OPTIONS)
 
 
-def dial(url: str | Url, security: Security | None = None) -> grpc.aio.Channel:
-    """Open a channel to a URL: mTLS with ``security``'s current SVID, plaintext without."""
+def dial(url: str | Url, security: Security | None = None, *, follow: bool = True) -> grpc.aio.Channel:
+    """Open a channel to a URL: mTLS with ``security``'s current SVID, plaintext without.
+
+    A secure channel follows the SVID's rotations (``follow``, :class:`FollowingChannel`): a
+    channel's credentials are fixed when it is made, and one kept for long (a daemon's registry
+    channel) would otherwise reconnect after its first certificate expired with that one, and
+    be refused forever. ``follow=False``: a plain channel with the current SVID (what
+    :class:`Channels` makes, which renews its channels itself)."""
     parsed = url if isinstance(url, Url) else parse_url(url)
     if security is None or not security.enabled:
         return grpc.aio.insecure_channel(parsed.target(), options=channel_options(parsed))
+    if follow:
+        return FollowingChannel(parsed, security)
     return grpc.aio.secure_channel(parsed.target(), security.channel_credentials(),
                                    options=(*channel_options(parsed), *security.channel_options()))
+
+
+def _old_certificate_life(svid: Any) -> float:
+    """Seconds until the certificate a rotation to ``svid`` replaced expires: renewed at half
+    its life, about half the new one's (at most :data:`STALE_AFTER_ROTATION`)."""
+    life = max(0.0, (svid.expires - dt.datetime.now(dt.UTC)).total_seconds())
+    return min(life / 2, STALE_AFTER_ROTATION)
+
+
+async def _retire_after_rotation(stale: grpc.aio.Channel, after: float) -> None:
+    """Close a channel made with an SVID that rotated since: not before its certificate
+    expired (``after`` seconds: until then it may even reconnect with it), then once its
+    connection is gone or idle (no call for the channel's idle timeout) — closing it earlier
+    would cancel the streams on it (a monitor stream lives as long as the connection it
+    watches)."""
+    await asyncio.sleep(after)
+    state = stale.get_state()
+    while state == grpc.ChannelConnectivity.READY:
+        await stale.wait_for_state_change(state)
+        state = stale.get_state()
+    await stale.close()
+
+
+class _Following:
+    """A multicallable of a :class:`FollowingChannel`: each call goes to the channel current
+    at that moment (made again for a new channel)."""
+
+    def __init__(self, owner: FollowingChannel, kind: str, args: tuple[Any, ...]) -> None:
+        self._owner, self._kind, self._args = owner, kind, args
+        self._made: tuple[grpc.aio.Channel, Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        channel = self._owner.current
+        if self._made is None or self._made[0] is not channel:
+            self._made = (channel, getattr(channel, self._kind)(*self._args))
+        return self._made[1](*args, **kwargs)
+
+
+class FollowingChannel(grpc.aio.Channel):
+    """A secure channel that follows its :class:`Security`'s SVID rotations: a rotation makes a
+    new underlying channel (with the new certificate) for the next calls; the calls on the old
+    one go on, and it is closed once its certificate expired and its connection is gone or
+    idle. Its connectivity is the current channel's (a rotation is not reported as a change
+    when the new channel connects)."""
+
+    def __init__(self, url: Url, security: Security) -> None:
+        self._url = url
+        self._security = security
+        self.current = dial(url, security, follow=False)
+        self._swapped = asyncio.Event()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._stale: set[grpc.aio.Channel] = set()
+        self._unsubscribe: Callable[[], None] | None = security.on_rotate(self._rotated)
+
+    def _rotated(self, svid: Any) -> None:
+        stale, self.current = self.current, dial(self._url, self._security, follow=False)
+        swapped, self._swapped = self._swapped, asyncio.Event()
+        swapped.set()
+        self._stale.add(stale)
+
+        async def retire() -> None:
+            try:
+                await _retire_after_rotation(stale, _old_certificate_life(svid))
+            finally:
+                self._stale.discard(stale)
+
+        task = asyncio.get_running_loop().create_task(retire(), name=f"channel-rotate:{self._url}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Following(self, "unary_unary", _method_args(*args, **kwargs))
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Following(self, "unary_stream", _method_args(*args, **kwargs))
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Following(self, "stream_unary", _method_args(*args, **kwargs))
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Following(self, "stream_stream", _method_args(*args, **kwargs))
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.current.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        while True:
+            channel, swapped = self.current, self._swapped
+            if channel.get_state() != last_observed_state:
+                return
+            changed = asyncio.ensure_future(channel.wait_for_state_change(last_observed_state))
+            rotated = asyncio.ensure_future(swapped.wait())
+            try:
+                await asyncio.wait({changed, rotated}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (changed, rotated):
+                    waiter.cancel()
+                await asyncio.gather(changed, rotated, return_exceptions=True)
+            if self.current is channel:
+                return
+            # A rotation: let the new channel connect before its state is compared; unless the
+            # old channel's connection changed meanwhile (lost: the peer may have restarted),
+            # which is a change whatever the new channel's state.
+            self.current.get_state(try_to_connect=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.current.channel_ready(), PRECONNECT_TIMEOUT)
+            try:
+                if channel.get_state() != last_observed_state:
+                    return
+            except Exception:  # closed meanwhile (its certificate expired)
+                return
+
+    async def channel_ready(self) -> None:
+        await self.current.channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        stale, self._stale = list(self._stale), set()
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for channel in stale:
+            await channel.close(grace)
+        await self.current.close(grace)
+
+    async def __aenter__(self) -> FollowingChannel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _method_args(method: str, request_serializer: Any = None, response_deserializer: Any = None,
+                 _registered_method: bool | None = False) -> tuple[Any, ...]:
+    return (method, request_serializer, response_deserializer, _registered_method)
 
 
 async def watch_reconnects(channel: grpc.aio.Channel, on_back: Callable[[], None]) -> None:
@@ -326,7 +528,7 @@ class Channels:
 
     def __init__(self, factory: Callable[[str], grpc.aio.Channel] | None = None, *,
                  security: Security | None = None) -> None:
-        self._factory = factory or (lambda url: dial(url, security))
+        self._factory = factory or (lambda url: dial(url, security, follow=False))
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._unsubscribe: Callable[[], None] | None = None
         if security is not None and security.enabled and factory is None:
@@ -418,22 +620,23 @@ class Channels:
         return channel
 
     def _rotated(self, svid: Any) -> None:
-        """The SVID rotated: new calls get channels with the new certificate; each old channel
-        (its connection and the streams on it stay up) is closed once its certificate expires."""
+        """The SVID rotated: new calls get channels with the new certificate. An old channel
+        keeps its connection and the calls on it (a monitor stream lives as long as the
+        connection it watches): it is closed once its certificate expired (so that it never
+        reconnects with it) and its connection is gone or idle (no call for the channel's idle
+        timeout); closing it earlier would cancel those streams."""
         loop = asyncio.get_running_loop()
-        # The old certificate, renewed at half its life, expires about when half the new one's
-        # life is gone.
-        life = max(0.0, (svid.expires - dt.datetime.now(dt.UTC)).total_seconds())
-        old_expiry = min(life / 2, STALE_AFTER_ROTATION)
+        old_expiry = _old_certificate_life(svid)
         for url, stale in list(self._channels.items()):
             self._channels[url] = self._factory(url)
             self._warmed.pop(url, None)
             self._stale.add(stale)
 
             async def retire(stale: grpc.aio.Channel = stale) -> None:
-                await asyncio.sleep(old_expiry)
-                self._stale.discard(stale)
-                await stale.close()
+                try:
+                    await _retire_after_rotation(stale, old_expiry)
+                finally:
+                    self._stale.discard(stale)
 
             task = loop.create_task(retire(), name=f"channel-rotate:{url}")
             self._retiring.add(task)

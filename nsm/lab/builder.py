@@ -118,7 +118,9 @@ class Lab:
     gets ``NSM_CA_DIR``; its SPIFFE ID is its role's default), every gRPC hop is mTLS with path
     tokens. :attr:`security` is the lab's own identity (``spiffe://<td>/nsm/lab``, an observer
     every daemon lets see all connections), :meth:`identity` makes more for in-process clients.
-    ``secure=False`` runs everything ``--insecure``.
+    ``secure=False`` runs everything ``--insecure``. ``svid_ttl``: the lifetime of every SVID
+    the lab's CA issues (``NSM_SVID_TTL`` of every daemon, and the lab's own identities), e.g. a
+    few seconds to see rotations.
     """
 
     def __init__(self, topology: Topology, *, prefix: str = DEFAULT_PREFIX,
@@ -126,10 +128,14 @@ class Lab:
                  log_level: str = "info", extra_args: Mapping[str, Sequence[str]] | None = None,
                  start_timeout: float = 30.0, stop_timeout: float = 5.0,
                  print_logs_on_error: bool = True, secure: bool = True,
-                 trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN, svid_ttl: float | None = None) -> None:
         self.topology = topology
         self.secure = secure
         self.trust_domain = trust_domain
+        if svid_ttl is not None and not svid_ttl > 0:
+            raise InvalidArgument(f"SVID lifetime must be positive, not {svid_ttl}")
+        #: Lifetime of every SVID of the lab (its daemons' and its own), None: the default.
+        self.svid_ttl = svid_ttl
         #: The lab's own identity (plaintext until built, and always when not ``secure``).
         self.security = Security.insecure()
         self._identities: dict[str, Security] = {}
@@ -397,8 +403,11 @@ class Lab:
         or ``NSM_INSECURE``."""
         if not self.secure:
             return {"NSM_INSECURE": "1"}
-        return {"NSM_CA_DIR": str(self.ca_dir), "NSM_TRUST_DOMAIN": self.trust_domain,
-                "NSM_OBSERVERS": self.lab_id}
+        env = {"NSM_CA_DIR": str(self.ca_dir), "NSM_TRUST_DOMAIN": self.trust_domain,
+               "NSM_OBSERVERS": self.lab_id}
+        if self.svid_ttl is not None:
+            env["NSM_SVID_TTL"] = f"{self.svid_ttl:g}s"
+        return env
 
     def identity(self, spiffe_id: str) -> Security:
         """A :class:`Security` with an SVID of the lab's CA for ``spiffe_id`` (one per ID,
@@ -408,8 +417,10 @@ class Lab:
             return Security.insecure()
         held = self._identities.get(spiffe_id)
         if held is None:
+            ttl = {} if self.svid_ttl is None else {"ttl": self.svid_ttl}
             held = Security(CaSource(self.ca_dir, spiffe_id, trust_domain=self.trust_domain,
-                                     dns_names=(self.trust_domain,)), trust_domain=self.trust_domain)
+                                     dns_names=(self.trust_domain,), **ttl),
+                            trust_domain=self.trust_domain)
             self._identities[spiffe_id] = held
         return held
 

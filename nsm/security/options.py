@@ -53,7 +53,7 @@ def security_from_args(args: argparse.Namespace, default_id: str) -> Security:
     if args.spiffe_socket:
         source = WorkloadApiSource(args.spiffe_socket, trust_domain=trust_domain)
     elif args.svid_dir:
-        source = FilesSource.directory(Path(args.svid_dir))
+        source = FilesSource.directory(Path(args.svid_dir), trust_domain=trust_domain)
     else:
         spiffe_id = args.spiffe_id or default_id
         if parse_id(spiffe_id).trust_domain != trust_domain:

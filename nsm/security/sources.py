@@ -19,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
+from cryptography.hazmat.primitives import hashes
+
+from nsm.errors import FailedPrecondition, NsmError
 from nsm.log import get_logger
 from nsm.security.ca import DEFAULT_SVID_TTL, CertificateAuthority
 from nsm.security.svid import Svid, now
@@ -54,7 +56,10 @@ class SvidSource:
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
 
     def _set(self, svid: Svid) -> None:
-        first = self._svid is None
+        current = self._svid
+        if current is not None and current.chain == svid.chain and current.bundle == svid.bundle:
+            return  # the same SVID again (files touched, the Workload API resending): no rotation
+        first = current is None
         self._svid = svid
         if not first:
             log.info("SVID rotated", spiffe_id=svid.id, expires=f"{svid.expires:%Y-%m-%dT%H:%M:%SZ}")
@@ -135,15 +140,20 @@ class FilesSource(_Renewing):
     the next poll tries again)."""
 
     def __init__(self, cert: str | Path, key: str | Path, bundle: str | Path, *,
-                 poll: float = FILES_POLL) -> None:
+                 poll: float = FILES_POLL, trust_domain: str | None = None) -> None:
         super().__init__()
         self.paths = (Path(cert), Path(key), Path(bundle))
         self.poll = poll
+        #: When given, files holding an SVID of another trust domain are refused.
+        self.trust_domain = trust_domain
         self._stamp: tuple[tuple[int, int, int], ...] = ()
+        #: The stamp of the last set that could not be used (not read again until it changes).
+        self._failed: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
-    def directory(cls, directory: str | Path, *, poll: float = FILES_POLL) -> FilesSource:
-        return cls(*files_in(directory), poll=poll)
+    def directory(cls, directory: str | Path, *, poll: float = FILES_POLL,
+                  trust_domain: str | None = None) -> FilesSource:
+        return cls(*files_in(directory), poll=poll, trust_domain=trust_domain)
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
         out = []
@@ -157,7 +167,11 @@ class FilesSource(_Renewing):
             cert, key, bundle = (p.read_bytes() for p in self.paths)
         except OSError as exc:
             raise FailedPrecondition(f"cannot read SVID file {exc.filename}: {exc.strerror}") from exc
-        return Svid.from_pem(cert, key, bundle)
+        svid = Svid.from_pem(cert, key, bundle)
+        if self.trust_domain is not None and svid.trust_domain != self.trust_domain:
+            raise FailedPrecondition(f"{self.paths[0]} holds an SVID of {svid.id}, not of trust "
+                                     f"domain {self.trust_domain}")
+        return svid
 
     async def start(self) -> None:
         self._stamp = await asyncio.to_thread(self._stat_or_empty)
@@ -174,12 +188,19 @@ class FilesSource(_Renewing):
         while True:
             await asyncio.sleep(self.poll)
             stamp = self._stat_or_empty()
-            if not stamp or stamp == self._stamp:
+            if not stamp or stamp in (self._stamp, self._failed):
                 continue
+            # Whatever the files hold, the watch goes on: a set being rewritten (or one that is
+            # not an SVID at all) is skipped, and the next change is read again.
             try:
                 svid = self._read()
-            except (InvalidArgument, FailedPrecondition) as exc:
-                log.debug("SVID files not readable yet", error=exc.message)
+            except NsmError as exc:
+                self._failed = stamp
+                log.info("SVID files not usable (yet)", path=str(self.paths[0]), error=exc.message)
+                continue
+            except Exception as exc:
+                self._failed = stamp
+                log.warning("SVID files not usable", path=str(self.paths[0]), error=repr(exc))
                 continue
             self._stamp = stamp
             self._set(svid)
@@ -187,7 +208,8 @@ class FilesSource(_Renewing):
 
 class WorkloadApiSource(SvidSource):
     """The SVID (and bundle) of the SPIFFE Workload API at ``socket`` (``unix:///path``), as
-    py-spiffe's ``X509Source`` streams them."""
+    py-spiffe's ``X509Source`` streams them (its own thread; each update is handed to the event
+    loop). An SVID of another trust domain than ``trust_domain`` is refused."""
 
     def __init__(self, socket: str, *, trust_domain: str, timeout: float = 10.0) -> None:
         super().__init__()
@@ -195,35 +217,60 @@ class WorkloadApiSource(SvidSource):
         self.trust_domain = trust_domain
         self.timeout = timeout
         self._source: Any = None
+        self._callback: Callable[[], None] | None = None
 
     def _convert(self, source: Any) -> Svid:
-        svid = source.svid
-        bundle = source.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
-        authorities = tuple(bundle.x509_authorities) if bundle is not None else ()
-        return Svid(tuple(svid.cert_chain), svid.private_key, authorities)
+        # One coherent snapshot of the SVID and the bundles (``X509Source.svid`` and a bundle
+        # asked for after it could come from two updates; ``.svid`` is deprecated too).
+        context = source.get_x509_context()
+        svid = context.default_svid
+        bundle = context.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        authorities = sorted(bundle.x509_authorities if bundle is not None else (),
+                             key=lambda c: c.fingerprint(hashes.SHA256()))
+        if not authorities:
+            raise FailedPrecondition(f"the Workload API at {self.socket} sent no trust bundle for "
+                                     f"{svid.spiffe_id}")
+        out = Svid(tuple(svid.cert_chain), svid.private_key, tuple(authorities))
+        if out.trust_domain != self.trust_domain:
+            raise FailedPrecondition(f"the Workload API at {self.socket} gives {out.id}, not an "
+                                     f"SVID of trust domain {self.trust_domain}")
+        return out
 
     async def start(self) -> None:
         from spiffe import X509Source  # imported only where a SPIRE agent is used
 
         loop = asyncio.get_running_loop()
         try:
-            self._source = await asyncio.to_thread(
+            source = await asyncio.to_thread(
                 X509Source, socket_path=self.socket, timeout_in_seconds=self.timeout)
         except Exception as exc:  # py-spiffe raises its own error types
             raise FailedPrecondition(f"SPIFFE Workload API at {self.socket}: {exc}") from exc
-        self._set(self._convert(self._source))
+        try:
+            first = self._convert(source)
+        except BaseException:
+            await asyncio.to_thread(source.close)
+            raise
+        self._source = source
+        self._set(first)
 
-        def changed(*_: Any) -> None:
+        def changed() -> None:  # in py-spiffe's thread
             try:
-                svid = self._convert(self._source)
-            except NsmError as exc:
-                log.warning("Workload API sent an unusable SVID", error=exc.message)
+                svid = self._convert(source)
+            except Exception as exc:  # an unusable update: keep the current SVID
+                message = exc.message if isinstance(exc, NsmError) else repr(exc)
+                log.warning("Workload API sent an unusable SVID", error=message)
                 return
-            loop.call_soon_threadsafe(self._set, svid)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are done anyway
+                loop.call_soon_threadsafe(self._set, svid)
 
-        self._source.subscribe_for_updates(changed)
+        self._callback = changed
+        source.subscribe_for_updates(changed)
+        changed()  # an update that came before the subscription (the same SVID is no rotation)
 
     async def close(self) -> None:
         source, self._source = self._source, None
+        callback, self._callback = self._callback, None
         if source is not None:
+            if callback is not None:
+                source.unsubscribe_for_updates(callback)
             await asyncio.to_thread(source.close)

@@ -41,7 +41,6 @@ class Security:
         self.trust_domain = trust_domain
         self.server_name = server_name or trust_domain
         self._generation = 0
-        self._served = -1
         self._lock = threading.Lock()
         self._peers: dict[bytes, SpiffeId] = {}
         self._rotations: list[Callable[[Svid], None]] = []
@@ -127,14 +126,17 @@ class Security:
         """Credentials that present the current SVID to every new connection (a rotation
         applies to the next handshake; live connections are not dropped) and require a client
         certificate of the trust domain."""
+        # The generation these credentials present, one per credentials object: a server
+        # listening on several URLs has credentials for each, and each must move to the new
+        # SVID on its own next handshake.
         with self._lock:
-            self._served = self._generation
+            served = [self._generation]
 
         def fetch() -> Any:  # called by grpc core on each handshake, in its own thread
             with self._lock:
-                if self._served == self._generation:
+                if served[0] == self._generation:
                     return None
-                self._served = self._generation
+                served[0] = self._generation
             return self._server_config()
 
         return grpc.dynamic_ssl_server_credentials(self._server_config(), fetch,

@@ -10,7 +10,7 @@ import pytest
 from security_ids import TD  # type: ignore[import-not-found]
 
 from nsm.lab import harness
-from nsm.security.ca import CertificateAuthority
+from nsm.security.ca import DEFAULT_SVID_TTL, CertificateAuthority
 from nsm.security.sources import CaSource
 from nsm.security.tls import Security
 
@@ -30,12 +30,14 @@ def ca() -> CertificateAuthority:
 
 @pytest.fixture
 async def identity(ca: CertificateAuthority) -> AsyncIterator[MakeIdentity]:
-    """``await identity(spiffe_id, ca=..., trust_domain=...)``: a started Security of that ID."""
+    """``await identity(spiffe_id, ca=..., trust_domain=..., ttl=...)``: a started Security of
+    that ID (its SVIDs live ``ttl`` seconds, renewed at half)."""
     made: list[Security] = []
 
     async def make(spiffe_id: str, *, authority: CertificateAuthority | None = None,
-                   trust_domain: str = TD) -> Security:
-        source = CaSource(authority or ca, spiffe_id, trust_domain=trust_domain, dns_names=(TD,))
+                   trust_domain: str = TD, ttl: float = DEFAULT_SVID_TTL) -> Security:
+        source = CaSource(authority or ca, spiffe_id, trust_domain=trust_domain, dns_names=(TD,),
+                          ttl=ttl)
         security = Security(source, trust_domain=trust_domain, server_name=TD)
         await security.start()
         made.append(security)
