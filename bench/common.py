@@ -2,7 +2,8 @@
 (namespaces, daemons, a work directory) that is always removed, connections through the SDK
 (timed, checked, counted when they fail), lab facts (daemons' pids, memory, log problems),
 hand-built nodes, the bench registry types and the command line of a benchmark. Every benchmark
-takes its helpers from here; a benchmark module imports another only for its floor.
+takes its helpers from here; a benchmark module imports another only for its floor (and
+``bench.security`` for the meshes it compares).
 
 Every benchmark is a :class:`Bench`: an async function taking :class:`Options` and returning one
 JSON-serialisable dict with at least ``name``, ``failures`` (int) and ``bars`` (list of
@@ -183,13 +184,14 @@ class CpuMeter:
 def sweep_stale() -> list[str]:
     """Remove what a benchmark process that died without cleaning up (killed with SIGKILL)
     left: the processes (daemons, iperf3) inside its namespaces, then the namespaces, named
-    ``nsmb<pid>-...`` with a ``<pid>`` no longer running. Namespaces of running benchmarks and
+    ``nsmb<pid>-...`` (or ``nsmb<pid>_<tag>-...``, :class:`BenchLab`) with a ``<pid>`` no
+    longer running. Namespaces of running benchmarks and
     everything else are left alone. Returns the names removed."""
     stale = []
     for name in nsns.list_netns():
         if not name.startswith(NS_PREFIX):
             continue
-        pid_text = name[len(NS_PREFIX):].split("-", 1)[0]
+        pid_text = name[len(NS_PREFIX):].split("-", 1)[0].split("_", 1)[0]
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue
         if Path(f"/proc/{pid_text}").exists():
@@ -205,15 +207,20 @@ def sweep_stale() -> list[str]:
     return removed
 
 
+#: Warnings every daemon run ``--insecure`` logs at start, on purpose: not problems of a run.
+INSECURE_WARNINGS = ("'running --insecure: ", "'insecure: no path tokens")
+
+
 def log_problems(logs: Iterable[tuple[str, str]], limit: int = 5) -> dict[str, Any]:
     """Warning and error lines and tracebacks in daemons' logs (``(name, text)`` pairs): a count
-    and the first few."""
+    and the first few (not the warnings of :data:`INSECURE_WARNINGS`)."""
     lines: list[str] = []
     count = 0
     for name, text in logs:
         for line in text.splitlines():
             parts = line.split(maxsplit=2)
-            if (len(parts) >= 2 and parts[1] in ("warning", "error", "critical")) \
+            if (len(parts) >= 2 and parts[1] in ("warning", "error", "critical")
+                    and not any(w in line for w in INSECURE_WARNINGS)) \
                     or line.startswith("Traceback"):
                 count += 1
                 if len(lines) < limit:
@@ -256,6 +263,7 @@ class Scratch:
         self.secure = secure
         self.trust_domain = DEFAULT_TRUST_DOMAIN
         self._identities: dict[str, Security] = {}
+        self._insecure = Security.insecure()  # one, so that it says it is insecure once
         if secure:
             CertificateAuthority.open(self.ca_dir, self.trust_domain)
         self.security = self.identity(self.bench_id)
@@ -282,7 +290,7 @@ class Scratch:
         """A :class:`Security` with an SVID of the CA for ``spiffe_id`` (one per ID, closed with
         the scratch area); the insecure one when not ``secure``."""
         if not self.secure:
-            return Security.insecure()
+            return self._insecure
         if spiffe_id not in self._identities:
             source = CaSource(self.ca_dir, spiffe_id, trust_domain=self.trust_domain,
                               dns_names=(self.trust_domain,))
@@ -734,11 +742,12 @@ async def node_state(nl: Netlink, netns: str) -> dict[str, int]:
 class BenchLab(Lab):
     """The demo's cluster (:class:`nsm.lab.Lab`) for a benchmark: its namespaces are
     ``nsmb<pid>-<name>`` (so :func:`sweep_stale` finds them after a SIGKILL), 60 s to start, and
-    what the benchmarks read of it. Secure (mTLS, tokens) unless ``secure=False``."""
+    what the benchmarks read of it. Secure (mTLS, tokens) unless ``secure=False``; ``tag``
+    tells two labs of one benchmark apart (``nsmb<pid>_<tag>-<name>``)."""
 
-    def __init__(self, topology: Topology, *, secure: bool = True) -> None:
-        super().__init__(topology, prefix=f"{NS_PREFIX}{os.getpid()}", start_timeout=60.0,
-                         secure=secure)
+    def __init__(self, topology: Topology, *, secure: bool = True, tag: str = "") -> None:
+        prefix = f"{NS_PREFIX}{os.getpid()}" + (f"_{tag}" if tag else "")
+        super().__init__(topology, prefix=prefix, start_timeout=60.0, secure=secure)
 
     def pids(self) -> dict[str, int | None]:
         return {key: d.pid for key, d in self.daemons.items()}

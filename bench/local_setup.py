@@ -119,7 +119,7 @@ BREAKDOWN_N = 100
 
 
 @dataclass
-class _Mesh:
+class Mesh:
     scratch: Scratch
     registry_url: str
     manager_url: str
@@ -129,7 +129,7 @@ class _Mesh:
     pids: dict[str, int | None]
 
 
-async def _start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> _Mesh:
+async def start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> Mesh:
     nse_ns = scratch.netns("nse")
     reg, mgr, fwd, nse = (scratch.url(n) for n in ("registry", "manager", "forwarder", "nse"))
     await scratch.daemon("registry", ["registry", "--listen", reg], reg, env)
@@ -141,10 +141,10 @@ async def _start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> _M
                                  "--netns", nse_ns, "--listen", nse, "--registry", reg,
                                  "--node", NODE], nse, env)
     pids = {d.name: d.pid for d in scratch.daemons}
-    return _Mesh(scratch, reg, mgr, fwd, nse, nse_ns, pids)
+    return Mesh(scratch, reg, mgr, fwd, nse, nse_ns, pids)
 
 
-async def _registered(mesh: _Mesh, wait: float = 15.0) -> None:
+async def registered(mesh: Mesh, wait: float = 15.0) -> None:
     """Wait until the registry has the endpoint (asked from here, on a channel of our own), and
     a little more for the manager's registry watch to bring it, so that the mesh's first Request
     is one Request, not a retry after NOT_FOUND."""
@@ -161,11 +161,11 @@ async def _registered(mesh: _Mesh, wait: float = 15.0) -> None:
     await asyncio.sleep(0.1)
 
 
-async def _first_requests(mesh: _Mesh, nl: Netlink, count: int, failures: Failures,
+async def first_requests(mesh: Mesh, nl: Netlink, count: int, failures: Failures,
                           label: str) -> list[float]:
     """The mesh's first ``count`` Requests (ms), one at a time, each from a new namespace and a
     new ``Client``, verified and closed; they warm the mesh up for what follows."""
-    await _registered(mesh)
+    await registered(mesh)
     out = []
     namespaces = mesh.scratch.netns_many(f"{label}w", count)
     await start_identities(mesh.scratch.pod_identity, namespaces)
@@ -184,8 +184,8 @@ async def _fresh_node(k: int, failures: Failures, keep_logs: bool, secure: bool 
     scratch = Scratch(f"fresh{k}", keep_logs=keep_logs, secure=secure)
     nl = Netlink()
     try:
-        mesh = await _start_mesh(scratch)
-        (first,) = await _first_requests(mesh, nl, 1, failures, f"fresh{k}")
+        mesh = await start_mesh(scratch)
+        (first,) = await first_requests(mesh, nl, 1, failures, f"fresh{k}")
         await scratch.stop_daemons()
         problems = scratch.log_problems()
         if problems["count"]:
@@ -196,7 +196,7 @@ async def _fresh_node(k: int, failures: Failures, keep_logs: bool, secure: bool 
         await scratch.aclose()
 
 
-async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: Failures) -> dict[str, Any]:
+async def _breakdown(mesh: Mesh, nl: Netlink, count: int, failures: Failures) -> dict[str, Any]:
     """Sequential p50s of each hop over warm channels (see the module docstring). When secure,
     each hop is called as its real caller would (the NSE by the node's forwarder, the forwarder
     by its manager, the manager by a pod), its token signed for the hop and the namespaces it
@@ -361,8 +361,8 @@ async def _timeline(count: int, failures: Failures, keep_logs: bool, secure: boo
         env = {"NSM_BENCH_TIMELINE_DIR": str(events_dir),
                "PYTHONPATH": f"{site}:{path}" if path else str(site)}
         namespaces = scratch.netns_many("t", count)
-        mesh = await _start_mesh(scratch, env)
-        first = await _first_requests(mesh, nl, WARMUP, failures, "timeline")
+        mesh = await start_mesh(scratch, env)
+        first = await first_requests(mesh, nl, WARMUP, failures, "timeline")
         await start_identities(scratch.pod_identity, namespaces)
         clients = []
         try:
@@ -431,10 +431,10 @@ async def run(options: Options) -> dict[str, Any]:
             conc_ns = scratch.netns_many("c", n)
             say(f"local_setup: {2 * n} client namespaces in {time.perf_counter() - t0:.1f} s; "
                 "starting registry, manager, forwarder, nse")
-            mesh = await _start_mesh(scratch)
+            mesh = await start_mesh(scratch)
             result["pids"] = mesh.pids
             result["warmup_ms"] = [round(v, 2) for v in
-                                   await _first_requests(mesh, nl, WARMUP, failures, "main")]
+                                   await first_requests(mesh, nl, WARMUP, failures, "main")]
             say(f"  first requests of the mesh (ms): {result['warmup_ms']}")
 
             await start_identities(scratch.pod_identity, seq_ns + conc_ns)
