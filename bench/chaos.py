@@ -193,7 +193,7 @@ async def _connect(h: LabHarness, n: int, echoes: Echoes, rate: float,
         pod = await h.pod("c")
         track = Tracked()
         client = Client(manager_url=h.lab.node(node).manager_url, service=SERVICE, netns=pod,
-                        name=h.name("chaos"), on_change=track.on_change)
+                        name=h.name("chaos"), on_change=track.on_change, security=h.pod_identity(pod))
         conns.append(Conn(i, node, pod, client, track))
     slots = asyncio.Semaphore(CONCURRENCY)
 

@@ -2,7 +2,8 @@
 (namespaces, daemons, a work directory) that is always removed, connections through the SDK
 (timed, checked, counted when they fail), lab facts (daemons' pids, memory, log problems),
 hand-built nodes, the bench registry types and the command line of a benchmark. Every benchmark
-takes its helpers from here; a benchmark module imports another only for its floor.
+takes its helpers from here; a benchmark module imports another only for its floor (and
+``bench.security`` for the meshes it compares).
 
 Every benchmark is a :class:`Bench`: an async function taking :class:`Options` and returning one
 JSON-serialisable dict with at least ``name``, ``failures`` (int) and ``bars`` (list of
@@ -41,6 +42,10 @@ from nsm.kernel import netns as nsns
 from nsm.kernel.netlink import Netlink
 from nsm.lab import Lab, Topology, end_processes_in
 from nsm.lab.processes import Daemon
+from nsm.security.ca import CertificateAuthority
+from nsm.security.ids import DEFAULT_TRUST_DOMAIN, node_id, workload_id
+from nsm.security.sources import CaSource
+from nsm.security.tls import Security
 
 #: Prefix of every namespace a benchmark creates: ``nsmb<pid>-...`` (see :func:`sweep_stale`).
 NS_PREFIX = "nsmb"
@@ -179,13 +184,14 @@ class CpuMeter:
 def sweep_stale() -> list[str]:
     """Remove what a benchmark process that died without cleaning up (killed with SIGKILL)
     left: the processes (daemons, iperf3) inside its namespaces, then the namespaces, named
-    ``nsmb<pid>-...`` with a ``<pid>`` no longer running. Namespaces of running benchmarks and
+    ``nsmb<pid>-...`` (or ``nsmb<pid>_<tag>-...``, :class:`BenchLab`) with a ``<pid>`` no
+    longer running. Namespaces of running benchmarks and
     everything else are left alone. Returns the names removed."""
     stale = []
     for name in nsns.list_netns():
         if not name.startswith(NS_PREFIX):
             continue
-        pid_text = name[len(NS_PREFIX):].split("-", 1)[0]
+        pid_text = name[len(NS_PREFIX):].split("-", 1)[0].split("_", 1)[0]
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue
         if Path(f"/proc/{pid_text}").exists():
@@ -201,15 +207,20 @@ def sweep_stale() -> list[str]:
     return removed
 
 
+#: Warnings every daemon run ``--insecure`` logs at start, on purpose: not problems of a run.
+INSECURE_WARNINGS = ("'running --insecure: ", "'insecure: no path tokens")
+
+
 def log_problems(logs: Iterable[tuple[str, str]], limit: int = 5) -> dict[str, Any]:
     """Warning and error lines and tracebacks in daemons' logs (``(name, text)`` pairs): a count
-    and the first few."""
+    and the first few (not the warnings of :data:`INSECURE_WARNINGS`)."""
     lines: list[str] = []
     count = 0
     for name, text in logs:
         for line in text.splitlines():
             parts = line.split(maxsplit=2)
-            if (len(parts) >= 2 and parts[1] in ("warning", "error", "critical")) \
+            if (len(parts) >= 2 and parts[1] in ("warning", "error", "critical")
+                    and not any(w in line for w in INSECURE_WARNINGS)) \
                     or line.startswith("Traceback"):
                 count += 1
                 if len(lines) < limit:
@@ -234,14 +245,65 @@ class Scratch:
     :meth:`aclose` (also on failure and Ctrl-C: use ``async with``).
 
     Namespace names are ``nsmb<pid>-<label>``; daemons log to ``<work>/<name>.log``.
+
+    Secure unless ``secure=False``, as the lab is: a built-in CA in ``<work>/ca`` issues every
+    daemon its role's SVID (:attr:`daemon_env`); :attr:`security` is the benchmark's own
+    identity (an observer of every daemon), :meth:`identity` and :meth:`pod_identity` make more
+    for in-process clients (started beforehand with :meth:`start_identities`, so that issuing
+    an SVID, which a real pod gets before it runs, is not timed). ``secure=False`` runs every
+    daemon ``--insecure``.
     """
 
-    def __init__(self, label: str, *, keep_logs: bool = False) -> None:
+    def __init__(self, label: str, *, keep_logs: bool = False, secure: bool = True) -> None:
         self.tag = f"{NS_PREFIX}{os.getpid()}-{label}"
         self.work = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self.keep_logs = keep_logs
         self.namespaces: list[str] = []
         self.daemons: list[Daemon] = []
+        self.secure = secure
+        self.trust_domain = DEFAULT_TRUST_DOMAIN
+        self._identities: dict[str, Security] = {}
+        self._insecure = Security.insecure()  # one, so that it says it is insecure once
+        if secure:
+            CertificateAuthority.open(self.ca_dir, self.trust_domain)
+        self.security = self.identity(self.bench_id)
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.work / "ca"
+
+    @property
+    def bench_id(self) -> str:
+        """The benchmark's own SPIFFE ID (an observer every daemon lets see all connections)."""
+        return f"spiffe://{self.trust_domain}/nsm/bench"
+
+    @property
+    def daemon_env(self) -> dict[str, str]:
+        """What every daemon gets in its environment: the CA and the trust domain (each daemon's
+        SPIFFE ID is its role's default) and the benchmark as an observer; or ``NSM_INSECURE``."""
+        if not self.secure:
+            return {"NSM_INSECURE": "1"}
+        return {"NSM_CA_DIR": str(self.ca_dir), "NSM_TRUST_DOMAIN": self.trust_domain,
+                "NSM_OBSERVERS": self.bench_id}
+
+    def identity(self, spiffe_id: str) -> Security:
+        """A :class:`Security` with an SVID of the CA for ``spiffe_id`` (one per ID, closed with
+        the scratch area); the insecure one when not ``secure``."""
+        if not self.secure:
+            return self._insecure
+        if spiffe_id not in self._identities:
+            source = CaSource(self.ca_dir, spiffe_id, trust_domain=self.trust_domain,
+                              dns_names=(self.trust_domain,))
+            self._identities[spiffe_id] = Security(source, trust_domain=self.trust_domain)
+        return self._identities[spiffe_id]
+
+    def pod_identity(self, netns: str) -> Security:
+        """The identity of the pod of ``netns`` (``spiffe://<td>/ns/default/pod/<name>``)."""
+        return self.identity(workload_id(self.trust_domain, os.path.basename(netns.rstrip("/"))))
+
+    def role_identity(self, node: str, role: str) -> Security:
+        """The identity of a node's manager or forwarder (to call a hop as its real caller)."""
+        return self.identity(node_id(self.trust_domain, node, role))
 
     def url(self, name: str) -> str:
         """A unix socket URL in the work directory."""
@@ -261,7 +323,9 @@ class Scratch:
     async def daemon(self, name: str, argv: Sequence[str], url: str,
                      env: Mapping[str, str] | None = None) -> Daemon:
         """Start ``nsm <argv>`` as a process and wait until it serves ``url``."""
-        d = Daemon(name, argv, url=url, env=env, log_path=self.work / f"{name}.log")
+        await self.security.start()
+        d = Daemon(name, argv, url=url, env={**self.daemon_env, **(env or {})},
+                   log_path=self.work / f"{name}.log", security=self.security)
         self.daemons.append(d)
         await d.start()
         return d
@@ -283,6 +347,10 @@ class Scratch:
         ``keep_logs``). Safe to call twice."""
         await self.stop_daemons()
         self.daemons = []
+        held, self._identities = list(self._identities.values()), {}
+        for security in held:
+            with contextlib.suppress(Exception):
+                await security.close()
         names, self.namespaces = self.namespaces, []
         for name in names:
             with contextlib.suppress(Exception):
@@ -475,15 +543,27 @@ async def timed_close(client: Client | None, nl: Netlink, netns: str, failures: 
         nl.forget(netns)
 
 
+#: Who a pod is, by its namespace: ``Lab.pod_identity``, ``Scratch.pod_identity``.
+PodIdentity = Callable[[str], Security]
+
+
+async def start_identities(identity: PodIdentity, namespaces: Iterable[str]) -> None:
+    """Get the SVIDs of the pods of ``namespaces`` before a timed phase: a real pod has its
+    SVID before it runs, so issuing one is not part of its Request."""
+    for ns in namespaces:
+        await identity(ns).start()
+
+
 def new_clients(manager_url: str, service: str, namespaces: Sequence[str],
-                label: str) -> Callable[[int], Client]:
-    """``i`` → a new SDK ``Client`` of ``service`` from ``namespaces[i]``, as a new pod would
-    make (its Request also connects its channel to the manager). The setup benchmarks measure
-    the Request path, so their clients do not heal (no monitor stream, no liveness probe per
-    client): what healing costs is measured by ``bench.heal`` and ``bench.liveness``."""
+                label: str, identity: PodIdentity) -> Callable[[int], Client]:
+    """``i`` → a new SDK ``Client`` of ``service`` from ``namespaces[i]`` with the identity of
+    its pod, as a new pod would make (its Request also connects its channel to the manager).
+    The setup benchmarks measure the Request path, so their clients do not heal (no monitor
+    stream, no liveness probe per client): what healing costs is measured by ``bench.heal``
+    and ``bench.liveness``."""
     def make(i: int) -> Client:
         return Client(heal=None, manager_url=manager_url, service=service, netns=namespaces[i],
-                      ifname=IFNAME, name=f"bench-nsc-{label}-{i}")
+                      ifname=IFNAME, name=f"bench-nsc-{label}-{i}", security=identity(namespaces[i]))
 
     return make
 
@@ -662,10 +742,12 @@ async def node_state(nl: Netlink, netns: str) -> dict[str, int]:
 class BenchLab(Lab):
     """The demo's cluster (:class:`nsm.lab.Lab`) for a benchmark: its namespaces are
     ``nsmb<pid>-<name>`` (so :func:`sweep_stale` finds them after a SIGKILL), 60 s to start, and
-    what the benchmarks read of it."""
+    what the benchmarks read of it. Secure (mTLS, tokens) unless ``secure=False``; ``tag``
+    tells two labs of one benchmark apart (``nsmb<pid>_<tag>-<name>``)."""
 
-    def __init__(self, topology: Topology) -> None:
-        super().__init__(topology, prefix=f"{NS_PREFIX}{os.getpid()}", start_timeout=60.0)
+    def __init__(self, topology: Topology, *, secure: bool = True, tag: str = "") -> None:
+        prefix = f"{NS_PREFIX}{os.getpid()}" + (f"_{tag}" if tag else "")
+        super().__init__(topology, prefix=prefix, start_timeout=60.0, secure=secure)
 
     def pids(self) -> dict[str, int | None]:
         return {key: d.pid for key, d in self.daemons.items()}

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -52,7 +53,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import (
@@ -74,6 +74,7 @@ from bench.common import (
     setup_headline,
     setup_ratios,
     setup_table,
+    start_identities,
     summarize,
     summary,
     timed,
@@ -83,11 +84,15 @@ from bench.netlink_floor import measure_floor
 from nsm.api.connection_pb2 import Connection
 from nsm.api.registry_pb2 import NetworkServiceEndpoint
 from nsm.client.sdk import Client, close_once, new_request, request_once
+from nsm.elements.tokens import HopTokens
 from nsm.errors import NsmError
 from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import kernel, netns_url
 from nsm.registry.client import RegistryClient
-from nsm.transport import dial
+from nsm.security.ids import FORWARDER, MANAGER
+from nsm.security.netns import NetnsProof
+from nsm.security.policy import Policies
+from nsm.transport import Channels, dial
 
 NAME = "local_setup"
 DEFAULT_N = 200
@@ -102,6 +107,8 @@ BAR_FIRST = 5.0
 BAR_MAX = 10.0
 SERVICE = "bench-ip"
 NSE_NAME = "bench-nse"
+#: The node the single-node mesh's manager, forwarder and NSE say they are on.
+NODE = "bench-node"
 CIDR = "172.30.0.0/16"
 WARMUP = 3
 #: Freshly started single nodes timed for their first Request (besides the main mesh and the
@@ -112,7 +119,7 @@ BREAKDOWN_N = 100
 
 
 @dataclass
-class _Mesh:
+class Mesh:
     scratch: Scratch
     registry_url: str
     manager_url: str
@@ -122,26 +129,26 @@ class _Mesh:
     pids: dict[str, int | None]
 
 
-async def _start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> _Mesh:
+async def start_mesh(scratch: Scratch, env: dict[str, str] | None = None) -> Mesh:
     nse_ns = scratch.netns("nse")
     reg, mgr, fwd, nse = (scratch.url(n) for n in ("registry", "manager", "forwarder", "nse"))
     await scratch.daemon("registry", ["registry", "--listen", reg], reg, env)
-    await scratch.daemon("manager", ["manager", "--name", "bench-node", "--listen", mgr,
+    await scratch.daemon("manager", ["manager", "--name", NODE, "--listen", mgr,
                                      "--registry", reg], mgr, env)
-    await scratch.daemon("forwarder", ["forwarder", "--name", "bench-fwd", "--node", "bench-node",
+    await scratch.daemon("forwarder", ["forwarder", "--name", "bench-fwd", "--node", NODE,
                                        "--listen", fwd, "--manager", mgr, "--registry", reg], fwd, env)
     await scratch.daemon("nse", ["nse", "--name", NSE_NAME, "--service", SERVICE, "--cidr", CIDR,
                                  "--netns", nse_ns, "--listen", nse, "--registry", reg,
-                                 "--node", "bench-node"], nse, env)
+                                 "--node", NODE], nse, env)
     pids = {d.name: d.pid for d in scratch.daemons}
-    return _Mesh(scratch, reg, mgr, fwd, nse, nse_ns, pids)
+    return Mesh(scratch, reg, mgr, fwd, nse, nse_ns, pids)
 
 
-async def _registered(mesh: _Mesh, wait: float = 15.0) -> None:
+async def registered(mesh: Mesh, wait: float = 15.0) -> None:
     """Wait until the registry has the endpoint (asked from here, on a channel of our own), and
     a little more for the manager's registry watch to bring it, so that the mesh's first Request
     is one Request, not a retry after NOT_FOUND."""
-    channel = dial(mesh.registry_url)
+    channel = dial(mesh.registry_url, mesh.scratch.security)
     try:
         registry = RegistryClient(channel, timeout=5.0)
         deadline = time.monotonic() + wait
@@ -154,29 +161,31 @@ async def _registered(mesh: _Mesh, wait: float = 15.0) -> None:
     await asyncio.sleep(0.1)
 
 
-async def _first_requests(mesh: _Mesh, nl: Netlink, count: int, failures: Failures,
+async def first_requests(mesh: Mesh, nl: Netlink, count: int, failures: Failures,
                           label: str) -> list[float]:
     """The mesh's first ``count`` Requests (ms), one at a time, each from a new namespace and a
     new ``Client``, verified and closed; they warm the mesh up for what follows."""
-    await _registered(mesh)
+    await registered(mesh)
     out = []
-    for i, ns in enumerate(mesh.scratch.netns_many(f"{label}w", count)):
+    namespaces = mesh.scratch.netns_many(f"{label}w", count)
+    await start_identities(mesh.scratch.pod_identity, namespaces)
+    for i, ns in enumerate(namespaces):
 
         def make(i: int = i, ns: str = ns) -> Client:
             return Client(heal=None, manager_url=mesh.manager_url, service=SERVICE, netns=ns, ifname=IFNAME,
-                          name=f"bench-{label}-first-{i}")
+                          name=f"bench-{label}-first-{i}", security=mesh.scratch.pod_identity(ns))
 
         out.append(await warm_one(make, nl, ns, failures, f"{label} first request {i}", wait=15.0))
     return out
 
 
-async def _fresh_node(k: int, failures: Failures, keep_logs: bool) -> float:
+async def _fresh_node(k: int, failures: Failures, keep_logs: bool, secure: bool = True) -> float:
     """Start a single node anew (registry, manager, forwarder, NSE) and time its first Request."""
-    scratch = Scratch(f"fresh{k}", keep_logs=keep_logs)
+    scratch = Scratch(f"fresh{k}", keep_logs=keep_logs, secure=secure)
     nl = Netlink()
     try:
-        mesh = await _start_mesh(scratch)
-        (first,) = await _first_requests(mesh, nl, 1, failures, f"fresh{k}")
+        mesh = await start_mesh(scratch)
+        (first,) = await first_requests(mesh, nl, 1, failures, f"fresh{k}")
         await scratch.stop_daemons()
         problems = scratch.log_problems()
         if problems["count"]:
@@ -187,14 +196,21 @@ async def _fresh_node(k: int, failures: Failures, keep_logs: bool) -> float:
         await scratch.aclose()
 
 
-async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: Failures) -> dict[str, Any]:
-    """Sequential p50s of each hop over warm channels (see the module docstring)."""
-    nse_ch, fwd_ch, mgr_ch = dial(mesh.nse_url), dial(mesh.forwarder_url), dial(mesh.manager_url)
+async def _breakdown(mesh: Mesh, nl: Netlink, count: int, failures: Failures) -> dict[str, Any]:
+    """Sequential p50s of each hop over warm channels (see the module docstring). When secure,
+    each hop is called as its real caller would (the NSE by the node's forwarder, the forwarder
+    by its manager, the manager by a pod), its token signed for the hop and the namespaces it
+    names proven by a listener of the identity the path names (set up before the timing)."""
+    scratch = mesh.scratch
+    callers = {"nse": scratch.role_identity(NODE, FORWARDER), "fwd": scratch.role_identity(NODE, MANAGER)}
+    channels = {what: Channels(security=security) for what, security in callers.items()}
+    urls = {"nse": mesh.nse_url, "fwd": mesh.forwarder_url, "mgr": mesh.manager_url}
     out: dict[str, Any] = {"n": count}
     try:
-        for ch in (nse_ch, fwd_ch, mgr_ch):
-            await asyncio.wait_for(ch.channel_ready(), 10)
-        health = health_pb2_grpc.HealthStub(nse_ch)
+        for security in callers.values():
+            await security.start()
+        health = health_pb2_grpc.HealthStub(channels["nse"].get(mesh.nse_url))
+        await asyncio.wait_for(channels["nse"].get(mesh.nse_url).channel_ready(), 10)
 
         async def empty(i: int) -> None:
             await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -205,43 +221,56 @@ async def _breakdown(mesh: _Mesh, nl: Netlink, count: int, failures: Failures) -
             return new_request(service=SERVICE, name="bench-direct",
                                mechanisms=[kernel(IFNAME, netns_url(ns))], conn_id=str(uuid.uuid4()))
 
-        async def direct(channel: grpc.aio.Channel, namespaces: Sequence[str] | None,
-                         endpoint: str, what: str) -> tuple[dict[str, float], dict[str, float]]:
-            own = mesh.scratch.netns_many(f"bd{what}", count) if namespaces is None else namespaces
+        async def direct(namespaces: Sequence[str] | None, endpoint: str,
+                         what: str) -> tuple[dict[str, float], dict[str, float]]:
+            own = scratch.netns_many(f"bd{what}", count) if namespaces is None else namespaces
             conns: list[Connection] = []
+            async with contextlib.AsyncExitStack() as stack:
+                hop = channels.get(what)
+                if hop is None:  # the manager: each request from a pod of its own
+                    hop = channels[what] = Channels(security=scratch.pod_identity(own[0]))
+                await hop.security.start()
+                channel = hop.get(urls[what])
+                await asyncio.wait_for(channel.channel_ready(), 10)
+                tokens = HopTokens(hop, Policies())
+                if what != "nse":  # the forwarder proves the client's namespace for segment 0
+                    for ns in dict.fromkeys(own):
+                        await stack.enter_async_context(NetnsProof.listen(hop.security, ns))
 
-            async def req(i: int) -> None:
-                try:
-                    request = request_for(own[i])
-                    # A forwarder serves the endpoint its manager chose: named in the connection.
-                    request.connection.network_service_endpoint_name = endpoint
-                    conns.append(await request_once(channel, request))
-                except NsmError as exc:
-                    failures.add(f"breakdown {what} request {i}", exc)
-
-            async def close(i: int) -> None:
-                if i < len(conns):
+                async def req(i: int) -> None:
                     try:
-                        await close_once(channel, conns[i])
+                        request = request_for(own[i])
+                        # A forwarder serves the endpoint its manager chose: named in the connection.
+                        request.connection.network_service_endpoint_name = endpoint
+                        metadata = await tokens.sign(urls[what], request.connection)
+                        conn = await request_once(channel, request, metadata=metadata)
+                        await tokens.check(urls[what], conn, 0)
+                        conns.append(conn)
                     except NsmError as exc:
-                        failures.add(f"breakdown {what} close {i}", exc)
+                        failures.add(f"breakdown {what} request {i}", exc)
 
-            try:
-                return await timed(count, req), await timed(count, close)
-            finally:
-                for ns in own:
-                    nl.forget(ns)
+                async def close(i: int) -> None:
+                    if i < len(conns):
+                        try:
+                            metadata = await tokens.sign(urls[what], conns[i])
+                            await close_once(channel, conns[i], metadata=metadata)
+                        except NsmError as exc:
+                            failures.add(f"breakdown {what} close {i}", exc)
+
+                try:
+                    return await timed(count, req), await timed(count, close)
+                finally:
+                    for ns in own:
+                        nl.forget(ns)
 
         # The NSE programs nothing: any existing namespace will do for its mechanism.
         same = [mesh.nse_netns] * count
-        out["nse_request_ms"], out["nse_close_ms"] = await direct(nse_ch, same, "", "nse")
-        out["forwarder_request_ms"], out["forwarder_close_ms"] = await direct(
-            fwd_ch, None, NSE_NAME, "fwd")
-        out["manager_request_ms"], out["manager_close_ms"] = await direct(
-            mgr_ch, None, "", "mgr")
+        out["nse_request_ms"], out["nse_close_ms"] = await direct(same, "", "nse")
+        out["forwarder_request_ms"], out["forwarder_close_ms"] = await direct(None, NSE_NAME, "fwd")
+        out["manager_request_ms"], out["manager_close_ms"] = await direct(None, "", "mgr")
     finally:
-        for ch in (nse_ch, fwd_ch, mgr_ch):
-            await ch.close()
+        for hop in channels.values():
+            await hop.close()
     return out
 
 
@@ -314,11 +343,12 @@ _LEGS = [
 ]
 
 
-async def _timeline(count: int, failures: Failures, keep_logs: bool) -> dict[str, Any]:
+async def _timeline(count: int, failures: Failures, keep_logs: bool, secure: bool = True
+                    ) -> dict[str, Any]:
     """A fresh mesh whose daemons timestamp each hop (see :data:`_TIMELINE_SITE`); ``count``
     sequential requests; the p50 of each leg. Its own mesh, so the instrumentation never
     touches the main measurements. Its first requests are reported too (a fresh node's)."""
-    scratch = Scratch("timeline", keep_logs=keep_logs)
+    scratch = Scratch("timeline", keep_logs=keep_logs, secure=secure)
     nl = Netlink()
     stamps: list[tuple[str, float, float]] = []
     try:
@@ -331,13 +361,14 @@ async def _timeline(count: int, failures: Failures, keep_logs: bool) -> dict[str
         env = {"NSM_BENCH_TIMELINE_DIR": str(events_dir),
                "PYTHONPATH": f"{site}:{path}" if path else str(site)}
         namespaces = scratch.netns_many("t", count)
-        mesh = await _start_mesh(scratch, env)
-        first = await _first_requests(mesh, nl, WARMUP, failures, "timeline")
+        mesh = await start_mesh(scratch, env)
+        first = await first_requests(mesh, nl, WARMUP, failures, "timeline")
+        await start_identities(scratch.pod_identity, namespaces)
         clients = []
         try:
             for i, ns in enumerate(namespaces):
                 client = Client(heal=None, manager_url=mesh.manager_url, service=SERVICE, netns=ns,
-                                ifname=IFNAME, name=f"bench-tl-{i}")
+                                ifname=IFNAME, name=f"bench-tl-{i}", security=scratch.pod_identity(ns))
                 clients.append(client)
                 t0 = time.perf_counter()
                 try:
@@ -388,9 +419,10 @@ async def run(options: Options) -> dict[str, Any]:
     with_floor, with_breakdown, with_timeline = (options.flag(k) for k in ("floor", "breakdown",
                                                                             "timeline"))
     fresh = int(options.extra.get("fresh") or (QUICK_FRESH if options.quick else DEFAULT_FRESH))
+    secure = options.flag("secure")
     failures, result, started = begin(NAME, "network namespaces, veth", n=n,
-                                      concurrency=concurrency)
-    scratch = Scratch("local", keep_logs=options.keep_logs)
+                                      concurrency=concurrency, secure=secure)
+    scratch = Scratch("local", keep_logs=options.keep_logs, secure=secure)
     nl = Netlink()
     with failures.recording(result, started):
         try:
@@ -399,14 +431,16 @@ async def run(options: Options) -> dict[str, Any]:
             conc_ns = scratch.netns_many("c", n)
             say(f"local_setup: {2 * n} client namespaces in {time.perf_counter() - t0:.1f} s; "
                 "starting registry, manager, forwarder, nse")
-            mesh = await _start_mesh(scratch)
+            mesh = await start_mesh(scratch)
             result["pids"] = mesh.pids
             result["warmup_ms"] = [round(v, 2) for v in
-                                   await _first_requests(mesh, nl, WARMUP, failures, "main")]
+                                   await first_requests(mesh, nl, WARMUP, failures, "main")]
             say(f"  first requests of the mesh (ms): {result['warmup_ms']}")
 
+            await start_identities(scratch.pod_identity, seq_ns + conc_ns)
             say(f"  ours: {n} connections, one at a time")
-            result["sequential"] = await phase(nl, new_clients(mesh.manager_url, SERVICE, seq_ns, "seq"),
+            result["sequential"] = await phase(nl, new_clients(mesh.manager_url, SERVICE, seq_ns, "seq",
+                                                               scratch.pod_identity),
                                                seq_ns, 1, failures, "seq", mesh.pids)
             await settle(options.settle)
             if with_floor:
@@ -414,7 +448,8 @@ async def run(options: Options) -> dict[str, Any]:
                 result["floor_sequential"] = await measure_floor(n, 1)
                 await settle(options.settle)
             say(f"  ours: {n} connections, {concurrency} at a time")
-            result["concurrent"] = await phase(nl, new_clients(mesh.manager_url, SERVICE, conc_ns, "conc"),
+            result["concurrent"] = await phase(nl, new_clients(mesh.manager_url, SERVICE, conc_ns, "conc",
+                                                               scratch.pod_identity),
                                                conc_ns, concurrency, failures, "conc", mesh.pids)
             await settle(options.settle)
             if with_floor:
@@ -429,12 +464,12 @@ async def run(options: Options) -> dict[str, Any]:
             result["daemon_log_problems"] = scratch.log_problems()
             await scratch.aclose()
             say(f"  {fresh} freshly started single nodes, the first Request of each")
-            result["fresh_nodes_first_ms"] = [round(await _fresh_node(k, failures, options.keep_logs), 2)
-                                              for k in range(fresh)]
+            result["fresh_nodes_first_ms"] = [
+                round(await _fresh_node(k, failures, options.keep_logs, secure), 2) for k in range(fresh)]
             if with_timeline:
                 count = min(n, BREAKDOWN_N)
                 say(f"  timeline: {count} sequential requests, daemons timestamping each hop")
-                result["timeline"] = await _timeline(count, failures, options.keep_logs)
+                result["timeline"] = await _timeline(count, failures, options.keep_logs, secure)
         finally:
             await nl.close()
             await scratch.aclose()

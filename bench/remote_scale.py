@@ -55,6 +55,7 @@ from bench.common import (
     phase,
     say,
     size_options,
+    start_identities,
     summarize,
     summary,
     warm_one,
@@ -99,7 +100,7 @@ def _client(lab: Lab, pod: str, name: str) -> Client:
     p = lab.pod(pod)
     service = ENDPOINTS[OTHER[p.node]][1]
     return Client(heal=None, manager_url=lab.node(p.node).manager_url, service=service, netns=p.netns,
-                  ifname=IFNAME, name=name)
+                  ifname=IFNAME, name=name, security=lab.pod_identity(p.netns))
 
 
 async def warmup(lab: Lab, nl: Netlink, failures: Failures) -> list[float]:
@@ -121,7 +122,7 @@ async def monitored(lab: Lab) -> dict[str, int]:
     """How many connections each manager's MonitorConnections reports right now."""
     out: dict[str, int] = {}
     for name, node in lab.nodes.items():
-        channel = dial(node.manager_url)
+        channel = dial(node.manager_url, lab.security)
         try:
             stream = MonitorConnectionStub(channel).MonitorConnections(MonitorScopeSelector(),
                                                                        timeout=10)
@@ -192,6 +193,7 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
                     say(f"  [{tag}] closing {n}, {concurrency} at a time")
 
                 say(f"  [{tag}] {n} cross-node connections (half each way), {concurrency} at a time")
+                await start_identities(lab.pod_identity, namespaces)
                 out = await phase(nl, lambda i: _client(lab, pods[i], f"scale-nsc-{tag}-{i}"),
                                   namespaces, concurrency, failures, tag, pids, mtu=TUNNEL_MTU,
                                   at_peak=at_peak)

@@ -55,6 +55,7 @@ from bench.common import (
     setup_ratios,
     setup_table,
     size_options,
+    start_identities,
     summary,
     warm_one,
 )
@@ -85,7 +86,7 @@ async def warmup(lab: BenchLab, nl: Netlink, pods: Sequence[str], service: str,
 
         def make(i: int = i, ns: str = ns) -> Client:
             return Client(heal=None, manager_url=node1.manager_url, service=service, netns=ns,
-                          ifname=IFNAME, name=f"bench-warm-{i}")
+                          ifname=IFNAME, name=f"bench-warm-{i}", security=lab.pod_identity(ns))
 
         out.append(await warm_one(make, nl, ns, failures, f"warm-up request {i}", mtu=TUNNEL_MTU))
     return out
@@ -120,19 +121,20 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
             say(f"  ours: {n} remote connections, one at a time")
             manager_url, pids = lab.node("node1").manager_url, lab.pids()
             seq_ns = [lab.pod(f"s{i}").netns for i in range(n)]
+            conc_ns = [lab.pod(f"c{i}").netns for i in range(n)]
+            await start_identities(lab.pod_identity, seq_ns + conc_ns)
             result["sequential"] = await phase(
-                nl, new_clients(manager_url, SERVICE, seq_ns, "seq"), seq_ns, 1, failures, "seq",
-                pids, mtu=TUNNEL_MTU)
+                nl, new_clients(manager_url, SERVICE, seq_ns, "seq", lab.pod_identity), seq_ns, 1,
+                failures, "seq", pids, mtu=TUNNEL_MTU)
             await asyncio.sleep(settle)
             if floor:
                 say(f"  floor: {n} remote connections, one at a time")
                 result["floor_sequential"] = await measure_remote_floor(n, 1)
                 await asyncio.sleep(settle)
             say(f"  ours: {n} remote connections, {concurrency} at a time")
-            conc_ns = [lab.pod(f"c{i}").netns for i in range(n)]
             result["concurrent"] = await phase(
-                nl, new_clients(manager_url, SERVICE, conc_ns, "conc"), conc_ns, concurrency,
-                failures, "conc", pids, mtu=TUNNEL_MTU)
+                nl, new_clients(manager_url, SERVICE, conc_ns, "conc", lab.pod_identity), conc_ns,
+                concurrency, failures, "conc", pids, mtu=TUNNEL_MTU)
             await asyncio.sleep(settle)
             if floor:
                 say(f"  floor: {n} remote connections, {concurrency} at a time")

@@ -27,13 +27,14 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from bench import chaos, cni, heal, local_setup, remote_scale, remote_setup, throughput
+from bench import chaos, cni, heal, local_setup, remote_scale, remote_setup, security, throughput
 from bench.common import Bench, Options, emit_json, machine, say, sigterm_cancels, spread, spread_table
 
 #: Every benchmark, in the order they run.
 BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH, remote_setup.BENCH,
                                                   throughput.BENCH, remote_scale.BENCH,
-                                                  cni.BENCH, heal.BENCH, chaos.BENCH)}
+                                                  cni.BENCH, security.BENCH, heal.BENCH,
+                                                  chaos.BENCH)}
 #: Long runs (10-15 min each), only with ``--only``: heal time per fault, the chaos soak.
 ON_REQUEST = ("heal", "chaos")
 

@@ -230,7 +230,7 @@ async def ours(lab: Lab, failures: Failures) -> tuple[list[Client], Link, Link]:
         deadline = time.monotonic() + 20.0
         while True:  # the first waits until the NSE's registration reached node1's manager
             client = Client(heal=None, manager_url=node1.manager_url, service=service, netns=ns,
-                            ifname=IFNAME, name=f"bench-{pod}")
+                            ifname=IFNAME, name=f"bench-{pod}", security=lab.pod_identity(ns))
             try:
                 conn = await client.request()
                 break

@@ -561,6 +561,16 @@ class Channels:
         InvalidArgument when insecure."""
         if not self._security.enabled:
             raise InvalidArgument("an insecure channel has no identity to prove")
+        return await asyncio.shield(self._proof(url, again=again))
+
+    def prove_soon(self, url: str) -> None:
+        """Have the server at ``url`` prove who it is now, in the background (the channel
+        connects meanwhile), so that a :meth:`peer` soon after finds it done or under way; a
+        failure is :meth:`peer`'s to report. Nothing when insecure."""
+        if self._security.enabled:
+            self._proof(url)
+
+    def _proof(self, url: str, *, again: bool = False) -> asyncio.Future[tuple[SpiffeId, Any]]:
         channel = self.get(url)
         held = self._peers.get(url)
         if again and held is not None and held[1].done():
@@ -569,7 +579,7 @@ class Channels:
             future = asyncio.ensure_future(prove.prove(channel, self._security))
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             held = self._peers[url] = (channel, future)
-        return await asyncio.shield(held[1])
+        return held[1]
 
     def preconnect(self, url: str) -> None:
         """Connect to ``url`` now and make one health check over the channel, in the background

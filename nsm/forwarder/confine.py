@@ -15,7 +15,13 @@ anything in it:
    must have a proof listener inside that namespace, answering with a valid SVID of that ID and
    a signature over a fresh nonce. Only the first Request of a connection, and a Request whose
    namespace changed, is proven; refreshes with the same namespace skip it. The client's proof
-   runs while the endpoint is asked (a refusal then closes what the endpoint did).
+   runs while the endpoint is asked (a refusal then closes what the endpoint did). So does the
+   endpoint's, when the endpoint answered the last connection with a namespace and identity
+   (:class:`_Guess`): that namespace is opened, checked and proven while the endpoint is asked;
+   the proof counts only if the answer names the same namespace (its checked file has the same
+   identity while both are open, so it is the same namespace) for the same identity; otherwise
+   the answer's namespace is proven as usual. Either way the proof is made during the Request
+   it is for, on a namespace checked during it.
 
 A refusal is PERMISSION_DENIED with the reason (a missing namespace stays NOT_FOUND), logged.
 With ``--insecure`` there are no identities: only the structural checks apply.
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
-from nsm.errors import PermissionDenied
+from nsm.errors import NsmError, PermissionDenied
 from nsm.forwarder.mechanism import PAIR, UPSTREAM, close_downstream
 from nsm.kernel.netns import CheckedNetns, NetnsId, NodeNetns
 from nsm.mechanisms import KERNEL, LOCAL, NETNS_INODE_URL, netns_path
@@ -45,6 +51,9 @@ class Proven:
     ident: NetnsId
     owner: str | None
 
+
+#: Endpoints remembered for the speculative proof of their namespace (the last answer of each).
+GUESSES = 256
 
 _CLIENT: Key[Proven] = Key("confine.client")
 _ENDPOINT: Key[Proven] = Key("confine.endpoint")
@@ -70,6 +79,8 @@ class Confine:
         self.node = node
         self.nodens = nodens or NodeNetns()
         self.proof = NetnsProof(security, timeout=timeout)
+        #: Endpoint name -> (namespace path, owner) of its last proven answer.
+        self.guesses: dict[str, tuple[str, str]] = {}
         self.before = _Before(self)
         self.after = _After(self)
 
@@ -144,6 +155,36 @@ class _Before(Element):
             await asyncio.gather(pending, return_exceptions=True)
 
 
+@dataclass
+class _Guess:
+    """A speculative proof of an endpoint's namespace: the namespace it named last time, opened
+    and checked (kept open until :meth:`end`, so that its identity stays its own), and the proof
+    under way."""
+
+    ns: CheckedNetns
+    owner: str
+    task: asyncio.Future[SpiffeId]
+
+    def matches(self, ns: CheckedNetns, owner: SpiffeId) -> bool:
+        """Whether the answer's checked namespace is this one (both open now) for the same owner."""
+        return ns.ident == self.ns.ident and str(owner) == self.owner
+
+    async def proven(self) -> bool:
+        """Whether the proof succeeded (a refusal is not reported here: the answer's namespace is
+        then proven as usual, with the usual refusal)."""
+        try:
+            await asyncio.shield(self.task)
+        except NsmError:
+            return False
+        return True
+
+    async def end(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.ns.close()
+
+
 class _After(Element):
     def __init__(self, confine: Confine) -> None:
         self.confine = confine
@@ -155,26 +196,46 @@ class _After(Element):
         if pending is None and not to_endpoint:
             return await next(ctx, request)
         first = ctx.meta.get(_CLIENT) is None and ctx.meta.get(_ENDPOINT) is None
+        guess = self._guess(request) if to_endpoint and ctx.meta.get(_ENDPOINT) is None else None
         try:
-            conn = await next(ctx, request)
-        except BaseException:
-            if pending is not None:
-                pending.cancel()
-            raise
-        try:
-            client = await pending if pending is not None else None
-            endpoint = await self._endpoint(ctx, conn) if to_endpoint else None
-        except BaseException as exc:
-            if first:
-                await close_downstream(self, ctx, conn, exc, "namespace refused")
-            raise
+            try:
+                conn = await next(ctx, request)
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                raise
+            try:
+                client = await pending if pending is not None else None
+                endpoint = await self._endpoint(ctx, conn, guess) if to_endpoint else None
+            except BaseException as exc:
+                if first:
+                    await close_downstream(self, ctx, conn, exc, "namespace refused")
+                raise
+        finally:
+            if guess is not None:
+                await guess.end()
         if client is not None:
             ctx.meta.set(_CLIENT, client)
         if endpoint is not None:
             ctx.meta.set(_ENDPOINT, endpoint)
         return conn
 
-    async def _endpoint(self, ctx: Ctx, conn: Connection) -> Proven | None:
+    def _guess(self, request: NetworkServiceRequest) -> _Guess | None:
+        """The speculative proof of the namespace the endpoint answered last time (module
+        docstring), started; None when there is nothing to guess or it cannot be checked."""
+        c = self.confine
+        known = c.guesses.get(request.connection.network_service_endpoint_name)
+        if known is None or not c.security.enabled:
+            return None
+        path, owner = known
+        try:
+            ns = c.nodens.open(path)
+        except NsmError:
+            return None
+        return _Guess(ns, owner, asyncio.ensure_future(
+            c.proof.prove(ns.fd, owner, where=f"the endpoint's network namespace {path}")))
+
+    async def _endpoint(self, ctx: Ctx, conn: Connection, guess: _Guess | None) -> Proven | None:
         path = _kernel_netns(conn.mechanism)
         if path is None:
             return None  # not a KERNEL answer: the datapath element refuses it
@@ -182,7 +243,17 @@ class _After(Element):
         ns = c.open(ctx, path)
         segments = conn.path.path_segments
         owner = claimed_id(segments[-1]) if segments else None
-        return await c.prove(ctx, ns, owner, "endpoint", _ENDPOINT)
+        if guess is not None and owner is not None and guess.matches(ns, owner) and await guess.proven():
+            ns.close()
+            ctx.log.debug("namespace proven", side="endpoint", netns=ns.path, owner=str(owner))
+            proven: Proven | None = Proven(ns.ident, str(owner))
+        else:
+            proven = await c.prove(ctx, ns, owner, "endpoint", _ENDPOINT)
+        if proven is not None and proven.owner is not None:
+            if len(c.guesses) >= GUESSES:
+                c.guesses.clear()
+            c.guesses[conn.network_service_endpoint_name] = (path, proven.owner)
+        return proven
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         await next(ctx, conn)

@@ -28,7 +28,7 @@ from nsm.security.svid import Svid, spiffe_id_of
 
 log = get_logger("nsm.security")
 
-#: How many peer certificates' IDs are remembered (parsing one costs ~50 µs).
+#: How many peer certificates (parsed, with their IDs) are remembered (parsing one costs ~50 µs).
 PEER_CACHE = 1024
 
 
@@ -42,7 +42,7 @@ class Security:
         self.server_name = server_name or trust_domain
         self._generation = 0
         self._lock = threading.Lock()
-        self._peers: dict[bytes, SpiffeId] = {}
+        self._peers: dict[bytes, tuple[SpiffeId, x509.Certificate]] = {}
         self._rotations: list[Callable[[Svid], None]] = []
         self._started = False
         self._starting: asyncio.Future[None] | None = None
@@ -163,13 +163,7 @@ class Security:
         pems = auth.get("x509_pem_cert") or []
         if not pems:
             raise Unauthenticated("the caller presented no certificate")
-        pem = pems[0]
-        sid = self._peers.get(pem)
-        if sid is None:
-            sid = spiffe_id_of(x509.load_pem_x509_certificate(pem))
-            if len(self._peers) >= PEER_CACHE:
-                self._peers.clear()
-            self._peers[pem] = sid
+        sid = self._peer(pems[0])[0]
         if sid.trust_domain != self.trust_domain:
             raise Unauthenticated(f"{sid} is not of trust domain {self.trust_domain}")
         return sid
@@ -179,4 +173,15 @@ class Security:
         if self.source is None:
             return None
         pems = (context.auth_context() or {}).get("x509_pem_cert") or []
-        return x509.load_pem_x509_certificate(pems[0]) if pems else None
+        return self._peer(pems[0])[1] if pems else None
+
+    def _peer(self, pem: bytes) -> tuple[SpiffeId, x509.Certificate]:
+        """A peer's leaf certificate (PEM, as the handshake checked it), parsed once."""
+        held = self._peers.get(pem)
+        if held is None:
+            cert = x509.load_pem_x509_certificate(pem)
+            held = (spiffe_id_of(cert), cert)
+            if len(self._peers) >= PEER_CACHE:
+                self._peers.clear()
+            self._peers[pem] = held
+        return held

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _namespaces(pid: int) -> list[str]:
-    return [n for n in nsns.list_netns() if n.startswith(f"nsmb{pid}-")]
+    return [n for n in nsns.list_netns() if n.startswith((f"nsmb{pid}-", f"nsmb{pid}_"))]
 
 
 def _run(*args: str, timeout: float = 150) -> tuple[dict, str]:
@@ -83,3 +83,26 @@ def test_cni_smoke() -> None:
             assert result[phase][figure]["n"] == result[phase]["pods"], (phase, figure)
     assert [b["name"] for b in result["bars"]] == ["nsm-cni overhead p50 / bridge ADD p50 (sequential)"]
     assert "bar cni: nsm-cni overhead p50 / bridge ADD p50 (sequential) <= 1" in err
+
+
+@pytest.mark.timeout(180)
+def test_security_smoke() -> None:
+    """Secure and --insecure meshes side by side, interleaved: both sides measured, the ratio
+    and the bar computed, nothing left behind (namespaces, the labs' links)."""
+    doc, err = _run("--only", "security", "--n", "3")
+    (result,) = doc["results"]["security"]
+    assert result["failures"] == 0, result["failure_examples"]
+    for key in ("local", "remote"):
+        part = result[key]
+        assert part["n"] == 3
+        for side in ("secure", "insecure"):
+            assert part[side]["request_ms"]["n"] == 3 and part[side]["close_ms"]["n"] == 3, (key, side)
+            assert part[side]["request_ms"]["p50"] <= part[side]["request_ms"]["p90"] <= \
+                part[side]["request_ms"]["max"]
+        assert part["ratio"]["request p50"] == round(
+            part["secure"]["request_ms"]["p50"] / part["insecure"]["request_ms"]["p50"], 2)
+    assert all(v == 0 for side in ("secure", "insecure")
+               for node in result["remote"][side]["leftovers"].values() for v in node.values())
+    assert [b["name"] for b in result["bars"]] == ["local request p50 secure / insecure"]
+    assert "bar security: local request p50 secure / insecure <= 1.25" in err
+    assert "local   ratio" in err and "remote  ratio" in err

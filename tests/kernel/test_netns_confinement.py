@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -29,7 +30,7 @@ from nsm.kernel.netns import NodeNetns, entered_netns
 from nsm.lab.harness import NetnsGroup
 from nsm.mechanisms import KERNEL, kernel, netns_url
 from nsm.security.ca import CertificateAuthority
-from nsm.security.ids import node_id, parse_id, workload_id
+from nsm.security.ids import SpiffeId, node_id, parse_id, workload_id
 from nsm.security.netns import NetnsProof, claimed_id, proof_address
 from nsm.security.sources import CaSource
 from nsm.security.svid import Svid
@@ -394,6 +395,18 @@ class FakeEndpoint(Element):
         self.closes += 1
 
 
+class SlowEndpoint(FakeEndpoint):
+    """A FakeEndpoint that takes a while to answer, as a real one across gRPC does."""
+
+    answers = 0
+
+    async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
+        conn = await super().request(ctx, request, next)
+        await asyncio.sleep(0.05)
+        self.answers += 1
+        return conn
+
+
 def forwarder_chain(fwd: Security, nse_ns: str, nse_token: str,
                     nodens: NodeNetns | None = None) -> tuple[Chain, Datapath, FakeEndpoint]:
     confine = Confine(fwd, node="node1", nodens=nodens)
@@ -463,6 +476,52 @@ async def test_confine_refuses_an_endpoint_answering_another_namespace(identitie
                 await chain.request(client_request(client_ns, token_for(alice.svid)),
                                     chain.context(peer=parse_id(MANAGER)))
         assert datapath.built == [] and endpoint.closes == 1, answer
+
+
+async def test_confine_proves_the_endpoints_last_namespace_while_it_is_asked(identities,
+                                                                             pods: NetnsGroup) -> None:
+    """After a first answer, the endpoint's namespace is proven while the endpoint is asked
+    (speculatively); the proof counts only for the same namespace and identity: an answer
+    naming another namespace, or a namespace whose listener left, is refused as before."""
+    alice, nse, fwd = (await identities(ALICE), await identities(workload_id(TD, "nse")),
+                       await identities(FORWARDER))
+    client_ns, nse_ns, other = pods("alice"), pods("nse"), pods("other")
+    confine = Confine(fwd, node="node1")
+    datapath, endpoint = Datapath(), SlowEndpoint(nse_ns, token_for(nse.svid))
+    chain = Chain([Stub(), confine.before, datapath, confine.after, endpoint])
+    proofs: list[tuple[str, int]] = []  # (claimed ID, the endpoint's answers when the proof began)
+    prove = confine.proof.prove
+
+    async def counted(fd: int, claimed: SpiffeId | str, **kwargs: Any) -> SpiffeId:
+        proofs.append((str(claimed), endpoint.answers))
+        return await prove(fd, claimed, **kwargs)
+
+    confine.proof.prove = counted  # type: ignore[method-assign]
+    mine = workload_id(TD, "nse")
+
+    async def request(conn_id: str) -> None:
+        ctx = chain.context(peer=parse_id(MANAGER))
+        ctx.conn_id = conn_id
+        r = client_request(client_ns, token_for(alice.svid))
+        r.connection.id = conn_id
+        await chain.request(r, ctx)
+
+    async with NetnsProof.listen(alice, client_ns):
+        async with NetnsProof.listen(nse, nse_ns):
+            await request("c1")  # the first: proven after the answer
+            assert [n for sid, n in proofs if sid == mine] == [1]
+            await request("c2")  # then while the endpoint is asked, before it answers
+            assert [n for sid, n in proofs if sid == mine] == [1, 1]
+            assert datapath.built == [netns_url(nse_ns)] * 2
+        # The endpoint's listener left: the guess fails, the answer is proven anew and refused.
+        with pytest.raises(PermissionDenied, match=f"{nse_ns}.*no proof listener"):
+            await request("c3")
+        async with NetnsProof.listen(nse, nse_ns):
+            # The endpoint answers another namespace: the guess does not count for it.
+            endpoint.netns = other
+            with pytest.raises(PermissionDenied, match=f"{other}.*no proof listener"):
+                await request("c4")
+    assert datapath.built == [netns_url(nse_ns)] * 2 and endpoint.closes == 2
 
 
 async def test_confine_insecure_checks_structure_only(pods: NetnsGroup) -> None:

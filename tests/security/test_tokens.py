@@ -159,3 +159,32 @@ def test_policy_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert policies_from_args(parser.parse_args(["--policy-tokens-chained"])).tokens_chained
     with pytest.raises(SystemExit):
         parser.parse_args(["--observers", "not-an-id"])
+
+
+def test_tokens_interoperate_with_pyjwt(svids) -> None:  # type: ignore[no-untyped-def]
+    """Minted and verified with cryptography directly: PyJWT reads ours, we read PyJWT's."""
+    nsc = svids[NSC]
+    ours = mint(nsc, (MGR1, FWD1), expires=time.time() + 30)
+    decoded = jwt.decode(ours.text, nsc.chain[0].public_key(), algorithms=["ES256"],
+                         options={"verify_aud": False})
+    assert decoded["sub"] == NSC and decoded["aud"] == [MGR1, FWD1] and decoded["exp"] == ours.expires
+    theirs = jwt.encode({"sub": NSC, "aud": [MGR1], "exp": 2**31, "iat": 1}, nsc.key, algorithm="ES256")
+    assert verify(theirs, nsc.chain[0]) == claims_of(theirs)
+
+
+def test_tampered_tokens_do_not_verify(svids) -> None:  # type: ignore[no-untyped-def]
+    nsc = svids[NSC]
+    header, payload, signature = mint(nsc, MGR1, expires=time.time() + 30).text.split(".")
+    other = mint(nsc, EVIL, expires=time.time() + 30).text.split(".")[1]
+    p384 = ec.generate_private_key(ec.SECP384R1()).public_key()
+    b64_header = jwt.encode({"sub": NSC, "aud": [MGR1], "exp": 2**31}, nsc.key, algorithm="ES256",
+                            headers={"crit": ["x"], "x": 1})
+    for bad in (f"{header}.{other}.{signature}",  # another payload under the same signature
+                f"{header}.{payload}.{signature[:-4]}",  # a signature too short
+                f"{header}.{payload}.{signature}AAAA",  # too long
+                f"{header}.{payload}.{signature[:-2]}!!",  # not base64url
+                b64_header):
+        with pytest.raises(PermissionDenied):
+            verify(bad, nsc.chain[0])
+    with pytest.raises(PermissionDenied, match="P-256"):
+        verify(f"{header}.{payload}.{signature}", p384)
