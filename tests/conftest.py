@@ -18,8 +18,10 @@ daemons' logs to the report (:func:`nsm.lab.harness.failure_logs`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -29,6 +31,7 @@ import pytest
 
 from nsm.api.connection_pb2 import MonitorScopeSelector, PathSegment
 from nsm.lab import harness
+from nsm.security.options import DEFAULT_CA_DIR
 
 #: ``nsmt-<worker>-<random>``: short (it goes into unix socket paths, 107 bytes at most).
 RUN_PREFIX = f"nsmt-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{secrets.token_hex(3)}"
@@ -55,7 +58,15 @@ def _nothing_left_behind() -> Iterator[None]:
     """Session end: fail hard if a namespace or process of this run's prefixes remains, or a
     link of the mesh's kinds appeared in the root namespace."""
     links = harness.root_links()
+    ca_before = os.path.exists(DEFAULT_CA_DIR)
     yield
+    if not ca_before and os.path.exists(DEFAULT_CA_DIR):
+        # A command ran with the machine's default built-in CA: tests use the lab's CA (its
+        # NSM_CA_DIR), a CA of their own, or --insecure, and leave the machine as it was.
+        shutil.rmtree(DEFAULT_CA_DIR, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(DEFAULT_CA_DIR))  # only when empty
+        pytest.fail(f"the test run created {DEFAULT_CA_DIR} (now removed)", pytrace=False)
     deadline = time.monotonic() + 3.0  # let processes being stopped finish exiting
     while True:
         found = harness.find_leftovers((RUN_PREFIX, LAB_PREFIX), links_before=links)
