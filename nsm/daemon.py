@@ -59,6 +59,14 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+async def serve_role(role: Any, security: Any) -> int:
+    """A serving role (manager, forwarder) with its identity until SIGTERM/SIGINT: the identity
+    is started first and closed last; SIGUSR1 logs the role's status. Exit status 0."""
+    async with security:
+        await serve_until_signal(role.start, role.stop, status=role.status)
+    return 0
+
+
 async def serve_until_signal(start: Callable[[], Awaitable[Any]],
                              stop: Callable[[], Awaitable[Any]], *,
                              status: Status | None = None) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from nsm import log as nsmlog
-from nsm.config import duration, flag
-from nsm.daemon import serve_until_signal
+from nsm.config import duration, flag, run_command
+from nsm.daemon import serve_role
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.forwarder.forwarder import Forwarder
 from nsm.forwarder.vxlan import DEFAULT_ADOPT_GRACE
@@ -50,15 +49,11 @@ async def run(args: argparse.Namespace) -> int:
                     request_timeout=args.request_timeout, expiry=args.expiry,
                     tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace, security=security,
                     policies=policies_from_args(args))
-    async with security:
-        await serve_until_signal(fwd.start, fwd.stop, status=fwd.status)
-    return 0
+    return await serve_role(fwd, security)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nsm forwarder", description=__doc__)
-    add_arguments(parser)
-    return asyncio.run(run(parser.parse_args(argv)))
+    return run_command("nsm forwarder", __doc__ or "", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

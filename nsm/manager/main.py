@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from nsm import log as nsmlog
-from nsm.config import duration, flag
-from nsm.daemon import serve_until_signal
+from nsm.config import duration, flag, run_command
+from nsm.daemon import serve_role
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.manager.manager import Manager
 from nsm.names import check_name
@@ -41,15 +40,11 @@ async def run(args: argparse.Namespace) -> int:
                   advertise=args.advertise, lifetime=args.lifetime,
                   request_timeout=args.request_timeout, security=security,
                   policies=policies_from_args(args))
-    async with security:
-        await serve_until_signal(mgr.start, mgr.stop, status=mgr.status)
-    return 0
+    return await serve_role(mgr, security)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nsm manager", description=__doc__)
-    add_arguments(parser)
-    return asyncio.run(run(parser.parse_args(argv)))
+    return run_command("nsm manager", __doc__ or "", add_arguments, run, argv)
 
 
 if __name__ == "__main__":
