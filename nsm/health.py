@@ -58,7 +58,7 @@ async def run(args: argparse.Namespace) -> int:
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
     try:
-        security = security_from_args(args, f"spiffe://{args.trust_domain}/nsm/health")
+        security = security_from_args(args, f"spiffe://{args.trust_domain}/nsm/health", create_ca=False)
         await security.start()
     except NsmError as exc:
         return fail(PROG, f"no identity: {exc.message}", EXIT_FAILED)

@@ -69,11 +69,15 @@ class CertificateAuthority:
         return cls(key, cert, trust_domain)
 
     @classmethod
-    def open(cls, directory: str | Path, trust_domain: str) -> CertificateAuthority:
-        """The authority kept in ``directory``, created there (mode 0700) when absent. Two
-        processes creating it at once agree on one (the files are linked into place)."""
+    def open(cls, directory: str | Path, trust_domain: str, *, create: bool = True) -> CertificateAuthority:
+        """The authority kept in ``directory``, created there (mode 0700) when absent (unless
+        not ``create``: FailedPrecondition then). Two processes creating it at once agree on
+        one (the files are linked into place)."""
         path = Path(directory)
         cert_path, key_path = path / CA_CERT, path / CA_KEY
+        if not cert_path.exists() and not create:
+            raise FailedPrecondition(f"no built-in CA in {path} (make one with `nsm ca-init`, or give "
+                                     "--svid-dir, --spiffe-socket or --insecure)")
         if not cert_path.exists():
             try:
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)

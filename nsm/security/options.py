@@ -42,7 +42,7 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
          help="DNS name every SVID carries and every dial checks (default: the trust domain)")
 
 
-def security_from_args(args: argparse.Namespace, default_id: str) -> Security:
+def security_from_args(args: argparse.Namespace, default_id: str, *, create_ca: bool = True) -> Security:
     """The :class:`Security` of a command's parsed flags; ``default_id`` is the SPIFFE ID the
     built-in CA issues when ``--spiffe-id`` is not given."""
     if args.insecure:
@@ -59,7 +59,7 @@ def security_from_args(args: argparse.Namespace, default_id: str) -> Security:
         if parse_id(spiffe_id).trust_domain != trust_domain:
             raise InvalidArgument(f"--spiffe-id {spiffe_id} is not of trust domain {trust_domain}")
         source = CaSource(args.ca_dir, spiffe_id, trust_domain=trust_domain, ttl=args.svid_ttl,
-                          dns_names=(server_name,))
+                          dns_names=(server_name,), create=create_ca)
     return Security(source, trust_domain=trust_domain, server_name=server_name)
 
 

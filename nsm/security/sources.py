@@ -96,7 +96,7 @@ class CaSource(_Renewing):
     half its life is gone."""
 
     def __init__(self, ca: CertificateAuthority | str | Path, spiffe_id: str, *, trust_domain: str,
-                 ttl: float = DEFAULT_SVID_TTL, dns_names: tuple[str, ...] = ()) -> None:
+                 ttl: float = DEFAULT_SVID_TTL, dns_names: tuple[str, ...] = (), create: bool = True) -> None:
         super().__init__()
         self._ca_arg = ca
         self.trust_domain = trust_domain
@@ -104,6 +104,8 @@ class CaSource(_Renewing):
         self.ttl = ttl
         self.dns_names = dns_names
         self.ca: CertificateAuthority | None = ca if isinstance(ca, CertificateAuthority) else None
+        #: Whether a missing CA directory is made (a daemon), or refused (a probe).
+        self.create = create
 
     def _issue(self) -> Svid:
         assert self.ca is not None
@@ -112,7 +114,8 @@ class CaSource(_Renewing):
     async def start(self) -> None:
         if self.ca is None:
             assert not isinstance(self._ca_arg, CertificateAuthority)
-            self.ca = await asyncio.to_thread(CertificateAuthority.open, self._ca_arg, self.trust_domain)
+            self.ca = await asyncio.to_thread(CertificateAuthority.open, self._ca_arg, self.trust_domain,
+                                              create=self.create)
         self._set(self._issue())
         self._run(self._renew(), f"svid-renew:{self.spiffe_id}")
 

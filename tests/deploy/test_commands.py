@@ -49,9 +49,13 @@ async def test_health_serving_and_the_default_url(serving: str) -> None:
 
 
 def test_health_failures(tmp_path: Path) -> None:
-    run = nsm("health", "--url", f"unix://{tmp_path}/none.sock", "--timeout", "1s")
-    assert run.returncode == 1 and run.stderr.startswith("nsm health: unix://"), run
+    run = nsm("health", "--url", f"unix://{tmp_path}/none.sock", "--timeout", "1s", "--insecure")
+    assert run.returncode == 1 and "nsm health: unix://" in run.stderr, run
     assert "UNAVAILABLE" in run.stderr
+    # A probe never makes a CA of its own (the daemon would not trust it anyway).
+    run = nsm("health", "--url", f"unix://{tmp_path}/none.sock", "--ca-dir", f"{tmp_path}/noca")
+    assert run.returncode == 1 and "no built-in CA in" in run.stderr, run
+    assert not (tmp_path / "noca").exists()
     run = nsm("health")
     assert run.returncode == 2 and "NSM_LISTEN" in run.stderr
     run = nsm("health", "--url", "http://x")
