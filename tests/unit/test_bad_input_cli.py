@@ -36,7 +36,18 @@ async def nsm(*args: str, env: Mapping[str, str] | None = None,
     ``timeout`` (a daemon that started: killed)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NSM_")}
     environ["PYTHONPATH"] = str(ROOT)
+    # A daemon that gets as far as its identity makes the built-in CA: one of its own here,
+    # not the machine's /run/nsm/ca.
+    ca_dir = tempfile.mkdtemp(prefix="nsm-cli-ca-")
+    environ["NSM_CA_DIR"] = f"{ca_dir}/ca"
     environ.update(env or {})
+    try:
+        return await _run(args, environ, timeout)
+    finally:
+        shutil.rmtree(ca_dir, ignore_errors=True)
+
+
+async def _run(args: tuple[str, ...], environ: dict[str, str], timeout: float) -> tuple[int | None, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "nsm.cli", *args, cwd=ROOT, env=environ,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
