@@ -317,7 +317,7 @@ class Server:
                     bind = Url("unix", path=private)
             try:
                 if self.security.enabled:
-                    port = self.grpc.add_secure_port(bind.target(), self.security.server_credentials())
+                    port = self.grpc.add_secure_port(bind.target(), server_credentials(self.security))
                 else:
                     port = self.grpc.add_insecure_port(bind.target())
             except RuntimeError as exc:
@@ -359,6 +359,38 @@ def channel_options(url: Url) -> tuple[tuple[str, int], ...]:
     return tuple((k, local.get(k, v)) for k, v in CHANNEL_OPTIONS)
 
 
+def server_credentials(security: Security) -> grpc.ServerCredentials:
+    """Credentials that present the current SVID to every new connection (a rotation applies to
+    the next handshake; live connections are not dropped) and require a client certificate
+    chaining to the trust bundle. One per listener: each moves to a new SVID on its own next
+    handshake."""
+
+    def config() -> Any:
+        svid = security.svid
+        return grpc.ssl_server_certificate_configuration([(svid.key_pem, svid.chain_pem)],
+                                                         root_certificates=svid.bundle_pem)
+
+    served = [security.generation]
+
+    def fetch() -> Any:  # called by grpc core on each handshake, in its own thread
+        generation = security.generation
+        if served[0] == generation:
+            return None
+        served[0] = generation
+        return config()
+
+    return grpc.dynamic_ssl_server_credentials(config(), fetch, require_client_authentication=True)
+
+
+def channel_credentials(security: Security) -> tuple[grpc.ChannelCredentials, tuple[tuple[str, str], ...]]:
+    """Credentials of a new channel (the current SVID as client certificate, the bundle as the
+    roots the server's certificate must chain to) and the option naming the DNS name every SVID
+    carries (:attr:`Security.server_name`)."""
+    svid = security.svid
+    return (grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem),
+            (("grpc.ssl_target_name_override", security.server_name),))
+
+
 def dial(url: str | Url, security: Security | None = None, *, follow: bool = True) -> grpc.aio.Channel:
     """Open a channel to a URL: mTLS with ``security``'s current SVID, plaintext without.
 
@@ -372,8 +404,9 @@ def dial(url: str | Url, security: Security | None = None, *, follow: bool = Tru
         return grpc.aio.insecure_channel(parsed.target(), options=channel_options(parsed))
     if follow:
         return FollowingChannel(parsed, security)
-    return grpc.aio.secure_channel(parsed.target(), security.channel_credentials(),
-                                   options=(*channel_options(parsed), *security.channel_options()))
+    credentials, options = channel_credentials(security)
+    return grpc.aio.secure_channel(parsed.target(), credentials,
+                                   options=(*channel_options(parsed), *options))
 
 
 def _old_certificate_life(svid: Any) -> float:
@@ -427,6 +460,9 @@ class FollowingChannel(grpc.aio.Channel):
         self._retiring: set[asyncio.Task[None]] = set()
         self._stale: set[grpc.aio.Channel] = set()
         self._unsubscribe: Callable[[], None] | None = security.on_rotate(self._rotated)
+        #: A connection lost on the old channel across a rotation, reported once by
+        #: :meth:`get_state` (the new channel may be READY already: the loss must still be seen).
+        self._lost: grpc.ChannelConnectivity | None = None
 
     def _rotated(self, svid: Any) -> None:
         stale, self.current = self.current, dial(self._url, self._security, follow=False)
@@ -457,7 +493,9 @@ class FollowingChannel(grpc.aio.Channel):
         return _Following(self, "stream_stream", _method_args(*args, **kwargs))
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self.current.get_state(try_to_connect)
+        lost, self._lost = self._lost, None
+        state = self.current.get_state(try_to_connect)
+        return lost if lost is not None else state
 
     async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
         while True:
@@ -481,9 +519,12 @@ class FollowingChannel(grpc.aio.Channel):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.current.channel_ready(), PRECONNECT_TIMEOUT)
             try:
-                if channel.get_state() != last_observed_state:
-                    return
+                old = channel.get_state()
             except Exception:  # closed meanwhile (its certificate expired)
+                return
+            if old != last_observed_state:
+                if old != grpc.ChannelConnectivity.READY:
+                    self._lost = old
                 return
 
     async def channel_ready(self) -> None:

@@ -1,12 +1,13 @@
-"""A process's security settings: its identity, the mTLS credentials built from it, and who
-the caller of a gRPC call is.
+"""A process's security settings: its identity (the current SVID, its rotations), and who the
+caller of a gRPC call is.
 
-Every listen and dial of :mod:`nsm.transport` takes a :class:`Security`; with
-``Security.insecure()`` (``--insecure``) they are plaintext. grpcio checks a DNS name of the
-server's certificate (it has no SPIFFE verifier): every SVID must carry the DNS SAN
-:attr:`Security.server_name` (the trust domain unless configured; the built-in CA adds it, a
-SPIRE registration entry needs it as a DNS name), and every channel asks for that name. Who the
-peer is, is decided on its SPIFFE ID (the URI SAN), never on that name.
+Every listen and dial of :mod:`nsm.transport` takes a :class:`Security` and builds its mTLS
+credentials from :attr:`Security.svid` (there, and nowhere else); with ``Security.insecure()``
+(``--insecure``) they are plaintext. grpcio checks a DNS name of the server's certificate (it has
+no SPIFFE verifier): every SVID must carry the DNS SAN :attr:`Security.server_name` (the trust
+domain unless configured; the built-in CA adds it, a SPIRE registration entry needs it as a DNS
+name), and every channel asks for that name. Who the peer is, is decided on its SPIFFE ID (the
+URI SAN), never on that name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 from cryptography import x509
@@ -115,41 +115,12 @@ class Security:
         for callback in list(self._rotations):
             callback(svid)
 
-    # -- credentials ----------------------------------------------------------------------
-
-    def _server_config(self) -> Any:
-        svid = self.svid
-        return grpc.ssl_server_certificate_configuration([(svid.key_pem, svid.chain_pem)],
-                                                         root_certificates=svid.bundle_pem)
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials that present the current SVID to every new connection (a rotation
-        applies to the next handshake; live connections are not dropped) and require a client
-        certificate of the trust domain."""
-        # The generation these credentials present, one per credentials object: a server
-        # listening on several URLs has credentials for each, and each must move to the new
-        # SVID on its own next handshake.
+    @property
+    def generation(self) -> int:
+        """How many times the SVID has rotated (the transport's server credentials move to the
+        new one at their next handshake when this changed)."""
         with self._lock:
-            served = [self._generation]
-
-        def fetch() -> Any:  # called by grpc core on each handshake, in its own thread
-            with self._lock:
-                if served[0] == self._generation:
-                    return None
-                served[0] = self._generation
-            return self._server_config()
-
-        return grpc.dynamic_ssl_server_credentials(self._server_config(), fetch,
-                                                   require_client_authentication=True)
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        """Credentials of a new channel: the current SVID as client certificate, the bundle as
-        the roots the server's certificate must chain to."""
-        svid = self.svid
-        return grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem)
-
-    def channel_options(self) -> tuple[tuple[str, str], ...]:
-        return (("grpc.ssl_target_name_override", self.server_name),)
+            return self._generation
 
     # -- the peer -------------------------------------------------------------------------
 
