@@ -5,6 +5,7 @@ still on it end by themselves)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -52,13 +53,23 @@ async def test_close_closes_channels_still_retiring() -> None:
     assert stale.closed and fresh.closed
 
 
-async def test_preconnect_connects_and_checks_the_peer_once_per_channel(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A next hop seen in the registry is connected to and health-checked once, in the
-    background, before any Request needs it; a peer that is not there costs nothing but a
-    failed check."""
+@pytest.fixture
+async def peer(tmp_path) -> AsyncIterator[str]:  # type: ignore[no-untyped-def]
+    """A serving peer's URL (health only)."""
     url = f"unix://{tmp_path}/peer.sock"
     server = transport.Server([url])
     await server.start()
+    try:
+        yield url
+    finally:
+        await server.stop(0)
+
+
+async def test_preconnect_connects_and_checks_the_peer_once_per_channel(peer: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A next hop seen in the registry is connected to and health-checked once, in the
+    background, before any Request needs it; a peer that is not there costs nothing but a
+    failed check."""
+    url = peer
     channels = Channels()
     try:
         channels.preconnect(url)
@@ -73,7 +84,6 @@ async def test_preconnect_connects_and_checks_the_peer_once_per_channel(tmp_path
         await asyncio.wait_for(channels._warming[f"unix://{tmp_path}/nobody.sock"], 6)
     finally:
         await channels.close()  # cancels what is still warming
-        await server.stop(0)
 
 
 def test_a_peer_on_this_node_is_tried_again_sooner() -> None:
@@ -92,12 +102,10 @@ def test_a_peer_on_this_node_is_tried_again_sooner() -> None:
         {k: v for k, v in remote.items() if k not in same}
 
 
-async def test_preconnect_again_after_the_channel_was_renewed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_preconnect_again_after_the_channel_was_renewed(peer: str) -> None:
     """A renewed channel (its predecessor could not connect) is a new connection to make: a
     preconnect seen again connects it; the same channel is not connected twice."""
-    url = f"unix://{tmp_path}/peer.sock"
-    server = transport.Server([url])
-    await server.start()
+    url = peer
     channels = Channels()
     try:
         channels.preconnect(url)
@@ -113,4 +121,3 @@ async def test_preconnect_again_after_the_channel_was_renewed(tmp_path) -> None:
         assert channels.get(url).get_state() == transport.grpc.ChannelConnectivity.READY
     finally:
         await channels.close()
-        await server.stop(0)
