@@ -44,6 +44,9 @@ STALE_AFTER_ROTATION = 600.0
 #: How long the health check of a preconnect (:meth:`Channels.preconnect`) may take.
 PRECONNECT_TIMEOUT = 5.0
 
+#: How many of a peer's latest proven certificates :meth:`Channels.proven` keeps.
+PROVEN_KEPT = 3
+
 #: Connect timeout of one attempt over TCP and over a unix socket (see :data:`CHANNEL_OPTIONS`).
 TCP_CONNECT_TIMEOUT_MS = 300
 LOCAL_CONNECT_TIMEOUT_MS = 2_000
@@ -591,6 +594,7 @@ class Channels:
         self._security = security or Security.insecure()
         #: Proven identities of the servers, by channel (a new channel proves again).
         self._peers: dict[str, tuple[grpc.aio.Channel, asyncio.Future[tuple[SpiffeId, Any]]]] = {}
+        self._proven: dict[str, list[tuple[SpiffeId, Any]]] = {}
 
     @property
     def security(self) -> Security:
@@ -627,9 +631,23 @@ class Channels:
             held = None
         if held is None or held[0] is not channel or (held[1].done() and held[1].exception()):
             future = asyncio.ensure_future(prove.prove(channel, self._security))
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+            def done(f: asyncio.Future[tuple[SpiffeId, Any]]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    # The certificates this peer proved lately (it may sign with the one before
+                    # its last rotation a moment longer: a token minted just before it).
+                    seen = self._proven.setdefault(url, [])
+                    seen.insert(0, f.result())
+                    del seen[PROVEN_KEPT:]
+
+            future.add_done_callback(done)
             held = self._peers[url] = (channel, future)
         return held[1]
+
+    def proven(self, url: str) -> list[tuple[SpiffeId, Any]]:
+        """The identities and certificates the server at ``url`` proved lately, newest first
+        (at most :data:`PROVEN_KEPT`)."""
+        return list(self._proven.get(url, ()))
 
     def preconnect(self, url: str) -> None:
         """Connect to ``url`` now and make one health check over the channel, in the background

@@ -19,6 +19,8 @@ Close) carry no caller and pass.
 
 from __future__ import annotations
 
+import datetime as dt
+
 from nsm.api.connection_pb2 import Connection, PathSegment
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
@@ -138,8 +140,20 @@ class HopTokens:
                        next_hop=str(next_id))
         try:
             check_next_token(self.policies, token, next_id=next_id, next_cert=next_cert, quiet=True)
+            return
         except PermissionDenied:
             # The next hop may have restarted (a new key) behind the same channel since it
             # proved who it is: ask again, once, then decide.
             next_id, next_cert = await self.channels.peer(url, again=True)
-            check_next_token(self.policies, token, next_id=next_id, next_cert=next_cert)
+        # Its token may also be signed with the key it had a moment ago (it rotated between
+        # signing and the proof): any certificate it proved lately, still valid, of the same
+        # identity, is its.
+        when = dt.datetime.now(dt.UTC)
+        for sid, cert in self.channels.proven(url)[1:]:
+            if sid == next_id and cert.not_valid_after_utc >= when:
+                try:
+                    check_next_token(self.policies, token, next_id=next_id, next_cert=cert, quiet=True)
+                    return
+                except PermissionDenied:
+                    continue
+        check_next_token(self.policies, token, next_id=next_id, next_cert=next_cert)
