@@ -71,5 +71,5 @@ class ManagerConnect(Element):
 
     async def close_connection(self, conn: Connection) -> None:
         """Close ``conn`` at the manager (with this client's token when secure)."""
-        metadata = await self.tokens.sign(self.url, conn)
+        metadata = await self.tokens.sign(self.url, conn, close=True)
         await close_once(self.channels.get(self.url), conn, timeout=self.timeout, metadata=metadata)

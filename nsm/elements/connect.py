@@ -109,7 +109,7 @@ class Connect(Element):
 
     async def _close(self, ctx: Ctx, url: str, conn: Connection) -> None:
         async def send(stub: NetworkServiceStub) -> None:
-            metadata = await self.tokens.sign(url, conn)
+            metadata = await self.tokens.sign(url, conn, close=True)
             await stub.Close(conn, timeout=self.close_timeout, metadata=metadata)
 
         try:

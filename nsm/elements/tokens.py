@@ -20,6 +20,7 @@ Close) carry no caller and pass.
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 from nsm.api.connection_pb2 import Connection, PathSegment
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
@@ -37,6 +38,9 @@ from nsm.security.policy import (
 from nsm.security.tls import Security
 from nsm.security.tokens import TOKEN_HEADER, mint
 from nsm.transport import Channels
+
+#: Seconds a Close's token is valid from its signing (see :meth:`HopTokens.sign`).
+CLOSE_TOKEN_LIFETIME = 60.0
 
 
 def _set_expiry(segment: PathSegment, expires: float) -> None:
@@ -110,9 +114,14 @@ class HopTokens:
     def enabled(self) -> bool:
         return self.channels.security.enabled
 
-    async def sign(self, url: str, conn: Connection) -> list[tuple[str, str]]:
+    async def sign(self, url: str, conn: Connection, *, close: bool = False) -> list[tuple[str, str]]:
         """Sign this hop's own segment of ``conn`` (the one at ``path.index``) for the next hop
-        at ``url``: the segment's token and expiry are set; the metadata to send with it."""
+        at ``url``: the segment's token and expiry are set; the metadata to send with it.
+
+        ``close``: for a Close, whose token says who closes, not how long the connection lives:
+        valid for :data:`CLOSE_TOKEN_LIFETIME` from now even when the segment has expired (a
+        Close of a connection whose refreshes failed, or of one a cancelled heal rebuilt under
+        the same id, must still be accepted, not refused as ``tokens_expired``)."""
         if not self.enabled:
             return []
         next_id, _ = await self.channels.peer(url)
@@ -121,6 +130,8 @@ class HopTokens:
             return []
         own = segments[conn.path.index]
         expires = _expiry(own) if own.HasField("expires") and _expiry(own) > 0 else None
+        if close:
+            expires = time.time() + CLOSE_TOKEN_LIFETIME
         signed = mint(self.channels.security.svid, str(next_id),
                       expires=expires if expires is not None else float("inf"))
         own.token = signed.text

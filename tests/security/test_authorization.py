@@ -155,6 +155,23 @@ async def test_tokens_along_the_path(nse: Endpoint, hops, upstream) -> None:  # 
     assert not nse.monitor.connections and len(nse.begin) == 0
 
 
+async def test_a_close_is_accepted_after_the_closers_segment_expired(  # type: ignore[no-untyped-def]
+        nse: Endpoint, hops, upstream) -> None:
+    """A Close's token says who closes: valid from its signing, not only until the segment's
+    expiry. A connection whose refreshes failed (its segment expired where the caller holds it),
+    or one a cancelled heal rebuilt under the same id, is still closed by its owner: before,
+    the Close was signed to expire with the segment and refused as tokens_expired, and the
+    connection stayed until its expiry at the next hop."""
+    hop = hops[FWD1]
+    conn = await hop.request(forwarder_request(upstream))
+    assert list(nse.monitor.connections)
+    stale = Connection()
+    stale.CopyFrom(conn)
+    stale.path.path_segments[2].expires.CopyFrom(ts(time.time() - 2))
+    await hop.close(stale)
+    assert not nse.monitor.connections and len(nse.begin) == 0
+
+
 async def test_unauthenticated_caller_refused(nse: Endpoint, upstream) -> None:  # type: ignore[no-untyped-def]
     channel = dial(nse.url)  # plaintext to a secure server
     try:
