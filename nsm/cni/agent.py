@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -71,7 +72,7 @@ from nsm.client.connect import DEFAULT_TIMEOUT
 from nsm.client.heal import HealOptions, KernelProbe, Verdict
 from nsm.client.main import heal_flags, heal_options
 from nsm.client.notify import State, StateChange
-from nsm.cni import spec
+from nsm.cni import plugin, spec, wirejson
 from nsm.cni.attachments import (
     Attachment,
     Link,
@@ -317,6 +318,10 @@ class Agent:
                 answer: dict[str, Any] = {"error": CniError(spec.DECODE_ERROR, "the plugin sent a "
                                                             "malformed message", str(exc)).to_json()}
             else:
+                if message.get("shim") == 1:  # the compiled fast path: its own answer's form
+                    writer.write(await self.shim(message))
+                    await writer.drain()
+                    return
                 answer = await self.handle(message)
             writer.write(spec.encode(answer))
             await writer.drain()
@@ -348,6 +353,43 @@ class Agent:
         except Exception as exc:  # a bug must still answer the plugin
             log.error("cni command crashed", error=repr(exc), exc_info=True)
             return {"error": CniError(spec.PLUGIN_ERROR, f"the NSM node agent failed: {exc!r}").to_json()}
+
+    async def shim(self, message: Mapping[str, Any]) -> bytes:
+        """A command from the compiled plugin (``cni/shim/nsm-cni.c``), which sends the
+        environment and stdin as they are: checked and answered here as the Python plugin
+        would (:func:`nsm.cni.plugin.prepare`, the same version in errors, the same timeout;
+        DEL succeeds when it takes longer), framed ``"<exit status>\n<stdout>"``; or
+        ``"fallback\n"`` (the plugin runs in its place) for what the fast path does not do:
+        another agent's socket named in the config, a command other than ADD, DEL or CHECK."""
+        try:
+            env_raw = base64.b64decode(str(message.get("env", "")), validate=True)
+            raw = base64.b64decode(str(message.get("stdin", "")), validate=True)
+            env = dict(item.split("=", 1) for item in env_raw.decode().split("\0") if "=" in item)
+        except (ValueError, UnicodeDecodeError) as exc:
+            error = CniError(spec.DECODE_ERROR, "the plugin sent a malformed message", str(exc))
+            return _framed(1, error.to_json())
+        version = plugin.version_of(raw)
+        try:
+            command, config, path, _, timeout = plugin.prepare(env, raw)
+        except CniError as exc:
+            return _framed(1, exc.to_json(version))
+        if command not in ("ADD", "DEL", "CHECK") or path != str(self.socket_path):
+            return b"fallback\n"
+        work = asyncio.ensure_future(self.handle({"env": plugin.cni_env(env), "config": config}))
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(work), timeout)
+        except TimeoutError:  # it goes on, as when the Python plugin stops waiting
+            self._tasks.add(work)
+            work.add_done_callback(self._tasks.discard)
+            if command == "DEL":
+                log.warning("cni DEL took longer than the plugin waits; it succeeds meanwhile",
+                            timeout=timeout)
+                return _framed(0, None)
+            error = CniError(spec.TRY_AGAIN, "the NSM node agent did not answer in time", f"at {path}")
+            return _framed(1, error.to_json(version))
+        if "error" in answer:
+            return _framed(1, CniError.from_json(answer["error"]).to_json(version))
+        return _framed(0, answer.get("result"))
 
     async def command(self, command: str, env: Mapping[str, str],
                       config: Mapping[str, Any]) -> Any:
@@ -608,6 +650,13 @@ class Agent:
 
 
 # -- the command line ---------------------------------------------------------------------
+
+
+def _framed(status: int, out: Any) -> bytes:
+    """The compiled plugin's answer: its exit status, then what it prints (the Python plugin's
+    output for the same result: :func:`nsm.cni.plugin.main`)."""
+    text = "" if out is None else wirejson.dumps(out) + "\n"
+    return f"{status}\n{text}".encode()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

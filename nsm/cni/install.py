@@ -11,8 +11,10 @@ where this image's interpreter does not exist: ``--runtime`` names a self-contai
 interpreter with its libraries, the standard library and the plugin's modules, built into the
 image by ``deploy/image/cni_bundle.py``) which is copied to ``<bin-dir>/nsm-cni.d`` and which
 the executable runs; without it the executable runs this interpreter (a host that has the
-package installed, as the emulated cluster does). Uninstall removes the conflist entries, the
-executable and the bundle. Both are idempotent.
+package installed, as the emulated cluster does). When the bundle (or the package's build)
+has the plugin's compiled fast path, that is ``nsm-cni`` and the launcher ``nsm-cni-python``
+(:func:`nsm.cni.plugin.install_executables`). Uninstall removes the conflist entries, the
+executables and the bundle. Both are idempotent.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import shutil
 import sys
 import time
 
-from nsm.cni import conflist, spec
+from nsm.cni import conflist, plugin, spec
 from nsm.config import duration, fail, flag
 from nsm.errors import InvalidArgument
 
@@ -34,6 +36,8 @@ PLUGIN = "nsm-cni"
 BUNDLE = "nsm-cni.d"
 #: The bundle's launcher (``deploy/image/cni_bundle.py`` writes it).
 LAUNCHER = "run"
+#: The compiled fast path in the bundle (the image builds it from ``cni/shim/nsm-cni.c``).
+SHIM = "shim"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,21 +74,20 @@ def install_bundle(src: str, bin_dir: str) -> str:
         os.rename(dest, old)
     os.rename(new, dest)
     shutil.rmtree(old, ignore_errors=True)
-    path = os.path.join(bin_dir, PLUGIN)
     text = (f"#!/bin/sh\n# nsm-cni, the NSM CNI plugin (written by nsm cni-install)\n"
             f"exec '{os.path.join(dest, LAUNCHER)}' \"$@\"\n")
-    conflist.write_atomic(path, text)
-    os.chmod(path, 0o755)
-    return path
+    shim = os.path.join(dest, SHIM)
+    return plugin.install_executables(bin_dir, text, name=PLUGIN,
+                                      shim=shim if os.path.isfile(shim) else None)
 
 
 def uninstall_files(bin_dir: str) -> list[str]:
     """Remove the executable and the bundle; what was there."""
     removed = []
-    path = os.path.join(bin_dir, PLUGIN)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-        removed.append(path)
+    for path in (os.path.join(bin_dir, PLUGIN), os.path.join(bin_dir, PLUGIN + plugin.PYTHON_SUFFIX)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
     bundle = os.path.join(bin_dir, BUNDLE)
     if os.path.isdir(bundle):
         shutil.rmtree(bundle)
@@ -96,9 +99,7 @@ async def install(args: argparse.Namespace) -> int:
     if args.runtime:
         path = install_bundle(args.runtime, args.bin_dir)
     else:
-        from nsm.cni.plugin import write_wrapper
-
-        path = write_wrapper(args.bin_dir)
+        path = plugin.write_wrapper(args.bin_dir)
     print(f"nsm cni-install: wrote {path}", file=sys.stderr, flush=True)
     deadline = time.monotonic() + args.wait
     while (done := conflist.insert(args.conf_dir, entry(args))) is None:

@@ -51,6 +51,10 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any, BinaryIO, TextIO
 
+#: Set by the compiled fast path when it ran this plugin after its exchange with the agent
+#: failed half way (see :func:`run`).
+SHIM_FAILED = "NSM_CNI_SHIM_FAILED"
+
 _UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError,
                 ConnectionAbortedError)
 
@@ -99,6 +103,20 @@ def _read_line(sock: _socket.socket, deadline: float) -> bytes:
             raise CniError(IO_ERROR, "the node agent's answer is too long")
 
 
+def agent_failed(command: str, path: str, exc: BaseException) -> None:
+    """The answer when the exchange with the agent failed half way (``exc``: TimeoutError,
+    or the connection closed): DEL succeeds (None: the agent finishes it); otherwise
+    CniError, 50 for STATUS and 11 (try again) for the rest."""
+    what = ("did not answer in time" if isinstance(exc, TimeoutError)
+            else "closed the connection before answering")
+    if command == "DEL":
+        _warn(f"the node agent {what}; DEL succeeds (best effort)")
+        return None
+    if command == "STATUS":
+        raise CniError(NOT_AVAILABLE, f"the NSM node agent {what}") from None
+    raise CniError(TRY_AGAIN, f"the NSM node agent {what}", f"at {path}") from None
+
+
 def ask_agent(path: str, message: Mapping[str, Any], *, command: str, wait: float,
               timeout: float) -> Any:
     """Send ``message`` to the agent at ``path``; its result (None for DEL when the agent is
@@ -121,14 +139,7 @@ def ask_agent(path: str, message: Mapping[str, Any], *, command: str, wait: floa
         finally:
             sock.close()
     except (TimeoutError, *_UNREACHABLE) as exc:
-        what = ("did not answer in time" if isinstance(exc, TimeoutError)
-                else "closed the connection before answering")
-        if delete:
-            _warn(f"the node agent {what}; DEL succeeds (best effort)")
-            return None
-        if command == "STATUS":
-            raise CniError(NOT_AVAILABLE, f"the NSM node agent {what}") from None
-        raise CniError(TRY_AGAIN, f"the NSM node agent {what}", f"at {path}") from None
+        return agent_failed(command, path, exc)
     try:
         answer = wirejson.loads(line)
     except ValueError:
@@ -141,27 +152,53 @@ def ask_agent(path: str, message: Mapping[str, Any], *, command: str, wait: floa
     return answer.get("result")
 
 
-def run(env: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
-    """One command: (exit status, what to print on stdout or None)."""
-    version = LATEST
+def version_of(raw: bytes) -> str:
+    """The version errors are reported in: the config's, when it has a supported one."""
     try:
-        # The version errors are reported in: the config's, when it has a supported one.
         with_version = wirejson.loads(raw) if raw.strip() else {}
         if isinstance(with_version, dict) and with_version.get("cniVersion") in SUPPORTED:
-            version = with_version["cniVersion"]
+            return str(with_version["cniVersion"])
     except (ValueError, UnicodeDecodeError):
         pass
+    return LATEST
+
+
+def prepare(env: Mapping[str, str], raw: bytes) -> tuple[str, dict[str, Any], str, float, float]:
+    """What a command needs before the agent is asked: (command, config, the agent's socket,
+    agentWait, timeout); CniError for bad input (the config is not parsed for VERSION)."""
+    command = check_env(env)
+    if command == "VERSION":
+        return command, {}, DEFAULT_SOCKET, DEFAULT_AGENT_WAIT, DEFAULT_TIMEOUT
+    config = parse_config(raw, command)
+    path = config.get("socket", DEFAULT_SOCKET)
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise CniError(INVALID_CONFIG, f"socket must be an absolute path, not {path!r}")
+    wait = config_number(config, "agentWait", DEFAULT_AGENT_WAIT)
+    timeout = config_number(config, "timeout", DEFAULT_TIMEOUT)
+    return command, config, path, wait, timeout
+
+
+def cni_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of the environment the agent gets: the ``CNI_*`` variables."""
+    return {k: v for k, v in env.items() if k.startswith("CNI_")}
+
+
+def run(env: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+    """One command: (exit status, what to print on stdout or None).
+
+    ``NSM_CNI_SHIM_FAILED`` (``timeout`` or ``closed``): the compiled fast path
+    (``cni/shim/nsm-cni.c``) asked the agent already and the exchange failed that way; the
+    answer is the one this plugin gives for that failure, without asking again."""
+    version = version_of(raw)
     try:
-        command = check_env(env)
+        command, config, path, wait, timeout = prepare(env, raw)
         if command == "VERSION":
             return 0, version_result(version)
-        config = parse_config(raw, command)
-        path = config.get("socket", DEFAULT_SOCKET)
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise CniError(INVALID_CONFIG, f"socket must be an absolute path, not {path!r}")
-        wait = config_number(config, "agentWait", DEFAULT_AGENT_WAIT)
-        timeout = config_number(config, "timeout", DEFAULT_TIMEOUT)
-        message = {"env": {k: v for k, v in env.items() if k.startswith("CNI_")}, "config": config}
+        message = {"env": cni_env(env), "config": config}
+        failed = env.get(SHIM_FAILED)
+        if failed is not None:
+            return 0, agent_failed(command, path, TimeoutError() if failed == "timeout"
+                                   else ConnectionResetError())
         result = ask_agent(path, message, command=command, wait=wait, timeout=timeout)
         return 0, result
     except CniError as exc:
@@ -178,12 +215,57 @@ PLUGIN_MODULES = ("nsm/__init__.py", "nsm/cni/__init__.py", "nsm/cni/spec.py",
 RUN_PLUGIN = "from nsm.cni.plugin import main; raise SystemExit(main())"
 
 
-def write_wrapper(directory: str, name: str = "nsm-cni") -> str:
-    """Write ``directory/name``: an executable that runs this plugin (imported, its modules
-    compiled here once) with this interpreter, without ``site`` (``-S``: on a host with many
-    ``.pth`` files it costs tens of ms a start) and without its own directory on ``sys.path``
-    (``-P``), this package's root on ``PYTHONPATH``. Written atomically (the runtime may be
-    running it). Returns the path."""
+#: The Python plugin's name beside the compiled fast path (which runs it for what it does not do).
+PYTHON_SUFFIX = "-python"
+#: The compiled fast path (``cni/shim/nsm-cni.c``), as ``./dev setup`` builds it (from the
+#: package's root); ``NSM_CNI_SHIM`` names another.
+SHIM_BUILD = ("build", "nsm-cni")
+
+
+def shim_binary() -> str | None:
+    """The compiled fast path of the plugin, when it has been built (None: the Python plugin
+    alone is installed)."""
+    path = os.environ.get("NSM_CNI_SHIM")
+    if not path:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.path.join(root, *SHIM_BUILD)
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+
+
+def install_executables(directory: str, script: str, *, name: str = "nsm-cni",
+                        shim: str | None = None) -> str:
+    """Write the plugin's executables into ``directory`` (atomically: the runtime may be
+    running them): with ``shim`` (the compiled fast path) that as ``name`` and ``script`` (a
+    shell script that runs the Python plugin) as ``name-python``, which the fast path runs for
+    what it does not do; without, ``script`` as ``name``. Returns ``name``'s path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    python = path + PYTHON_SUFFIX
+    if shim is None:
+        _write_atomic(path, script.encode())
+        if os.path.exists(python):
+            os.unlink(python)
+        return path
+    _write_atomic(python, script.encode())
+    with open(shim, "rb") as f:
+        _write_atomic(path, f.read())
+    return path
+
+
+def write_wrapper(directory: str, name: str = "nsm-cni", *, compiled: bool = True) -> str:
+    """Write ``directory/name``: the compiled fast path when it is built (:func:`shim_binary`;
+    not unless ``compiled``), and an executable that runs this plugin (imported, its modules compiled here
+    once) with this interpreter, without ``site`` (``-S``: on a host with many ``.pth`` files it
+    costs tens of ms a start) and without its own directory on ``sys.path`` (``-P``), this
+    package's root on ``PYTHONPATH`` (:func:`install_executables`). Returns the path."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # Imported, not run as a script (a script is compiled at every start): compiled once here.
     import py_compile
@@ -194,14 +276,8 @@ def write_wrapper(directory: str, name: str = "nsm-cni") -> str:
             pass  # a read-only install: compiled at each start instead
     text = (f"#!/bin/sh\n# nsm-cni, the NSM CNI plugin (written by nsm cni-agent)\n"
             f"PYTHONPATH='{root}' exec '{sys.executable}' -S -P -c '{RUN_PLUGIN}' \"$@\"\n")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, name)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
-    return path
+    return install_executables(directory, text, name=name,
+                               shim=shim_binary() if compiled else None)
 
 
 def main(env: Mapping[str, str] | None = None, stdin: BinaryIO | None = None,

@@ -14,6 +14,9 @@ wire between them. Standard library only: the plugin imports it.
 - Wire (plugin ↔ agent, one exchange per unix-socket connection): the plugin sends one JSON
   line ``{"env": {...}, "config": {...}}``; the agent answers one JSON line ``{"result": ...}``
   (``null`` when the command prints nothing) or ``{"error": {"code", "msg", "details"}}``.
+  The compiled fast path (``cni/shim/nsm-cni.c``) sends ``{"shim": 1, "env": <base64 of
+  NUL-separated CNI_*=value>, "stdin": <base64>}`` and gets ``"<exit status>\n<stdout>"`` or
+  ``"fallback\n"`` (:meth:`nsm.cni.agent.Agent.shim`).
 """
 
 from __future__ import annotations

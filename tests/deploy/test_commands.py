@@ -75,7 +75,9 @@ def test_cni_install_and_uninstall(tmp_path: Path) -> None:
     assert "already there" in run.stderr
     conf = json.loads((conf_dir / kindnet.name).read_text())
     assert conf["plugins"][-1] == {"type": "nsm-cni", "socket": "/s.sock", "agentWait": 30}
-    # Without a bundle the executable runs this interpreter; it answers VERSION.
+    # Without a bundle: the compiled fast path in front of a plugin on this interpreter, which
+    # answers VERSION.
+    assert sorted(os.listdir(bin_dir)) == ["nsm-cni", "nsm-cni-python"]
     out = subprocess.run([str(bin_dir / "nsm-cni")], input="{}", env={"CNI_COMMAND": "VERSION"},
                          capture_output=True, text=True, timeout=30)
     assert json.loads(out.stdout)["supportedVersions"] == list(spec.SUPPORTED)
@@ -85,6 +87,33 @@ def test_cni_install_and_uninstall(tmp_path: Path) -> None:
     assert os.listdir(bin_dir) == [] and json.loads((conf_dir / kindnet.name).read_text()) == json.loads(
         kindnet.read_text())
     assert nsm("cni-uninstall", env=env).returncode == 0  # idempotent
+
+
+def test_cni_install_of_a_bundle_with_the_compiled_plugin(tmp_path: Path) -> None:
+    """The image's bundle carries the compiled fast path (``shim``): installed as ``nsm-cni``,
+    in front of the bundle's launcher (``nsm-cni-python``), which it runs for VERSION."""
+    shim = plugin.shim_binary()
+    assert shim is not None, "the compiled plugin is not built: run ./dev setup"
+    bundle, bin_dir, conf_dir = tmp_path / "bundle", tmp_path / "bin", tmp_path / "net.d"
+    python = Path(plugin.write_wrapper(str(tmp_path / "py"), compiled=False))
+    bundle.mkdir()
+    (bundle / "run").write_text(f"#!/bin/sh\nexec '{python}' \"$@\"\n")
+    (bundle / "run").chmod(0o755)
+    (bundle / "shim").write_bytes(Path(shim).read_bytes())
+    (bundle / "shim").chmod(0o755)
+    conf_dir.mkdir()
+    (conf_dir / "10-x.conflist").write_text(json.dumps(
+        {"cniVersion": "1.0.0", "name": "x", "plugins": [{"type": "bridge"}]}))
+    env = {"NSM_BIN_DIR": str(bin_dir), "NSM_CONF_DIR": str(conf_dir), "NSM_RUNTIME": str(bundle)}
+    run = nsm("cni-install", env=env)
+    assert run.returncode == 0, run
+    assert sorted(os.listdir(bin_dir)) == ["nsm-cni", "nsm-cni-python", "nsm-cni.d"]
+    assert (bin_dir / "nsm-cni").read_bytes() == Path(shim).read_bytes()
+    out = subprocess.run([str(bin_dir / "nsm-cni")], input="{}", env={"CNI_COMMAND": "VERSION"},
+                         capture_output=True, text=True, timeout=30)
+    assert json.loads(out.stdout)["supportedVersions"] == list(spec.SUPPORTED), out
+    assert nsm("cni-uninstall", env=env).returncode == 0
+    assert os.listdir(bin_dir) == []
 
 
 def test_cni_install_bad_input(tmp_path: Path) -> None:
