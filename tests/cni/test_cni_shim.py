@@ -16,14 +16,13 @@ import base64
 import contextlib
 import json
 import os
-import socket
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cni_fakes import FakeAgent  # type: ignore[import-not-found]
 
 from nsm.cni import plugin, spec
 from nsm.cni.agent import Agent
@@ -169,57 +168,18 @@ async def test_what_the_fast_path_does_not_do_is_the_python_plugins(plugins: Plu
     assert bad.startswith(b"1\n") and json.loads(bad[2:])["code"] == spec.DECODE_ERROR
 
 
-class RawAgent:
-    """A unix socket that answers each shim message with ``answer`` (bytes; None: close
-    without answering) and each Python plugin's message with a fixed result; every message
-    kept."""
-
-    def __init__(self, path: Path, answer: Callable[[dict[str, Any]], bytes | None]) -> None:
-        self.path, self.answer = path, answer
-        self.messages: list[dict[str, Any]] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen()
-        self.sock.settimeout(0.1)
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                message = json.loads(data)
-                self.messages.append(message)
-                reply = (self.answer(message) if message.get("shim") == 1
-                         else json.dumps({"result": {"from": "python"}}).encode() + b"\n")
-                if reply is not None:
-                    with contextlib.suppress(OSError):
-                        conn.sendall(reply)
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.thread.join(2)
-        self.sock.close()
+def fake_reply(shim: Callable[[dict[str, Any]], bytes | None]) -> Callable[[dict[str, Any]], Any]:
+    """Answers the fast path's messages with ``shim(message)``, the Python plugin's with a
+    fixed result."""
+    return lambda m: shim(m) if m.get("shim") == 1 else {"result": {"from": "python"}}
 
 
 @pytest.fixture
-def raw_agent(tmp_path: Path) -> Iterator[Callable[..., RawAgent]]:
-    made: list[RawAgent] = []
+def raw_agent(tmp_path: Path) -> Iterator[Callable[..., FakeAgent]]:
+    made: list[FakeAgent] = []
 
-    def make(answer: Callable[[dict[str, Any]], bytes | None]) -> RawAgent:
-        made.append(RawAgent(tmp_path / f"raw{len(made)}.sock", answer))
+    def make(answer: Callable[[dict[str, Any]], bytes | None]) -> FakeAgent:
+        made.append(FakeAgent(tmp_path / f"raw{len(made)}.sock", fake_reply(answer)).start())
         return made[-1]
 
     yield make
@@ -228,7 +188,7 @@ def raw_agent(tmp_path: Path) -> Iterator[Callable[..., RawAgent]]:
 
 
 async def test_the_message_carries_the_environment_and_stdin_as_they_are(
-        plugins: Plugins, raw_agent: Callable[..., RawAgent]) -> None:
+        plugins: Plugins, raw_agent: Callable[..., FakeAgent]) -> None:
     fake = raw_agent(lambda m: b'0\n{"printed": true}\n')
     stdin = conf(fake.path, note="\u00e9\u00e8 \\\" \x7f") + b"\n\n"
     env = {**ENV, "CNI_ARGS": "K8S_POD_NAME=p;K8S_POD_NAMESPACE=n", "OTHER": "not sent"}
@@ -239,14 +199,14 @@ async def test_the_message_carries_the_environment_and_stdin_as_they_are(
     sent = dict(e.split("=", 1) for e in base64.b64decode(message["env"]).decode().split("\0") if e)
     assert sent == {k: v for k, v in env.items() if k.startswith("CNI_")}
     # Its exit status is the agent's.
-    fake.answer = lambda m: b'7\n{"code": 7}\n'
+    fake.answer = fake_reply(lambda m: b'7\n{"code": 7}\n')
     ran = await plugins.shim_run(env, stdin)
     assert (ran.status, ran.stdout) == (7, b'{"code": 7}\n')
 
 
 @pytest.mark.parametrize("answer", [None, b"", b"0", b"zero\n{}", b"-1\n", b"999\n"],
                          ids=["closed", "empty", "no line", "not a status", "negative", "too large"])
-async def test_an_exchange_that_fails_half_way(plugins: Plugins, raw_agent: Callable[..., RawAgent],
+async def test_an_exchange_that_fails_half_way(plugins: Plugins, raw_agent: Callable[..., FakeAgent],
                                                answer: bytes | None) -> None:
     """The agent got the command but gave no usable answer: the Python plugin answers for that
     failure (ADD: try again, 11, in the config's version; DEL: success), without asking again."""
@@ -263,7 +223,7 @@ async def test_an_exchange_that_fails_half_way(plugins: Plugins, raw_agent: Call
 
 
 async def test_an_agent_that_says_fallback_gets_the_python_plugin(
-        plugins: Plugins, raw_agent: Callable[..., RawAgent]) -> None:
+        plugins: Plugins, raw_agent: Callable[..., FakeAgent]) -> None:
     fake = raw_agent(lambda m: b"fallback\n")
     ran = await plugins.shim_run(ENV, conf(fake.path))
     assert ran.fallbacks == [""] and ran.status == 0
@@ -272,7 +232,7 @@ async def test_an_agent_that_says_fallback_gets_the_python_plugin(
     assert json.loads(conf(fake.path)) == fake.messages[1]["config"]  # stdin replayed
 
 
-async def test_an_escaped_socket_path_is_not_guessed(plugins: Plugins, raw_agent: Callable[..., RawAgent],
+async def test_an_escaped_socket_path_is_not_guessed(plugins: Plugins, raw_agent: Callable[..., FakeAgent],
                                                      tmp_path: Path) -> None:
     """A socket the shim cannot read plainly (an escape in it) is not guessed at: it asks the
     default socket; with nothing there, the Python plugin (which reads it) asks the right one."""

@@ -5,11 +5,9 @@ not there."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cni_fakes import FakeAgent  # type: ignore[import-not-found]
 
 from nsm.cni import plugin, spec
 from nsm.cni.attachments import Attachment, Link, StateDir, add_result, parse_requests, valid_attachments
@@ -42,53 +41,6 @@ def call(env: dict[str, str], conf: Any) -> tuple[int, Any]:
     status = plugin.main(env=env, stdin=io.BytesIO(raw), stdout=out)
     text = out.getvalue().strip()
     return status, json.loads(text) if text else None
-
-
-class FakeAgent:
-    """A unix socket answering each message with ``answer(message)`` (None: close silently),
-    after ``delay`` seconds; every message kept."""
-
-    def __init__(self, path: Path, answer: Callable[[dict[str, Any]], Any], delay: float = 0.0) -> None:
-        self.path, self.answer, self.delay = path, answer, delay
-        self.messages: list[dict[str, Any]] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.stopped = False
-
-    def start(self) -> FakeAgent:
-        self.sock.bind(str(self.path))
-        self.sock.listen()
-        self.sock.settimeout(0.1)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                message = json.loads(data)
-                self.messages.append(message)
-                time.sleep(self.delay)
-                reply = self.answer(message)
-                if reply is not None:
-                    with contextlib.suppress(OSError):  # the plugin gave up waiting
-                        conn.sendall(json.dumps(reply).encode() + b"\n")
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.thread.join(2)
-        self.sock.close()
 
 
 @pytest.fixture
