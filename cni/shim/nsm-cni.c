@@ -41,6 +41,9 @@
 #define DEFAULT_SOCKET "/run/nsm/cni/agent.sock"
 /* spec.MAX_MESSAGE: the longest line either side sends. */
 #define MAX_MESSAGE (4 * 1024 * 1024)
+/* The most stdin that fits that line in base64 beside the environment; more goes to the
+ * plugin, which sends it as JSON and gets the agent's refusal of a message too long. */
+#define MAX_STDIN (MAX_MESSAGE / 4 * 3 - 256 * 1024)
 /* A little over the plugin's default answer timeout (spec.DEFAULT_TIMEOUT, 120 s): the agent
  * applies the config's own timeout and answers; this only guards against a wedged agent. */
 #define ANSWER_TIMEOUT_MS (125 * 1000)
@@ -86,7 +89,7 @@ static void read_stdin(void) {
     if (input == NULL) fallback(NULL);
     for (;;) {
         if (input_len == cap) {
-            if (cap >= MAX_MESSAGE) fallback(NULL); /* the plugin reports it */
+            if (cap >= MAX_STDIN) fallback(NULL); /* the plugin reports it */
             cap *= 2;
             char *grown = realloc(input, cap);
             if (grown == NULL) fallback(NULL);
@@ -95,7 +98,10 @@ static void read_stdin(void) {
         ssize_t r = read(0, input + input_len, cap - input_len);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) fallback(NULL);
-        if (r == 0) return;
+        if (r == 0) {
+            if (input_len > MAX_STDIN) fallback(NULL);
+            return;
+        }
         input_len += (size_t)r;
     }
 }

@@ -168,6 +168,17 @@ async def test_what_the_fast_path_does_not_do_is_the_python_plugins(plugins: Plu
     assert bad.startswith(b"1\n") and json.loads(bad[2:])["code"] == spec.DECODE_ERROR
 
 
+async def test_a_stdin_too_large_for_the_fast_path_is_the_python_plugins(plugins: Plugins,
+                                                                          agent: Agent) -> None:
+    """Over ~2.75 MiB of config does not fit the agent's line in base64: the Python plugin
+    sends it (as JSON, which fits) and answers as it always does."""
+    stdin = conf(agent.socket_path, padding="x" * (3 * 1024 * 1024))
+    env = {**ENV, "CNI_COMMAND": "DEL"}
+    fast = await plugins.shim_run(env, stdin)
+    slow = await plugins.python(env, stdin)
+    assert fast.fallbacks == [""] and (fast.status, fast.stdout) == (slow.status, slow.stdout) == (0, b"")
+
+
 def fake_reply(shim: Callable[[dict[str, Any]], bytes | None]) -> Callable[[dict[str, Any]], Any]:
     """Answers the fast path's messages with ``shim(message)``, the Python plugin's with a
     fixed result."""
