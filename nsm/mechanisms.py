@@ -8,7 +8,7 @@ import re
 from urllib.parse import unquote, urlsplit
 
 from nsm.api.connection_pb2 import Mechanism
-from nsm.errors import InvalidArgument, NotFound
+from nsm.errors import InvalidArgument
 
 LOCAL = "LOCAL"
 REMOTE = "REMOTE"
@@ -76,7 +76,7 @@ def validate_mechanism(m: Mechanism) -> None:
         if NAME in m.parameters:
             validate_ifname(m.parameters[NAME])
         if NETNS_INODE_URL in m.parameters:
-            netns_path(m.parameters[NETNS_INODE_URL])
+            validate_netns_url(m.parameters[NETNS_INODE_URL])
     if MTU in m.parameters:
         try:
             mtu = int(m.parameters[MTU])
@@ -86,14 +86,52 @@ def validate_mechanism(m: Mechanism) -> None:
             raise InvalidArgument(f"mechanism MTU {mtu} is out of range 68..65535")
 
 
+#: How an ``inodeURL`` names a namespace by its identity instead of a path (as upstream
+#: writes it): ``inode://<st_dev>/<st_ino>`` of the namespace file.
+INODE_SCHEME = "inode://"
+
+
+def netns_inode(url: str) -> tuple[int, int] | None:
+    """The (device, inode) an ``inode://<dev>/<ino>`` URL names; None for any other URL;
+    InvalidArgument when it is one but malformed."""
+    if not url.startswith(INODE_SCHEME):
+        return None
+    parts = url[len(INODE_SCHEME):].split("/")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 20 for p in parts) \
+            or int(parts[1]) == 0:
+        raise InvalidArgument(f"network namespace URL {url[:80]!r} must be inode://<device>/<inode> "
+                              "(decimal numbers)")
+    return int(parts[0]), int(parts[1])
+
+
+def inode_url(ident: tuple[int, int]) -> str:
+    """The ``inodeURL`` naming the namespace of identity ``ident`` = (device, inode): how a
+    process names its own namespace for a reader to whom its PIDs mean nothing (an endpoint in
+    a pod without hostPID); the forwarder finds a path for it
+    (:class:`nsm.kernel.netns.NetnsFinder`)."""
+    return f"{INODE_SCHEME}{ident[0]}/{ident[1]}"
+
+
+def validate_netns_url(url: str) -> None:
+    """InvalidArgument unless ``url`` is a well-formed ``inodeURL``: a path (see
+    :func:`netns_path`) or ``inode://<dev>/<ino>``."""
+    if netns_inode(url) is None:
+        netns_path(url)
+
+
 def netns_path(url: str) -> str:
     """The filesystem path of a network namespace named by an ``inodeURL`` parameter.
 
     Accepts ``file:///var/run/netns/x``, ``file:///proc/PID/ns/net`` and a bare absolute path.
-    Does not check that it exists (see :func:`existing_netns_path`).
+    Does not check that it exists. An ``inode://`` URL has no path of its own: InvalidArgument
+    here (a forwarder finds one: :meth:`nsm.kernel.netns.NetnsFinder.resolve`, which also checks
+    that a path exists).
     """
     if not url:
         raise InvalidArgument("network namespace URL is empty")
+    if url.startswith(INODE_SCHEME):
+        raise InvalidArgument(f"network namespace URL {url[:80]!r} names a namespace by inode, "
+                              "not by a path this process can open")
     if url.startswith("/"):
         path = url
     else:
@@ -105,13 +143,6 @@ def netns_path(url: str) -> str:
     if not path.startswith("/") or "\x00" in path:
         raise InvalidArgument(f"network namespace URL {url!r} has no absolute path")
     return os.path.normpath(path)
-
-
-def existing_netns_path(url: str) -> str:
-    path = netns_path(url)
-    if not os.path.exists(path):
-        raise NotFound(f"network namespace {path} does not exist")
-    return path
 
 
 def netns_url(path: str) -> str:

@@ -209,7 +209,6 @@ def endpoint(
         {"name": "NSM_LOG_LEVEL", "value": "debug"},
     ]
     spec: dict[str, Any] = {
-        "hostPID": True,
         "automountServiceAccountToken": False,
         "containers": [
             {

@@ -99,7 +99,7 @@ class Endpoint(Role):
         if not expiry > 0:
             raise InvalidArgument(f"registration expiry must be positive, not {expiry}")
         self.expiry = float(expiry)
-        self.kernel = KernelServer(self.netns)
+        self.kernel = KernelServer(self.netns, own=netns is None)
         self.ipam = PointToPointIPAM(self.network)
         self.extra = list(elements)
         self.refresher: NseRefresher | None = None

@@ -8,7 +8,10 @@ first KERNEL/LOCAL preference and returns it with
   valid (in the preference, or on a refresh in the connection's current mechanism), else ``nsm``
   + 12 hex digits of sha256(connection id) (15 characters, so a refresh yields the same name and
   no state is needed to find it again);
-- ``inodeURL``: ``file://<the endpoint's netns path>``.
+- ``inodeURL``: ``file://<the endpoint's netns path>`` when it was given one; for its own
+  namespace ``inode://<dev>/<ino>`` (:func:`nsm.mechanisms.inode_url`): its PIDs mean nothing to
+  the forwarder when it runs in a pod without hostPID, so the forwarder finds the namespace by
+  its identity (:class:`nsm.kernel.netns.NetnsFinder`).
 
 It also sets the payload to ``IP`` when the request leaves it empty.
 """
@@ -21,12 +24,14 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
 from nsm.errors import InvalidArgument, Unsupported
+from nsm.kernel.netns import netns_id
 from nsm.mechanisms import (
     KERNEL,
     LOCAL,
     NAME,
     NETNS_INODE_URL,
     PAYLOAD_IP,
+    inode_url,
     netns_path,
     netns_url,
     validate_ifname,
@@ -56,9 +61,10 @@ def _valid_name(name: str) -> bool:
 class KernelServer(Element):
     """Selects KERNEL/LOCAL and fills in the endpoint's interface name and namespace."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, *, own: bool = False) -> None:
         self.netns_path = netns_path(netns)
-        self.netns_url = netns_url(self.netns_path)
+        self.netns_url = (inode_url(netns_id(self.netns_path)) if own
+                          else netns_url(self.netns_path))
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         conn = request.connection

@@ -37,8 +37,8 @@ from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, Key, NextClose, NextRequest
 from nsm.errors import NsmError, PermissionDenied
 from nsm.forwarder.mechanism import PAIR, UPSTREAM, close_downstream
-from nsm.kernel.netns import CheckedNetns, NetnsId, NodeNetns
-from nsm.mechanisms import KERNEL, LOCAL, NETNS_INODE_URL, netns_path
+from nsm.kernel.netns import CheckedNetns, NetnsFinder, NetnsId, NodeNetns
+from nsm.mechanisms import KERNEL, LOCAL, NETNS_INODE_URL, validate_netns_url
 from nsm.security.ids import MANAGER, SpiffeId, node_id
 from nsm.security.netns import PROOF_TIMEOUT, NetnsProof, claimed_id
 from nsm.security.tls import Security
@@ -61,9 +61,12 @@ _PENDING: Key[asyncio.Future[Proven | None]] = Key("confine.pending")
 
 
 def _kernel_netns(m: Mechanism | None) -> str | None:
+    """The ``inodeURL`` of a KERNEL mechanism (a path or ``inode://``), None for any other."""
     if m is None or (m.cls, m.type) != (LOCAL, KERNEL) or not m.parameters.get(NETNS_INODE_URL):
         return None
-    return netns_path(m.parameters[NETNS_INODE_URL])
+    url = m.parameters[NETNS_INODE_URL]
+    validate_netns_url(url)
+    return url
 
 
 class Confine:
@@ -74,10 +77,12 @@ class Confine:
     element builds)."""
 
     def __init__(self, security: Security, *, node: str, nodens: NodeNetns | None = None,
-                 timeout: float = PROOF_TIMEOUT) -> None:
+                 finder: NetnsFinder | None = None, timeout: float = PROOF_TIMEOUT) -> None:
         self.security = security
         self.node = node
         self.nodens = nodens or NodeNetns()
+        #: Where a namespace named by inode is (the datapath elements share it).
+        self.finder = finder or NetnsFinder()
         self.proof = NetnsProof(security, timeout=timeout)
         #: Endpoint name -> (namespace path, owner) of its last proven answer.
         self.guesses: dict[str, tuple[str, str]] = {}
@@ -99,9 +104,10 @@ class Confine:
                 f"{peer} may not name a network namespace: only this node's manager "
                 f"({self.manager_id()}) sends KERNEL mechanisms to its forwarder"))
 
-    def open(self, ctx: Ctx, path: str) -> CheckedNetns:
+    def open(self, ctx: Ctx, url: str) -> CheckedNetns:
+        """The namespace an ``inodeURL`` names, opened and checked (:class:`NodeNetns`)."""
         try:
-            return self.nodens.open(path)
+            return self.nodens.open(self.finder.resolve(url, exists=False))
         except PermissionDenied as exc:
             raise self.denied(ctx, exc) from None
 
@@ -136,12 +142,12 @@ class _Before(Element):
         self.confine = confine
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
-        path = _kernel_netns(ctx.meta.get(UPSTREAM))
-        if path is None:
+        url = _kernel_netns(ctx.meta.get(UPSTREAM))
+        if url is None:
             return await next(ctx, request)
         c = self.confine
         c.check_caller(ctx)
-        ns = c.open(ctx, path)
+        ns = c.open(ctx, url)
         segments = request.connection.path.path_segments
         owner = claimed_id(segments[0]) if segments else None
         pending = asyncio.ensure_future(c.prove(ctx, ns, owner, "client", _CLIENT))
@@ -236,11 +242,11 @@ class _After(Element):
             c.proof.prove(ns.fd, owner, where=f"the endpoint's network namespace {path}")))
 
     async def _endpoint(self, ctx: Ctx, conn: Connection, guess: _Guess | None) -> Proven | None:
-        path = _kernel_netns(conn.mechanism)
-        if path is None:
+        url = _kernel_netns(conn.mechanism)
+        if url is None:
             return None  # not a KERNEL answer: the datapath element refuses it
         c = self.confine
-        ns = c.open(ctx, path)
+        ns = c.open(ctx, url)
         segments = conn.path.path_segments
         owner = claimed_id(segments[-1]) if segments else None
         if guess is not None and owner is not None and guess.matches(ns, owner) and await guess.proven():
@@ -252,7 +258,7 @@ class _After(Element):
         if proven is not None and proven.owner is not None:
             if len(c.guesses) >= GUESSES:
                 c.guesses.clear()
-            c.guesses[conn.network_service_endpoint_name] = (path, proven.owner)
+            c.guesses[conn.network_service_endpoint_name] = (ns.path, proven.owner)
         return proven
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:

@@ -50,6 +50,7 @@ from nsm.forwarder.vxlan import (
     VxlanServer,
 )
 from nsm.kernel.netlink import Netlink
+from nsm.kernel.netns import NetnsFinder
 from nsm.manager.cache import RegistryCache
 from nsm.mechanisms import KERNEL, LOCAL, REMOTE, VXLAN, kernel, vxlan
 from nsm.names import check_name
@@ -99,8 +100,10 @@ class Forwarder(Role):
         self.tables = TablePool()
         self.leftovers = Leftovers(self.netlink, self.name, self.vnis, self.tables,
                                    grace=adopt_grace, log=self.log)
-        self.kernel_local = KernelLocal(self.netlink)
-        self.confine = Confine(self.security, node=self.node)
+        #: Where each namespace named by inode is (pods name theirs so: no hostPID for them).
+        self.netns = NetnsFinder()
+        self.kernel_local = KernelLocal(self.netlink, finder=self.netns)
+        self.confine = Confine(self.security, node=self.node, finder=self.netns)
         self.begin = Begin(unknown_close=self._close_leftover)
         self.monitor_next = MonitorNext(self.channels, self.monitor, name=self.name)
         self._registry_channel: grpc.aio.Channel | None = None
@@ -116,7 +119,8 @@ class Forwarder(Role):
         datapath: list[Element] = [self.kernel_local]
         pairs = [(KERNEL, KERNEL)]
         if self.tunnel is not None:
-            side = (self.netlink, self.tunnel, self.vnis, self.tables, self.name, self.leftovers)
+            side = (self.netlink, self.tunnel, self.vnis, self.tables, self.name, self.leftovers,
+                    self.netns)
             datapath += [VxlanClient(*side), VxlanServer(*side)]
             pairs += [(KERNEL, VXLAN), (VXLAN, KERNEL)]
         return [

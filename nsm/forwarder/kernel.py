@@ -27,12 +27,12 @@ from nsm.chain import Ctx, Key, NextClose, NextRequest
 from nsm.errors import AlreadyExists, InvalidArgument, NsmError
 from nsm.forwarder.mechanism import UPSTREAM, Datapath, answered, close_downstream
 from nsm.kernel.netlink import LinkInfo, Netlink
+from nsm.kernel.netns import NetnsFinder
 from nsm.mechanisms import (
     KERNEL,
     LOCAL,
     NAME,
     NETNS_INODE_URL,
-    existing_netns_path,
     validate_ifname,
 )
 
@@ -74,15 +74,17 @@ class KernelLocal(Datapath):
 
     pair = (KERNEL, KERNEL)
 
-    def __init__(self, netlink: Netlink, *, default_mtu: int = DEFAULT_MTU) -> None:
+    def __init__(self, netlink: Netlink, *, default_mtu: int = DEFAULT_MTU,
+                 finder: NetnsFinder | None = None) -> None:
         self.netlink = netlink
         self.default_mtu = default_mtu
+        self.finder = finder or NetnsFinder()
 
     def _client_side(self, ctx: Ctx, up: Mechanism) -> tuple[str, str]:
         url = up.parameters.get(NETNS_INODE_URL, "")
         if not url:
             raise InvalidArgument(f"KERNEL mechanism has no {NETNS_INODE_URL} parameter")
-        netns = existing_netns_path(url)
+        netns = self.finder.resolve(url)
         ifname = validate_ifname(up.parameters.get(NAME) or default_ifname(ctx.conn_id),
                                  "client interface name")
         return netns, ifname
@@ -108,7 +110,7 @@ class KernelLocal(Datapath):
             # The pair an earlier run of this forwarder built for this connection, if any.
             left = await check if check is not None else None
             down = answered(conn, LOCAL, KERNEL, "endpoint")
-            nse_ns = existing_netns_path(down.parameters.get(NETNS_INODE_URL, ""))
+            nse_ns = self.finder.resolve(down.parameters.get(NETNS_INODE_URL, ""))
             nse_if = validate_ifname(down.parameters.get(NAME, ""), "endpoint interface name")
             ip = conn.context.ip_context
             mtu = conn.context.MTU or self.default_mtu

@@ -59,6 +59,7 @@ from nsm.errors import (
 from nsm.forwarder.kernel import alias_for
 from nsm.forwarder.mechanism import UPSTREAM, Datapath, answered, close_downstream
 from nsm.kernel.netlink import LinkInfo, Netlink, RuleInfo
+from nsm.kernel.netns import NetnsFinder
 from nsm.log import Logger
 from nsm.mechanisms import (
     DST_IP,
@@ -75,7 +76,6 @@ from nsm.mechanisms import (
     VNI,
     VXLAN,
     VXLAN_PORT,
-    existing_netns_path,
     validate_ifname,
 )
 
@@ -569,8 +569,9 @@ _LEFTOVER: Key[Leftover] = Key("vxlan.leftover")
 
 class _Side(Datapath):
     def __init__(self, netlink: Netlink, tunnel: Tunnel, vnis: VniPool, tables: TablePool,
-                 owner: str, leftovers: Leftovers) -> None:
+                 owner: str, leftovers: Leftovers, finder: NetnsFinder | None = None) -> None:
         self.netlink = netlink
+        self.finder = finder or NetnsFinder()
         self.tunnel = tunnel
         self.vnis = vnis
         self.tables = tables
@@ -688,7 +689,7 @@ class VxlanClient(_Side):
         prefs = request.mechanism_preferences
         if not self.mine(ctx) or up is None or not prefs:
             return await next(ctx, request)
-        pod_ns = existing_netns_path(up.parameters.get(NETNS_INODE_URL, ""))
+        pod_ns = self.finder.resolve(up.parameters.get(NETNS_INODE_URL, ""))
         pod_if = validate_ifname(up.parameters.get(NAME, ""), "client interface name")
         half = ctx.meta.get(_HALF)
         lo = self._claim(ctx) if half is None else None
@@ -798,7 +799,7 @@ class VxlanServer(_Side):
             raise
         try:
             down = answered(conn, LOCAL, KERNEL, "endpoint")
-            pod_ns = existing_netns_path(down.parameters.get(NETNS_INODE_URL, ""))
+            pod_ns = self.finder.resolve(down.parameters.get(NETNS_INODE_URL, ""))
             pod_if = validate_ifname(down.parameters.get(NAME, ""), "endpoint interface name")
             offered = int(up.parameters.get(MTU, "0") or 0) or self.tunnel.mtu
             mtu = min(conn.context.MTU or self.tunnel.mtu, self.tunnel.mtu, offered)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nsm.errors import AlreadyExists, Internal, InvalidArgument, NotFound, PermissionDenied
+from nsm.mechanisms import netns_inode as url_netns_inode
 from nsm.mechanisms import netns_path as url_netns_path
 
 T = TypeVar("T")
@@ -184,6 +185,68 @@ class CheckedNetns:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+class NetnsFinder:
+    """Paths of network namespaces named by identity (``inode://<dev>/<ino>``:
+    :func:`nsm.mechanisms.inode_url`), for a node daemon that sees every process of its node
+    (the forwarder: hostPID on Kubernetes). A pod's own process names its namespace that way
+    because its PIDs mean nothing outside its PID namespace, so no pod needs hostPID.
+
+    A namespace is found as a name under ``/var/run/netns`` or as ``/proc/<pid>/ns/net`` of a
+    process inside it, and remembered (checked again at each use: the process may have gone,
+    and another been found). NotFound when no name and no process holds it. Only where to look
+    is decided here; what may be done there is :class:`NodeNetns`'s and the proofs' to decide.
+    """
+
+    def __init__(self, *, proc: str = "/proc", run_dir: str = NETNS_RUN_DIR, keep: int = 1024) -> None:
+        self.proc, self.run_dir, self.keep = proc, run_dir, keep
+        self._known: dict[NetnsId, str] = {}
+
+    def path(self, ident: NetnsId) -> str:
+        """A path of the namespace ``ident`` (NotFound if none)."""
+        known = self._known.get(ident)
+        if known is not None and _stat_ident(known) == ident:
+            return known
+        found = self._scan(ident)
+        if found is None:
+            self._known.pop(ident, None)
+            raise NotFound(f"network namespace inode://{ident[0]}/{ident[1]} does not exist "
+                           "(no name and no process of this node holds it)")
+        if len(self._known) >= self.keep:
+            self._known.clear()
+        self._known[ident] = found
+        return found
+
+    def resolve(self, url: str, *, exists: bool = True) -> str:
+        """The path of the namespace an ``inodeURL`` names (a path, or by inode): NotFound when
+        it does not exist (a path is not looked at unless ``exists``: the caller opens it)."""
+        ident = url_netns_inode(url)
+        if ident is None:
+            path = url_netns_path(url)
+            if exists and not os.path.exists(path):
+                raise NotFound(f"network namespace {path} does not exist")
+            return path
+        return self.path(ident)
+
+    def _scan(self, ident: NetnsId) -> str | None:
+        candidates: list[str] = []
+        with contextlib.suppress(OSError):
+            candidates += [e.path for e in os.scandir(self.run_dir)]
+        with contextlib.suppress(OSError):
+            candidates += [f"{e.path}/ns/net" for e in os.scandir(self.proc) if e.name.isdigit()]
+        for path in candidates:
+            if _stat_ident(path) == ident:
+                return path
+        return None
+
+
+def _stat_ident(path: str) -> NetnsId | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class NodeNetns:

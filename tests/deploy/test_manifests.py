@@ -194,6 +194,17 @@ def test_resources_everywhere(rendered: dict[str, list[dict[str, Any]]]) -> None
             assert {"cpu", "memory"} <= set(r.get("limits", {})), (k, c["name"])
 
 
+def test_only_the_node_pod_shares_the_hosts_pids(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The forwarder finds pods' namespaces among the node's processes (hostPID, the node pod
+    only); endpoints name theirs by identity, so no workload pod needs the host's PIDs."""
+    from e2e.kind import kube
+
+    shared = {(k, d["metadata"]["name"]) for k, d in documents(rendered)
+              for pod in pod_specs(d) if pod.get("hostPID")}
+    assert shared and {name for _, name in shared} == {"nsm-node"}, shared
+    assert not any(pod.get("hostPID") for pod in pod_specs(kube.endpoint("nse", "svc", "172.16.1.0/24")))
+
+
 def test_node_pod_shape(rendered: dict[str, list[dict[str, Any]]]) -> None:
     ds = find(rendered["base"], "DaemonSet", "nsm-node")
     pod = ds["spec"]["template"]["spec"]

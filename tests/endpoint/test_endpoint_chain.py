@@ -101,7 +101,9 @@ async def test_request_as_a_forwarder_would(nse) -> None:  # type: ignore[no-unt
     params = conn.mechanism.parameters
     assert conn.mechanism.cls == "LOCAL" and conn.mechanism.type == "KERNEL"
     assert params[NAME] == ifname_for(nse_id) and len(params[NAME]) <= 15
-    assert params[NETNS_INODE_URL] == f"file:///proc/{os.getpid()}/ns/net"
+    # Its own namespace, by identity (its PIDs may mean nothing to the forwarder).
+    st = os.stat("/proc/self/ns/net")
+    assert params[NETNS_INODE_URL] == f"inode://{st.st_dev}/{st.st_ino}"
     ip = conn.context.ip_context
     assert list(ip.dst_ip_addrs) == ["172.16.0.1/32"] and list(ip.src_ip_addrs) == ["172.16.0.2/32"]
     assert [r.prefix for r in ip.src_routes] == ["172.16.0.1/32"]
