@@ -77,7 +77,11 @@ def mechanisms(draw: Any, netns: Sequence[str] = ()) -> Mechanism:
     kind = draw(texts(KERNEL, VXLAN, "MEMIF"))
     params = draw(maps(texts(NAME, NETNS_INODE_URL, MTU, VNI, "src_ip", "dst_ip")))
     if kind == KERNEL and draw(st.booleans()):
-        params[NETNS_INODE_URL] = draw(st.sampled_from(list(netns) or ["file:///nonexistent"]))
+        params[NETNS_INODE_URL] = draw(st.one_of(
+            st.sampled_from(list(netns) or ["file:///nonexistent"]),
+            # By identity: well-formed (no such namespace, mostly) or not.
+            st.builds(lambda d, i: f"inode://{d}/{i}", st.integers(0, 2**64), st.integers(0, 2**64)),
+            st.sampled_from(["inode://", "inode://4", "inode://4/x", "inode://4/5/6"])))
         params[NAME] = draw(texts("nsm-1", "nsm-fuzz"))
     return Mechanism(cls=draw(texts(LOCAL, REMOTE)), type=kind, parameters=params)
 
