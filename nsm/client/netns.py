@@ -14,9 +14,10 @@ from nsm.api.connection_pb2 import Connection, Mechanism
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
 from nsm.client.begin import EVENT, Kind
-from nsm.kernel.netns import NetnsId
+from nsm.errors import NsmError
+from nsm.kernel.netns import NetnsId, parse_netns
 from nsm.log import get_logger
-from nsm.mechanisms import KERNEL, LOCAL, NETNS_INODE_URL, netns_path
+from nsm.mechanisms import KERNEL, LOCAL, NETNS_INODE_URL
 from nsm.security.netns import NetnsProof, ProofListener
 from nsm.security.tls import Security
 
@@ -30,7 +31,10 @@ def named_netns(request: NetworkServiceRequest) -> str | None:
         candidates.append(request.connection.mechanism)
     for m in candidates:
         if (m.cls, m.type) == (LOCAL, KERNEL) and m.parameters.get(NETNS_INODE_URL):
-            return netns_path(m.parameters[NETNS_INODE_URL])
+            try:  # a path, or by identity (its own namespace, mostly)
+                return parse_netns(m.parameters[NETNS_INODE_URL])
+            except NsmError:
+                return None  # nothing to prove: the forwarder refuses what it cannot find
     return None
 
 

@@ -36,7 +36,7 @@ from nsm.client.refresh import REFRESH_FRACTION
 from nsm.elements.updatepath import expiry_of
 from nsm.elements.validate import validate_connection
 from nsm.errors import NsmError
-from nsm.kernel.netns import resolve_netns
+from nsm.kernel.netns import own_netns_url, resolve_netns
 from nsm.log import get_logger
 from nsm.mechanisms import NAME, kernel, netns_url, validate_ifname, validate_mechanism
 from nsm.security.tls import Security
@@ -99,7 +99,9 @@ class Client:
         self.lifetime = self.connections.lifetime
         self.request_timeout = self.connections.request_timeout
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
-        self.mechanisms = list(mechanisms) if mechanisms else [kernel(self.ifname, netns_url(self.netns))]
+        # Its own namespace by identity (in a pod its PIDs mean nothing to the forwarder).
+        self.netns_url = own_netns_url() if netns is None else netns_url(self.netns)
+        self.mechanisms = list(mechanisms) if mechanisms else [kernel(self.ifname, self.netns_url)]
         for m in self.mechanisms:
             validate_mechanism(m)
         self.conn_id = conn_id or str(uuid.uuid4())

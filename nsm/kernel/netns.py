@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nsm.errors import AlreadyExists, Internal, InvalidArgument, NotFound, PermissionDenied
+from nsm.mechanisms import inode_url as url_inode_url
 from nsm.mechanisms import netns_inode as url_netns_inode
 from nsm.mechanisms import netns_path as url_netns_path
 
@@ -107,15 +108,28 @@ def netns_path(name_or_path: str) -> str:
 
 
 def own_netns() -> str:
-    """This process's network namespace, as a path other processes can open."""
+    """This process's network namespace, as a path other processes of its PID namespace can
+    open (those of others: :func:`own_netns_url`)."""
     return f"/proc/{os.getpid()}/ns/net"
+
+
+def own_netns_url() -> str:
+    """How this process names its own network namespace to others: by identity
+    (``inode://<dev>/<ino>``), which means the same to a reader in another PID namespace (a
+    pod's PIDs mean nothing to the node's forwarder)."""
+    return url_inode_url(netns_id(own_netns()))
 
 
 def parse_netns(value: str | None) -> str:
     """The path :func:`resolve_netns` names, without checking that it exists (for callers that
-    look again and again, to whom a namespace that disappears is news, not bad input)."""
+    look again and again, to whom a namespace that disappears is news, not bad input). An
+    ``inode://<dev>/<ino>`` URL is this process's own namespace when it is (:func:`own_netns`),
+    else it is looked for (:class:`NetnsFinder`; NotFound when nothing holds it)."""
     if not value:
         return own_netns()
+    ident = url_netns_inode(value)
+    if ident is not None:
+        return own_netns() if _stat_ident(own_netns()) == ident else NetnsFinder().path(ident)
     if value.startswith("file:"):
         return url_netns_path(value)
     return netns_path(value)

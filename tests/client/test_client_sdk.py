@@ -96,7 +96,9 @@ async def test_first_request(manager) -> None:  # type: ignore[no-untyped-def]
         (pref,) = sent.mechanism_preferences
         assert (pref.cls, pref.type) == ("LOCAL", "KERNEL")
         assert pref.parameters[NAME] == "nsm-1"
-        assert pref.parameters[NETNS_INODE_URL] == f"file:///proc/{os.getpid()}/ns/net"
+        # Its own namespace, by identity (in a pod its PIDs mean nothing to the forwarder).
+        st = os.stat("/proc/self/ns/net")
+        assert pref.parameters[NETNS_INODE_URL] == f"inode://{st.st_dev}/{st.st_ino}"
     assert len(fake.closes) == 1 and fake.closes[0].id == conn.id
 
 
