@@ -52,6 +52,8 @@ extern char **environ;
 
 static char *input;
 static size_t input_len;
+/* How the runtime ran this program (argv[0]): where the Python plugin is when /proc is not. */
+static const char *invoked = "nsm-cni";
 
 /* Run the Python plugin in place of this process, stdin replayed; `failed` (or NULL) tells it
  * how the exchange with the agent failed. Never returns. */
@@ -59,12 +61,12 @@ static void fallback(const char *failed) {
     char self[PATH_MAX - 8];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
     char plugin[PATH_MAX];
-    if (n <= 0) {
-        fprintf(stderr, "nsm-cni: cannot find its own path: %s\n", strerror(errno));
-        exit(1);
+    if (n > 0) {
+        self[n] = '\0';
+        snprintf(plugin, sizeof plugin, "%s-python", self);
+    } else {
+        snprintf(plugin, sizeof plugin, "%s-python", invoked);
     }
-    self[n] = '\0';
-    snprintf(plugin, sizeof plugin, "%s-python", self);
     int fd = memfd_create("nsm-cni-stdin", 0);
     if (fd >= 0) {
         size_t off = 0;
@@ -255,7 +257,8 @@ static int send_all(int fd, const char *buf, size_t len) {
     return 0;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    if (argc > 0 && argv[0] != NULL && argv[0][0] != '\0') invoked = argv[0];
     const char *command = getenv("CNI_COMMAND");
     read_stdin();
     if (command == NULL || (strcmp(command, "ADD") != 0 && strcmp(command, "DEL") != 0 &&
