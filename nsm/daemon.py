@@ -10,14 +10,19 @@ a test (:meth:`nsm.lab.harness.LabHarness.daemon_status`) counts what a daemon l
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
+from nsm import log as nsmlog
+from nsm.config import flag
 from nsm.log import get_logger
+from nsm.security.options import add_security_flags
+from nsm.security.policy import add_policy_flags
 
 log = get_logger("nsm.daemon")
 
@@ -57,6 +62,29 @@ def settle_heap() -> None:
     collector walks only what came after (``gc.freeze``)."""
     gc.collect()
     gc.freeze()
+
+
+def add_role_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every serving role (manager, forwarder) ends with: identity, authorization
+    policies and logging."""
+    add_security_flags(parser)
+    add_policy_flags(parser)
+    flag(parser, "--log-level", help="log level", default="info")
+    flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
+
+
+def role_runner(build: Callable[[argparse.Namespace], tuple[Any, Any]]
+                ) -> Callable[[argparse.Namespace], Coroutine[Any, Any, int]]:
+    """The ``run(args)`` of a serving role's command: set up logging, ``build(args)`` the role
+    and its :class:`~nsm.security.tls.Security` (a bad flag raises there, before anything is
+    started), and :func:`serve_role` them."""
+
+    async def run(args: argparse.Namespace) -> int:
+        nsmlog.setup(args.log_level, args.log_json)
+        role, security = build(args)
+        return await serve_role(role, security)
+
+    return run
 
 
 async def serve_role(role: Any, security: Any) -> int:

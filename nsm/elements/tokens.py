@@ -27,14 +27,8 @@ from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
 from nsm.elements.updatepath import ts
 from nsm.errors import PermissionDenied, Unauthenticated
-from nsm.security.policy import (
-    NEXT_TOKEN_SIGNED,
-    TOKENS_VALID,
-    Policies,
-    check_next_token,
-    check_tokens,
-    deny,
-)
+from nsm.security import policy
+from nsm.security.policy import Policies, check_next_token, check_tokens
 from nsm.security.tls import Security
 from nsm.security.tokens import TOKEN_HEADER, mint
 from nsm.transport import Channels
@@ -75,7 +69,7 @@ class PathTokens(Element):
         index = path.index
         segments = path.path_segments
         if index == 0:
-            raise deny(TOKENS_VALID, "the caller's path segment is missing", peer=str(ctx.peer))
+            raise policy.deny(policy.TOKENS_VALID, "the caller's path segment is missing", peer=str(ctx.peer))
         own_id = self.security.svid.id
         token = ctx.headers.get(TOKEN_HEADER, "")
         prev = segments[index - 1]
@@ -147,7 +141,7 @@ class HopTokens:
         segments = answer.path.path_segments
         token = segments[index + 1].token if index + 1 < len(segments) else ""
         if not token:
-            raise deny(NEXT_TOKEN_SIGNED, "the next hop answered no token for its segment",
+            raise policy.deny(policy.NEXT_TOKEN_SIGNED, "the next hop answered no token for its segment",
                        next_hop=str(next_id))
         try:
             check_next_token(self.policies, token, next_id=next_id, next_cert=next_cert, quiet=True)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from nsm import log as nsmlog
 from nsm.config import duration, flag, run_command
-from nsm.daemon import serve_role
+from nsm.daemon import add_role_flags, role_runner
 from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.forwarder.forwarder import Forwarder
 from nsm.forwarder.vxlan import DEFAULT_ADOPT_GRACE
 from nsm.names import check_name
 from nsm.security.ids import FORWARDER, node_id
-from nsm.security.options import add_security_flags, security_from_args
-from nsm.security.policy import add_policy_flags, policies_from_args
+from nsm.security.options import security_from_args
+from nsm.security.policy import policies_from_args
+from nsm.security.tls import Security
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,24 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--adopt-grace", help="after a restart, how long the datapath an earlier run "
          "left is kept for its connections to claim (their next Request adopts it); what none "
          "claims is removed then", type=duration, default=DEFAULT_ADOPT_GRACE)
-    add_security_flags(parser)
-    add_policy_flags(parser)
-    flag(parser, "--log-level", help="log level", default="info")
-    flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
+    add_role_flags(parser)
 
 
-async def run(args: argparse.Namespace) -> int:
+def build(args: argparse.Namespace) -> tuple[Forwarder, Security]:
     check_name(args.name, "forwarder name (--name)")
     if args.node is not None:
         check_name(args.node, "node name (--node)")
-    nsmlog.setup(args.log_level, args.log_json)
     security = security_from_args(args, node_id(args.trust_domain, args.node or args.name, FORWARDER))
-    fwd = Forwarder(name=args.name, listen=args.listen, manager_url=args.manager,
-                    registry_url=args.registry, node=args.node or "", lifetime=args.lifetime,
-                    request_timeout=args.request_timeout, expiry=args.expiry,
-                    tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace, security=security,
-                    policies=policies_from_args(args))
-    return await serve_role(fwd, security)
+    return Forwarder(name=args.name, listen=args.listen, manager_url=args.manager,
+                     registry_url=args.registry, node=args.node or "", lifetime=args.lifetime,
+                     request_timeout=args.request_timeout, expiry=args.expiry,
+                     tunnel_ip=args.tunnel_ip, adopt_grace=args.adopt_grace, security=security,
+                     policies=policies_from_args(args)), security
+
+
+run = role_runner(build)
 
 
 def main(argv: list[str] | None = None) -> int:
