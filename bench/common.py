@@ -43,7 +43,7 @@ from nsm.kernel.netlink import Netlink
 from nsm.lab import Lab, Topology, end_processes_in
 from nsm.lab.processes import Daemon
 from nsm.security.ca import CertificateAuthority
-from nsm.security.ids import DEFAULT_TRUST_DOMAIN, node_id, workload_id
+from nsm.security.ids import DEFAULT_TRUST_DOMAIN, MANAGER, node_id, workload_id
 from nsm.security.sources import CaSource
 from nsm.security.tls import Security
 
@@ -301,6 +301,10 @@ class Scratch:
         """The identity of the pod of ``netns`` (``spiffe://<td>/ns/default/pod/<name>``)."""
         return self.identity(workload_id(self.trust_domain, os.path.basename(netns.rstrip("/"))))
 
+    def manager_id(self, node: str) -> str | None:
+        """The SPIFFE ID of ``node``'s manager, which its clients expect; None when insecure."""
+        return node_id(self.trust_domain, node, MANAGER) if self.secure else None
+
     def role_identity(self, node: str, role: str) -> Security:
         """The identity of a node's manager or forwarder (to call a hop as its real caller)."""
         return self.identity(node_id(self.trust_domain, node, role))
@@ -555,15 +559,19 @@ async def start_identities(identity: PodIdentity, namespaces: Iterable[str]) -> 
 
 
 def new_clients(manager_url: str, service: str, namespaces: Sequence[str],
-                label: str, identity: PodIdentity) -> Callable[[int], Client]:
+                label: str, identity: PodIdentity, manager_id: str | None = None
+                ) -> Callable[[int], Client]:
     """``i`` → a new SDK ``Client`` of ``service`` from ``namespaces[i]`` with the identity of
-    its pod, as a new pod would make (its Request also connects its channel to the manager).
+    its pod, as a new pod would make (its Request also connects its channel to the manager),
+    configured with the manager's SPIFFE ID as a pod of the node's DaemonSet is
+    (``NSM_MANAGER_ID``: the handshake proves the manager, no identity round trip).
     The setup benchmarks measure the Request path, so their clients do not heal (no monitor
     stream, no liveness probe per client): what healing costs is measured by ``bench.heal``
     and ``bench.liveness``."""
     def make(i: int) -> Client:
         return Client(heal=None, manager_url=manager_url, service=service, netns=namespaces[i],
-                      ifname=IFNAME, name=f"bench-nsc-{label}-{i}", security=identity(namespaces[i]))
+                      ifname=IFNAME, name=f"bench-nsc-{label}-{i}", security=identity(namespaces[i]),
+                      manager_id=manager_id)
 
     return make
 

@@ -440,7 +440,8 @@ async def run(options: Options) -> dict[str, Any]:
             await start_identities(scratch.pod_identity, seq_ns + conc_ns)
             say(f"  ours: {n} connections, one at a time")
             result["sequential"] = await phase(nl, new_clients(mesh.manager_url, SERVICE, seq_ns, "seq",
-                                                               scratch.pod_identity),
+                                                               scratch.pod_identity,
+                                                               scratch.manager_id(NODE)),
                                                seq_ns, 1, failures, "seq", mesh.pids)
             await settle(options.settle)
             if with_floor:
@@ -449,7 +450,8 @@ async def run(options: Options) -> dict[str, Any]:
                 await settle(options.settle)
             say(f"  ours: {n} connections, {concurrency} at a time")
             result["concurrent"] = await phase(nl, new_clients(mesh.manager_url, SERVICE, conc_ns, "conc",
-                                                               scratch.pod_identity),
+                                                               scratch.pod_identity,
+                                                               scratch.manager_id(NODE)),
                                                conc_ns, concurrency, failures, "conc", mesh.pids)
             await settle(options.settle)
             if with_floor:

@@ -124,7 +124,8 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
             conc_ns = [lab.pod(f"c{i}").netns for i in range(n)]
             await start_identities(lab.pod_identity, seq_ns + conc_ns)
             result["sequential"] = await phase(
-                nl, new_clients(manager_url, SERVICE, seq_ns, "seq", lab.pod_identity), seq_ns, 1,
+                nl, new_clients(manager_url, SERVICE, seq_ns, "seq", lab.pod_identity,
+                            lab.manager_id("node1")), seq_ns, 1,
                 failures, "seq", pids, mtu=TUNNEL_MTU)
             await asyncio.sleep(settle)
             if floor:
@@ -133,7 +134,8 @@ async def run(quick: bool = False, *, n: int | None = None, concurrency: int | N
                 await asyncio.sleep(settle)
             say(f"  ours: {n} remote connections, {concurrency} at a time")
             result["concurrent"] = await phase(
-                nl, new_clients(manager_url, SERVICE, conc_ns, "conc", lab.pod_identity), conc_ns,
+                nl, new_clients(manager_url, SERVICE, conc_ns, "conc", lab.pod_identity,
+                            lab.manager_id("node1")), conc_ns,
                 concurrency, failures, "conc", pids, mtu=TUNNEL_MTU)
             await asyncio.sleep(settle)
             if floor:

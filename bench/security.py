@@ -151,7 +151,8 @@ async def _local(n: int, nl: Netlink, failures: Failures, keep_logs: bool) -> di
             say(f"  local {name}: first requests (ms, not counted) {[round(v, 1) for v in warm]}")
             await start_identities(scratch.pod_identity, namespaces)
             sides.append(Side(name, new_clients(mesh.manager_url, local_setup.SERVICE, namespaces,
-                                                f"l{name[:3]}", scratch.pod_identity),
+                                                f"l{name[:3]}", scratch.pod_identity,
+                                                scratch.manager_id(local_setup.NODE)),
                               namespaces, mesh.pids))
         say(f"  local: {n} connections per side, one at a time, interleaved")
         out = await interleaved(sides, nl, failures, "local")
@@ -184,7 +185,8 @@ async def _remote(n: int, nl: Netlink, failures: Failures) -> dict[str, Any]:
             identity: PodIdentity = lab.pod_identity if lab.secure else _constant(Security.insecure())
             await start_identities(identity, namespaces)
             sides.append(Side(name, new_clients(lab.node("node1").manager_url, remote_setup.SERVICE,
-                                                namespaces, f"r{name[:3]}", identity),
+                                                namespaces, f"r{name[:3]}", identity,
+                                                lab.manager_id("node1")),
                               namespaces, lab.pids()))
         say(f"  remote: {n} connections per side, one at a time, interleaved")
         out = await interleaved(sides, nl, failures, "remote", mtu=TUNNEL_MTU)

@@ -17,6 +17,7 @@ from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Chain, Ctx
 from nsm.errors import DeadlineExceeded, Internal, NsmError, grpc_errors
+from nsm.security import prove
 from nsm.security.tls import Security
 
 SERVICE_NAME = "networkservice.NetworkService"
@@ -46,6 +47,10 @@ class NetworkServiceServicer(networkservice_pb2_grpc.NetworkServiceServicer):
         self, request: NetworkServiceRequest, context: grpc.aio.ServicerContext
     ) -> Connection:
         ctx = self._context(context)
+        if ctx.peer is not None and prove.WANT_HEADER in ctx.headers:
+            # The caller expects this server's identity (the handshake proved it): the
+            # certificate that verifies this hop's token goes with the answer.
+            await context.send_initial_metadata(prove.chain_metadata(self.security))
         try:
             return await self.chain.request(request, ctx)
         except (NsmError, grpc.aio.AioRpcError):

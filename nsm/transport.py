@@ -26,10 +26,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nsm.errors import FailedPrecondition, InvalidArgument, NsmError
+from nsm.errors import FailedPrecondition, InvalidArgument, NsmError, Unauthenticated
 from nsm.limits import MAX_MESSAGE_BYTES
+from nsm.log import get_logger
 from nsm.security import prove
-from nsm.security.ids import SpiffeId
+from nsm.security.ids import SpiffeId, identity_name, parse_id
 from nsm.security.tls import Security
 
 #: Longest path of a unix socket (sun_path is 108 bytes with its NUL).
@@ -46,6 +47,8 @@ PRECONNECT_TIMEOUT = 5.0
 
 #: How many of a peer's latest proven certificates :meth:`Channels.proven` keeps.
 PROVEN_KEPT = 3
+
+log = get_logger("nsm.transport")
 
 #: Connect timeout of one attempt over TCP and over a unix socket (see :data:`CHANNEL_OPTIONS`).
 TCP_CONNECT_TIMEOUT_MS = 300
@@ -385,29 +388,33 @@ def server_credentials(security: Security) -> grpc.ServerCredentials:
     return grpc.dynamic_ssl_server_credentials(config(), fetch, require_client_authentication=True)
 
 
-def channel_credentials(security: Security) -> tuple[grpc.ChannelCredentials, tuple[tuple[str, str], ...]]:
+def channel_credentials(security: Security, name: str | None = None
+                        ) -> tuple[grpc.ChannelCredentials, tuple[tuple[str, str], ...]]:
     """Credentials of a new channel (the current SVID as client certificate, the bundle as the
-    roots the server's certificate must chain to) and the option naming the DNS name every SVID
-    carries (:attr:`Security.server_name`)."""
+    roots the server's certificate must chain to) and the option naming the DNS name the
+    server's certificate must carry: ``name``, else the one every SVID carries
+    (:attr:`Security.server_name`)."""
     svid = security.svid
     return (grpc.ssl_channel_credentials(svid.bundle_pem, svid.key_pem, svid.chain_pem),
-            (("grpc.ssl_target_name_override", security.server_name),))
+            (("grpc.ssl_target_name_override", name or security.server_name),))
 
 
-def dial(url: str | Url, security: Security | None = None, *, follow: bool = True) -> grpc.aio.Channel:
+def dial(url: str | Url, security: Security | None = None, *, follow: bool = True,
+         name: str | None = None) -> grpc.aio.Channel:
     """Open a channel to a URL: mTLS with ``security``'s current SVID, plaintext without.
 
     A secure channel follows the SVID's rotations (``follow``, :class:`FollowingChannel`): a
     channel's credentials are fixed when it is made, and one kept for long (a daemon's registry
     channel) would otherwise reconnect after its first certificate expired with that one, and
     be refused forever. ``follow=False``: a plain channel with the current SVID (what
-    :class:`Channels` makes, which renews its channels itself)."""
+    :class:`Channels` makes, which renews its channels itself); ``name``: the DNS name the
+    server's certificate must carry (:func:`channel_credentials`; not with ``follow``)."""
     parsed = url if isinstance(url, Url) else parse_url(url)
     if security is None or not security.enabled:
         return grpc.aio.insecure_channel(parsed.target(), options=channel_options(parsed))
     if follow:
         return FollowingChannel(parsed, security)
-    credentials, options = channel_credentials(security)
+    credentials, options = channel_credentials(security, name)
     return grpc.aio.secure_channel(parsed.target(), credentials,
                                    options=(*channel_options(parsed), *options))
 
@@ -581,7 +588,7 @@ class Channels:
 
     def __init__(self, factory: Callable[[str], grpc.aio.Channel] | None = None, *,
                  security: Security | None = None) -> None:
-        self._factory = factory or (lambda url: dial(url, security, follow=False))
+        self._factory = factory or self._dial
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._unsubscribe: Callable[[], None] | None = None
         if security is not None and security.enabled and factory is None:
@@ -595,11 +602,76 @@ class Channels:
         #: Proven identities of the servers, by channel (a new channel proves again).
         self._peers: dict[str, tuple[grpc.aio.Channel, asyncio.Future[tuple[SpiffeId, Any]]]] = {}
         self._proven: dict[str, list[tuple[SpiffeId, Any]]] = {}
+        #: The identity each URL's server must be (:meth:`expect`).
+        self._expected: dict[str, SpiffeId] = {}
+        #: The DNS name each URL's channel asks for: its expected identity's own, while the
+        #: server's certificate carries it (the handshake proves who it is).
+        self._names: dict[str, str] = {}
 
     @property
     def security(self) -> Security:
         """The security its channels are dialled with (insecure when none was given)."""
         return self._security
+
+    def _dial(self, url: str) -> grpc.aio.Channel:
+        return dial(url, self._security, follow=False, name=self._names.get(url))
+
+    def expect(self, url: str, spiffe_id: str | SpiffeId) -> None:
+        """The server at ``url`` must be ``spiffe_id`` (InvalidArgument when it is no SPIFFE ID;
+        nothing when insecure). Its channel then asks for that identity's own DNS name
+        (:func:`~nsm.security.ids.identity_name`, which the built-in CA puts in every SVID), so
+        the TLS handshake itself proves who the server is: :meth:`peer` answers at once, with
+        no Prove round trip, and the certificate the server sends with its answer
+        (:meth:`learn`) verifies its tokens. A server whose certificate lacks the name is
+        refused by the handshake: :meth:`fall_back` then has it prove itself instead, and what
+        it proves must still be ``spiffe_id``. Call before the URL's first use."""
+        if not self._security.enabled:
+            return
+        sid = parse_id(str(spiffe_id))
+        self._expected[url] = sid
+        name = identity_name(sid, self._security.server_name)
+        if name is not None and self._factory == self._dial:
+            self._names[url] = name
+
+    def expected(self, url: str) -> SpiffeId | None:
+        """The identity the server at ``url`` must be (None: whoever proves it is of the trust
+        domain)."""
+        return self._expected.get(url)
+
+    def named(self, url: str) -> bool:
+        """Whether the channel to ``url`` has the handshake prove the server's identity (it
+        then sends its certificate with its answers: :data:`~nsm.security.prove.WANT_HEADER`)."""
+        return url in self._names
+
+    def fall_back(self, url: str) -> None:
+        """The server at ``url`` failed the handshake's check of its identity's DNS name (its
+        SVID does not carry it: a SPIRE entry without it, PEM files): from now on its channel
+        asks for the name every SVID carries, and the server proves who it is
+        (:mod:`nsm.security.prove`), which must still be the expected identity."""
+        if self._names.pop(url, None) is None:
+            return
+        log.warning("server certificate lacks its identity's DNS name: it proves its identity "
+                    "by a round trip instead", url=url, expected=str(self._expected.get(url)))
+        stale = self._channels.get(url)
+        if stale is not None:
+            self.renew(url, stale)
+
+    def learn(self, url: str, metadata: Any) -> None:
+        """The certificate chain the server at ``url`` sent with an answer
+        (:data:`~nsm.security.prove.CHAIN_HEADER` in ``metadata``), checked against the trust
+        bundle and the expected identity; remembered as the server's (:meth:`peer`,
+        :meth:`proven`). Unauthenticated when it is not of the expected identity; nothing when
+        it sent none."""
+        expected = self._expected.get(url)
+        if expected is None:
+            return
+        cert = prove.chain_from(metadata, self._security, expected)
+        if cert is None:
+            return
+        seen = self._proven.setdefault(url, [])
+        if not seen or seen[0][1] != cert:
+            seen.insert(0, (expected, cert))
+            del seen[PROVEN_KEPT:]
 
     def get(self, url: str) -> grpc.aio.Channel:
         channel = self._channels.get(url)
@@ -615,13 +687,21 @@ class Channels:
         InvalidArgument when insecure."""
         if not self._security.enabled:
             raise InvalidArgument("an insecure channel has no identity to prove")
-        return await asyncio.shield(self._proof(url, again=again))
+        expected = self._expected.get(url)
+        if expected is not None and not again and url in self._names:
+            # The handshake proves it; the certificate is the one its last answer carried.
+            seen = self._proven.get(url)
+            return expected, (seen[0][1] if seen else None)
+        sid, cert = await asyncio.shield(self._proof(url, again=again))
+        if expected is not None and sid != expected:
+            raise Unauthenticated(f"the server at {url} is {sid}, not {expected}")
+        return sid, cert
 
     def prove_soon(self, url: str) -> None:
         """Have the server at ``url`` prove who it is now, in the background (the channel
         connects meanwhile), so that a :meth:`peer` soon after finds it done or under way; a
         failure is :meth:`peer`'s to report. Nothing when insecure."""
-        if self._security.enabled:
+        if self._security.enabled and url not in self._names:
             self._proof(url)
 
     def _proof(self, url: str, *, again: bool = False) -> asyncio.Future[tuple[SpiffeId, Any]]:

@@ -114,7 +114,10 @@ class Connections:
     ``hooks`` are more elements that watch live connections (:class:`~nsm.client.hooks.Hook`),
     ``on_change`` gets every :class:`~nsm.client.notify.StateChange`; ``security`` is this
     client's identity: while a connection names a namespace, a proof listener inside it tells
-    the forwarder the namespace is this client's (:mod:`nsm.client.netns`)."""
+    the forwarder the namespace is this client's (:mod:`nsm.client.netns`); ``manager_id``,
+    when given, is the SPIFFE ID the manager must have (any other is refused), proven by the
+    TLS handshake itself (:meth:`~nsm.transport.Channels.expect`), which spares every new
+    client a round trip before its first Request."""
 
     def __init__(
         self,
@@ -129,6 +132,7 @@ class Connections:
         hooks: Sequence[Element] = (),
         on_change: Callable[[StateChange], None] | None = None,
         security: Security | None = None,
+        manager_id: str | None = None,
     ) -> None:
         self.manager_url = str(parse_url(manager_url))
         #: This client's identity and credentials (started by the first Request when it is
@@ -144,6 +148,9 @@ class Connections:
         self.lifetime = float(lifetime)
         self.request_timeout = float(request_timeout)
         self._channels = Channels(security=self.security)
+        if manager_id:
+            # Its handshake proves the manager's identity: no round trip before the first Request.
+            self._channels.expect(self.manager_url, manager_id)
         self._begin = ClientBegin()
         self._notify = Notify()
         if on_change is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -20,7 +21,8 @@ from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
 from nsm.elements.tokens import HopTokens
-from nsm.errors import NsmError, call
+from nsm.errors import NsmError, Unavailable, call
+from nsm.security import prove
 from nsm.security.policy import Policies
 from nsm.transport import Channels
 
@@ -55,16 +57,38 @@ class ManagerConnect(Element):
         self.tokens = HopTokens(channels, policies or Policies())
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
-        metadata = await self.tokens.sign(self.url, request.connection)
-        conn = await request_once(self.channels.get(self.url), request, timeout=self.timeout,
-                                  metadata=metadata)
         try:
+            conn, answer = await self._request(request)
+        except Unavailable as exc:
+            if not (self.channels.named(self.url) and prove.name_refused(exc.message)):
+                raise
+            # The manager's certificate lacks its identity's DNS name: nothing reached it; it
+            # proves who it is by a round trip instead.
+            self.channels.fall_back(self.url)
+            conn, answer = await self._request(request)
+        try:
+            if answer is not None:
+                self.channels.learn(self.url, answer)
             await self.tokens.check(self.url, conn, request.connection.path.index)
         except NsmError:
             with contextlib.suppress(NsmError):
                 await self.close_connection(conn)
             raise
         return conn
+
+    async def _request(self, request: NetworkServiceRequest) -> tuple[Connection, Any]:
+        """One Request with this client's token: the answer, and the initial metadata it came
+        with when the handshake proves the manager's identity
+        (:meth:`~nsm.transport.Channels.expect`: it sends the certificate its token verifies
+        with) or None."""
+        metadata = await self.tokens.sign(self.url, request.connection)
+        named = self.channels.named(self.url)
+        if named:
+            metadata.append((prove.WANT_HEADER, "1"))
+        stub = networkservice_pb2_grpc.NetworkServiceStub(self.channels.get(self.url))
+        rpc = stub.Request(request, timeout=self.timeout, metadata=metadata)
+        conn: Connection = await call(rpc, "")
+        return conn, (await rpc.initial_metadata() if named else None)
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         await self.close_connection(conn)

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The client's flags (each also settable as ``NSM_<FLAG>``)."""
     flag(parser, "--manager", required=True,
          help="the node's manager URL, e.g. unix:///run/nsm/nsm.sock")
+    flag(parser, "--manager-id", default=None,
+         help="the SPIFFE ID the manager must have (e.g. spiffe://<td>/nsm/node/<node>/manager): "
+              "any other is refused, and its TLS handshake proves it (no identity round trip)")
     flag(parser, "--service", required=True, help="network service to request")
     flag(parser, "--netns", help="network namespace (path, or name under /var/run/netns) for the "
                                  "client's interface (default: this process's)")
@@ -135,7 +138,8 @@ async def run(args: argparse.Namespace) -> int:
         client = Client(manager_url=args.manager, service=args.service, netns=args.netns,
                         ifname=args.ifname, name=args.name, labels=dict(args.label or []),
                         lifetime=args.lifetime, request_timeout=args.timeout, on_update=on_update,
-                        conn_id=conn_id, heal=heal_options(args), security=security)
+                        conn_id=conn_id, heal=heal_options(args), security=security,
+                        manager_id=args.manager_id)
     except NsmError as exc:
         return fail(PROG, exc.message, EXIT_USAGE)
 

@@ -61,7 +61,8 @@ class Client:
     :meth:`request` takes over the manager's live connection ``conn_id`` when its interface is
     in ``netns`` (a restarted client), instead of requesting afresh. ``security``: this
     client's identity (mTLS, and the proof that ``netns`` is its own: a listener inside it while
-    connected).
+    connected); ``manager_id``: the SPIFFE ID the manager must have, proven by the TLS handshake
+    (no identity round trip before the first Request; see :class:`~nsm.client.chain.Connections`).
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class Client:
         hooks: Sequence[Element] = (),
         adopt: bool | None = None,
         security: Security | None = None,
+        manager_id: str | None = None,
     ) -> None:
         self.service = service
         self.ifname = validate_ifname(ifname, "client interface name")
@@ -93,7 +95,8 @@ class Client:
         self.connections = Connections(manager_url=manager_url, name=name, lifetime=lifetime,
                                        request_timeout=request_timeout, min_backoff=min_backoff,
                                        max_backoff=max_backoff, heal=heal, hooks=hooks,
-                                       on_change=self._changed, security=security)
+                                       on_change=self._changed, security=security,
+                                       manager_id=manager_id)
         self.manager_url = self.connections.manager_url
         self.name = self.connections.name
         self.lifetime = self.connections.lifetime

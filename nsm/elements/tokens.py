@@ -138,6 +138,8 @@ class HopTokens:
         if not self.enabled or not self.policies.next_token_signed:
             return
         next_id, next_cert = await self.channels.peer(url)
+        if next_cert is None:  # its identity is known from the handshake, its certificate not
+            next_id, next_cert = await self.channels.peer(url, again=True)
         segments = answer.path.path_segments
         token = segments[index + 1].token if index + 1 < len(segments) else ""
         if not token:

@@ -25,7 +25,7 @@ from nsm.lab.processes import Daemon, end_processes_in, identity, start_time, ta
 from nsm.lab.topology import BRIDGE, DEFAULT_PREFIX, FABRIC, Topology, validate_prefix
 from nsm.registry.client import RegistryClient
 from nsm.security.ca import CertificateAuthority
-from nsm.security.ids import DEFAULT_TRUST_DOMAIN, workload_id
+from nsm.security.ids import DEFAULT_TRUST_DOMAIN, MANAGER, node_id, workload_id
 from nsm.security.sources import CaSource
 from nsm.security.tls import Security
 from nsm.transport import dial
@@ -395,6 +395,11 @@ class Lab:
     @property
     def lab_id(self) -> str:
         return f"spiffe://{self.trust_domain}/nsm/lab"
+
+    def manager_id(self, node: str) -> str | None:
+        """The SPIFFE ID of ``node``'s manager, which its clients expect (``nsm nsc
+        --manager-id``); None when the lab is not secure."""
+        return node_id(self.trust_domain, node, MANAGER) if self.secure else None
 
     @property
     def daemon_env(self) -> dict[str, str]:

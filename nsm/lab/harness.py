@@ -496,10 +496,15 @@ class LabHarness:
         ``nsm nsc`` takes it by default (started by its first use)."""
         return self.lab.pod_identity(netns)
 
+    def manager_id(self, node: str) -> str | None:
+        """The SPIFFE ID ``node``'s manager has (None when not secure)."""
+        return self.lab.manager_id(node)
+
     def open_client(self, node: str, service: str, netns: str, **kwargs: Any) -> Client:
         """An SDK client of ``node``'s manager for a pod (with the pod's identity unless
         ``security`` is given), closed at the end of the scope."""
         kwargs.setdefault("security", self.pod_identity(netns))
+        kwargs.setdefault("manager_id", self.lab.manager_id(node))
         client = Client(manager_url=self.lab.node(node).manager_url, service=service, netns=netns,
                         **kwargs)
         self.stack.push_async_callback(client.close)

@@ -2,10 +2,10 @@
 
 For the lab, the demo, the tests and a single machine, a CA directory (``ca.pem`` and
 ``ca.key``, mode 0700) is created on first use; every process given that directory issues its
-own SVID from it (EC P-256, URI SAN = its SPIFFE ID, DNS SAN = the TLS server name, default
-TTL 1 h, renewed at half its life). Whoever can read the directory can mint any identity of the
-trust domain: it is for one machine's root processes; production uses SPIRE or PEM files
-(:mod:`nsm.security.sources`).
+own SVID from it (EC P-256, URI SAN = its SPIFFE ID, DNS SANs = the TLS server name and the
+ID's own name under it, default TTL 1 h, renewed at half its life). Whoever can read the
+directory can mint any identity of the trust domain: it is for one machine's root processes;
+production uses SPIRE or PEM files (:mod:`nsm.security.sources`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nsm.errors import FailedPrecondition, InvalidArgument
-from nsm.security.ids import check_trust_domain, parse_id
+from nsm.security.ids import check_trust_domain, identity_name, parse_id
 from nsm.security.svid import Svid, load_pem_chain, load_pem_key, now
 
 #: Lifetime of an SVID the built-in CA issues unless configured.
@@ -120,7 +120,8 @@ class CertificateAuthority:
     def issue(self, spiffe_id: str, *, ttl: float = DEFAULT_SVID_TTL, dns_names: tuple[str, ...] = (),
               not_before: dt.datetime | None = None) -> Svid:
         """A new key and an SVID for ``spiffe_id`` valid ``ttl`` seconds (capped by the CA's own
-        validity); ``dns_names`` go into the SAN too (grpcio checks the server's DNS name)."""
+        validity); ``dns_names`` go into the SAN too (grpcio checks the server's DNS name), each
+        also as the ID's own name under it (:func:`~nsm.security.ids.identity_name`)."""
         sid = parse_id(spiffe_id)
         if sid.trust_domain != self.trust_domain:
             raise InvalidArgument(f"{spiffe_id} is not of trust domain {self.trust_domain}")
@@ -130,7 +131,11 @@ class CertificateAuthority:
         start = (not_before or now()) - SKEW
         end = min(start + SKEW + dt.timedelta(seconds=ttl), self.cert.not_valid_after_utc)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(sid))]
-        sans += [x509.DNSName(d) for d in dns_names]
+        for d in dns_names:
+            sans.append(x509.DNSName(d))
+            own = identity_name(sid, d)
+            if own is not None:
+                sans.append(x509.DNSName(own))
         cert = (x509.CertificateBuilder().subject_name(_name(str(sid)))
                 .issuer_name(self.cert.subject).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())

@@ -7,6 +7,17 @@ its SVID chain and an ES256 signature of the nonce made with its SVID key; the c
 chain against its own trust bundle and the signature. The server thus proves it holds the key
 of that SVID (the TLS handshake, on the same connection, already proved it holds a key of the
 trust domain). Used for token audiences, a registrant's URL, and the next hop's token checks.
+
+**Without the round trip**, when the client knows whom to expect (``nsm nsc --manager-id``:
+:meth:`nsm.transport.Channels.expect`): its channel asks for the expected identity's own DNS
+name (:func:`~nsm.security.ids.identity_name`, in every SVID of the built-in CA), so the
+handshake proves the server holds the key of a certificate of the trust domain issued for that
+identity, and the client signs its token for it at once. It sends :data:`WANT_HEADER` with its
+Request; the server answers with its SVID chain in the initial metadata (:data:`CHAIN_HEADER`,
+:func:`chain_metadata`), which the client checks like a proof's (:func:`chain_from`: chain to
+the bundle, the expected identity) before it verifies the server's token with it. A server
+whose certificate lacks the name fails the handshake (:func:`name_refused`): the client then
+falls back to ``Prove``.
 """
 
 from __future__ import annotations
@@ -36,6 +47,12 @@ NONCE_SIZE = 32
 PROVE_TIMEOUT = 5.0
 #: Largest answer accepted (a chain of a few certificates).
 MAX_ANSWER = 16 * 1024
+#: Request metadata: send your SVID chain with the answer (the client expects your identity).
+WANT_HEADER = "nsm-want-svid"
+#: Initial metadata of such an answer: the server's SVID chain, one DER certificate a value.
+CHAIN_HEADER = "nsm-svid-bin"
+#: What grpc core says when the server's certificate lacks the DNS name the channel asked for.
+_NAME_REFUSED = ("Hostname Verification Check failed", "is not in peer certificate")
 
 
 def _sign(security: Any, nonce: bytes) -> bytes:
@@ -97,3 +114,35 @@ async def prove(channel: grpc.aio.Channel, security: Any, *,
         raise from_rpc_error(exc, "identity proof") from exc
     svid = security.svid
     return check_answer(answer.value, nonce, svid.bundle, security.trust_domain)
+
+
+def chain_metadata(security: Any) -> tuple[tuple[str, bytes], ...]:
+    """The initial metadata that carries this server's SVID chain (:data:`CHAIN_HEADER`)."""
+    return tuple((CHAIN_HEADER, c.public_bytes(serialization.Encoding.DER)) for c in security.svid.chain)
+
+
+def chain_from(metadata: Any, security: Any, expected: SpiffeId) -> x509.Certificate | None:
+    """The leaf certificate of the SVID chain a server sent in ``metadata`` (an answer's
+    initial metadata), checked against this process's trust bundle and ``expected``; None when
+    it sent none; Unauthenticated when it is malformed, too large, not of the trust domain or
+    of another identity."""
+    values = [v for k, v in (metadata or ()) if k == CHAIN_HEADER]
+    if not values:
+        return None
+    if sum(len(v) for v in values) > MAX_ANSWER or not all(isinstance(v, bytes) for v in values):
+        raise Unauthenticated("the server's certificate chain is malformed or too large")
+    try:
+        chain = tuple(x509.load_der_x509_certificate(v) for v in values)
+    except ValueError as exc:
+        raise Unauthenticated(f"malformed server certificate chain: {exc}") from exc
+    svid = security.svid
+    sid = verify_chain(chain, svid.bundle, security.trust_domain)
+    if sid != expected:
+        raise Unauthenticated(f"the server's certificate is of {sid}, not of {expected}")
+    return chain[0]
+
+
+def name_refused(message: str) -> bool:
+    """Whether a failed connection's message says the server's certificate lacks the DNS name
+    the channel asked for (see :func:`~nsm.security.ids.identity_name`)."""
+    return any(marker in message for marker in _NAME_REFUSED)
