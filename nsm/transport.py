@@ -698,9 +698,10 @@ class Channels:
         return sid, cert
 
     def prove_soon(self, url: str) -> None:
-        """Have the server at ``url`` prove who it is now, in the background (the channel
-        connects meanwhile), so that a :meth:`peer` soon after finds it done or under way; a
-        failure is :meth:`peer`'s to report. Nothing when insecure."""
+        """Connect to ``url`` now, in the background, and have the server prove who it is (by
+        the handshake when :meth:`named`, else by ``Prove``), so that a call and a
+        :meth:`peer` soon after find it done or under way; a failure is theirs to report."""
+        self.get(url).get_state(try_to_connect=True)
         if self._security.enabled and url not in self._names:
             self._proof(url)
 

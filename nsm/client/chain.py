@@ -180,7 +180,8 @@ class Connections:
             raise InvalidArgument(f"path segment 0 is {segments[0].name!r}, not this client's "
                                   f"{self.name!r}")
         await self.security.start()
-        # The manager proves who it is (its token's audience) while the chain gets ready.
+        # The channel connects and the manager proves who it is (its token's audience) while
+        # the chain gets ready.
         self._channels.prove_soon(self.manager_url)
         return await self.chain.request(request)
 

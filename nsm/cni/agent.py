@@ -169,7 +169,7 @@ class Agent:
                  listen: list[str] | None = None, lifetime: float = DEFAULT_LIFETIME,
                  request_timeout: float = DEFAULT_TIMEOUT, heal: HealOptions | None = HealOptions(),
                  sweep_interval: float = DEFAULT_SWEEP, kubernetes: PodApi | None = None,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None, manager_id: str | None = None) -> None:
         self.security = security or Security.insecure()
         self.name = check_name(name, "agent name")
         self.socket_path = Path(socket)
@@ -182,7 +182,7 @@ class Agent:
             heal = dataclasses.replace(heal, probe=PodProbe(self))
         self.conns = Connections(manager_url=manager_url, name=self.name, lifetime=lifetime,
                                  request_timeout=request_timeout, on_change=self._changed, heal=heal,
-                                 security=self.security)
+                                 security=self.security, manager_id=manager_id)
         self.netlink = Netlink()
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
@@ -663,6 +663,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The agent's flags (each also settable as ``NSM_<FLAG>``)."""
     for name, default, what in (
             ("--manager", None, "the node's manager URL, e.g. unix:///run/nsm/nsm.sock"),
+            ("--manager-id", None, "the SPIFFE ID the manager must have (spiffe://<td>/nsm/node/"
+                                   "<node>/manager): its TLS handshake then proves it"),
             ("--socket", spec.DEFAULT_SOCKET,
              "unix socket the nsm-cni plugin talks to (its directory gets mode 0700)"),
             ("--state-dir", DEFAULT_STATE_DIR, "directory of the attachments' state (survives a restart)"),
@@ -732,7 +734,8 @@ async def run(args: argparse.Namespace) -> int:
     agent = Agent(manager_url=args.manager, socket=args.socket, state_dir=args.state_dir,
                   name=args.name, listen=args.listen, lifetime=args.lifetime,
                   request_timeout=args.timeout, heal=heal_options(args),
-                  sweep_interval=args.sweep_interval, kubernetes=kubernetes, security=security)
+                  sweep_interval=args.sweep_interval, kubernetes=kubernetes, security=security,
+                  manager_id=args.manager_id)
     try:
         await serve_until_signal(agent.start, agent.stop, status=agent.status)
     finally:

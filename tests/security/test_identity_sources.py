@@ -46,7 +46,7 @@ from nsm.lab.processes import Daemon, daemon_env, tail
 from nsm.registry.client import RegistryClient
 from nsm.security import prove
 from nsm.security.ca import DEFAULT_SVID_TTL, CertificateAuthority
-from nsm.security.ids import registry_id
+from nsm.security.ids import identity_name, registry_id
 from nsm.security.options import add_security_flags, security_from_args
 from nsm.security.sources import CaSource, FilesSource, WorkloadApiSource
 from nsm.security.svid import Svid
@@ -137,7 +137,8 @@ async def test_built_in_ca_svids_are_short_lived_p256_with_uri_and_dns_sans_for_
             assert isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             assert san.get_values_for_type(x509.UniformResourceIdentifier) == [REG]
-            assert san.get_values_for_type(x509.DNSName) == [TD]  # the TLS server name
+            # The TLS server name, and the identity's own name under it.
+            assert san.get_values_for_type(x509.DNSName) == [TD, identity_name(REG, TD)]
             eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
             assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
             assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
