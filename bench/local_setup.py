@@ -173,7 +173,8 @@ async def first_requests(mesh: Mesh, nl: Netlink, count: int, failures: Failures
 
         def make(i: int = i, ns: str = ns) -> Client:
             return Client(heal=None, manager_url=mesh.manager_url, service=SERVICE, netns=ns, ifname=IFNAME,
-                          name=f"bench-{label}-first-{i}", security=mesh.scratch.pod_identity(ns))
+                          name=f"bench-{label}-first-{i}", security=mesh.scratch.pod_identity(ns),
+                          manager_id=mesh.scratch.manager_id(NODE))
 
         out.append(await warm_one(make, nl, ns, failures, f"{label} first request {i}", wait=15.0))
     return out
@@ -368,7 +369,8 @@ async def _timeline(count: int, failures: Failures, keep_logs: bool, secure: boo
         try:
             for i, ns in enumerate(namespaces):
                 client = Client(heal=None, manager_url=mesh.manager_url, service=SERVICE, netns=ns,
-                                ifname=IFNAME, name=f"bench-tl-{i}", security=scratch.pod_identity(ns))
+                                ifname=IFNAME, name=f"bench-tl-{i}", security=scratch.pod_identity(ns),
+                                manager_id=scratch.manager_id(NODE))
                 clients.append(client)
                 t0 = time.perf_counter()
                 try:
