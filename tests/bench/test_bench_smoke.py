@@ -106,3 +106,21 @@ def test_security_smoke() -> None:
     assert [b["name"] for b in result["bars"]] == ["local request p50 secure / insecure"]
     assert "bar security: local request p50 secure / insecure <= 1.25" in err
     assert "local   ratio" in err and "remote  ratio" in err
+
+
+@pytest.mark.timeout(60)
+def test_security_floor_smoke() -> None:
+    """``python -m bench.security_floor``: one JSON document; the floor is the handshake's
+    overhead plus the path's mints and verifications, and the least ratio follows from it."""
+    proc = subprocess.run([sys.executable, "-m", "bench.security_floor", "--n", "50", "--insecure-ms", "10"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    first = doc["new_channel_first_call_ms"]
+    assert doc["n"] == 50 and first["secure_p50"] > first["insecure_p50"] > 0
+    assert doc["handshake_overhead_ms"] == pytest.approx(first["secure_p50"] - first["insecure_p50"],
+                                                         abs=0.002)
+    assert doc["floor_ms"] == pytest.approx(doc["handshake_overhead_ms"] + 4 * doc["es256_mint_ms_p50"]
+                                            + 6 * doc["es256_verify_ms_p50"], abs=0.003)
+    assert doc["least_ratio"] == pytest.approx((10 + doc["floor_ms"]) / 10, abs=0.001)
+    assert "least ratio over an insecure request of 10.0 ms" in proc.stderr
