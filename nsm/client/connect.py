@@ -10,6 +10,7 @@ the identity the manager proved) and the manager's answer must carry the manager
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Any
@@ -58,17 +59,17 @@ class ManagerConnect(Element):
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
         try:
-            conn, answer = await self._request(request)
+            conn, learnt = await self._request(request)
         except Unavailable as exc:
             if not (self.channels.named(self.url) and prove.name_refused(exc.message)):
                 raise
             # The manager's certificate lacks its identity's DNS name: nothing reached it; it
             # proves who it is by a round trip instead.
             self.channels.fall_back(self.url)
-            conn, answer = await self._request(request)
+            conn, learnt = await self._request(request)
         try:
-            if answer is not None:
-                self.channels.learn(self.url, answer)
+            if learnt is not None:
+                await learnt
             await self.tokens.check(self.url, conn, request.connection.path.index)
         except NsmError:
             with contextlib.suppress(NsmError):
@@ -76,19 +77,34 @@ class ManagerConnect(Element):
             raise
         return conn
 
-    async def _request(self, request: NetworkServiceRequest) -> tuple[Connection, Any]:
-        """One Request with this client's token: the answer, and the initial metadata it came
-        with when the handshake proves the manager's identity
-        (:meth:`~nsm.transport.Channels.expect`: it sends the certificate its token verifies
-        with) or None."""
+    async def _request(self, request: NetworkServiceRequest
+                       ) -> tuple[Connection, asyncio.Future[None] | None]:
+        """One Request with this client's token: the answer and, when the handshake proves the
+        manager's identity (:meth:`~nsm.transport.Channels.expect`), the check of the
+        certificate the manager sends first (its token verifies with it), made while the
+        Request is under way (None otherwise)."""
         metadata = await self.tokens.sign(self.url, request.connection)
         named = self.channels.named(self.url)
         if named:
             metadata.append((prove.WANT_HEADER, "1"))
         stub = networkservice_pb2_grpc.NetworkServiceStub(self.channels.get(self.url))
         rpc = stub.Request(request, timeout=self.timeout, metadata=metadata)
-        conn: Connection = await call(rpc, "")
-        return conn, (await rpc.initial_metadata() if named else None)
+        learnt = asyncio.ensure_future(self._learn(rpc)) if named else None
+        try:
+            conn: Connection = await call(rpc, "")
+        except BaseException:
+            if learnt is not None:
+                learnt.cancel()
+                await asyncio.gather(learnt, return_exceptions=True)
+            raise
+        return conn, learnt
+
+    async def _learn(self, rpc: Any) -> None:
+        try:
+            metadata = await rpc.initial_metadata()
+        except grpc.aio.AioRpcError:
+            return  # the call failed: its own error is what the caller reports
+        self.channels.learn(self.url, metadata)
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
         await self.close_connection(conn)

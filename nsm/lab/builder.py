@@ -651,6 +651,7 @@ class Lab:
                           "node": self.registry_node} if self.workdir else None),
             "nodes": {n.name: {"netns": n.netns, "ip": n.ip, "manager_url": n.manager_url,
                                "manager_tcp_url": n.manager_tcp_url,
+                               "manager_id": self.manager_id(n.name),
                                "forwarder_url": n.forwarder_url, "forwarder": n.forwarder_name}
                       for n in self.nodes.values()},
             "pods": {p.name: {"node": p.node, "netns": p.netns} for p in self.pods.values()},

@@ -170,7 +170,8 @@ def _print_summary(state: Mapping[str, Any], path: Path, seconds: float) -> None
     print(f"state: {path}\n"
           f"enter a node:  nsenter --net={first['netns']} bash\n"
           f"request:       {env}nsm nsc --manager {first['manager_url']} --service <S> "
-          f"--netns <pod netns>\n"
+          f"--netns <pod netns>"
+          f"{' --manager-id ' + first['manager_id'] if first.get('manager_id') else ''}\n"
           f"tear down:     nsm lab down --prefix {prefix}")
 
 

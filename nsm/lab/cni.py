@@ -277,9 +277,10 @@ async def start_agent(lab: Lab, node: str, *, key: str, name: str, extra: Sequen
     work.mkdir(parents=True, exist_ok=True)
     health = f"unix://{work}/health.sock"
     sock, state = str(work / "run" / "agent.sock"), str(work / "state")
+    expect = lab.manager_id(node)
     args = ["cni-agent", "--manager", lab.node(node).manager_url, "--socket", sock,
             "--state-dir", state, "--listen", health, "--name", name, "--log-level", log_level,
-            *extra]
+            *(["--manager-id", expect] if expect else []), *extra]
     await lab.add_daemon(key, args, url=health, node=node)
     cni_path = [str(nsm_cni_dir(lab.workdir / "cni-bin")), SYSTEM_CNI_PATH]
     return CniNode(key=key, node=node, socket=sock, state_dir=state, health=health, cni_path=cni_path,

@@ -82,7 +82,8 @@ async def run(args: argparse.Namespace) -> int:
 async def show(args: argparse.Namespace, lab: Lab, netlink: Netlink, client_ns: str) -> bool:
     node1 = lab.node("node1")
     client = Client(manager_url=node1.manager_url, service=args.service, netns=client_ns,
-                    ifname="nsm-1", labels={"app": "demo"}, security=lab.pod_identity(client_ns))
+                    ifname="nsm-1", labels={"app": "demo"}, security=lab.pod_identity(client_ns),
+                    manager_id=lab.manager_id("node1"))
     t0 = time.perf_counter()
     conn = await client.request()
     try:
