@@ -625,9 +625,9 @@ class Channels:
         (:meth:`learn`) verifies its tokens. A server whose certificate lacks the name is
         refused by the handshake: :meth:`fall_back` then has it prove itself instead, and what
         it proves must still be ``spiffe_id``. Call before the URL's first use."""
+        sid = parse_id(str(spiffe_id))
         if not self._security.enabled:
             return
-        sid = parse_id(str(spiffe_id))
         self._expected[url] = sid
         name = identity_name(sid, self._security.server_name)
         if name is not None and self._factory == self._dial:

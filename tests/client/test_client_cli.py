@@ -192,6 +192,7 @@ async def test_unreachable_manager_exits_1(tmp_path: Path) -> None:
     (["--liveness-interval", "0s"], "must be positive"),
     (["--liveness-timeout", "often"], "not a duration"),
     (["--id", ""], "connection id (--id) is empty"),
+    (["--manager-id", "node1-manager"], "'node1-manager' is not a SPIFFE ID"),
 ])
 async def test_bad_flags_exit_2(args: list[str], message: str) -> None:
     proc = await spawn("--manager", "unix:///tmp/none.sock", "--service", "blue", *args)
