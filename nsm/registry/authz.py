@@ -39,9 +39,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import grpc
 from google.protobuf.message import Message
@@ -59,6 +59,7 @@ from nsm.log import get_logger
 from nsm.registry.store import Entry
 from nsm.security import prove
 from nsm.security.ids import FORWARDER, MANAGER, SpiffeId, parse_id
+from nsm.security.policy import Switches
 from nsm.security.tls import Security
 from nsm.transport import dial, parse_url
 from nsm.wellknown import FORWARDER_SERVICE, NODE_LABEL
@@ -76,27 +77,15 @@ MAX_PROOFS = 4096
 
 
 @dataclass(frozen=True)
-class RegistryPolicy:
+class RegistryPolicy(Switches):
     """Which rules apply (module docstring); all on by default."""
+
+    KIND: ClassVar[str] = "registry policy"
 
     owner: bool = True
     node: bool = True
     forwarder: bool = True
     url: bool = True
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def without(cls, names: Iterable[str]) -> RegistryPolicy:
-        """Every rule except ``names`` (InvalidArgument for an unknown one)."""
-        off = set(names)
-        unknown = off - set(cls.names())
-        if unknown:
-            raise InvalidArgument(f"unknown registry policy {', '.join(sorted(unknown))} "
-                                  f"(known: {', '.join(cls.names())})")
-        return replace(cls(), **{name: False for name in off})
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Self
 
 from cryptography import x509
 
 from nsm.config import flag
-from nsm.errors import PermissionDenied
+from nsm.errors import InvalidArgument, PermissionDenied
 from nsm.log import get_logger
 from nsm.security.ids import SpiffeId, parse_id
 from nsm.security.tokens import Claims, claims_of, verify
@@ -57,7 +58,33 @@ ENDPOINT_CALLERS = "endpoint_callers"
 
 
 @dataclass(frozen=True)
-class Policies:
+class Switches:
+    """Named rules, each a ``bool`` field of a subclass, on unless switched off."""
+
+    #: What one rule is called in an error.
+    KIND: ClassVar[str] = "policy"
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.type in ("bool", bool)]
+
+    def off(self) -> list[str]:
+        """The names of the rules switched off."""
+        return [name for name in self.names() if not getattr(self, name)]
+
+    @classmethod
+    def without(cls, names: Iterable[str]) -> Self:
+        """Every rule on except ``names`` (InvalidArgument for an unknown one)."""
+        off = set(names)
+        unknown = off - set(cls.names())
+        if unknown:
+            raise InvalidArgument(f"unknown {cls.KIND} {', '.join(sorted(unknown))} "
+                                  f"(known: {', '.join(cls.names())})")
+        return dataclasses.replace(cls(), **{name: False for name in off})
+
+
+@dataclass(frozen=True)
+class Policies(Switches):
     """Which policies apply (all by default) and who may monitor every connection."""
 
     tokens_valid: bool = True
@@ -73,13 +100,8 @@ class Policies:
     #: SPIFFE IDs that may monitor every connection (an operator's tool, a test harness).
     observers: frozenset[str] = frozenset()
 
-    def off(self) -> list[str]:
-        """The names of the policies switched off."""
-        return [f.name for f in dataclasses.fields(self)
-                if f.type in ("bool", bool) and not getattr(self, f.name)]
 
-
-POLICY_NAMES = tuple(f.name for f in dataclasses.fields(Policies) if f.name != "observers")
+POLICY_NAMES = tuple(Policies.names())
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:
