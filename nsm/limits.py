@@ -98,39 +98,30 @@ MAX_MESSAGE_BYTES = 4 * max(MAX_REQUEST_BYTES, MAX_RECORD_BYTES)
 
 # --- per caller ---------------------------------------------------------------------------------
 
-#: MonitorConnections streams one caller may hold open at one daemon (a client chain holds one;
-#: a manager one per next hop).
-MAX_MONITOR_STREAMS_PER_CALLER = 256
-#: MonitorConnections streams a daemon serves at once, all callers together.
-MAX_MONITOR_STREAMS = 1024
-#: Registry Find(watch=true) streams one caller may hold open (a manager holds a few, plus one
-#: per watch proxied for its node's forwarders and endpoints).
-MAX_WATCHES_PER_CALLER = 128
-#: Registry watch streams served at once, all callers together.
-MAX_WATCHES = 1024
-#: Endpoint records one caller may own at the registry (a manager registers its node's
-#: endpoints and forwarders under its own identity).
-MAX_REGISTRATIONS_PER_CALLER = 1024
-#: Watchers that may be sent their initial snapshot at once; the others wait their turn, so
-#: opening many watches does not slow the registry's other callers (each snapshot is the whole
-#: store, and a Find competes with every stream sending at the same time).
-MAX_SNAPSHOTS_IN_FLIGHT = 4
-#: How long a watcher may take to read its snapshot, and then any one event; a watcher that does
-#: not read is dropped with RESOURCE_EXHAUSTED.
-WATCH_SEND_TIMEOUT = 10.0
-
-
 @dataclass(frozen=True)
 class Limits:
     """The per-caller limits of one daemon (tests lower them)."""
 
-    monitor_streams_per_caller: int = MAX_MONITOR_STREAMS_PER_CALLER
-    monitor_streams: int = MAX_MONITOR_STREAMS
-    watches_per_caller: int = MAX_WATCHES_PER_CALLER
-    watches: int = MAX_WATCHES
-    registrations_per_caller: int = MAX_REGISTRATIONS_PER_CALLER
-    snapshots_in_flight: int = MAX_SNAPSHOTS_IN_FLIGHT
-    watch_send_timeout: float = WATCH_SEND_TIMEOUT
+    #: MonitorConnections streams one caller may hold open at one daemon (a client chain holds
+    #: one; a manager one per next hop).
+    monitor_streams_per_caller: int = 256
+    #: MonitorConnections streams a daemon serves at once, all callers together.
+    monitor_streams: int = 1024
+    #: Registry Find(watch=true) streams one caller may hold open (a manager holds a few, plus
+    #: one per watch proxied for its node's forwarders and endpoints).
+    watches_per_caller: int = 128
+    #: Registry watch streams served at once, all callers together.
+    watches: int = 1024
+    #: Endpoint records one caller may own at the registry (a manager registers its node's
+    #: endpoints and forwarders under its own identity).
+    registrations_per_caller: int = 1024
+    #: Watchers that may be sent their initial snapshot at once; the others wait their turn, so
+    #: opening many watches does not slow the registry's other callers (each snapshot is the
+    #: whole store, and a Find competes with every stream sending at the same time).
+    snapshots_in_flight: int = 4
+    #: How long a watcher may take to read its snapshot, and then any one event; a watcher that
+    #: does not read is dropped with RESOURCE_EXHAUSTED.
+    watch_send_timeout: float = 10.0
 
 
 # --- callers and their streams ------------------------------------------------------------------
