@@ -47,6 +47,7 @@ from bench.common import (
     Scratch,
     begin,
     fmt,
+    harness_gc_paused,
     new_clients,
     outcome_lines,
     percentile,
@@ -103,15 +104,16 @@ async def interleaved(sides: Sequence[Side], nl: Netlink, failures: Failures, la
     for meter in (*meters.values(), own):
         meter.start()
     t0 = time.perf_counter()
-    for i in range(n):
-        for side in (sides if i % 2 == 0 else list(reversed(sides))):
-            client, ns = side.make(i), side.namespaces[i]
-            what = f"{label} {side.name} {i}"
-            try:
-                await timed_request(client, nl, ns, failures, what, side.request_ms, mtu=mtu)
-                await timed_close(client, nl, ns, failures, what, side.close_ms)
-            finally:
-                await asyncio.shield(client.close())
+    with harness_gc_paused():
+        for i in range(n):
+            for side in (sides if i % 2 == 0 else list(reversed(sides))):
+                client, ns = side.make(i), side.namespaces[i]
+                what = f"{label} {side.name} {i}"
+                try:
+                    await timed_request(client, nl, ns, failures, what, side.request_ms, mtu=mtu)
+                    await timed_close(client, nl, ns, failures, what, side.close_ms)
+                finally:
+                    await asyncio.shield(client.close())
     wall = time.perf_counter() - t0
     out: dict[str, Any] = {"n": n, "wall_s": round(wall, 2)}
     for side in sides:
