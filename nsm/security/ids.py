@@ -65,20 +65,36 @@ class SpiffeId:
 
 #: Longest DNS name (RFC 1035).
 MAX_DNS_NAME = 253
+#: A DNS name of lower-case labels (what a Kubernetes node name is).
+_DNS = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
 def identity_name(spiffe_id: str | SpiffeId, server_name: str) -> str | None:
-    """The DNS name that stands for ``spiffe_id`` under ``server_name``:
-    ``id-<first 160 bits of sha256(ID), hex>.<server_name>``; None when it would be too long
-    for DNS.
+    """The DNS name that stands for ``spiffe_id`` under ``server_name``; None when it would be
+    too long for DNS:
 
-    The built-in CA puts it in every SVID beside ``server_name`` (a SPIRE registration entry can
-    carry it as a DNS name). A client that expects a server to be ``spiffe_id`` asks for this
-    name instead of ``server_name``: grpcio's hostname check then proves, within the TLS
-    handshake, that the server holds the key of a certificate of the trust domain issued for
-    ``spiffe_id``, with no round trip of its own (:mod:`nsm.security.prove`)."""
-    digest = hashlib.sha256(str(spiffe_id).encode()).hexdigest()[:40]
-    name = f"id-{digest}.{server_name}"
+    - a node daemon (``spiffe://<td>/nsm/node/<N>/<role>``, ``N`` a DNS name):
+      ``<role>.<N>.<server_name>`` (a SPIRE ``ClusterSPIFFEID`` can template it:
+      ``<role>.{{ .PodSpec.NodeName }}.{{ .TrustDomain }}``);
+    - any other identity: ``id-<first 160 bits of sha256(ID), hex>.<server_name>``.
+
+    Distinct identities never share a name (a role label never starts with ``id-``). The
+    built-in CA puts it in every SVID beside ``server_name``. A client that expects a server to
+    be ``spiffe_id`` asks for this name instead of ``server_name``: grpcio's hostname check then
+    proves, within the TLS handshake, that the server holds the key of a certificate of the
+    trust domain issued for ``spiffe_id``, with no round trip of its own
+    (:mod:`nsm.security.prove`). So no SVID may carry another identity's name, nor a wildcard
+    under ``server_name``."""
+    text = str(spiffe_id)
+    try:
+        sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else parse_id(text)
+    except InvalidArgument:
+        sid = None
+    node = sid.node if sid is not None else None
+    if sid is not None and node is not None and _DNS.match(node):
+        name = f"{sid.role}.{node}.{server_name}"
+    else:
+        name = f"id-{hashlib.sha256(text.encode()).hexdigest()[:40]}.{server_name}"
     return name if len(name) <= MAX_DNS_NAME else None
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from nsm.lab.processes import daemon_env
 from nsm.security.ca import CertificateAuthority
-from nsm.security.ids import CNI_AGENT, FORWARDER, MANAGER, node_id, parse_id, registry_id
+from nsm.security.ids import CNI_AGENT, FORWARDER, MANAGER, identity_name, node_id, parse_id, registry_id
 from nsm.security.svid import verify_chain
 from tests.deploy.render import NeedsKustomize, containers, env_of, pod_specs, render
 
@@ -209,7 +209,9 @@ def test_cluster_spiffe_ids_give_each_daemon_its_id() -> None:
         assert got == expected_id(c, td), where
         role = parse_id(got).role
         assert role == (None if c["args"][0] == "nse" else c["args"][0]), where
-        assert [execute(t, values) for t in spec.get("dnsNameTemplates", [])] == [td], where
+        # The TLS server name, and a node daemon's own identity name (what the code derives).
+        names = [td, identity_name(got, td)] if role is not None and parse_id(got).node else [td]
+        assert [execute(t, values) for t in spec.get("dnsNameTemplates", [])] == names, where
 
 
 # -- nsm ca-init ----------------------------------------------------------------------------

@@ -121,8 +121,14 @@ def dns_names(cert: x509.Certificate) -> list[str]:
 
 async def test_the_built_in_ca_puts_the_identitys_own_name_in_every_svid(ca: CertificateAuthority) -> None:
     svid = ca.issue(MGR, dns_names=(TD,))
-    assert dns_names(svid.chain[0]) == [TD, identity_name(MGR, TD)]
-    assert identity_name(MGR, TD) != identity_name(OTHER_MGR, TD)
+    assert dns_names(svid.chain[0]) == [TD, f"manager.node1.{TD}"]
+    pod = ca.issue(POD, dns_names=(TD,))
+    assert dns_names(pod.chain[0])[1].startswith("id-") and dns_names(pod.chain[0])[1].endswith(f".{TD}")
+    ids = (MGR, OTHER_MGR, POD, node_id(TD, "node1", "forwarder"), node_id(TD, "Node_1", MANAGER),
+           node_id(TD, "manager.node1", MANAGER))
+    names = {identity_name(i, TD) for i in ids}
+    assert len(names) == 6  # distinct identities, distinct names (a node name unfit for DNS: hashed)
+    assert identity_name(node_id(TD, "Node_1", MANAGER), TD).startswith("id-")  # type: ignore[union-attr]
     assert identity_name(MGR, "x" * 250) is None  # too long for DNS: the name is left out
 
 
