@@ -589,6 +589,8 @@ class Channels:
     def __init__(self, factory: Callable[[str], grpc.aio.Channel] | None = None, *,
                  security: Security | None = None) -> None:
         self._factory = factory or self._dial
+        #: Whether this class dials (a given factory decides the DNS name itself).
+        self._dials = factory is None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._unsubscribe: Callable[[], None] | None = None
         if security is not None and security.enabled and factory is None:
@@ -607,6 +609,9 @@ class Channels:
         #: The DNS name each URL's channel asks for: its expected identity's own, while the
         #: server's certificate carries it (the handshake proves who it is).
         self._names: dict[str, str] = {}
+        #: The certificate chain each URL's server last sent with an answer (DER), checked, and
+        #: its leaf.
+        self._chains: dict[str, tuple[tuple[bytes, ...], Any]] = {}
 
     @property
     def security(self) -> Security:
@@ -630,13 +635,8 @@ class Channels:
             return
         self._expected[url] = sid
         name = identity_name(sid, self._security.server_name)
-        if name is not None and self._factory == self._dial:
+        if name is not None and self._dials:
             self._names[url] = name
-
-    def expected(self, url: str) -> SpiffeId | None:
-        """The identity the server at ``url`` must be (None: whoever proves it is of the trust
-        domain)."""
-        return self._expected.get(url)
 
     def named(self, url: str) -> bool:
         """Whether the channel to ``url`` has the handshake prove the server's identity (it
@@ -665,9 +665,15 @@ class Channels:
         expected = self._expected.get(url)
         if expected is None:
             return
+        chain = tuple(v for k, v in (metadata or ()) if k == prove.CHAIN_HEADER)
+        last = self._chains.get(url)
+        if chain and last is not None and last[0] == chain \
+                and last[1].not_valid_after_utc > dt.datetime.now(dt.UTC):
+            return  # the chain checked last time, still valid (a refresh): nothing new
         cert = prove.chain_from(metadata, self._security, expected)
         if cert is None:
             return
+        self._chains[url] = (chain, cert)
         seen = self._proven.setdefault(url, [])
         if not seen or seen[0][1] != cert:
             seen.insert(0, (expected, cert))

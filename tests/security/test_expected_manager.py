@@ -135,6 +135,9 @@ async def test_the_built_in_ca_puts_the_identitys_own_name_in_every_svid(ca: Cer
 async def test_an_expected_manager_is_proven_by_the_handshake_with_no_round_trip(
         ca: CertificateAuthority, identity: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     proves = Proves(monkeypatch)
+    checks = []
+    real_check = prove.chain_from
+    monkeypatch.setattr(prove, "chain_from", lambda *a, **k: checks.append(1) or real_check(*a, **k))
     async with manager(ca.issue(MGR, dns_names=(TD,))) as (url, served), \
             client(identity, url, MGR) as (connect, channels):
         assert channels.named(url)
@@ -147,6 +150,7 @@ async def test_an_expected_manager_is_proven_by_the_handshake_with_no_round_trip
         assert str(sid) == MGR and cert is not None
         await request(connect)
         assert proves.calls == 0 and served.requests == 2
+        assert len(checks) == 1  # the same chain again (a refresh): not checked twice
 
 
 async def test_without_an_expected_id_the_manager_proves_itself_by_a_round_trip(
