@@ -573,10 +573,13 @@ async def watch_reconnects(channel: grpc.aio.Channel, on_back: Callable[[], None
     # Not READY at the first look: a connection lost before we looked still counts as lost.
     lost = state != grpc.ChannelConnectivity.READY
     while True:
+        was = state
         await channel.wait_for_state_change(state)
         state = channel.get_state(try_to_connect=True)
         if state == grpc.ChannelConnectivity.READY:
-            if lost:
+            # READY again after a change from READY: it left and came back before we looked
+            # (a quick reconnect to a restarted peer), which is a reconnect too.
+            if lost or was == grpc.ChannelConnectivity.READY:
                 on_back()
             lost = False
         elif state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.IDLE):

@@ -13,7 +13,7 @@ import pytest
 from nsm.api import generate
 from nsm.config import duration, env_name, flag, label
 from nsm.errors import REASON_KEY, EndpointUnreachable, InvalidArgument, NotFound, from_rpc_error, status_of
-from nsm.transport import Server, dial, parse_url
+from nsm.transport import Server, dial, parse_url, watch_reconnects
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,3 +189,37 @@ async def test_a_new_channel_reaches_a_restarted_peer_at_once(tmp_path: Path) ->
     finally:
         await old.close()
         await server.stop()
+
+
+class _FlappingChannel:
+    """A channel whose connection is lost and back before its watcher looks: READY, then
+    (one state change later) READY again."""
+
+    def __init__(self) -> None:
+        self.changes = 0
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return grpc.ChannelConnectivity.READY
+
+    async def wait_for_state_change(self, last: grpc.ChannelConnectivity) -> None:
+        self.changes += 1
+        if self.changes > 1:
+            await asyncio.Event().wait()  # no more changes
+
+
+@pytest.mark.timeout(5)
+async def test_a_reconnect_quicker_than_the_watcher_still_counts() -> None:
+    """``watch_reconnects``: READY → (lost) → READY again before the watcher reads the state is
+    a reconnect (a restarted peer that must be told again), not nothing."""
+    backs: list[int] = []
+    channel = _FlappingChannel()
+    task = asyncio.ensure_future(watch_reconnects(channel, lambda: backs.append(1)))  # type: ignore[arg-type]
+    try:
+        for _ in range(100):
+            if backs:
+                break
+            await asyncio.sleep(0.01)
+        assert backs == [1]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
