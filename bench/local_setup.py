@@ -55,6 +55,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import nsm
 from bench.common import (
     IFNAME,
     Bar,
@@ -328,6 +329,11 @@ if os.environ.get("NSM_BENCH_TIMELINE_DIR"):
         print("bench timeline disabled:", repr(exc), file=sys.stderr)
 """
 
+#: Where the nsm this benchmark runs lives: the timeline's daemons import it from there, since
+#: their ``sitecustomize`` imports it before ``-m`` puts the working directory on the path (and
+#: an installed copy may be another checkout's).
+_NSM_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nsm.__file__)))
+
 #: The legs of one Request, in order (``client.*`` are taken in this process).
 _LEGS = [
     ("client.t0", "manager.in", "gRPC client -> manager (incl. the new channel)"),
@@ -360,7 +366,7 @@ async def _timeline(count: int, failures: Failures, keep_logs: bool, secure: boo
         (site / "sitecustomize.py").write_text(_TIMELINE_SITE)
         path = os.environ.get("PYTHONPATH")
         env = {"NSM_BENCH_TIMELINE_DIR": str(events_dir),
-               "PYTHONPATH": f"{site}:{path}" if path else str(site)}
+               "PYTHONPATH": ":".join(p for p in (str(site), _NSM_ROOT, path) if p)}
         namespaces = scratch.netns_many("t", count)
         mesh = await start_mesh(scratch, env)
         first = await first_requests(mesh, nl, WARMUP, failures, "timeline")

@@ -59,6 +59,27 @@ def test_remote_scale_smoke() -> None:
 
 
 @pytest.mark.timeout(180)
+def test_local_setup_smoke() -> None:
+    """The default mesh (secure): every phase measured, the floor beside it, the four bars,
+    and the timeline's legs taken from the daemons' own stamps (its instrumentation imports
+    the nsm this benchmark runs, whatever copy is installed)."""
+    doc, err = _run("--only", "local_setup", "--n", "6", "--concurrency", "2")
+    (result,) = doc["results"]["local_setup"]
+    assert result["failures"] == 0, result["failure_examples"]
+    assert result["sequential"]["request_ms"]["n"] == 6
+    assert result["concurrent"]["request_ms"]["n"] == 6
+    timeline = result["timeline"]
+    assert "error" not in timeline, timeline
+    assert timeline["n"] >= 1 and len(timeline["legs_p50_ms"]) == 11
+    assert all(v >= 0 for v in timeline["legs_p50_ms"].values())
+    assert {b["name"] for b in result["bars"]} == {
+        "sequential request p50 / floor p50", "concurrent request p50 / floor p50",
+        "first request of a fresh single node (slowest) / floor p50",
+        "sequential request max (of 6) / floor p50"}
+    assert "timeline of one Request" in err
+
+
+@pytest.mark.timeout(180)
 def test_remote_setup_smoke() -> None:
     doc, err = _run("--only", "remote_setup", "--n", "5", "--concurrency", "2")
     (result,) = doc["results"]["remote_setup"]
