@@ -211,11 +211,19 @@ class NetnsFinder:
     process inside it, and remembered (checked again at each use: the process may have gone,
     and another been found). NotFound when no name and no process holds it. Only where to look
     is decided here; what may be done there is :class:`NodeNetns`'s and the proofs' to decide.
+
+    A search lists the names and processes (no stat), stats only the entries it has not seen
+    before (a new pod's name or process), and looks the identity up among what every entry held
+    when last seen (confirmed by a stat); only when that fails is every entry looked at again.
+    So a new pod's namespace costs a listing and a few stats, not one stat per pod and process
+    of the node.
     """
 
     def __init__(self, *, proc: str = "/proc", run_dir: str = NETNS_RUN_DIR, keep: int = 1024) -> None:
         self.proc, self.run_dir, self.keep = proc, run_dir, keep
         self._known: dict[NetnsId, str] = {}
+        #: Every entry of the last listing, and the identity it held when last looked at.
+        self._seen: dict[str, NetnsId | None] = {}
 
     def path(self, ident: NetnsId) -> str:
         """A path of the namespace ``ident`` (NotFound if none)."""
@@ -249,8 +257,15 @@ class NetnsFinder:
             candidates += [e.path for e in os.scandir(self.run_dir)]
         with contextlib.suppress(OSError):
             candidates += [f"{e.path}/ns/net" for e in os.scandir(self.proc) if e.name.isdigit()]
-        for path in candidates:
-            if _stat_ident(path) == ident:
+        seen, self._seen = self._seen, {}
+        for path in candidates:  # new entries are stat'ed, the others keep what they held
+            self._seen[path] = seen[path] if path in seen else _stat_ident(path)
+        for path, held in self._seen.items():
+            if held == ident and _stat_ident(path) == ident:
+                return path
+        for path in candidates:  # an entry now holds another namespace than when last seen
+            held = self._seen[path] = _stat_ident(path)
+            if held == ident:
                 return path
         return None
 

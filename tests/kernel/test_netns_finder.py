@@ -90,3 +90,40 @@ def test_where_it_looks(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert finder.path(ident(str(proc / "42" / "ns" / "net"))) == str(proc / "42" / "ns" / "net")
     with pytest.raises(NotFound):
         finder.path(ident(str(tmp_path)))
+
+
+def test_a_new_pod_costs_a_few_stats_not_one_per_entry(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Once the node's entries have been seen, finding a new pod's namespace stats only what
+    is new (plus the confirmation), not every name and process again; an entry that now holds
+    another namespace than when it was seen is still found."""
+    import nsm.kernel.netns as netns_module
+
+    run, proc = tmp_path / "netns", tmp_path / "proc"
+    run.mkdir()
+    proc.mkdir()
+    for i in range(50):
+        (run / f"pod{i}").write_text("")
+        (proc / str(100 + i) / "ns").mkdir(parents=True)
+        (proc / str(100 + i) / "ns" / "net").write_text("")
+    finder = NetnsFinder(proc=str(proc), run_dir=str(run))
+    assert finder.path(ident(str(run / "pod7"))) == str(run / "pod7")
+    stats: list[str] = []
+    real = netns_module._stat_ident
+
+    def counting(path: str) -> tuple[int, int] | None:
+        stats.append(path)
+        return real(path)
+
+    monkeypatch.setattr(netns_module, "_stat_ident", counting)
+    (run / "new-pod").write_text("")
+    assert finder.path(ident(str(run / "new-pod"))) == str(run / "new-pod")
+    assert len(stats) <= 3, stats
+    # A name made again for another namespace (another inode): found by looking again.
+    (run / "pod9").unlink()
+    (run / "pod9").write_text("again")
+    stats.clear()
+    assert finder.path(ident(str(run / "pod9"))) == str(run / "pod9")
+    # A process's namespace seen before, asked for again: one stat to confirm, and remembered.
+    stats.clear()
+    path = str(proc / "120" / "ns" / "net")
+    assert finder.path(ident(path)) == path and len(stats) <= 2, stats
