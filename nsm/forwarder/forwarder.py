@@ -230,6 +230,10 @@ class Forwarder(Role):
         await self.endpoints.start()
         stack.push_async_callback(self.endpoints.stop)
         self.tunnel = await self._detect_tunnel()
+        # What the first connection would pay otherwise: message layouts, and a look at every
+        # namespace that exists now (a restart's pods are then found with one stat each).
+        self.netlink.warm()
+        self.netns.prime()
         # Nothing is deleted: the kernel keeps carrying the traffic of live connections.
         found = await self.leftovers.take()
         if found:

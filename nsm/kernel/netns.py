@@ -212,11 +212,11 @@ class NetnsFinder:
     and another been found). NotFound when no name and no process holds it. Only where to look
     is decided here; what may be done there is :class:`NodeNetns`'s and the proofs' to decide.
 
-    A search lists the names and processes (no stat), stats only the entries it has not seen
-    before (a new pod's name or process), and looks the identity up among what every entry held
-    when last seen (confirmed by a stat); only when that fails is every entry looked at again.
-    So a new pod's namespace costs a listing and a few stats, not one stat per pod and process
-    of the node.
+    A search lists the names and processes (no stat), looks the identity up among what each
+    entry held when last looked at (confirmed by a stat), then stats the entries not looked at
+    yet (a new pod's name or process) until it is found; only when that fails is every entry
+    looked at again. So a new pod's namespace costs a listing and a few stats, not one stat per
+    pod and process of the node. :meth:`prime` looks at every entry once, at start.
     """
 
     def __init__(self, *, proc: str = "/proc", run_dir: str = NETNS_RUN_DIR, keep: int = 1024) -> None:
@@ -251,20 +251,35 @@ class NetnsFinder:
             return path
         return self.path(ident)
 
-    def _scan(self, ident: NetnsId) -> str | None:
+    def prime(self) -> None:
+        """Look at every entry now (at start, before serving): the namespaces that exist already
+        (the pods of a node this daemon restarts on) are then found with one stat each."""
+        for path in self._listing():
+            self._seen[path] = _stat_ident(path)
+
+    def _listing(self) -> list[str]:
         candidates: list[str] = []
         with contextlib.suppress(OSError):
             candidates += [e.path for e in os.scandir(self.run_dir)]
         with contextlib.suppress(OSError):
             candidates += [f"{e.path}/ns/net" for e in os.scandir(self.proc) if e.name.isdigit()]
-        seen, self._seen = self._seen, {}
-        for path in candidates:  # new entries are stat'ed, the others keep what they held
-            self._seen[path] = seen[path] if path in seen else _stat_ident(path)
-        for path, held in self._seen.items():
+        return candidates
+
+    def _scan(self, ident: NetnsId) -> str | None:
+        candidates = self._listing()
+        seen = self._seen
+        if len(seen) > 2 * len(candidates) + 64:  # entries gone since: forget them, now and then
+            seen = self._seen = {p: seen[p] for p in candidates if p in seen}
+        for path, held in seen.items():  # what held it when last looked at
             if held == ident and _stat_ident(path) == ident:
                 return path
+        for path in candidates:  # entries not looked at yet (a new pod's), until found
+            if path not in seen:
+                held = seen[path] = _stat_ident(path)
+                if held == ident:
+                    return path
         for path in candidates:  # an entry now holds another namespace than when last seen
-            held = self._seen[path] = _stat_ident(path)
+            held = seen[path] = _stat_ident(path)
             if held == ident:
                 return path
         return None

@@ -739,3 +739,29 @@ def test_error_mapping() -> None:
     err = nlmsg.domain_error(NetlinkError(errno.EOPNOTSUPP, "Unknown device type"), "add")
     assert "Unknown device type" in err.message and "not supported by this kernel" in err.message
 
+
+
+def test_warm_prepares_every_message_layout_and_sends_nothing() -> None:
+    """``Netlink.warm`` (a forwarder's start): in a fresh interpreter, every kind of message
+    the datapath sends has its attribute layout compiled afterwards, and no socket was opened."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg\n"
+        "from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg\n"
+        "from pyroute2.netlink.rtnl.rtmsg import rtmsg\n"
+        "from pyroute2.netlink.rtnl.fibmsg import fibmsg\n"
+        "from pyroute2.netlink.rtnl.ndmsg import ndmsg\n"
+        "from nsm.kernel.netlink import Netlink\n"
+        "kinds = (ifinfmsg, ifaddrmsg, rtmsg, fibmsg, ndmsg)\n"
+        "def compiled(): return [k.__name__ for k in kinds if '_nlmsg_base__compiled_nla' in vars(k)]\n"
+        "before = compiled()\n"
+        "nl = Netlink()\n"
+        "nl.warm()\n"
+        "print(before, compiled(), nl.cached())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == (
+        "[] ['ifinfmsg', 'ifaddrmsg', 'rtmsg', 'fibmsg', 'ndmsg'] []"), out.stdout

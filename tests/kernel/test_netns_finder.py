@@ -93,9 +93,10 @@ def test_where_it_looks(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_a_new_pod_costs_a_few_stats_not_one_per_entry(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Once the node's entries have been seen, finding a new pod's namespace stats only what
-    is new (plus the confirmation), not every name and process again; an entry that now holds
-    another namespace than when it was seen is still found."""
+    """Once the node's entries have been seen (:meth:`NetnsFinder.prime`, at start), finding a
+    new pod's namespace stats only what is new (plus the confirmation), not every name and
+    process again; an entry that now holds another namespace than when it was seen is still
+    found; without priming, a search stops at the first match."""
     import nsm.kernel.netns as netns_module
 
     run, proc = tmp_path / "netns", tmp_path / "proc"
@@ -106,6 +107,7 @@ def test_a_new_pod_costs_a_few_stats_not_one_per_entry(tmp_path, monkeypatch) ->
         (proc / str(100 + i) / "ns").mkdir(parents=True)
         (proc / str(100 + i) / "ns" / "net").write_text("")
     finder = NetnsFinder(proc=str(proc), run_dir=str(run))
+    finder.prime()  # as the forwarder does at start
     assert finder.path(ident(str(run / "pod7"))) == str(run / "pod7")
     stats: list[str] = []
     real = netns_module._stat_ident
@@ -127,3 +129,7 @@ def test_a_new_pod_costs_a_few_stats_not_one_per_entry(tmp_path, monkeypatch) ->
     stats.clear()
     path = str(proc / "120" / "ns" / "net")
     assert finder.path(ident(path)) == path and len(stats) <= 2, stats
+    fresh = NetnsFinder(proc=str(proc), run_dir=str(run))
+    stats.clear()
+    assert fresh.path(ident(str(run / "new-pod"))) == str(run / "new-pod")
+    assert len(stats) < 100, "a search stops at its match"

@@ -126,6 +126,12 @@ class Netlink:
         """Namespaces with an open socket (for tests and diagnostics)."""
         return self._sockets.cached()
 
+    def warm(self) -> None:
+        """Prepare, at a daemon's start, what the first connection would otherwise pay for:
+        pyroute2's layout of each kind of message (:func:`~nsm.kernel.netlink.messages.warm`;
+        nothing is sent)."""
+        m.warm()
+
     async def close(self) -> None:
         """Close every socket and the worker threads. Idempotent."""
         await self._sockets.close()
