@@ -28,7 +28,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import chaos, cni, heal, local_setup, remote_scale, remote_setup, security, throughput
-from bench.common import Bench, Options, emit_json, machine, say, sigterm_cancels, spread, spread_table
+from bench.common import (
+    Bench,
+    Options,
+    emit_json,
+    grpc_runtime,
+    machine,
+    say,
+    sigterm_cancels,
+    spread,
+    spread_table,
+)
 
 #: Every benchmark, in the order they run.
 BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH, remote_setup.BENCH,
@@ -39,30 +49,36 @@ BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH, remote_setup
 ON_REQUEST = ("heal", "chaos")
 
 
+async def _run_each(benches: Sequence[Bench], options: Options, repeat: int,
+                    doc: dict[str, Any]) -> None:
+    for bench in benches:
+        runs: list[dict[str, Any]] = doc["results"].setdefault(bench.name, [])
+        for i in range(repeat):
+            say(f"== {bench.name} (run {i + 1}/{repeat}): {bench.doc}")
+            try:
+                result = await bench.run(options)
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                result = {"name": bench.name, "failures": 1, "error": repr(exc), "bars": []}
+            runs.append(result)
+            say(bench.table(result) if "error" not in result
+                else f"{bench.name}: {result['error']}")
+            say()
+        if bench.headline is not None and repeat > 1:
+            ok_runs = [r for r in runs if "error" not in r]
+            doc["summary"][bench.name] = spread([bench.headline(r) for r in ok_runs])
+            say(spread_table(bench.name, doc["summary"][bench.name]))
+            say()
+
+
 async def _run_all(benches: Sequence[Bench], options: Options, repeat: int) -> dict[str, Any]:
     task = asyncio.current_task()
     assert task is not None
     doc: dict[str, Any] = {"machine": machine(), "quick": options.quick, "repeat": repeat,
                            "results": {}, "summary": {}}
     with sigterm_cancels(task):
-        for bench in benches:
-            runs: list[dict[str, Any]] = doc["results"].setdefault(bench.name, [])
-            for i in range(repeat):
-                say(f"== {bench.name} (run {i + 1}/{repeat}): {bench.doc}")
-                try:
-                    result = await bench.run(options)
-                except Exception as exc:
-                    traceback.print_exc(file=sys.stderr)
-                    result = {"name": bench.name, "failures": 1, "error": repr(exc), "bars": []}
-                runs.append(result)
-                say(bench.table(result) if "error" not in result
-                    else f"{bench.name}: {result['error']}")
-                say()
-            if bench.headline is not None and repeat > 1:
-                ok_runs = [r for r in runs if "error" not in r]
-                doc["summary"][bench.name] = spread([bench.headline(r) for r in ok_runs])
-                say(spread_table(bench.name, doc["summary"][bench.name]))
-                say()
+        async with grpc_runtime():
+            await _run_each(benches, options, repeat, doc)
     results = [r for runs in doc["results"].values() for r in runs]
     doc["failures"] = sum(int(r.get("failures") or 0) for r in results)
     bars: dict[str, dict[str, Any]] = {}
