@@ -10,6 +10,12 @@ every daemon ``--insecure``, built the same way:
 - **remote**: the two-node cluster of :mod:`bench.remote_setup` (a lab each; client pods on
   node1, the NSE on node2, IP over VXLAN; 6 path segments).
 
+And on the local meshes, **agent**: one long-lived client holding all its connections, as the
+CNI node agent does for the pods of its node (one channel and one identity, the node's
+``cni-agent`` SVID; a proof listener of its own in each pod's namespace): its channel's
+handshake is paid once (in a warm-up, not counted), so what is left per connection is the
+tokens, the authorization and the namespace proofs. Reported beside the bar, not judged.
+
 Clients are SDK ``Client``\\ s in this process, a new one per connection (its Request connects
 its channel, as a new pod would); a secure client has its pod's SVID (issued beforehand: a pod
 gets its SVID before it runs) and proves its namespace to the forwarder. After a warm-up of
@@ -36,6 +42,7 @@ from typing import Any
 
 from bench import local_setup, remote_setup
 from bench.common import (
+    IFNAME,
     TUNNEL_MTU,
     Bar,
     Bench,
@@ -58,8 +65,13 @@ from bench.common import (
     timed_close,
     timed_request,
 )
+from nsm.api.connection_pb2 import Connection
+from nsm.client.chain import Connections, new_request
 from nsm.client.sdk import Client
+from nsm.errors import NsmError
 from nsm.kernel.netlink import Netlink
+from nsm.mechanisms import kernel, netns_url
+from nsm.security.ids import CNI_AGENT
 from nsm.security.tls import Security
 
 NAME = "security"
@@ -68,6 +80,8 @@ QUICK_LOCAL_N, QUICK_REMOTE_N = 6, 4
 #: The bar: secure local request p50 at most this times the insecure one, same run.
 BAR = 1.25
 SIDES = ("secure", "insecure")
+#: The comparisons, in the order reported.
+PARTS = ("local", "agent", "remote")
 #: The quarters of a run whose p50 ratios show the noise.
 BLOCKS = 4
 
@@ -82,12 +96,38 @@ def stats(values: Sequence[float]) -> dict[str, float]:
             "mean": round(sum(ordered) / len(ordered), 3)}
 
 
+class _AgentLink:
+    """One connection of a long-lived client that holds many (:class:`Connections`, as the CNI
+    agent does), with the ``request``/``close``/``connection`` of a ``Client`` that the timing
+    helpers use."""
+
+    def __init__(self, conns: Connections, netns: str) -> None:
+        self.conns = conns
+        self.connection: Connection | None = None
+        self._request = new_request(service=local_setup.SERVICE, name=conns.name,
+                                    mechanisms=[kernel(IFNAME, netns_url(netns))])
+
+    async def request(self) -> Connection:
+        self.connection = await self.conns.request(self._request)
+        return self.connection
+
+    async def close(self, raise_errors: bool = False) -> None:
+        if self.connection is None:
+            return
+        conn_id, self.connection = self.connection.id, None
+        try:
+            await self.conns.close(conn_id)
+        except NsmError:
+            if raise_errors:
+                raise
+
+
 @dataclass
 class Side:
     """One mesh of the comparison: how to make its clients, its daemons, its timings."""
 
     name: str
-    make: Callable[[int], Client]
+    make: Callable[[int], Client | _AgentLink]
     namespaces: Sequence[str]
     pids: dict[str, int | None]
     request_ms: list[float] = field(default_factory=list)
@@ -142,13 +182,14 @@ def _block_ratios(secure: Sequence[float], insecure: Sequence[float]) -> list[fl
 async def _local(n: int, nl: Netlink, failures: Failures, keep_logs: bool) -> dict[str, Any]:
     """The local comparison: a secure and an insecure single-node mesh side by side."""
     async with contextlib.AsyncExitStack() as stack:
-        sides, scratches = [], []
+        sides, scratches, urls = [], [], []
         for name in SIDES:
             scratch = Scratch(f"{name[:3]}", keep_logs=keep_logs, secure=name == "secure")
             stack.push_async_callback(scratch.aclose)
             scratches.append(scratch)
             namespaces = scratch.netns_many("s", n)
             mesh = await local_setup.start_mesh(scratch)
+            urls.append(mesh.manager_url)
             warm = await local_setup.first_requests(mesh, nl, local_setup.WARMUP, failures, name[:3])
             say(f"  local {name}: first requests (ms, not counted) {[round(v, 1) for v in warm]}")
             await start_identities(scratch.pod_identity, namespaces)
@@ -158,10 +199,24 @@ async def _local(n: int, nl: Netlink, failures: Failures, keep_logs: bool) -> di
                               namespaces, mesh.pids))
         say(f"  local: {n} connections per side, one at a time, interleaved")
         out = await interleaved(sides, nl, failures, "local")
+        agents = []
+        for name, scratch, side, url in zip(SIDES, scratches, sides, urls, strict=True):
+            conns = Connections(manager_url=url, name=f"bench-agent-{name[:3]}",
+                                heal=None, security=scratch.role_identity(local_setup.NODE, CNI_AGENT),
+                                manager_id=scratch.manager_id(local_setup.NODE))
+            stack.push_async_callback(conns.shutdown)
+            warm = scratch.netns(f"{name[:3]}agentwarm")
+            link = _AgentLink(conns, warm)
+            await timed_request(link, nl, warm, failures, f"agent {name} warm-up", [])
+            await timed_close(link, nl, warm, failures, f"agent {name} warm-up", [])
+            agents.append(Side(name, lambda i, c=conns, ns=side.namespaces: _AgentLink(c, ns[i]),
+                               side.namespaces, side.pids))
+        say(f"  agent: {n} connections per side through one long-lived client, interleaved")
+        agent = await interleaved(agents, nl, failures, "agent")
         for name, scratch in zip(SIDES, scratches, strict=True):
             await scratch.stop_daemons()
             out[name]["daemon_log_problems"] = scratch.log_problems()
-        return out
+        return {"local": out, "agent": agent}
 
 
 def _constant(security: Security) -> PodIdentity:
@@ -211,7 +266,8 @@ async def run(options: Options) -> dict[str, Any]:
     with failures.recording(result, started):
         async with Netlink() as nl:
             for key, part in parts:
-                result[key] = await part()
+                got = await part()
+                result.update(got if key == "local" else {key: got})
                 await asyncio.sleep(options.settle)
     problems = [p for key, _ in parts for side in SIDES
                 if (p := (result.get(key) or {}).get(side, {}).get("daemon_log_problems"))]
@@ -229,7 +285,7 @@ def table(result: dict[str, Any]) -> str:
     head = (f"{'setup':<7} {'side':<9} {'n':>4} | {'request p50':>11} {'p90':>8} {'max':>8} "
             f"| {'close p50':>9} {'p90':>8} {'max':>8}")
     lines += [head, "-" * len(head)]
-    for key in ("local", "remote"):
+    for key in PARTS:
         part = result.get(key)
         if not part:
             continue
@@ -242,7 +298,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{key:<7} {'ratio':<9} {'':>4} | {fmt(q.get('request p50'), 11)} "
                      f"{fmt(q.get('request p90'))} {fmt(q.get('request max'))} | "
                      f"{fmt(q.get('close p50'), 9)} {fmt(q.get('close p90'))} {fmt(q.get('close max'))}")
-    for key in ("local", "remote"):
+    for key in PARTS:
         part = result.get(key)
         if not part:
             continue
@@ -262,7 +318,7 @@ def table(result: dict[str, Any]) -> str:
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
     """The figures compared across repeated runs."""
     out: dict[str, float | None] = {}
-    for key in ("local", "remote"):
+    for key in PARTS:
         part = result.get(key)
         if not part:
             continue

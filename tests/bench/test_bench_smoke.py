@@ -108,12 +108,13 @@ def test_cni_smoke() -> None:
 
 @pytest.mark.timeout(180)
 def test_security_smoke() -> None:
-    """Secure and --insecure meshes side by side, interleaved: both sides measured, the ratio
-    and the bar computed, nothing left behind (namespaces, the labs' links)."""
+    """Secure and --insecure meshes side by side, interleaved: both sides measured (new pods,
+    and one long-lived client as the CNI agent is), the ratio and the bar computed, nothing left
+    behind (namespaces, the labs' links)."""
     doc, err = _run("--only", "security", "--n", "3")
     (result,) = doc["results"]["security"]
     assert result["failures"] == 0, result["failure_examples"]
-    for key in ("local", "remote"):
+    for key in ("local", "agent", "remote"):
         part = result[key]
         assert part["n"] == 3
         for side in ("secure", "insecure"):
@@ -126,7 +127,7 @@ def test_security_smoke() -> None:
                for node in result["remote"][side]["leftovers"].values() for v in node.values())
     assert [b["name"] for b in result["bars"]] == ["local request p50 secure / insecure"]
     assert "bar security: local request p50 secure / insecure <= 1.25" in err
-    assert "local   ratio" in err and "remote  ratio" in err
+    assert "local   ratio" in err and "agent   ratio" in err and "remote  ratio" in err
 
 
 @pytest.mark.timeout(60)
