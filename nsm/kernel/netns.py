@@ -222,7 +222,8 @@ class NetnsFinder:
     def __init__(self, *, proc: str = "/proc", run_dir: str = NETNS_RUN_DIR, keep: int = 1024) -> None:
         self.proc, self.run_dir, self.keep = proc, run_dir, keep
         self._known: dict[NetnsId, str] = {}
-        #: Every entry of the last listing, and the identity it held when last looked at.
+        #: Entries of the listings (those gone are dropped now and then), and the identity each
+        #: held when last looked at (None: not a namespace then).
         self._seen: dict[str, NetnsId | None] = {}
 
     def path(self, ident: NetnsId) -> str:
