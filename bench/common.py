@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -499,7 +499,19 @@ async def warm_one(make: Callable[[], Client], nl: Netlink, netns: str, failures
         return took
 
 
-async def timed_request(client: Client, nl: Netlink, netns: str, failures: Failures, what: str,
+class Requester(Protocol):
+    """What the timing helpers use of a client: an SDK ``Client``, or one connection of a
+    long-lived client that holds many (``bench.security``'s agent part)."""
+
+    @property
+    def connection(self) -> Connection | None: ...
+
+    async def request(self) -> Connection: ...
+
+    async def close(self, *, raise_errors: bool = False) -> None: ...
+
+
+async def timed_request(client: Requester, nl: Netlink, netns: str, failures: Failures, what: str,
                         request_ms: list[float], verified_ms: list[float] | None = None, *,
                         verify: bool = True, mtu: int | None = None,
                         verify_ms: list[float] | None = None) -> Connection | None:
@@ -529,7 +541,7 @@ async def timed_request(client: Client, nl: Netlink, netns: str, failures: Failu
     return conn
 
 
-async def timed_close(client: Client | None, nl: Netlink, netns: str, failures: Failures,
+async def timed_close(client: Requester | None, nl: Netlink, netns: str, failures: Failures,
                       what: str, close_ms: list[float]) -> None:
     """Close (timed into ``close_ms``) if connected, then check the interface is gone."""
     if client is None or client.connection is None:

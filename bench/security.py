@@ -51,6 +51,7 @@ from bench.common import (
     Failures,
     Options,
     PodIdentity,
+    Requester,
     Scratch,
     begin,
     fmt,
@@ -67,7 +68,6 @@ from bench.common import (
 )
 from nsm.api.connection_pb2 import Connection
 from nsm.client.chain import Connections, new_request
-from nsm.client.sdk import Client
 from nsm.errors import NsmError
 from nsm.kernel.netlink import Netlink
 from nsm.mechanisms import kernel, netns_url
@@ -111,7 +111,7 @@ class _AgentLink:
         self.connection = await self.conns.request(self._request)
         return self.connection
 
-    async def close(self, raise_errors: bool = False) -> None:
+    async def close(self, *, raise_errors: bool = False) -> None:
         if self.connection is None:
             return
         conn_id, self.connection = self.connection.id, None
@@ -127,7 +127,7 @@ class Side:
     """One mesh of the comparison: how to make its clients, its daemons, its timings."""
 
     name: str
-    make: Callable[[int], Client | _AgentLink]
+    make: Callable[[int], Requester]
     namespaces: Sequence[str]
     pids: dict[str, int | None]
     request_ms: list[float] = field(default_factory=list)
