@@ -22,11 +22,12 @@ registry, so that it is one Request and not a retry); ``n`` connections one at a
 ``n`` more ``concurrency`` at a time (all set up, then all closed, like the floor). In the same
 run, :func:`bench.netlink_floor.measure_floor` does the same kernel work with the same ``n`` and
 concurrency. Then ``fresh`` more **freshly started single nodes** (registry, manager, forwarder,
-NSE started anew), each timing its first Request only (the main mesh's namespaces are deleted only
-at the end, so the kernel's destroying them in the background does not fall on these). Bars, against the floor's sequential
-p50 of the same run: request p50 ≤ 3x (sequential and concurrent); the first Request of a
-freshly started single node (the slowest of the main mesh's and the fresh ones') ≤ 5x; the
-slowest of the ``n`` sequential requests ≤ 10x. A short **breakdown** then times the hops separately over warm
+NSE started anew), each timing its first Request only (the main mesh's namespaces are deleted
+only at the end, so the kernel's destroying them in the background does not fall on these).
+Bars, against the floor's sequential p50 of the same run: request p50 ≤ 3x (sequential and
+concurrent); the first Request of a freshly started single node (the slowest of the main mesh's
+and the fresh ones') ≤ 5x; the slowest of the ``n`` sequential requests ≤ 10x. A short
+**breakdown** then times the hops separately over warm
 channels: an empty gRPC call (health check), a Request straight to the NSE, straight to the
 forwarder (with the next-hop header the manager would send), and through the manager. Last, a
 **timeline**: a fresh mesh whose daemons timestamp each hop (an instrumentation loaded as
@@ -485,6 +486,8 @@ async def run(options: Options) -> dict[str, Any]:
                 result["timeline"] = await _timeline(count, failures, options.keep_logs, secure)
         finally:
             await nl.close()
+            if scratch.namespaces:
+                say(f"  the main mesh's {len(scratch.namespaces)} namespaces deleted")
             await scratch.aclose()
     result["first_requests"] = _first_of_fresh_nodes(result)
     _ratios(result)

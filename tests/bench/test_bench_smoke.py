@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -77,6 +78,11 @@ def test_local_setup_smoke() -> None:
         "first request of a fresh single node (slowest) / floor p50",
         "sequential request max (of 6) / floor p50"}
     assert "timeline of one Request" in err
+    # The main mesh's namespaces go only after the fresh nodes and the timeline: the kernel
+    # destroys namespaces in the background, which a fresh node's first Request would pay.
+    deleted = re.search(r"the main mesh's \d+ namespaces deleted", err)
+    assert deleted is not None, err
+    assert err.index("freshly started single nodes") < err.index("timeline: ") < deleted.start(), err
 
 
 @pytest.mark.timeout(180)
