@@ -28,8 +28,8 @@ Bars, against the floor's sequential p50 of the same run: request p50 ≤ 3x (se
 concurrent); the first Request of a freshly started single node (the slowest of the main mesh's
 and the fresh ones') ≤ 5x; the slowest of the ``n`` sequential requests ≤ 10x. A short
 **breakdown** then times the hops separately over warm channels: an empty gRPC call (health
-check), a Request straight to the NSE, straight to the forwarder (with the next-hop header the
-manager would send), and through the manager. Last, a
+check), a Request straight to the NSE, straight to the forwarder (as its manager would send it,
+the endpoint named in the connection), and through the manager. Last, a
 **timeline**: a fresh mesh whose daemons timestamp each hop (an instrumentation loaded as
 ``sitecustomize`` into that mesh only, see :data:`_TIMELINE_SITE`) splits one Request into its
 gRPC legs, chains and netlink work; its first Request is reported, not judged.
