@@ -795,6 +795,8 @@ class Channels:
         timeout); closing it earlier would cancel those streams."""
         loop = asyncio.get_running_loop()
         old_expiry = _old_certificate_life(svid)
+        # A rotation may bring another trust bundle: the servers' chains are checked anew.
+        self._chains.clear()
         for url, stale in list(self._channels.items()):
             self._channels[url] = self._factory(url)
             self._warmed.pop(url, None)

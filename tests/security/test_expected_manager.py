@@ -11,6 +11,7 @@ over :class:`nsm.transport.Channels`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import tempfile
 from collections.abc import AsyncIterator
@@ -151,6 +152,34 @@ async def test_an_expected_manager_is_proven_by_the_handshake_with_no_round_trip
         await request(connect)
         assert proves.calls == 0 and served.requests == 2
         assert len(checks) == 1  # the same chain again (a refresh): not checked twice
+
+
+async def test_after_a_rotation_the_managers_chain_is_checked_again(
+        ca: CertificateAuthority, identity: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chain a refresh skips checking is checked again once this client's SVID rotated (a
+    rotation may bring another trust bundle)."""
+    checks = []
+    real_check = prove.chain_from
+    monkeypatch.setattr(prove, "chain_from", lambda *a, **k: checks.append(1) or real_check(*a, **k))
+    security = await identity(POD, ttl=2.0)  # renewed at half its life
+    channels = Channels(security=security)
+    try:
+        async with manager(ca.issue(MGR, dns_names=(TD,))) as (url, served):
+            channels.expect(url, MGR)
+            connect = ManagerConnect(channels, url, timeout=5.0)
+            await request(connect)
+            await request(connect)
+            assert len(checks) == 1
+            generation = security.generation
+            for _ in range(60):
+                if security.generation > generation:
+                    break
+                await asyncio.sleep(0.05)
+            assert security.generation > generation, "the SVID did not rotate"
+            await request(connect)
+            assert len(checks) == 2 and served.requests == 3
+    finally:
+        await channels.close()
 
 
 async def test_without_an_expected_id_the_manager_proves_itself_by_a_round_trip(
