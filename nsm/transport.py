@@ -582,7 +582,9 @@ async def watch_reconnects(channel: grpc.aio.Channel, on_back: Callable[[], None
             if lost or was == grpc.ChannelConnectivity.READY:
                 on_back()
             lost = False
-        elif state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.IDLE):
+        else:
+            # Any state but READY after a change means the connection is gone, CONNECTING too:
+            # looking with ``try_to_connect`` at an IDLE channel starts connecting at once.
             lost = True
 
 

@@ -13,6 +13,7 @@ import re
 import time
 from typing import Any
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from security_ids import TD  # type: ignore[import-not-found]
@@ -118,9 +119,18 @@ async def test_a_dialled_channel_reconnects_with_the_current_svid_after_its_firs
         await server.stop(0)
         server = Server([url], security=server_sec)
         await server.start()
-        assert (await stub.Check(health_pb2.HealthCheckRequest(), timeout=5,
-                                 wait_for_ready=True)).status == SERVING
         deadline = time.monotonic() + 10
+        while True:
+            # A call sent as the old server's connection breaks fails UNAVAILABLE ("Stream
+            # removed"): it was on the wire, so it is not retried. The next one reconnects.
+            try:
+                status = (await stub.Check(health_pb2.HealthCheckRequest(), timeout=5,
+                                           wait_for_ready=True)).status
+                break
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, e
+                await asyncio.sleep(0.05)
+        assert status == SERVING
         while not backs:
             assert time.monotonic() < deadline, "the restart was not seen"
             await asyncio.sleep(0.05)

@@ -223,3 +223,40 @@ async def test_a_reconnect_quicker_than_the_watcher_still_counts() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class _ScriptedChannel:
+    """A channel that goes through ``states`` one state change at a time, then stays."""
+
+    def __init__(self, *states: grpc.ChannelConnectivity) -> None:
+        self.states = list(states)
+        self.at = 0
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.states[self.at]
+
+    async def wait_for_state_change(self, last: grpc.ChannelConnectivity) -> None:
+        if self.at + 1 >= len(self.states):
+            await asyncio.Event().wait()  # no more changes
+        self.at += 1
+
+
+@pytest.mark.timeout(5)
+async def test_a_reconnect_seen_as_connecting_still_counts() -> None:
+    """``watch_reconnects``: READY → CONNECTING → READY is a reconnect. Looking at the state with
+    ``try_to_connect`` right after a lost connection (IDLE) starts connecting, so the watcher may
+    never see IDLE or TRANSIENT_FAILURE when the peer is back at once (a quick restart)."""
+    ready, connecting = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING
+    backs: list[int] = []
+    channel = _ScriptedChannel(ready, connecting, ready)
+    task = asyncio.ensure_future(watch_reconnects(channel, lambda: backs.append(1)))  # type: ignore[arg-type]
+    try:
+        for _ in range(100):
+            if channel.at == 2:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert backs == [1]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
