@@ -243,6 +243,9 @@ class Registry:
                                       self.limits.watches)
         #: Watchers being sent their snapshot (created on first use: it needs the running loop).
         self._snapshots: asyncio.Semaphore | None = None
+        #: Watchers being sent their snapshot now, and the most there were at once.
+        self.snapshots_sending = 0
+        self.snapshots_sending_peak = 0
         self._owners = {"ns": _Owners(self.ns_store, "network services", self.limits),
                         "nse": _Owners(self.nse_store, "endpoints", self.limits)}
         self._closed = False
@@ -454,6 +457,15 @@ class Registry:
         gate = self._snapshots
         await gate.acquire()
         sending_snapshot = True
+        self.snapshots_sending += 1
+        self.snapshots_sending_peak = max(self.snapshots_sending_peak, self.snapshots_sending)
+
+        def sent_snapshot() -> None:
+            nonlocal sending_snapshot
+            sending_snapshot = False
+            self.snapshots_sending -= 1
+            gate.release()
+
         try:
             async with await store.watch(maxsize=self.watch_queue) as sub:
                 deadline = loop.time() + self.limits.watch_send_timeout
@@ -465,8 +477,7 @@ class Registry:
                             raise ResourceExhausted(
                                 f"watcher took more than {self.limits.watch_send_timeout:g} s to "
                                 f"read its snapshot and was dropped")
-                sending_snapshot = False
-                gate.release()
+                sent_snapshot()
                 async for event in sub:
                     name: str = event.record.name  # type: ignore[attr-defined]
                     if not event.deleted and matches(event.record):
@@ -477,7 +488,7 @@ class Registry:
                         yield event.record, True
         finally:
             if sending_snapshot:
-                gate.release()
+                sent_snapshot()
         if self._closed:  # the store ended the subscription because the registry stops
             raise Unavailable("registry is shutting down")
 
