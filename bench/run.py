@@ -27,7 +27,17 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from bench import chaos, cni, heal, local_setup, remote_scale, remote_setup, security, throughput
+from bench import (
+    chaos,
+    cni,
+    heal,
+    local_setup,
+    registry_watch,
+    remote_scale,
+    remote_setup,
+    security,
+    throughput,
+)
 from bench.common import (
     Bench,
     Options,
@@ -43,8 +53,8 @@ from bench.common import (
 #: Every benchmark, in the order they run.
 BENCHES: dict[str, Bench] = {b.name: b for b in (local_setup.BENCH, remote_setup.BENCH,
                                                   throughput.BENCH, remote_scale.BENCH,
-                                                  cni.BENCH, security.BENCH, heal.BENCH,
-                                                  chaos.BENCH)}
+                                                  cni.BENCH, security.BENCH,
+                                                  registry_watch.BENCH, heal.BENCH, chaos.BENCH)}
 #: Long runs (10-15 min each), only with ``--only``: heal time per fault, the chaos soak.
 ON_REQUEST = ("heal", "chaos")
 

@@ -152,3 +152,23 @@ def test_security_floor_smoke() -> None:
                                             + 6 * doc["es256_verify_ms_p50"], abs=0.003)
     assert doc["least_ratio"] == pytest.approx((10 + doc["floor_ms"]) / 10, abs=0.001)
     assert "least ratio over an insecure request of 10.0 ms" in proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_registry_watch_smoke() -> None:
+    """Both sides measured (the registry's throttle and none), every watcher got its snapshot,
+    the ratio is the Finds' p50 among watches over alone and the bar is computed from it."""
+    doc, err = _run("--only", "registry_watch", "--set", "records=20", "--set", "watches=40")
+    (result,) = doc["results"]["registry_watch"]
+    assert result["failures"] == 0, result["failure_examples"]
+    assert result["records"] == 20 and result["watches"] == 40
+    assert result["throttled"]["snapshots_in_flight"] == 4
+    assert result["unthrottled"]["snapshots_in_flight"] > 40
+    for side in ("throttled", "unthrottled"):
+        part = result[side]
+        assert part["alone_ms"]["n"] == 5 and 1 <= part["among_ms"]["n"] <= 5, side
+        assert part["ratio_p50"] == round(part["among_ms"]["p50"] / part["alone_ms"]["p50"], 2), side
+        assert part["all_snapshots_s"] > 0
+    (bar,) = result["bars"]
+    assert bar["value"] == result["throttled"]["ratio_p50"] and bar["limit"] == 10
+    assert "bar registry_watch: Find p50 among watches / alone (throttled) <= 10" in err
