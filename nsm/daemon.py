@@ -21,6 +21,7 @@ from typing import Any
 from nsm import log as nsmlog
 from nsm.config import flag
 from nsm.log import get_logger
+from nsm.metrics import add_metrics_flags, serving_metrics
 from nsm.security.options import add_security_flags
 from nsm.security.policy import add_policy_flags
 
@@ -66,9 +67,10 @@ def settle_heap() -> None:
 
 def add_role_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every serving role (manager, forwarder) ends with: identity, authorization
-    policies and logging."""
+    policies, metrics and logging."""
     add_security_flags(parser)
     add_policy_flags(parser)
+    add_metrics_flags(parser)
     flag(parser, "--log-level", help="log level", default="info")
     flag(parser, "--log-json", help="log JSON lines", switch=True, default=False)
 
@@ -82,15 +84,16 @@ def role_runner(build: Callable[[argparse.Namespace], tuple[Any, Any]]
     async def run(args: argparse.Namespace) -> int:
         nsmlog.setup(args.log_level, args.log_json)
         role, security = build(args)
-        return await serve_role(role, security)
+        return await serve_role(role, security, args)
 
     return run
 
 
-async def serve_role(role: Any, security: Any) -> int:
+async def serve_role(role: Any, security: Any, args: argparse.Namespace | None = None) -> int:
     """A serving role (manager, forwarder) with its identity until SIGTERM/SIGINT: the identity
-    is started first and closed last; SIGUSR1 logs the role's status. Exit status 0."""
-    async with security:
+    is started first and closed last, then its metrics listener (``--metrics-listen``, from
+    ``args``); SIGUSR1 logs the role's status. Exit status 0."""
+    async with security, serving_metrics(args, role.metrics, security):
         await serve_until_signal(role.start, role.stop, status=role.status)
     return 0
 

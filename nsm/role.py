@@ -1,15 +1,18 @@
 """The skeleton every serving role of the mesh shares (manager, forwarder, endpoint).
 
-- **The chain**: the standard server prefix ``(callers) → Begin → Validate → UpdatePath(name) →
-  PathTokens → Ownership → Timeout → Monitor`` is composed here, once; a role lists only who may
-  call it (:meth:`Role.callers`, rules on the caller's identity) and what follows the prefix
-  (:meth:`Role.elements`), top-down, in one place. The authorization policies
-  (:class:`~nsm.security.policy.Policies`) apply when the role is secure.
+- **The chain**: the standard server prefix ``Measured → (callers) → Begin → Validate →
+  UpdatePath(name) → PathTokens → Ownership → Timeout → Monitor`` is composed here, once; a
+  role lists only who may call it (:meth:`Role.callers`, rules on the caller's identity) and
+  what follows the prefix (:meth:`Role.elements`), top-down, in one place. The authorization
+  policies (:class:`~nsm.security.policy.Policies`) apply when the role is secure.
 - **What it serves**: ``networkservice.NetworkService`` (Request/Close down the chain) and
   ``connection.MonitorConnection`` (the Monitor element), plus the role's own services
   (:meth:`Role.grpc_services`, e.g. the manager's registry proxy), all through
   :meth:`nsm.transport.Server.add`, which also reports them by health and reflection.
 - **Status**: :meth:`Role.status` counts what the hop holds (logged on SIGUSR1 by the daemons).
+- **Metrics**: :attr:`Role.metrics` (:mod:`nsm.metrics`): the status as gauges, and every
+  Request and Close by how it ended, counted by the chain's first element; the daemons serve
+  them on ``--metrics-listen``.
 - **Lifecycle**: ``async with Role(...)`` or ``await start()`` / ``await stop()``. :meth:`Role.setup`
   learns the facts the chain needs (a tunnel address, ...) *before* the chain is built, so nothing
   is patched afterwards; each step registers its own undo on an exit stack as it succeeds, so a
@@ -27,6 +30,7 @@ from typing import ClassVar, Self
 from nsm.api import connection_pb2_grpc, networkservice_pb2_grpc
 from nsm.chain import Chain, Element
 from nsm.elements.begin import Begin
+from nsm.elements.metrics import Measured
 from nsm.elements.monitor import Monitor
 from nsm.elements.owner import Ownership
 from nsm.elements.timeout import Timeout
@@ -35,6 +39,7 @@ from nsm.elements.updatepath import DEFAULT_LIFETIME, UpdatePath
 from nsm.elements.validate import Validate
 from nsm.errors import FailedPrecondition, InvalidArgument
 from nsm.log import Logger, get_logger
+from nsm.metrics import Metrics
 from nsm.names import check_name
 from nsm.security.policy import Policies
 from nsm.security.tls import Security
@@ -86,14 +91,17 @@ class Role:
         self.timeout = Timeout()
         self.monitor = Monitor(self.security, self.policies)
         self.ownership = Ownership(self.security, self.policies)
+        #: This hop's metrics: its status, and its Requests and Closes (:class:`Measured`).
+        self.metrics = Metrics(self.kind, self.name, status=self.status)
         self._chain: Chain | None = None
         self._stack: contextlib.AsyncExitStack | None = None
 
     # -- what a role defines --------------------------------------------------------------
 
     def prefix(self) -> list[Element]:
-        """The standard server prefix, the same for every role, after its caller rules."""
-        return [*self.callers(), self.begin, Validate(),
+        """The standard server prefix, the same for every role: the metrics first (a refused
+        caller is counted too), then its caller rules."""
+        return [Measured(self.metrics), *self.callers(), self.begin, Validate(),
                 UpdatePath(self.name, lifetime=self.lifetime),
                 PathTokens(self.security, self.policies, last_hop=self.last_hop),
                 self.ownership, self.timeout, self.monitor]

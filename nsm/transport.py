@@ -1,5 +1,6 @@
 """gRPC listening and dialing: the one place where sockets, credentials and channel options
-are decided. With a :class:`~nsm.security.tls.Security` every listen and dial is mTLS with the
+are decided (and the HTTPS listener of a daemon's metrics, :class:`HttpListener`, with its
+client :func:`http_get`). With a :class:`~nsm.security.tls.Security` every listen and dial is mTLS with the
 process's SVID (unix sockets included); without one (``--insecure``) plaintext.
 
 URLs are ``unix:///absolute/path`` or ``tcp://host:port`` (port 0 picks a free port).
@@ -15,6 +16,7 @@ import datetime as dt
 import inspect
 import os
 import secrets
+import ssl
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,14 +25,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nsm.errors import FailedPrecondition, InvalidArgument, NsmError, Unauthenticated
+from nsm.errors import FailedPrecondition, InvalidArgument, NsmError, Unauthenticated, Unavailable
 from nsm.limits import MAX_MESSAGE_BYTES
 from nsm.log import get_logger
 from nsm.security import prove
 from nsm.security.ids import SpiffeId, identity_name, parse_id
+from nsm.security.svid import spiffe_id_of
 from nsm.security.tls import Security
 
 #: Longest path of a unix socket (sun_path is 108 bytes with its NUL).
@@ -834,3 +838,224 @@ class Channels:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
+
+
+# --- HTTP: a daemon's metrics ---------------------------------------------------------------------
+
+#: Longest request head (request line and headers) the HTTP listener reads: 431 beyond.
+MAX_HTTP_HEAD = 8 * 1024
+#: How long a client of the HTTP listener has for its TLS handshake and its request head.
+HTTP_READ_TIMEOUT = 10.0
+#: Connections the HTTP listener serves at once; one more is closed at once, unanswered.
+MAX_HTTP_CONNECTIONS = 32
+
+#: What a route answers: the body and its content type.
+HttpRoute = Callable[[], tuple[bytes, str]]
+
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 505: "HTTP Version Not Supported"}
+
+
+def _tls_context(security: Security, *, server: bool) -> ssl.SSLContext:
+    """A TLS context with the current SVID that requires the peer's certificate to chain to the
+    trust bundle; a client's also checks the server's DNS name (:attr:`Security.server_name`,
+    which every SVID carries, as for gRPC)."""
+    svid = security.svid
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=svid.bundle_pem.decode())
+    fd = os.memfd_create("svid", os.MFD_CLOEXEC)  # the key never touches a disk
+    try:
+        os.write(fd, svid.chain_pem + svid.key_pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    return context
+
+
+async def http_get(url: str | Url, path: str, security: Security | None = None, *,
+                   timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET ``path`` from an :class:`HttpListener` at ``url`` (HTTPS with ``security``'s SVID,
+    HTTP without): the status and the body. Unavailable when it cannot connect or answer."""
+    parsed = url if isinstance(url, Url) else parse_url(url)
+    context: ssl.SSLContext | None = None
+    name: str | None = None
+    if security is not None and security.enabled:
+        context, name = _tls_context(security, server=False), security.server_name
+    try:
+        async with asyncio.timeout(timeout):
+            if parsed.is_unix:
+                reader, writer = await asyncio.open_unix_connection(
+                    parsed.path, ssl=context, server_hostname=name)
+            else:
+                reader, writer = await asyncio.open_connection(
+                    parsed.host, parsed.port, ssl=context, server_hostname=name)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {name or 'localhost'}\r\n"
+                             f"Connection: close\r\n\r\n".encode())
+                answer = await reader.read()
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError) as exc:
+        raise Unavailable(f"GET {parsed}{path}: {exc!r}") from None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise Unavailable(f"GET {parsed}{path}: no HTTP answer ({answer[:40]!r})") from None
+    return status, body
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+class HttpListener:
+    """HTTP/1.1 GET (and HEAD) of a few fixed paths, a daemon's ``/metrics``, on one URL
+    (``unix:///path`` or ``tcp://host:port``, port 0 picks one: :attr:`url` after start).
+
+    With security on it is HTTPS with the process's current SVID (each handshake uses the SVID
+    current then) and the client must present an SVID chaining to the trust bundle (else the
+    handshake fails), of the trust domain and accepted by ``allowed(spiffe_id)`` (else 403).
+    ``--insecure``: plain HTTP, anyone. One request per connection (``Connection: close``);
+    a malformed request is 400, a head over :data:`MAX_HTTP_HEAD` 431, another method 405, an
+    unknown path 404; a client slower than :data:`HTTP_READ_TIMEOUT` is dropped."""
+
+    def __init__(self, url: str | Url, routes: dict[str, HttpRoute], *, security: Security,
+                 allowed: Callable[[SpiffeId], bool]) -> None:
+        self.url = url if isinstance(url, Url) else parse_url(url)
+        self._routes = routes
+        self._security = security
+        self._allowed = allowed
+        self._server: asyncio.Server | None = None
+        self._created: list[Path] = []
+        self._context: tuple[int, ssl.SSLContext] | None = None
+        #: The connections being served.
+        self._serving: set[asyncio.StreamWriter] = set()
+        self.log = get_logger("nsm.http").bind(url=str(self.url))
+
+    async def start(self) -> None:
+        try:
+            if self.url.is_unix:
+                _prepare_unix_socket(self.url.path, self._created)
+                self._server = await asyncio.start_unix_server(self._serve, self.url.path,
+                                                               limit=MAX_HTTP_HEAD)
+            else:
+                self._server = await asyncio.start_server(self._serve, self.url.host, self.url.port,
+                                                          limit=MAX_HTTP_HEAD, reuse_address=True)
+                if self.url.port == 0:
+                    self.url = self.url.with_port(self._server.sockets[0].getsockname()[1])
+        except OSError as exc:
+            _remove_dirs(self._created)
+            raise FailedPrecondition(f"cannot listen on {self.url}: {exc.strerror or exc}") from exc
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for writer in list(self._serving):  # each handler ends on its connection's end
+            writer.close()
+        for _ in range(int(HTTP_READ_TIMEOUT / 0.01)):
+            if not self._serving:
+                break
+            await asyncio.sleep(0.01)
+        await server.wait_closed()
+        if self.url.is_unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.url.path)
+        _remove_dirs(self._created)
+
+    def _tls(self) -> ssl.SSLContext:
+        """The server's TLS context for the current SVID (made again after a rotation)."""
+        generation = self._security.generation
+        if self._context is None or self._context[0] != generation:
+            self._context = (generation, _tls_context(self._security, server=True))
+        return self._context[1]
+
+    def _check_peer(self, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            raise _Refused(403, "no client certificate")
+        try:
+            sid = spiffe_id_of(x509.load_der_x509_certificate(der))
+        except (ValueError, NsmError) as exc:
+            raise _Refused(403, f"the client certificate is no SVID: {exc}") from None
+        if sid.trust_domain != self._security.trust_domain:
+            raise _Refused(403, f"{sid} is not of trust domain {self._security.trust_domain}")
+        if not self._allowed(sid):
+            raise _Refused(403, f"{sid} may not read this")
+
+    def _answer(self, head: bytes) -> tuple[int, bytes, str, bool]:
+        """The status, body and content type for a request head, and whether to send the body."""
+        try:
+            line = head.split(b"\r\n", 1)[0].decode("ascii")
+            method, target, version = line.split(" ")
+        except (UnicodeDecodeError, ValueError):
+            raise _Refused(400, "malformed request line") from None
+        if not version.startswith("HTTP/1."):
+            raise _Refused(505, f"{version[:16]!r} is not HTTP/1.x")
+        if method not in ("GET", "HEAD"):
+            raise _Refused(405, f"method {method[:16]!r}")
+        route = self._routes.get(target.split("?", 1)[0])
+        if route is None:
+            raise _Refused(404, f"no {target[:64]!r} here")
+        try:
+            body, content_type = route()
+        except Exception as exc:
+            self.log.error("route failed", path=target[:64], error=repr(exc))
+            raise _Refused(500, "could not answer") from None
+        return 200, body, content_type, method == "GET"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._serving) >= MAX_HTTP_CONNECTIONS:
+            self.log.warning("too many connections: one closed", limit=MAX_HTTP_CONNECTIONS)
+            writer.close()
+            return
+        self._serving.add(writer)
+        status, body, content_type, send_body = 500, b"", "text/plain; charset=utf-8", True
+        try:
+            try:
+                async with asyncio.timeout(HTTP_READ_TIMEOUT):
+                    if self._security.enabled:
+                        try:
+                            context = self._tls()
+                        except NsmError as exc:  # no SVID yet (the daemon is starting)
+                            self.log.debug("no identity yet", error=exc.message)
+                            return
+                        await writer.start_tls(context)
+                        self._check_peer(writer)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                status, body, content_type, send_body = self._answer(head)
+            except _Refused as refused:
+                status, body = refused.status, f"{refused}\n".encode()
+                if status == 403:
+                    self.log.warning("denied", reason=str(refused))
+            except asyncio.LimitOverrunError:
+                status, body = 431, f"request head over {MAX_HTTP_HEAD} bytes\n".encode()
+            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError) as exc:
+                self.log.debug("client dropped", error=repr(exc))
+                return
+            writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+                         f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + (body if send_body else b""))
+            with contextlib.suppress(ConnectionError, OSError):
+                async with asyncio.timeout(HTTP_READ_TIMEOUT):
+                    await writer.drain()
+        except TimeoutError:
+            pass
+        except Exception as exc:  # a client must never take the daemon down
+            self.log.error("http connection failed", error=repr(exc))
+        finally:
+            self._serving.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(HTTP_READ_TIMEOUT):
+                    await writer.wait_closed()

@@ -105,6 +105,7 @@ from nsm.kernel.netlink import Netlink
 from nsm.kernel.netns import netns_id
 from nsm.log import get_logger
 from nsm.mechanisms import kernel, netns_url
+from nsm.metrics import Metrics, add_metrics_flags, serving_metrics
 from nsm.names import check_name
 from nsm.retry import Backoff
 from nsm.security.ids import CNI_AGENT, node_id
@@ -689,6 +690,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="this node's name, for the agent's SPIFFE ID (default: the host name)")
     heal_flags(parser)
     add_security_flags(parser)
+    add_metrics_flags(parser)
     flag(parser, "--list", switch=True, default=False,
          help="print the running agent's attachments (JSON lines) and exit")
     log_flags(parser)
@@ -737,7 +739,8 @@ async def run(args: argparse.Namespace) -> int:
                   sweep_interval=args.sweep_interval, kubernetes=kubernetes, security=security,
                   manager_id=args.manager_id)
     try:
-        await serve_until_signal(agent.start, agent.stop, status=agent.status)
+        async with serving_metrics(args, Metrics("cni-agent", node, status=agent.status), security):
+            await serve_until_signal(agent.start, agent.stop, status=agent.status)
     finally:
         await security.close()
     return 0

@@ -31,6 +31,7 @@ from nsm.elements.updatepath import DEFAULT_LIFETIME
 from nsm.endpoint.endpoint import DEFAULT_EXPIRY, Endpoint
 from nsm.errors import InvalidArgument, NotFound, NsmError
 from nsm.log import get_logger
+from nsm.metrics import add_metrics_flags, serving_metrics
 from nsm.names import check_name
 from nsm.security.ids import workload_id
 from nsm.security.options import add_security_flags, security_from_args
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="longest a connection lives without a refresh, e.g. 10m")
     add_security_flags(parser)
     add_policy_flags(parser)
+    add_metrics_flags(parser)
     log_flags(parser)
 
 
@@ -90,9 +92,10 @@ async def run(args: argparse.Namespace) -> int:
         try:
             with status_on_signal(endpoint.status):
                 await stop.first(security.start())
-                await stop.first(endpoint.start())
-                settle_heap()
-                await stop.wait()
+                async with serving_metrics(args, endpoint.metrics, security):
+                    await stop.first(endpoint.start())
+                    settle_heap()
+                    await stop.wait()
             log.info("endpoint stopping", name=endpoint.name)
         except NsmError as exc:
             usage = isinstance(exc, InvalidArgument | NotFound)

@@ -23,12 +23,13 @@ from nsm.kernel.netlink import Netlink
 from nsm.lab.leftovers import write_json
 from nsm.lab.processes import Daemon, end_processes_in, identity, start_time, tail
 from nsm.lab.topology import BRIDGE, DEFAULT_PREFIX, FABRIC, Topology, validate_prefix
+from nsm.metrics import METRICS_PATH
 from nsm.registry.client import RegistryClient
 from nsm.security.ca import CertificateAuthority
 from nsm.security.ids import DEFAULT_TRUST_DOMAIN, MANAGER, node_id, workload_id
 from nsm.security.sources import CaSource
 from nsm.security.tls import Security
-from nsm.transport import dial
+from nsm.transport import dial, http_get
 from nsm.wellknown import FORWARDER_SERVICE
 
 log = nsm_log.get_logger(__name__)
@@ -238,6 +239,24 @@ class Lab:
         """Daemons by key: ``registry``, ``manager.<node>``, ``forwarder.<node>``, ``nse.<name>``."""
         return dict(self._daemons)
 
+    def metrics_url(self, key: str | Daemon) -> str:
+        """Where daemon ``key`` serves its metrics (``--metrics-listen``, a unix socket in the
+        lab's work directory; readable by the lab's identity)."""
+        name = key.name if isinstance(key, Daemon) else key
+        assert self.workdir is not None
+        return f"unix://{self.workdir / 'metrics' / name}.sock"
+
+    async def scrape(self, key: str | Daemon) -> str:
+        """Daemon ``key``'s metrics (the text exposition), read as the lab."""
+        status, body = await http_get(self.metrics_url(self.daemon(key)), METRICS_PATH, self.security)
+        if status != 200:
+            raise Unavailable(f"metrics of {self.daemon(key).name}: HTTP {status}: "
+                              f"{body[:200].decode(errors='replace')}")
+        return body.decode()
+
+    def _env_of(self, key: str) -> dict[str, str]:
+        return {**self.daemon_env, "NSM_METRICS_LISTEN": self.metrics_url(key)}
+
     def daemon(self, key: str | Daemon) -> Daemon:
         if isinstance(key, Daemon):
             if key not in self._daemons.values():
@@ -287,7 +306,7 @@ class Lab:
             raise AlreadyExists(f"lab {self.prefix} has a daemon {key!r} already")
         netns = self.node(node or self.registry_node).netns
         assert self.workdir is not None
-        d = Daemon(key, args, url=url, env={**self.daemon_env, **(env or {})},
+        d = Daemon(key, args, url=url, env={**self._env_of(key), **(env or {})},
                    log_path=self.workdir / "logs" / f"{key}.log", netns=netns, security=self.security)
         self._daemons[key] = d
         self._tiers[-1].append(key)
@@ -374,6 +393,7 @@ class Lab:
                 f"`nsm lab down --prefix {self.prefix}`")
         self.workdir = self._make_workdir()
         (self.workdir / "logs").mkdir()
+        (self.workdir / "metrics").mkdir()
         if self.secure:
             await asyncio.to_thread(CertificateAuthority.open, self.ca_dir, self.trust_domain)
             self.security = self.identity(self.lab_id)
@@ -404,12 +424,12 @@ class Lab:
     @property
     def daemon_env(self) -> dict[str, str]:
         """What every daemon and command of the lab gets in its environment: the CA and the
-        trust domain (each daemon's SPIFFE ID is its role's default), the lab as an observer;
-        or ``NSM_INSECURE``."""
+        trust domain (each daemon's SPIFFE ID is its role's default), the lab as an observer
+        and as a reader of the metrics; or ``NSM_INSECURE``."""
         if not self.secure:
             return {"NSM_INSECURE": "1"}
         env = {"NSM_CA_DIR": str(self.ca_dir), "NSM_TRUST_DOMAIN": self.trust_domain,
-               "NSM_OBSERVERS": self.lab_id}
+               "NSM_OBSERVERS": self.lab_id, "NSM_METRICS_SCRAPERS": self.lab_id}
         if self.svid_ttl is not None:
             env["NSM_SVID_TTL"] = f"{self.svid_ttl:g}s"
         return env
@@ -488,7 +508,7 @@ class Lab:
     def _new_daemon(self, key: str, args: list[str], url: str, netns: str) -> Daemon:
         assert self.workdir is not None
         args = [*args, "--log-level", self.log_level, *self.extra_args.get(key, [])]
-        d = Daemon(key, args, url=url, env=self.daemon_env,
+        d = Daemon(key, args, url=url, env=self._env_of(key),
                    log_path=self.workdir / "logs" / f"{key}.log", netns=netns, security=self.security)
         self._daemons[key] = d
         return d

@@ -17,6 +17,7 @@ from nsm import log as nsm_log
 from nsm.config import duration, flag
 from nsm.daemon import serve_until_signal
 from nsm.errors import NsmError
+from nsm.metrics import Metrics, add_metrics_flags, serving_metrics
 from nsm.registry.authz import RegistryPolicy
 from nsm.registry.server import DEFAULT_EXPIRY, Registry, add_to_server
 from nsm.registry.store import DEFAULT_WATCH_QUEUE
@@ -110,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               "name), node (a manager registers its node's records only), forwarder (forwarder "
               "records only by that node's forwarder), url (a record's URL must prove the "
               "registrant's identity)", type=_policy_name)
+    add_metrics_flags(parser)
     flag(parser, "--log-level", default="info", choices=LOG_LEVELS, help="log level")
     flag(parser, "--log-json", switch=True, default=False, help="log JSON lines")
 
@@ -147,7 +149,7 @@ async def run(args: argparse.Namespace) -> int:
         return serving[0].registry.status() if serving else {}
 
     try:
-        async with security:
+        async with security, serving_metrics(args, Metrics("registry", status=status), security):
             await serve_until_signal(start, stop, status=status)
     except NsmError as exc:  # e.g. a bad or busy listen URL
         log.error("registry failed", error=exc.message)

@@ -36,6 +36,7 @@ from tls_probe import (  # type: ignore[import-not-found]
     StaticSource,
     forge,
     presented_serial,
+    refused_identities,
     write_csi_driver,
     write_spiffe_helper,
 )
@@ -457,22 +458,6 @@ async def health_code(channel: grpc.aio.Channel) -> grpc.StatusCode:
     except grpc.aio.AioRpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
-
-
-def refused_identities(ca: CertificateAuthority) -> dict[str, Svid]:
-    """Client identities a secure server of ``ca`` (trust domain nsm.lab) must refuse; each
-    trusts ``ca`` for the server's certificate, so only the server's check refuses it."""
-    other = CertificateAuthority.create("other.example")
-    impostor = CertificateAuthority.create(TD)  # another authority calling itself nsm.lab
-    return {
-        "another trust domain's CA": forge(other, "spiffe://other.example/ns/default/pod/x", dns=TD,
-                                           bundle=(ca.cert,)),
-        "another CA of the same name": forge(impostor, f"spiffe://{TD}/ns/default/pod/x", dns=TD,
-                                             bundle=(ca.cert,)),
-        "our CA, another trust domain's ID": forge(ca, "spiffe://other.example/ns/default/pod/x", dns=TD),
-        "our CA, no SPIFFE ID": forge(ca, None, dns=TD),
-        "expired": forge(ca, f"spiffe://{TD}/ns/default/pod/x", dns=TD, age=7200, lifetime=3600),
-    }
 
 
 #: What each is refused with: at the handshake (UNAVAILABLE) or, for a certificate our CA signed

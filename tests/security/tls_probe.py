@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from security_ids import TD  # type: ignore[import-not-found]
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from nsm.security.ca import CertificateAuthority
@@ -225,3 +226,20 @@ def forge(ca: CertificateAuthority, uri: str | None, *, dns: str, lifetime: floa
             c.public_bytes(serialization.Encoding.PEM) for c in (bundle or (ca.cert,))))
         return holder
     return Svid((cert,), key, bundle or (ca.cert,))
+
+
+def refused_identities(ca: CertificateAuthority) -> dict[str, Svid]:
+    """Client identities a secure server of ``ca`` (trust domain nsm.lab) must refuse; each
+    trusts ``ca`` for the server's certificate, so only the server's check refuses it
+    (the identity-source tests and the metrics listener's)."""
+    other = CertificateAuthority.create("other.example")
+    impostor = CertificateAuthority.create(TD)  # another authority calling itself nsm.lab
+    return {
+        "another trust domain's CA": forge(other, "spiffe://other.example/ns/default/pod/x", dns=TD,
+                                           bundle=(ca.cert,)),
+        "another CA of the same name": forge(impostor, f"spiffe://{TD}/ns/default/pod/x", dns=TD,
+                                             bundle=(ca.cert,)),
+        "our CA, another trust domain's ID": forge(ca, "spiffe://other.example/ns/default/pod/x", dns=TD),
+        "our CA, no SPIFFE ID": forge(ca, None, dns=TD),
+        "expired": forge(ca, f"spiffe://{TD}/ns/default/pod/x", dns=TD, age=7200, lifetime=3600),
+    }
