@@ -9,6 +9,7 @@
     nsm cni-install / cni-uninstall   put nsm-cni into the node's conflist / take it out
     nsm ca-init    --dir DIR [--trust-domain TD]   a CA for every machine (Kubernetes: Secret nsm-ca)
     nsm health     [--url URL]   exit 0 when the daemon at URL (default: NSM_LISTEN) is SERVING
+    nsm metrics    [--url URL]   print the metrics of the daemon at URL (default: NSM_METRICS_LISTEN)
     nsm demo       build a throwaway mesh, show a link and a ping, tear it all down
 
 Every flag also reads an ``NSM_*`` environment variable (``--listen`` → ``NSM_LISTEN``).
@@ -35,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cni-uninstall": ("nsm.cni.install", "remove nsm-cni from this node (conflist entries, executable)"),
     "ca-init": ("nsm.security.cainit", "make a built-in CA directory to share between machines (a Secret)"),
     "health": ("nsm.health", "ask a daemon's gRPC health service once (exit 0 when SERVING)"),
+    "metrics": ("nsm.scrape", "read a daemon's Prometheus metrics once and print them"),
     "demo": ("nsm.lab.demo", "build a throwaway mesh in namespaces and show it working"),
     "lab": ("nsm.lab.cli", "an emulated cluster of nodes in namespaces: lab up|down|status"),
 }

@@ -17,7 +17,8 @@ element of their chain (:class:`nsm.elements.metrics.Measured`):
   (a histogram).
 
 Who may read them: with security on the listener is HTTPS with the daemon's SVID, and a client
-must present an SVID of the trust domain listed in ``--metrics-scrapers`` or ``--observers``
+must present an SVID of the trust domain listed in ``--metrics-scrapers`` or ``--observers``,
+or the daemon's own, or ``spiffe://<td>/nsm/metrics`` (``nsm metrics``, :mod:`nsm.scrape`)
 (403 otherwise; no certificate, or one of another authority, fails the handshake). A Prometheus
 scrapes with an SVID of its own (a SPIRE registration, or one of the built-in CA). With
 ``--insecure`` it is plain HTTP and anyone may read, as nothing else is checked then either.
@@ -129,6 +130,11 @@ def _scraper(text: str) -> str:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def reader_id(trust_domain: str) -> str:
+    """The SPIFFE ID of ``nsm metrics``, which every daemon lets read its metrics."""
+    return f"spiffe://{trust_domain}/nsm/metrics"
+
+
 def add_metrics_flags(parser: argparse.ArgumentParser) -> None:
     """``--metrics-listen`` and ``--metrics-scrapers`` (``NSM_METRICS_LISTEN``,
     ``NSM_METRICS_SCRAPERS``)."""
@@ -143,13 +149,16 @@ def add_metrics_flags(parser: argparse.ArgumentParser) -> None:
 async def serving_metrics(args: argparse.Namespace | None, metrics: Metrics,
                           security: Security) -> AsyncIterator[HttpListener | None]:
     """While entered, serve ``metrics`` on ``args.metrics_listen`` (nothing when unset) to the
-    IDs of ``--metrics-scrapers`` and ``--observers``."""
+    IDs of ``--metrics-scrapers`` and ``--observers``, the daemon's own and ``nsm metrics``'s
+    (:func:`reader_id`)."""
     url = getattr(args, "metrics_listen", None)
     if not url:
         yield None
         return
     readers = frozenset(getattr(args, "metrics_scrapers", None) or ()) | \
         frozenset(getattr(args, "observers", None) or ())
+    if security.enabled:  # `nsm metrics` (the daemon's own ID is let in too: metrics_listener)
+        readers |= {reader_id(security.trust_domain)}
     listener = metrics_listener(url, metrics, security, readers)
     await listener.start()
     log.info("metrics serving", url=f"{listener.url}{METRICS_PATH}",
@@ -162,11 +171,13 @@ async def serving_metrics(args: argparse.Namespace | None, metrics: Metrics,
 
 def metrics_listener(url: str, metrics: Metrics, security: Security,
                      readers: Iterable[str]) -> HttpListener:
-    """The listener of ``metrics`` on ``url``, readable by the SPIFFE IDs ``readers``."""
+    """The listener of ``metrics`` on ``url``, readable by the SPIFFE IDs ``readers`` and by
+    the daemon's own (``security``'s, looked at when asked: it may not be known before the
+    daemon's first SVID)."""
     allowed = frozenset(readers)
 
     def may_read(sid: SpiffeId) -> bool:
-        return str(sid) in allowed
+        return str(sid) in allowed or str(sid) == security.id
 
     return HttpListener(url, {METRICS_PATH: metrics.render}, security=security, allowed=may_read)
 

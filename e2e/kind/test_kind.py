@@ -239,3 +239,28 @@ def test_endpoint_deleted_client_heals_onto_another(kube: Kube, ns: str) -> None
         return True
 
     retry(healed, timeout=90, what="the client healed onto the other endpoint")
+
+
+def test_every_daemon_serves_its_metrics(kube: Kube, ns: str) -> None:
+    """``nsm metrics`` in each daemon's container (its environment, the nsm/metrics identity of
+    the cluster's CA): every daemon answers with its role; a manager that served a connection
+    counts it."""
+    service = f"{ns}-metrics"
+    node = kube.workers()[0]
+    kube.apply(endpoint("nse", service, "172.16.7.0/24", node=node))
+    kube.wait_ready(ns, "app=nse")
+    kube.apply(client("client", [f"kernel://{service}/nsm-1"], node=node))
+    kube.wait_ready(ns, "app=client")
+    connected(kube, ns, "client")
+    pod_name = kube.node_pod(node)
+    for container in ("manager", "forwarder", "cni-agent"):  # each container's role is its name
+        out = retry(lambda c=container: kube.exec("nsm-system", pod_name, "nsm", "metrics",
+                                                  container=c).stdout,
+                    what=f"{container}'s metrics")
+        assert f'role="{container}"' in out, out[:2000]
+        if container == "manager":
+            assert 'nsm_requests_total{code="OK",method="Request"}' in out, out[:2000]
+    registry = kube.json("get", "pods", "-l", "app=nsm-registry", namespace="nsm-system")["items"][0]
+    out = retry(lambda: kube.exec("nsm-system", registry["metadata"]["name"], "nsm", "metrics").stdout,
+                what="the registry's metrics")
+    assert 'role="registry"' in out and 'nsm_held{what="endpoints"}' in out, out[:2000]

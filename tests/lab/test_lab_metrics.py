@@ -5,8 +5,10 @@ not read them. Secure (HTTPS, the lab's identity reads) and ``--insecure`` (plai
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nsm.client.sdk import Client
 from nsm.errors import NotFound, NsmError
 from nsm.lab import EndpointSpec, Lab, NodeSpec, PodSpec, ServiceSpec, Topology
+from nsm.lab.processes import daemon_env
 from nsm.metrics import METRICS_PATH
 from nsm.transport import http_get
 
@@ -79,3 +82,13 @@ async def test_every_daemon_counts_what_it_served_and_holds(prefix: str, secure:
             status, body = await http_get(lab.metrics_url("manager.node1"), METRICS_PATH,
                                           lab.pod_identity(client_ns))
             assert status == 403 and b"may not read this" in body
+
+        # `nsm metrics` as an operator runs it in a daemon's container: its environment (the
+        # lab's CA, NSM_METRICS_LISTEN), its own identity of the CA (spiffe://<td>/nsm/metrics)
+        env = daemon_env({**lab.daemon_env, "NSM_METRICS_LISTEN": lab.metrics_url("forwarder.node1")})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nsm.cli", "metrics", env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        assert 'nsm_info{name="node1-fwd",role="forwarder"} 1.0' in out.decode()

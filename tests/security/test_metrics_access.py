@@ -44,8 +44,9 @@ async def served(identity: Any, tmp_path: Path) -> AsyncIterator[tuple[HttpListe
 
 
 async def test_a_listed_reader_gets_the_metrics_over_https(served: Any, identity: Any) -> None:
+    """The scrapers and observers given, and the daemon's own ID (the daemon is MGR1)."""
     listener, _ = served
-    for reader in (SCRAPER, OBSERVER):
+    for reader in (SCRAPER, OBSERVER, MGR1):
         status, body = await http_get(listener.url, METRICS_PATH, await identity(reader))
         assert status == 200, body
         assert b'nsm_held{what="connections"} 2.0' in body

@@ -289,3 +289,23 @@ def test_every_daemon_refuses_a_bad_metrics_url_before_starting(command: list[st
     done = _nsm(*command, "--metrics-scrapers", "prometheus")
     assert done.returncode == 2 and "metrics-scrapers" in done.stderr, done.stderr
 
+
+
+def test_nsm_metrics_bad_input_and_an_absent_daemon(tmp_path: Path) -> None:
+    env = {"NSM_INSECURE": "1", "NSM_METRICS_LISTEN": ""}
+    done = _nsm("metrics", env=env)
+    assert done.returncode == 2 and "--url (or NSM_METRICS_LISTEN) is required" in done.stderr
+    done = _nsm("metrics", "--url", "http://x:1", env=env)
+    assert done.returncode == 2 and "unsupported URL" in done.stderr
+    done = _nsm("metrics", "--url", f"unix://{tmp_path}/none.sock", env=env)
+    assert done.returncode == 1 and "GET unix://" in done.stderr and done.stdout == ""
+
+
+async def test_nsm_metrics_prints_what_an_insecure_daemon_serves(listener: HttpListener) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nsm.cli", "metrics", "--insecure",
+        env={**os.environ, "NSM_METRICS_LISTEN": str(listener.url)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()
+    assert samples(out.decode())[("nsm_held", (("what", "connections"),))] == 1
