@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nsm.config import EXIT_FAILED, EXIT_USAGE, duration, fail
 from nsm.errors import NsmError
 from nsm.security.options import add_security_flags, security_from_args
+from nsm.security.tls import Security
 from nsm.transport import dial, parse_url
 
 PROG = "nsm health"
@@ -49,19 +50,32 @@ def default_url(environ: Mapping[str, str] | None = None) -> str | None:
     return urls[0] if urls else None
 
 
-async def run(args: argparse.Namespace) -> int:
-    url = args.url or default_url()
+async def one_shot(prog: str, url: str | None, variable: str, args: argparse.Namespace,
+                   spiffe_id: str) -> tuple[str, Security] | int:
+    """What a one-shot command against a daemon (``nsm health``, ``nsm metrics``) starts with:
+    the daemon's URL (``--url``, else ``variable`` gave it) and the command's identity, started
+    (``spiffe_id`` from the built-in CA, or the container's SVID); or its exit status, the
+    reason on stderr, when either is missing or bad."""
     if not url:
-        return fail(PROG, "--url (or NSM_LISTEN) is required", EXIT_USAGE)
+        return fail(prog, f"--url (or {variable}) is required", EXIT_USAGE)
     try:
         parse_url(url)
     except NsmError as exc:
-        return fail(PROG, exc.message, EXIT_USAGE)
+        return fail(prog, exc.message, EXIT_USAGE)
     try:
-        security = security_from_args(args, f"spiffe://{args.trust_domain}/nsm/health", create_ca=False)
+        security = security_from_args(args, spiffe_id, create_ca=False)
         await security.start()
     except NsmError as exc:
-        return fail(PROG, f"no identity: {exc.message}", EXIT_FAILED)
+        return fail(prog, f"no identity: {exc.message}", EXIT_FAILED)
+    return url, security
+
+
+async def run(args: argparse.Namespace) -> int:
+    ready = await one_shot(PROG, args.url or default_url(), "NSM_LISTEN", args,
+                           f"spiffe://{args.trust_domain}/nsm/health")
+    if isinstance(ready, int):
+        return ready
+    url, security = ready
     channel = dial(url, security)
     try:
         resp = await health_pb2_grpc.HealthStub(channel).Check(

@@ -17,11 +17,12 @@ import argparse
 import os
 import sys
 
-from nsm.config import EXIT_FAILED, EXIT_USAGE, duration, fail
+from nsm.config import EXIT_FAILED, duration, fail
 from nsm.errors import NsmError
+from nsm.health import one_shot
 from nsm.metrics import METRICS_PATH, reader_id
-from nsm.security.options import add_security_flags, security_from_args
-from nsm.transport import http_get, parse_url
+from nsm.security.options import add_security_flags
+from nsm.transport import http_get
 
 PROG = "nsm metrics"
 
@@ -36,18 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    url = args.url or os.environ.get("NSM_METRICS_LISTEN", "").strip()
-    if not url:
-        return fail(PROG, "--url (or NSM_METRICS_LISTEN) is required", EXIT_USAGE)
-    try:
-        parse_url(url)
-    except NsmError as exc:
-        return fail(PROG, exc.message, EXIT_USAGE)
-    try:
-        security = security_from_args(args, reader_id(args.trust_domain), create_ca=False)
-        await security.start()
-    except NsmError as exc:
-        return fail(PROG, f"no identity: {exc.message}", EXIT_FAILED)
+    ready = await one_shot(PROG, args.url or os.environ.get("NSM_METRICS_LISTEN", "").strip(),
+                           "NSM_METRICS_LISTEN", args, reader_id(args.trust_domain))
+    if isinstance(ready, int):
+        return ready
+    url, security = ready
     try:
         status, body = await http_get(url, METRICS_PATH, security, timeout=args.timeout)
     except NsmError as exc:
