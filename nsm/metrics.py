@@ -9,7 +9,8 @@ Every daemon (registry, manager, forwarder, endpoint, CNI agent) exports:
 - ``nsm_tasks``: its asyncio tasks (a leak shows as a climb).
 
 The roles that serve NetworkService (manager, forwarder, endpoint) also export, from the first
-element of their chain (:class:`nsm.elements.metrics.Measured`):
+element of their chain (:class:`nsm.elements.metrics.Measured`), and the registry for its calls
+(methods ``ns.Register``, ``nse.Find``, ``nse.Watch``, ...; a watch counts when it ends):
 
 - ``nsm_requests_total{method,code}``: the Requests and Closes this hop served, by the gRPC
   status each ended with (refused callers included: ``PERMISSION_DENIED``);
@@ -31,14 +32,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from nsm.config import flag
-from nsm.errors import InvalidArgument
+from nsm.errors import InvalidArgument, status_of
 from nsm.log import get_logger
 from nsm.security.ids import SpiffeId, parse_id
 from nsm.security.tls import Security
@@ -102,6 +104,23 @@ class Metrics:
                                    "took at this hop, down the rest of the path", ("method",),
                                    buckets=DURATION_BUCKETS, registry=self.registry)
         self.registry.register(_Held(self))
+
+    @contextlib.contextmanager
+    def measure(self, method: str) -> Iterator[None]:
+        """Count and time the call inside as one ``method``, by the gRPC status it ends with
+        (``CANCELLED`` when cancelled; any other exception as :func:`nsm.errors.status_of`
+        maps it)."""
+        started, code = time.perf_counter(), "OK"
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = status_of(exc)[0].name
+            raise
+        finally:
+            self.observe(method, code, time.perf_counter() - started)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         """One Request or Close served: how it ended (a gRPC status code name) and its time."""

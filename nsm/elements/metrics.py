@@ -9,15 +9,9 @@ the chain and is counted as a Close.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import Iterator
-
 from nsm.api.connection_pb2 import Connection
 from nsm.api.networkservice_pb2 import NetworkServiceRequest
 from nsm.chain import Ctx, Element, NextClose, NextRequest
-from nsm.errors import status_of
 from nsm.metrics import Metrics
 
 
@@ -26,23 +20,9 @@ class Measured(Element):
         self.metrics = metrics
 
     async def request(self, ctx: Ctx, request: NetworkServiceRequest, next: NextRequest) -> Connection:
-        with self._measured("Request"):
+        with self.metrics.measure("Request"):
             return await next(ctx, request)
 
     async def close(self, ctx: Ctx, conn: Connection, next: NextClose) -> None:
-        with self._measured("Close"):
+        with self.metrics.measure("Close"):
             await next(ctx, conn)
-
-    @contextlib.contextmanager
-    def _measured(self, method: str) -> Iterator[None]:
-        started, code = time.perf_counter(), "OK"
-        try:
-            yield
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            code = status_of(exc)[0].name
-            raise
-        finally:
-            self.metrics.observe(method, code, time.perf_counter() - started)

@@ -17,7 +17,7 @@ from nsm import log as nsm_log
 from nsm.config import duration, flag
 from nsm.daemon import serve_until_signal
 from nsm.errors import NsmError
-from nsm.metrics import Metrics, add_metrics_flags, serving_metrics
+from nsm.metrics import add_metrics_flags, serving_metrics
 from nsm.registry.authz import RegistryPolicy
 from nsm.registry.server import DEFAULT_EXPIRY, Registry, add_to_server
 from nsm.registry.store import DEFAULT_WATCH_QUEUE
@@ -133,25 +133,27 @@ async def run(args: argparse.Namespace) -> int:
         log.error("registry failed", error=exc.message)
         return 1
 
-    async def start() -> None:
+    try:
         daemon = RegistryDaemon(args.listen or [DEFAULT_LISTEN], expiry=args.expiry,
                                 security=security, policy=RegistryPolicy.without(args.policy_off))
+    except NsmError as exc:  # e.g. a bad listen URL
+        log.error("registry failed", error=exc.message)
+        return 1
+
+    async def start() -> None:
         await daemon.start()
         serving.append(daemon)
         log.info("registry serving", urls=",".join(daemon.urls), expiry=args.expiry)
 
     async def stop() -> None:
-        for daemon in serving:
+        for started in serving:
             log.info("registry stopping")
-            await daemon.stop()
-
-    def status() -> dict[str, int]:
-        return serving[0].registry.status() if serving else {}
+            await started.stop()
 
     try:
-        async with security, serving_metrics(args, Metrics("registry", status=status), security):
-            await serve_until_signal(start, stop, status=status)
-    except NsmError as exc:  # e.g. a bad or busy listen URL
+        async with security, serving_metrics(args, daemon.registry.metrics, security):
+            await serve_until_signal(start, stop, status=daemon.registry.status)
+    except NsmError as exc:  # e.g. a busy listen URL
         log.error("registry failed", error=exc.message)
         return 1
     log.info("registry stopped")

@@ -44,6 +44,7 @@ from nsm.limits import (
     check_size,
 )
 from nsm.log import get_logger
+from nsm.metrics import Metrics
 from nsm.registry.authz import Caller, RegistryAuthz, RegistryPolicy, caller_of
 from nsm.registry.matching import expiration, match_ns, match_nse
 from nsm.registry.memory import MemoryStore
@@ -243,6 +244,8 @@ class Registry:
                                       self.limits.watches)
         #: Watchers being sent their snapshot (created on first use: it needs the running loop).
         self._snapshots: asyncio.Semaphore | None = None
+        #: Its metrics: its status, and its calls by method and status (``nse.Register``...).
+        self.metrics = Metrics("registry", status=self.status)
         #: Watchers being sent their snapshot now, and the most there were at once.
         self.snapshots_sending = 0
         self.snapshots_sending_peak = 0
@@ -530,19 +533,23 @@ class NetworkServiceRegistryServicer(registry_pb2_grpc.NetworkServiceRegistrySer
     async def Register(
         self, request: NetworkService, context: grpc.aio.ServicerContext
     ) -> NetworkService:
-        return await self._registry.register_ns(request, caller=caller_of(self._security, context),
-                                                key=registrant_key(context, self._security))
+        with self._registry.metrics.measure("ns.Register"):
+            return await self._registry.register_ns(
+                request, caller=caller_of(self._security, context),
+                key=registrant_key(context, self._security))
 
     @grpc_errors
     async def Find(self, request: NetworkServiceQuery, context: grpc.aio.ServicerContext) -> None:
-        found = self._registry.find_ns(request.network_service, watch=request.watch,
-                                       caller=caller_key(context, self._security))
-        await _send(context, found, lambda ns, deleted: NetworkServiceResponse(
-            network_service=ns, deleted=deleted), self._registry.limits.watch_send_timeout)
+        with self._registry.metrics.measure("ns.Watch" if request.watch else "ns.Find"):
+            found = self._registry.find_ns(request.network_service, watch=request.watch,
+                                           caller=caller_key(context, self._security))
+            await _send(context, found, lambda ns, deleted: NetworkServiceResponse(
+                network_service=ns, deleted=deleted), self._registry.limits.watch_send_timeout)
 
     @grpc_errors
     async def Unregister(self, request: NetworkService, context: grpc.aio.ServicerContext) -> Empty:
-        await self._registry.unregister_ns(request.name, caller=caller_of(self._security, context))
+        with self._registry.metrics.measure("ns.Unregister"):
+            await self._registry.unregister_ns(request.name, caller=caller_of(self._security, context))
         return Empty()
 
 
@@ -560,21 +567,27 @@ class NetworkServiceEndpointRegistryServicer(
     async def Register(
         self, request: NetworkServiceEndpoint, context: grpc.aio.ServicerContext
     ) -> NetworkServiceEndpoint:
-        return await self._registry.register_nse(request, caller=caller_of(self._security, context),
-                                                 key=registrant_key(context, self._security))
+        with self._registry.metrics.measure("nse.Register"):
+            return await self._registry.register_nse(
+                request, caller=caller_of(self._security, context),
+                key=registrant_key(context, self._security))
 
     @grpc_errors
     async def Find(self, request: NetworkServiceEndpointQuery, context: grpc.aio.ServicerContext) -> None:
-        found = self._registry.find_nse(request.network_service_endpoint, watch=request.watch,
-                                        caller=caller_key(context, self._security))
-        await _send(context, found, lambda nse, deleted: NetworkServiceEndpointResponse(
-            network_service_endpoint=nse, deleted=deleted), self._registry.limits.watch_send_timeout)
+        with self._registry.metrics.measure("nse.Watch" if request.watch else "nse.Find"):
+            found = self._registry.find_nse(request.network_service_endpoint, watch=request.watch,
+                                            caller=caller_key(context, self._security))
+            await _send(context, found, lambda nse, deleted: NetworkServiceEndpointResponse(
+                network_service_endpoint=nse, deleted=deleted),
+                self._registry.limits.watch_send_timeout)
 
     @grpc_errors
     async def Unregister(
         self, request: NetworkServiceEndpoint, context: grpc.aio.ServicerContext
     ) -> Empty:
-        await self._registry.unregister_nse(request.name, caller=caller_of(self._security, context))
+        with self._registry.metrics.measure("nse.Unregister"):
+            await self._registry.unregister_nse(request.name,
+                                                caller=caller_of(self._security, context))
         return Empty()
 
 

@@ -52,7 +52,9 @@ async def test_every_daemon_counts_what_it_served_and_holds(prefix: str, secure:
             got = await values(lab, key)
             assert next(labels for (name, labels) in got if name == "nsm_info")[1] == ("role", role)
             assert got[("nsm_tasks", ())] > 0
-        assert held(await values(lab, "registry"), "endpoints") == 2  # the endpoint, the forwarder
+        registry = await values(lab, "registry")
+        assert held(registry, "endpoints") == 2  # the endpoint, the forwarder
+        assert requests(registry)[("nse.Register", "OK")] >= 2  # (through the manager's proxy)
 
         client_ns = lab.pod("client").netns
         client = Client(manager_url=lab.node("node1").manager_url, service="lab-svc",
