@@ -123,7 +123,8 @@ class Metrics:
             self.observe(method, code, time.perf_counter() - started)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        """One Request or Close served: how it ended (a gRPC status code name) and its time."""
+        """One call served (a Request, a Close, a registry call): how it ended (a gRPC status
+        code name) and its time."""
         self._requests.labels(method, code).inc()
         self._duration.labels(method).observe(seconds)
 

@@ -126,7 +126,6 @@ def _policy_name(text: str) -> str:
 async def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status."""
     nsm_log.setup(args.log_level, args.log_json)
-    serving: list[RegistryDaemon] = []
     try:
         security = security_from_args(args, registry_id(args.trust_domain))
     except NsmError as exc:
@@ -140,15 +139,18 @@ async def run(args: argparse.Namespace) -> int:
         log.error("registry failed", error=exc.message)
         return 1
 
+    started = False
+
     async def start() -> None:
+        nonlocal started
         await daemon.start()
-        serving.append(daemon)
+        started = True
         log.info("registry serving", urls=",".join(daemon.urls), expiry=args.expiry)
 
     async def stop() -> None:
-        for started in serving:
+        if started:
             log.info("registry stopping")
-            await started.stop()
+            await daemon.stop()
 
     try:
         async with security, serving_metrics(args, daemon.registry.metrics, security):
